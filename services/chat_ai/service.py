@@ -1,0 +1,150 @@
+"""The chat-ai worker: reads user input, asks ltm (bounded wait), builds the prompt, replies."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import redis.asyncio as aioredis
+import structlog
+
+from services.chat_ai.config import ChatSettings
+from services.chat_ai.prompt import build_messages
+from services.chat_ai.responder import Reply, llm_reply, offline_reply
+from shared.contracts import (
+    LTM_RESPONSE,
+    USER_INPUT,
+    AIResponse,
+    AIResponseMeta,
+    LTMResponse,
+    Memory,
+    Names,
+    SearchRequest,
+    UserInput,
+    decode,
+    derive_id,
+    encode,
+    new_id,
+)
+from shared.contracts.messages import LtmStatus, SearchData
+from shared.runtime.llm import ChatModel, chat_model
+from shared.runtime.logging import content, get_logger
+from shared.runtime.metrics import Metrics
+from shared.runtime.requests import RpcClient, Unavailable
+from shared.runtime.stm import read_stm
+from shared.runtime.streams import StreamConsumer
+
+log = get_logger(__name__)
+
+
+class ChatService:
+    def __init__(self, settings: ChatSettings, names: Names, redis: aioredis.Redis,
+                 llm: ChatModel | None = None, metrics: Metrics | None = None) -> None:
+        self.settings, self.names, self.redis, self.llm = settings, names, redis, llm
+        self.metrics = metrics or Metrics(redis, names.metrics("chat_ai"))
+        self.instance = uuid.uuid4().hex[:12]
+        self.ltm: RpcClient[LTMResponse] = RpcClient(
+            redis, queue=names.ltm_requests, reply_channel=names.reply_channel(names.ltm_responses, self.instance),
+            adapter=LTM_RESPONSE, metrics=self.metrics,
+        )
+        self.consumer = StreamConsumer(
+            redis, stream=names.user_input, group=names.chat_group, consumer=settings.consumer_name,
+            handler=self._on_user_input, metrics=self.metrics, concurrency=settings.chat_concurrency,
+            claim_idle_ms=settings.claim_idle_ms, max_deliveries=settings.max_deliveries,
+        )
+        self._stop = asyncio.Event()
+
+    async def run(self) -> None:
+        if self.settings.enable_ltm:
+            await self.ltm.start()
+        metrics_task = asyncio.create_task(self.metrics.run(self._stop, self.settings.metrics_flush_s))
+        log.info("chat_ai.ready", ltm=self.settings.enable_ltm, model=self.llm.name if self.llm else "offline")
+        try:
+            await self.consumer.run()
+        finally:
+            self._stop.set()
+            await metrics_task
+            if self.settings.enable_ltm:
+                await self.ltm.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.consumer.stop()
+
+    async def _on_user_input(self, entry_id: str, raw: bytes | str | None) -> None:
+        msg = decode(USER_INPUT, raw, max_content_bytes=self.settings.max_content_bytes, entry_id=entry_id)
+        structlog.contextvars.bind_contextvars(user_id=msg.user_id, message_id=msg.message_id)
+        try:
+            await self.answer(msg)
+        finally:
+            structlog.contextvars.unbind_contextvars("user_id", "message_id")
+
+    async def recall(self, msg: UserInput) -> tuple[list[Memory], LtmStatus]:
+        """Ask ltm, waiting at most LTM_TIMEOUT_MS; never fails the turn."""
+        if not self.settings.enable_ltm or not msg.user_id:
+            return [], "disabled"
+        request = SearchRequest(request_id=new_id(), type="search", user_id=msg.user_id,
+                                data=SearchData(query=msg.content, limit=self.settings.ltm_top_k))
+        try:
+            resp = await self.ltm.call(request, self.settings.ltm_timeout_ms / 1000)
+        except TimeoutError:
+            return [], "timeout"
+        except Unavailable:
+            return [], "error"
+        if not resp.success:
+            log.warning("chat_ai.ltm_error", error=resp.error.model_dump() if resp.error else None)
+            return [], "error"
+        return resp.memories, ("hit" if resp.memories else "miss")
+
+    async def answer(self, msg: UserInput) -> None:
+        done_key = self.names.dedup("chat", msg.message_id)
+        if await self.redis.exists(done_key):
+            self.metrics.incr("duplicate_inputs")
+            return
+        started = time.perf_counter()
+        stm_task = asyncio.create_task(read_stm(self.redis, self.names, msg.session_id))
+        memories, status = await self.recall(msg)
+        stm = await stm_task
+        reply = await self._generate(msg, memories, stm)
+        response = AIResponse(
+            message_id=derive_id("reply", msg.message_id), in_reply_to=msg.message_id, user_id=msg.user_id,
+            session_id=msg.session_id, content=reply.text,
+            meta=AIResponseMeta(ltm=status, memories_used=len(memories), model=reply.model,
+                                latency_ms=round((time.perf_counter() - started) * 1000, 2)),
+        )
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.names.ai_responses, {"data": encode(response)})
+            pipe.set(done_key, response.message_id, ex=self.settings.reply_dedup_ttl_s)
+            await pipe.execute()
+        self.metrics.incr(f"replies.ltm_{status}")
+        log.info("chat_ai.replied", ltm=status, memories=len(memories), model=reply.model,
+                 latency_ms=response.meta.latency_ms, content=content(msg.content))
+
+    async def _generate(self, msg: UserInput, memories: list[Memory], stm) -> Reply:  # type: ignore[no-untyped-def]
+        if self.llm is None:
+            return offline_reply(msg.content, memories, stm)
+        messages = build_messages(self.settings.system_prompt, memories, stm, msg.content, msg.message_id)
+        try:
+            return await llm_reply(self.llm, messages, self.settings.llm_max_tokens)
+        except Exception as exc:  # noqa: BLE001 - a failing LLM must not lose the turn
+            self.metrics.incr("llm_errors")
+            log.warning("chat_ai.llm_failed", error=f"{type(exc).__name__}: {exc}")
+            fallback = offline_reply(msg.content, memories, stm)
+            return Reply(text=fallback.text, model=f"offline (llm error: {type(exc).__name__})")
+
+
+async def main(stop: asyncio.Event) -> None:
+    from shared.runtime.logging import configure_logging
+    from shared.runtime.runner import redis_client, serve_until
+
+    settings = ChatSettings()
+    configure_logging("chat_ai", settings.log_level, settings.log_format, settings.log_content)
+    names = Names.from_env()
+    redis = redis_client(settings.redis_url)
+    llm = chat_model(settings.openai_api_key, settings.openai_base_url, settings.llm_model, settings.llm_timeout_s)
+    try:
+        service = ChatService(settings, names, redis, llm)
+        await serve_until(stop, service.run(), service.stop)
+    finally:
+        await redis.aclose()

@@ -1,0 +1,4 @@
+from services.ltm.service import main
+from shared.runtime.runner import run
+
+run(main)

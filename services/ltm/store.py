@@ -1,0 +1,195 @@
+"""PostgreSQL + pgvector storage of long-term memories. Every query is scoped by user_id."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from shared.contracts import Memory, MemorySource
+
+_WS = re.compile(r"\s+")
+
+
+def content_hash(text: str) -> str:
+    return hashlib.sha256(_WS.sub(" ", text.strip().lower()).encode()).hexdigest()
+
+
+@dataclass(slots=True)
+class NewMemory:
+    user_id: str
+    type: str
+    content: str
+    embedding: np.ndarray
+    confidence: float = 1.0
+    entities: list[str] = field(default_factory=list)
+    message_id: str | None = None
+    session_id: str | None = None
+    timestamp: float | None = None
+    speaker: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+COLUMNS = (
+    "memory_id, type, content, confidence, entities, source_message_id, source_session_id,"
+    " source_timestamp, speaker, extract(epoch from created_at) AS created_at,"
+    " extract(epoch from last_accessed) AS last_accessed, access_count"
+)
+
+INSERT = (
+    "INSERT INTO ltm_memories (memory_id, user_id, type, content, content_hash, embedding, confidence,"
+    " entities, source_message_id, source_session_id, source_timestamp, speaker, meta)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+    " ON CONFLICT (user_id, type, content_hash) DO UPDATE"
+    " SET confidence = GREATEST(ltm_memories.confidence, EXCLUDED.confidence)"
+)
+INSERT_RETURNING = INSERT + " RETURNING " + COLUMNS
+
+
+def to_memory(row: dict[str, Any], similarity: float = 0.0, score: float | None = None) -> Memory:
+    return Memory(
+        memory_id=str(row["memory_id"]),
+        type=row["type"],
+        content=row["content"],
+        similarity=similarity,
+        score=similarity if score is None else score,
+        confidence=float(row["confidence"]),
+        created_at=float(row["created_at"]),
+        last_accessed=float(row["last_accessed"]) if row["last_accessed"] is not None else None,
+        access_count=int(row["access_count"]),
+        entities=list(row["entities"] or []),
+        source=MemorySource(
+            message_id=row["source_message_id"],
+            session_id=row["source_session_id"],
+            timestamp=row["source_timestamp"],
+            speaker=row["speaker"],
+        ),
+    )
+
+
+def _params(m: NewMemory) -> tuple[Any, ...]:
+    return (
+        uuid.uuid4(), m.user_id, m.type, m.content, content_hash(m.content), m.embedding, m.confidence,
+        m.entities, m.message_id, m.session_id, m.timestamp, m.speaker, Jsonb(m.meta),
+    )
+
+
+class LtmStore:
+    def __init__(self, pool: AsyncConnectionPool) -> None:
+        self.pool = pool
+        self._access: Counter[str] = Counter()
+
+    async def ingest(self, user_id: str, message_id: str, memories: list[NewMemory]) -> bool:
+        """Store the memories of one update, once: False when it was already ingested."""
+        async with self.pool.connection() as conn, conn.transaction():
+            cur = await conn.execute(
+                "INSERT INTO ltm_ingested (user_id, message_id) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                (user_id, message_id),
+            )
+            if cur.rowcount == 0:
+                return False
+            async with conn.cursor() as c:
+                await c.executemany(INSERT, [_params(m) for m in memories])
+        return True
+
+    async def add(self, m: NewMemory) -> Memory:
+        async with self.pool.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            await cur.execute(INSERT_RETURNING, _params(m))
+            row = await cur.fetchone()
+        assert row is not None
+        return to_memory(row, similarity=1.0)
+
+    async def search(self, user_id: str, embedding: np.ndarray, limit: int, *, threshold: float | None = None,
+                     types: list[str] | None = None) -> list[Memory]:
+        where, params = ["user_id = %(user_id)s"], {"user_id": user_id, "q": embedding, "limit": limit}
+        if types:
+            where.append("type = ANY(%(types)s)")
+            params["types"] = types
+        sql = (
+            f"SELECT {COLUMNS}, 1 - (embedding <=> %(q)s) AS similarity FROM ltm_memories"
+            f" WHERE {' AND '.join(where)} ORDER BY embedding <=> %(q)s LIMIT %(limit)s"
+        )
+        async with self.pool.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            await cur.execute(sql, params)
+            rows = await cur.fetchall()
+        out = [to_memory(r, similarity=float(r["similarity"])) for r in rows]
+        if threshold is not None:
+            out = [m for m in out if m.similarity >= threshold]
+        self.record_access(m.memory_id for m in out)
+        return out
+
+    # ---- access statistics: counted in memory, written in one statement per flush
+    def record_access(self, memory_ids: Any) -> None:
+        self._access.update(memory_ids)
+
+    async def flush_access(self) -> int:
+        if not self._access:
+            return 0
+        batch, self._access = self._access, Counter()
+        ids, counts = list(batch), list(batch.values())
+        async with self.pool.connection() as conn:
+            await conn.execute(
+                "UPDATE ltm_memories m SET access_count = m.access_count + a.n, last_accessed = now()"
+                " FROM unnest(%s::uuid[], %s::int[]) AS a(id, n) WHERE m.memory_id = a.id",
+                (ids, counts),
+            )
+        return len(ids)
+
+    # ---- profiles
+    async def get_profile(self, user_id: str) -> dict[str, Any]:
+        async with self.pool.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            await cur.execute("SELECT explicit, updated FROM ltm_profiles WHERE user_id = %s", (user_id,))
+            row = await cur.fetchone()
+        explicit = dict(row["explicit"]) if row else {}
+        return {"user_id": user_id, **explicit, "_updated": dict(row["updated"]) if row else {}}
+
+    async def update_profile(self, user_id: str, fields: dict[str, Any]) -> dict[str, Any]:
+        now = time.time()
+        stamps = {k: now for k in fields}
+        async with self.pool.connection() as conn:
+            await conn.execute(
+                "INSERT INTO ltm_profiles (user_id, explicit, updated) VALUES (%s, %s, %s)"
+                " ON CONFLICT (user_id) DO UPDATE SET explicit = ltm_profiles.explicit || EXCLUDED.explicit,"
+                " updated = ltm_profiles.updated || EXCLUDED.updated, updated_at = now()",
+                (user_id, Jsonb(fields), Jsonb(stamps)),
+            )
+        return await self.get_profile(user_id)
+
+    # ---- deletion and stats
+    async def delete(self, user_id: str, memory_id: str) -> bool:
+        try:
+            mid = uuid.UUID(memory_id)
+        except ValueError:
+            return False
+        async with self.pool.connection() as conn:
+            cur = await conn.execute("DELETE FROM ltm_memories WHERE user_id = %s AND memory_id = %s",
+                                     (user_id, mid))
+            return cur.rowcount > 0
+
+    async def delete_user(self, user_id: str) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        async with self.pool.connection() as conn, conn.transaction():
+            for table in ("ltm_memories", "ltm_ingested", "ltm_profiles"):
+                cur = await conn.execute(f"DELETE FROM {table} WHERE user_id = %s", (user_id,))
+                counts[table] = cur.rowcount
+        return counts
+
+    async def stats(self, user_id: str) -> dict[str, Any]:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT type, count(*) FROM ltm_memories WHERE user_id = %s GROUP BY type", (user_id,)
+            )
+            by_type = {t: n for t, n in await cur.fetchall()}
+        return {"memories": sum(by_type.values()), "by_type": by_type}

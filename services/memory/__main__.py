@@ -1,0 +1,4 @@
+from services.memory.service import main
+from shared.runtime.runner import run
+
+run(main)

@@ -1,0 +1,46 @@
+"""The wire contract of the memory mesh: message models, names, the codec. Depends only on pydantic."""
+
+from shared.contracts.codec import (
+    AI_RESPONSE,
+    LTM_REQUEST,
+    LTM_RESPONSE,
+    MEMORY_UPDATE,
+    STREAM_FIELD,
+    USER_INPUT,
+    decode,
+    encode,
+    payload_limit,
+)
+from shared.contracts.errors import DeadLetterReason, DecodeError, ErrorCode, ErrorInfo
+from shared.contracts.messages import (
+    AddRequest,
+    AIResponse,
+    AIResponseMeta,
+    DeleteRequest,
+    DeleteUserRequest,
+    LTMRequest,
+    LTMResponse,
+    Memory,
+    MemorySource,
+    MemoryUpdate,
+    OptimizeRequest,
+    PingRequest,
+    ProfileGetRequest,
+    ProfileUpdateRequest,
+    SearchEntitiesRequest,
+    SearchRequest,
+    StatsRequest,
+    UserInput,
+    derive_id,
+    new_id,
+)
+from shared.contracts.names import Names
+
+__all__ = [
+    "AI_RESPONSE", "LTM_REQUEST", "LTM_RESPONSE", "MEMORY_UPDATE", "STREAM_FIELD", "USER_INPUT",
+    "AIResponse", "AIResponseMeta", "AddRequest", "DeadLetterReason", "DecodeError", "DeleteRequest",
+    "DeleteUserRequest", "ErrorCode", "ErrorInfo", "LTMRequest", "LTMResponse", "Memory", "MemorySource",
+    "MemoryUpdate", "Names", "OptimizeRequest", "PingRequest", "ProfileGetRequest", "ProfileUpdateRequest",
+    "SearchEntitiesRequest", "SearchRequest", "StatsRequest", "UserInput", "decode", "derive_id", "encode",
+    "new_id", "payload_limit",
+]

@@ -1,0 +1,92 @@
+"""The one decode entry point: raw bytes in, a typed message or a typed error out."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from shared.contracts.errors import DeadLetterReason, DecodeError
+from shared.contracts.messages import (
+    DEFAULT_MAX_CONTENT_BYTES,
+    AIResponse,
+    LTMRequest,
+    LTMResponse,
+    MemoryUpdate,
+    UserInput,
+)
+
+T = TypeVar("T")
+
+# Field name that carries the JSON in a stream entry: XADD <stream> * data '<json>'
+STREAM_FIELD = "data"
+
+USER_INPUT: TypeAdapter[UserInput] = TypeAdapter(UserInput)
+AI_RESPONSE: TypeAdapter[AIResponse] = TypeAdapter(AIResponse)
+MEMORY_UPDATE: TypeAdapter[MemoryUpdate] = TypeAdapter(MemoryUpdate)
+LTM_REQUEST: TypeAdapter[LTMRequest] = TypeAdapter(LTMRequest)
+LTM_RESPONSE: TypeAdapter[LTMResponse] = TypeAdapter(LTMResponse)
+
+
+def payload_limit(max_content_bytes: int) -> int:
+    """Whole-message limit: the text limit plus room for ids, meta and JSON escaping."""
+    return 2 * max_content_bytes + 16 * 1024
+
+
+def _describe(err: ValidationError) -> str:
+    """Field paths and messages only: never the offending input (it may be user content)."""
+    parts = []
+    for e in err.errors(include_input=False, include_url=False)[:5]:
+        loc = ".".join(str(p) for p in e["loc"]) or "<message>"
+        parts.append(f"{loc}: {e['msg']}")
+    return "; ".join(parts)
+
+
+def _str_or_none(obj: dict[str, Any], key: str) -> str | None:
+    value = obj.get(key)
+    return value if isinstance(value, str) and value else None
+
+
+def decode(
+    adapter: TypeAdapter[T],
+    raw: bytes | str | None,
+    *,
+    max_content_bytes: int = DEFAULT_MAX_CONTENT_BYTES,
+    entry_id: str | None = None,
+) -> T:
+    """Decode ``raw`` with ``adapter`` or raise :class:`DecodeError` naming what is wrong.
+
+    The error carries ``request_id`` / ``reply_to`` / ``user_id`` when they were
+    readable, so a consumer can still send an error reply.
+    """
+    if raw is None:
+        raise DecodeError(DeadLetterReason.INVALID, f"no '{STREAM_FIELD}' field in the message")
+    size = len(raw) if isinstance(raw, bytes) else len(raw.encode("utf-8"))
+    limit = payload_limit(max_content_bytes)
+    oversize = size > limit
+    try:
+        obj = json.loads(raw) if size <= 8 * limit else None
+    except (ValueError, UnicodeDecodeError):
+        raise DecodeError(DeadLetterReason.INVALID_JSON, "message is not valid UTF-8 JSON") from None
+    ids: dict[str, str | None] = {}
+    if isinstance(obj, dict):
+        ids = {k: _str_or_none(obj, k) for k in ("request_id", "reply_to", "user_id")}
+    if oversize:
+        raise DecodeError(DeadLetterReason.TOO_LARGE, f"message is {size} bytes, over the limit of {limit}", **ids)
+    if not isinstance(obj, dict):
+        raise DecodeError(DeadLetterReason.INVALID, "message must be a JSON object")
+    try:
+        return adapter.validate_python(obj, context={"max_content_bytes": max_content_bytes, "entry_id": entry_id})
+    except ValidationError as err:
+        errors = err.errors(include_input=False, include_url=False)
+        if any(e["type"] == "union_tag_invalid" for e in errors):
+            unknown = str(obj.get("type"))[:64]
+            raise DecodeError(DeadLetterReason.UNKNOWN_TYPE, f"unknown type {unknown!r}", **ids) from None
+        if any("over the limit" in e["msg"] for e in errors):
+            raise DecodeError(DeadLetterReason.TOO_LARGE, _describe(err), **ids) from None
+        raise DecodeError(DeadLetterReason.INVALID, _describe(err), **ids) from None
+
+
+def encode(message: BaseModel) -> str:
+    return message.model_dump_json()

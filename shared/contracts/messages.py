@@ -1,0 +1,296 @@
+"""One pydantic model per message of the wire contract (../shared/CONTRACT.md).
+
+Unknown fields are ignored, missing required fields are errors, text fields are
+limited in UTF-8 bytes (``max_content_bytes`` in the validation context, 32 KiB
+by default). Request types are a discriminated union on ``type``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from shared.contracts.errors import ErrorInfo
+
+DEFAULT_MAX_CONTENT_BYTES = 32 * 1024
+ID_NAMESPACE = uuid.UUID("6f1c8a52-3d5e-4f0b-9a51-5b8f0d7c2e11")
+
+Id = Annotated[str, StringConstraints(min_length=1, max_length=256, strip_whitespace=True)]
+MemoryType = Literal["preference", "fact", "commitment", "instruction", "entity", "episodic"]
+LtmStatus = Literal["hit", "miss", "timeout", "error", "disabled"]
+Source = Literal["user", "ai"]
+
+
+def derive_id(*parts: object) -> str:
+    """A deterministic UUID from parts, so a replay gets the same id."""
+    return str(uuid.uuid5(ID_NAMESPACE, "\x1f".join(str(p) for p in parts)))
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def _check_size(value: str, info: ValidationInfo) -> str:
+    limit = (info.context or {}).get("max_content_bytes", DEFAULT_MAX_CONTENT_BYTES)
+    size = len(value.encode("utf-8"))
+    if size > limit:
+        raise ValueError(f"text is {size} bytes, over the limit of {limit}")
+    return value
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+# --------------------------------------------------------------------------- chat
+class UserInput(Message):
+    message_id: Id = Field(default="")
+    user_id: Id | None = None
+    session_id: Id
+    content: str = Field(min_length=1)
+    timestamp: float = Field(default_factory=time.time)
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+    _size = field_validator("content")(_check_size)
+
+    @model_validator(mode="after")
+    def _default_id(self, info: ValidationInfo) -> UserInput:
+        if not self.message_id:
+            entry = (info.context or {}).get("entry_id")
+            # A redelivered stream entry keeps its id, so its derived message id is stable.
+            self.message_id = derive_id("user_input", entry) if entry else new_id()
+        return self
+
+
+class AIResponseMeta(Message):
+    model_config = ConfigDict(extra="allow")
+
+    ltm: LtmStatus = "disabled"
+    memories_used: int = 0
+    model: str = ""
+    latency_ms: float = 0.0
+
+
+class AIResponse(Message):
+    message_id: Id
+    in_reply_to: Id
+    user_id: Id | None = None
+    session_id: Id
+    content: str
+    timestamp: float = Field(default_factory=time.time)
+    meta: AIResponseMeta = Field(default_factory=AIResponseMeta)
+
+    _size = field_validator("content")(_check_size)
+
+
+# ----------------------------------------------------------------- memory updates
+class MemoryUpdateMeta(Message):
+    model_config = ConfigDict(extra="allow")
+
+    session_id: str | None = None
+    message_id: str | None = None
+
+
+class MemoryUpdate(Message):
+    """The seed contract, kept field for field."""
+
+    user_id: Id
+    content: str = Field(min_length=1)
+    source: Source = "user"
+    timestamp: float = Field(default_factory=time.time)
+    meta: MemoryUpdateMeta = Field(default_factory=MemoryUpdateMeta)
+
+    _size = field_validator("content")(_check_size)
+
+    @model_validator(mode="after")
+    def _derive_message_id(self) -> MemoryUpdate:
+        if not self.meta.message_id:
+            self.meta.message_id = derive_id(
+                "memory_update", self.user_id, self.source, repr(self.timestamp),
+                self.meta.session_id or "", self.content,
+            )
+        return self
+
+    @property
+    def message_id(self) -> str:
+        assert self.meta.message_id is not None  # set by the validator
+        return self.meta.message_id
+
+
+# ------------------------------------------------------------------- ltm requests
+class SearchData(Message):
+    query: str = Field(min_length=1)
+    limit: int = Field(default=5, ge=1, le=100)
+    threshold: float | None = Field(default=None, ge=-1.0, le=1.0)
+    types: list[MemoryType] | None = None
+    session_id: str | None = None
+
+    _size = field_validator("query")(_check_size)
+
+
+class AddData(Message):
+    content: str = Field(min_length=1)
+    type: MemoryType = "fact"
+    confidence: float = Field(default=0.9, ge=0.0, le=1.0)
+    source_turn: str | None = None
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+    _size = field_validator("content")(_check_size)
+
+
+class EmptyData(Message):
+    pass
+
+
+class ProfileUpdateData(Message):
+    profile: dict[str, Any]
+
+
+class DeleteData(Message):
+    memory_id: Id
+
+
+class SearchEntitiesData(Message):
+    query: str = Field(min_length=1)
+    limit: int = Field(default=10, ge=1, le=100)
+    types: list[str] | None = None
+
+    _size = field_validator("query")(_check_size)
+
+
+class RequestEnvelope(Message):
+    request_id: Id
+    reply_to: str | None = None
+    deadline: float | None = None
+
+    def expired(self, now: float | None = None) -> bool:
+        return self.deadline is not None and (time.time() if now is None else now) > self.deadline
+
+
+class _UserRequest(RequestEnvelope):
+    user_id: Id
+
+
+class SearchRequest(_UserRequest):
+    type: Literal["search"]
+    data: SearchData
+
+
+class AddRequest(_UserRequest):
+    type: Literal["add"]
+    data: AddData
+
+
+class ProfileGetRequest(_UserRequest):
+    type: Literal["profile_get"]
+    data: EmptyData = Field(default_factory=EmptyData)
+
+
+class ProfileUpdateRequest(_UserRequest):
+    type: Literal["profile_update"]
+    data: ProfileUpdateData
+
+
+class DeleteRequest(_UserRequest):
+    type: Literal["delete"]
+    data: DeleteData
+
+
+class DeleteUserRequest(_UserRequest):
+    type: Literal["delete_user"]
+    data: EmptyData = Field(default_factory=EmptyData)
+
+
+class StatsRequest(_UserRequest):
+    type: Literal["stats"]
+    data: EmptyData = Field(default_factory=EmptyData)
+
+
+class OptimizeRequest(_UserRequest):
+    type: Literal["optimize"]
+    data: EmptyData = Field(default_factory=EmptyData)
+
+
+class SearchEntitiesRequest(_UserRequest):
+    type: Literal["search_entities"]
+    data: SearchEntitiesData
+
+
+class PingRequest(RequestEnvelope):
+    type: Literal["ping"]
+    user_id: str | None = None
+    data: EmptyData = Field(default_factory=EmptyData)
+
+
+LTMRequest = Annotated[
+    SearchRequest
+    | AddRequest
+    | ProfileGetRequest
+    | ProfileUpdateRequest
+    | DeleteRequest
+    | DeleteUserRequest
+    | StatsRequest
+    | OptimizeRequest
+    | SearchEntitiesRequest
+    | PingRequest,
+    Field(discriminator="type"),
+]
+
+
+# ------------------------------------------------------------------ ltm responses
+class MemorySource(Message):
+    message_id: str | None = None
+    session_id: str | None = None
+    timestamp: float | None = None
+    speaker: str | None = None
+
+
+class ContextTurn(Message):
+    message_id: str | None = None
+    content: str
+    timestamp: float | None = None
+    speaker: str | None = None
+
+
+class Memory(Message):
+    memory_id: str
+    type: MemoryType
+    content: str
+    score: float = 0.0
+    similarity: float = 0.0
+    confidence: float = 1.0
+    created_at: float
+    last_accessed: float | None = None
+    access_count: int = 0
+    entities: list[str] = Field(default_factory=list)
+    source: MemorySource = Field(default_factory=MemorySource)
+    valid_to: float | None = None
+    superseded_by: str | None = None
+    context: list[ContextTurn] = Field(default_factory=list)
+
+
+class LTMResponse(Message):
+    """The seed contract; ``data`` carries results of the extra request types."""
+
+    request_id: str
+    user_id: str | None = None
+    success: bool = True
+    memories: list[Memory] = Field(default_factory=list)
+    user_profile: dict[str, Any] | None = None
+    error: ErrorInfo | None = None
+    data: dict[str, Any] | None = None
+
+    @classmethod
+    def failure(cls, request_id: str, error: ErrorInfo, user_id: str | None = None) -> LTMResponse:
+        return cls(request_id=request_id, user_id=user_id, success=False, error=error)

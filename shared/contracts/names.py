@@ -1,0 +1,166 @@
+"""Every Redis name the mesh uses: streams, groups, lists, channels and keys.
+
+This is the one module that spells them. Each default can be replaced by the
+environment variable the contract gives (``USER_INPUT_STREAM`` and so on), and
+``MESH_KEY_PREFIX`` prefixes every name at once, which is how tests and several
+meshes share one Redis without seeing each other.
+
+Short-term memory (STM) layout, written only by the memory service:
+
+``stm:{session_id}:turns``
+    sorted set of recent turns; member = compact JSON of the turn, score = the
+    turn's timestamp. Trimmed to ``STM_MAX_MESSAGES`` members.
+``stm:{session_id}:summary``
+    hash with the rolling summary of older turns (``text``, ``tokens``,
+    ``turns``, ``updated_at``, ``kind``).
+``stm:{session_id}:meta``
+    hash with ``user_id`` and ``rehydrated_at``.
+
+All STM keys expire ``STM_TTL_SECONDS`` after the session's last write; the
+conversation store in PostgreSQL is the source of truth they are rebuilt from.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+DEAD_LETTER_SUFFIX = ":dead"
+
+
+@dataclass(frozen=True, slots=True)
+class Names:
+    """Resolved bus names. Build with :meth:`from_env` or :meth:`with_prefix`."""
+
+    user_input_stream: str = "user_input_queue"
+    ai_responses_stream: str = "ai_responses"
+    memory_updates_stream: str = "memory_updates"
+    memory_updates_channel: str = "memory_updates"
+    ltm_requests_queue: str = "ltm_requests"
+    ltm_responses_channel: str = "ltm_responses"
+    memory_requests_queue: str = "memory_requests"
+    memory_responses_channel: str = "memory_responses"
+    # consumer groups
+    memory_group: str = "memory"
+    chat_group: str = "chat-ai"
+    ltm_group: str = "ltm"
+    # key spaces
+    stm_prefix: str = "stm"
+    cache_prefix: str = "cache"
+    lock_prefix: str = "lock"
+    metrics_prefix: str = "metrics"
+    dedup_prefix: str = "dedup"
+    prefix: str = ""
+
+    # env var -> field; the contract's names
+    ENV: ClassVar[dict[str, str]] = {
+        "USER_INPUT_STREAM": "user_input_stream",
+        "AI_RESPONSES_STREAM": "ai_responses_stream",
+        "MEMORY_UPDATES_STREAM": "memory_updates_stream",
+        "MEMORY_UPDATES_CHANNEL": "memory_updates_channel",
+        "LTM_REQUESTS_QUEUE": "ltm_requests_queue",
+        "LTM_RESPONSES_CHANNEL": "ltm_responses_channel",
+        "MEMORY_REQUESTS_QUEUE": "memory_requests_queue",
+        "MEMORY_RESPONSES_CHANNEL": "memory_responses_channel",
+        "MEMORY_GROUP": "memory_group",
+        "CHAT_AI_GROUP": "chat_group",
+        "LTM_GROUP": "ltm_group",
+    }
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Names:
+        env = os.environ if environ is None else environ
+        values = {field: env[var] for var, field in cls.ENV.items() if env.get(var)}
+        return cls(prefix=env.get("MESH_KEY_PREFIX", ""), **values)
+
+    def with_prefix(self, prefix: str) -> Names:
+        return replace(self, prefix=prefix)
+
+    def _p(self, name: str) -> str:
+        return f"{self.prefix}{name}"
+
+    # ---- bus names (prefixed) -------------------------------------------
+    @property
+    def user_input(self) -> str:
+        return self._p(self.user_input_stream)
+
+    @property
+    def ai_responses(self) -> str:
+        return self._p(self.ai_responses_stream)
+
+    @property
+    def memory_updates(self) -> str:
+        return self._p(self.memory_updates_stream)
+
+    @property
+    def memory_updates_pubsub(self) -> str:
+        return self._p(self.memory_updates_channel)
+
+    @property
+    def ltm_requests(self) -> str:
+        return self._p(self.ltm_requests_queue)
+
+    @property
+    def ltm_responses(self) -> str:
+        return self._p(self.ltm_responses_channel)
+
+    @property
+    def memory_requests(self) -> str:
+        return self._p(self.memory_requests_queue)
+
+    @property
+    def memory_responses(self) -> str:
+        return self._p(self.memory_responses_channel)
+
+    @staticmethod
+    def dead(name: str) -> str:
+        """Dead-letter stream of a stream, list or channel name."""
+        return f"{name}{DEAD_LETTER_SUFFIX}"
+
+    def reply_channel(self, base: str, instance: str) -> str:
+        """A requester's private reply channel (used as ``reply_to``)."""
+        return f"{base}:{instance}"
+
+    # ---- keys ---------------------------------------------------------------
+    def stm_turns(self, session_id: str) -> str:
+        return self._p(f"{self.stm_prefix}:{session_id}:turns")
+
+    def stm_summary(self, session_id: str) -> str:
+        return self._p(f"{self.stm_prefix}:{session_id}:summary")
+
+    def stm_meta(self, session_id: str) -> str:
+        return self._p(f"{self.stm_prefix}:{session_id}:meta")
+
+    def cache(self, *parts: str) -> str:
+        return self._p(":".join((self.cache_prefix, *parts)))
+
+    def lock(self, *parts: str) -> str:
+        return self._p(":".join((self.lock_prefix, *parts)))
+
+    def metrics(self, service: str) -> str:
+        return self._p(f"{self.metrics_prefix}:{service}")
+
+    def dedup(self, *parts: str) -> str:
+        return self._p(":".join((self.dedup_prefix, *parts)))
+
+    def all_bus_names(self) -> list[str]:
+        return [
+            self.user_input,
+            self.ai_responses,
+            self.memory_updates,
+            self.memory_updates_pubsub,
+            self.ltm_requests,
+            self.ltm_responses,
+            self.memory_requests,
+            self.memory_responses,
+        ]
+
+
+def env_var_names() -> list[str]:
+    """Every environment variable that renames something (for docs and compose checks)."""
+    return [*Names.ENV, "MESH_KEY_PREFIX"]
+
+
+__all__ = ["DEAD_LETTER_SUFFIX", "Names", "env_var_names"]

@@ -1,0 +1,87 @@
+"""PostgreSQL: an explicitly opened psycopg 3 async pool, and versioned idempotent migrations.
+
+Migrations are ``NNN_name.sql`` files of a component (``memory``, ``ltm``), applied in
+order inside one transaction each, under an advisory lock so that several copies of
+a service starting at once apply each file exactly once. Every file is written to be
+safe to run again (``IF NOT EXISTS``), and ``schema_migrations`` records what ran.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import psycopg
+from pgvector.psycopg import register_vector_async
+from psycopg_pool import AsyncConnectionPool
+
+from shared.runtime.logging import get_logger
+
+log = get_logger(__name__)
+
+MIGRATION_LOCK = 7_246_351  # arbitrary, fixed advisory-lock key
+_NAME = re.compile(r"^(\d{3})_[\w-]+\.sql$")
+
+
+async def _configure(conn: psycopg.AsyncConnection) -> None:
+    await register_vector_async(conn)
+
+
+async def open_pool(dsn: str, *, min_size: int = 1, max_size: int = 8, name: str = "mesh") -> AsyncConnectionPool:
+    """Open (and wait for) a pool whose connections know the ``vector`` type.
+
+    ``prepare_threshold=None`` keeps psycopg from switching per-user queries to a
+    generic plan (see ../shared/README.md: the filtered-vector-index trap).
+    """
+    pool = AsyncConnectionPool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        name=name,
+        configure=_configure,
+        kwargs={"autocommit": True, "prepare_threshold": None},
+        open=False,
+        reconnect_timeout=3600,
+    )
+    await pool.open(wait=True, timeout=30)
+    return pool
+
+
+def migration_files(directory: Path) -> list[tuple[int, Path]]:
+    files = []
+    for path in sorted(directory.glob("*.sql")):
+        m = _NAME.match(path.name)
+        if m is None:
+            raise ValueError(f"migration file name must be NNN_name.sql: {path.name}")
+        files.append((int(m.group(1)), path))
+    versions = [v for v, _ in files]
+    if len(set(versions)) != len(versions):
+        raise ValueError(f"duplicate migration versions in {directory}")
+    return files
+
+
+async def migrate(dsn: str, component: str, directory: Path) -> list[int]:
+    """Apply the component's pending migrations; returns the versions applied now."""
+    applied_now: list[int] = []
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " component text NOT NULL, version int NOT NULL, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (component, version))"
+        )
+        for version, path in migration_files(directory):
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+                cur = await conn.execute(
+                    "SELECT 1 FROM schema_migrations WHERE component = %s AND version = %s", (component, version)
+                )
+                if await cur.fetchone():
+                    continue
+                await conn.execute(path.read_text(encoding="utf-8").encode())
+                await conn.execute(
+                    "INSERT INTO schema_migrations (component, version, name) VALUES (%s, %s, %s)",
+                    (component, version, path.name),
+                )
+                applied_now.append(version)
+                log.info("db.migrated", component=component, version=version, file=path.name)
+    return applied_now

@@ -1,0 +1,235 @@
+"""Request/response over Redis: a list of requests, replies published on a channel.
+
+:class:`RequestServer` is the worker side (BLPOP, any number of competing workers);
+:class:`RpcClient` is the requester side, built like a JSON-RPC client: one shared
+subscription per process, a pending map keyed by ``request_id``, the subscription
+ready before anything is sent, the timeout armed after the send, the entry removed
+on every path and late replies dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar
+
+import redis.asyncio as aioredis
+import redis.exceptions
+from pydantic import BaseModel, TypeAdapter
+
+from shared.contracts import DecodeError, ErrorCode, ErrorInfo, decode, encode
+from shared.contracts.messages import RequestEnvelope
+from shared.runtime.backoff import Backoff
+from shared.runtime.deadletter import dead_letter
+from shared.runtime.errors import is_transient
+from shared.runtime.logging import get_logger
+from shared.runtime.metrics import Metrics
+
+log = get_logger(__name__)
+
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp", bound=BaseModel)
+ErrorReply = Callable[[str, ErrorInfo, str | None], BaseModel]
+"""``error_reply(request_id, error, user_id)`` builds the failure response."""
+
+
+class RequestServer(Generic[Req]):
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        queue: str,
+        reply_channel: str,
+        adapter: TypeAdapter[Req],
+        handler: Callable[[Req], Awaitable[BaseModel]],
+        error_reply: ErrorReply,
+        metrics: Metrics,
+        max_content_bytes: int,
+        concurrency: int = 8,
+        block_s: float = 1.0,
+    ) -> None:
+        self.redis, self.queue, self.reply_channel = redis, queue, reply_channel
+        self.adapter, self.handler, self.error_reply = adapter, handler, error_reply
+        self.metrics, self.max_content_bytes = metrics, max_content_bytes
+        self.block_s = block_s
+        self._sem = asyncio.Semaphore(concurrency)
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        backoff = Backoff()
+        log.info("requests.start", queue=self.queue)
+        while not self._stop.is_set():
+            try:
+                await self._sem.acquire()
+                try:
+                    item = await self.redis.blpop([self.queue], timeout=self.block_s)
+                except BaseException:
+                    self._sem.release()
+                    raise
+                if item is None:
+                    self._sem.release()
+                    continue
+                backoff.reset()
+                task = asyncio.create_task(self._serve(item[1]))
+                self._inflight.add(task)
+                task.add_done_callback(self._done)
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                self.metrics.incr("redis_reconnects")
+                log.warning("requests.redis_unavailable", queue=self.queue, error=str(exc))
+                await backoff.sleep(self._stop)
+        if self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
+        log.info("requests.stopped", queue=self.queue)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self._sem.release()
+
+    async def _serve(self, raw: bytes | str) -> None:
+        started = time.perf_counter()
+        try:
+            request = decode(self.adapter, raw, max_content_bytes=self.max_content_bytes)
+        except DecodeError as err:
+            self.metrics.incr(f"rejected.{err.reason.value}")
+            log.warning("requests.rejected", queue=self.queue, reason=err.reason.value, error=err.message,
+                        request_id=err.request_id)
+            await self._safe(dead_letter(self.redis, self.queue, raw, err.reason.value, err.message))
+            if err.request_id:
+                await self._reply(err.reply_to, self.error_reply(err.request_id, err.info(), err.user_id))
+            return
+        envelope: RequestEnvelope = request  # type: ignore[assignment]  # every member of the union is one
+        if envelope.expired():
+            self.metrics.incr("expired")
+            log.info("requests.expired", queue=self.queue, request_id=envelope.request_id)
+            return
+        try:
+            response = await self.handler(request)
+            self.metrics.incr("served")
+        except Exception as exc:
+            transient = is_transient(exc)
+            code = ErrorCode.UNAVAILABLE if transient else ErrorCode.INTERNAL
+            self.metrics.incr(f"failed.{code.value}")
+            if transient:
+                log.warning("requests.unavailable", request_id=envelope.request_id, error=str(exc))
+            else:
+                log.exception("requests.failed", request_id=envelope.request_id)
+            message = "a store is unavailable, try again" if transient else f"{type(exc).__name__}"
+            response = self.error_reply(envelope.request_id, ErrorInfo(code=code, message=message),
+                                        getattr(envelope, "user_id", None))
+        await self._reply(envelope.reply_to, response)
+        self.metrics.incr("latency_ms_total", int((time.perf_counter() - started) * 1000))
+
+    async def _reply(self, reply_to: str | None, response: BaseModel) -> None:
+        await self._safe(self.redis.publish(reply_to or self.reply_channel, encode(response)))
+
+    async def _safe(self, op: Awaitable[Any]) -> None:
+        try:
+            await op
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            log.warning("requests.reply_failed", error=str(exc))
+
+
+class Unavailable(Exception):
+    """The requester could not reach the bus (its subscription is down)."""
+
+
+class RpcClient(Generic[Resp]):
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        queue: str,
+        reply_channel: str,
+        adapter: TypeAdapter[Resp],
+        metrics: Metrics,
+    ) -> None:
+        self.redis, self.queue, self.reply_channel = redis, queue, reply_channel
+        self.adapter, self.metrics = adapter, metrics
+        self._pending: dict[str, asyncio.Future[Resp]] = {}
+        self._ready = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, timeout: float = 5.0) -> None:
+        self._task = asyncio.create_task(self._listen())
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except TimeoutError:
+            log.warning("rpc.not_ready", channel=self.reply_channel)
+
+    async def close(self) -> None:
+        self._stop.set()
+        if self._task:
+            await self._task
+        for fut in self._pending.values():
+            fut.cancel()
+        self._pending.clear()
+
+    async def call(self, request: RequestEnvelope, timeout: float) -> Resp:
+        """Send and wait at most ``timeout`` seconds in all (raises TimeoutError or Unavailable)."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        if not self._ready.is_set():
+            try:
+                await asyncio.wait_for(self._ready.wait(), timeout)
+            except TimeoutError:
+                raise Unavailable("reply subscription is not ready") from None
+        request_id = request.request_id
+        request = request.model_copy(update={"reply_to": self.reply_channel,
+                                             "deadline": time.time() + timeout})
+        fut: asyncio.Future[Resp] = loop.create_future()
+        self._pending[request_id] = fut
+        try:
+            await self.redis.rpush(self.queue, encode(request))
+            remaining = max(0.0, timeout - (loop.time() - start))
+            return await asyncio.wait_for(fut, remaining)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            raise Unavailable(str(exc)) from exc
+        finally:
+            self._pending.pop(request_id, None)
+
+    async def _listen(self) -> None:
+        backoff = Backoff()
+        while not self._stop.is_set():
+            pubsub = self.redis.pubsub()
+            try:
+                await pubsub.subscribe(self.reply_channel)
+                while not self._stop.is_set():
+                    msg = await pubsub.get_message(ignore_subscribe_messages=False, timeout=0.5)
+                    if msg is None:
+                        continue
+                    if msg["type"] == "subscribe":
+                        self._ready.set()
+                        backoff.reset()
+                    elif msg["type"] == "message":
+                        self._deliver(msg["data"])
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                self._ready.clear()
+                self.metrics.incr("rpc.reconnects")
+                log.warning("rpc.subscription_lost", channel=self.reply_channel, error=str(exc))
+                await backoff.sleep(self._stop)
+            finally:
+                try:
+                    await pubsub.aclose()
+                except Exception:  # noqa: BLE001 - closing a broken connection
+                    pass
+        self._ready.clear()
+
+    def _deliver(self, raw: bytes | str) -> None:
+        try:
+            response = decode(self.adapter, raw, max_content_bytes=1 << 30)
+        except DecodeError as err:
+            self.metrics.incr("rpc.bad_reply")
+            log.warning("rpc.bad_reply", error=err.message)
+            return
+        fut = self._pending.get(str(getattr(response, "request_id", "")))
+        if fut is None or fut.done():
+            self.metrics.incr("rpc.late_reply")
+            return
+        fut.set_result(response)

@@ -1,0 +1,41 @@
+"""Settings every service shares (each service's config class extends this one)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.contracts.messages import DEFAULT_MAX_CONTENT_BYTES
+from shared.contracts.names import Names
+
+
+class MeshSettings(BaseSettings):
+    """Contract variables are read without a prefix (``REDIS_URL``, ``LTM_TIMEOUT_MS`` ...)."""
+
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", case_sensitive=False)
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    database_url: str = "postgresql://mesh@127.0.0.1:5432/mesh"
+    log_level: str = "INFO"
+    log_format: str = Field(default="auto", description="auto | json | console")
+    log_content: bool = False
+    max_content_bytes: int = DEFAULT_MAX_CONTENT_BYTES
+    claim_idle_ms: int = 15_000
+    max_deliveries: int = 5
+    consumer_name: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    metrics_flush_s: float = 2.0
+    # OpenAI-compatible LLM (OpenAI, vLLM, Ollama); absent = offline
+    openai_api_key: str | None = None
+    openai_base_url: str | None = None
+    llm_model: str = "gpt-4o-mini"
+    llm_timeout_s: float = 30.0
+
+    def names(self) -> Names:
+        return Names.from_env()
+
+    @property
+    def llm_configured(self) -> bool:
+        return bool(self.openai_api_key or self.openai_base_url)

@@ -1,0 +1,54 @@
+"""Short-term memory format in Redis (layout documented in shared/contracts/names.py).
+
+The memory service is the only writer; chat-ai reads with :func:`read_stm`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import redis.asyncio as aioredis
+
+from shared.contracts.names import Names
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    message_id: str
+    role: str  # "user" | "ai"
+    content: str
+    timestamp: float
+
+    def member(self) -> str:
+        """The sorted-set member: deterministic, so re-adding the same turn is a no-op."""
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+    @classmethod
+    def parse(cls, raw: bytes | str) -> Turn:
+        d = json.loads(raw)
+        return cls(message_id=d["message_id"], role=d["role"], content=d["content"], timestamp=float(d["timestamp"]))
+
+
+@dataclass(slots=True)
+class Stm:
+    turns: list[Turn] = field(default_factory=list)
+    summary: str = ""
+    summary_kind: str = ""
+    exists: bool = False
+
+
+async def read_stm(redis: aioredis.Redis, names: Names, session_id: str) -> Stm:
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zrange(names.stm_turns(session_id), 0, -1)
+        pipe.hmget(names.stm_summary(session_id), ["text", "kind"])
+        pipe.exists(names.stm_meta(session_id))
+        members, (text, kind), meta = await pipe.execute()
+    turns = []
+    for m in members:
+        try:
+            turns.append(Turn.parse(m))
+        except (ValueError, KeyError):
+            continue
+    decode = lambda v: v.decode() if isinstance(v, bytes) else (v or "")  # noqa: E731
+    return Stm(turns=turns, summary=decode(text), summary_kind=decode(kind), exists=bool(meta) or bool(turns))

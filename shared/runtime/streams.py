@@ -1,0 +1,222 @@
+"""A consumer-group worker for one Redis stream.
+
+The loop: short blocking XREADGROUP reads (so shutdown is prompt), handlers run
+with bounded concurrency, XACK only after the handler returned (its work is
+durable). Failures are sorted three ways:
+
+* bad input (:class:`DecodeError`): dead-lettered with its reason and acked at once;
+* passing failures (a store is down, see :mod:`shared.runtime.errors`): retried in
+  place with back-off until it works or the worker stops (then left pending);
+* anything else: left pending; it is claimed again after ``claim_idle_ms``
+  (XAUTOCLAIM, by this or any consumer) and dead-lettered after ``max_deliveries``.
+
+Connection errors on the loop itself back off and reconnect; a vanished group
+(FLUSHALL, stream deleted) is recreated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from shared.contracts import STREAM_FIELD, DeadLetterReason, DecodeError
+from shared.contracts.names import Names
+from shared.runtime.backoff import Backoff
+from shared.runtime.deadletter import dead_letter_fields
+from shared.runtime.errors import is_transient
+from shared.runtime.logging import get_logger
+from shared.runtime.metrics import Metrics
+
+log = get_logger(__name__)
+
+Handler = Callable[[str, bytes | str | None], Awaitable[None]]
+"""``handler(entry_id, raw_json)``: decode, do the work durably, return. Raise to fail."""
+
+
+def _s(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _field(fields: dict[Any, Any]) -> bytes | str | None:
+    value = fields.get(STREAM_FIELD.encode())
+    return fields.get(STREAM_FIELD) if value is None else value
+
+
+class StreamConsumer:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        stream: str,
+        group: str,
+        consumer: str,
+        handler: Handler,
+        metrics: Metrics,
+        concurrency: int = 1,
+        batch: int = 32,
+        block_ms: int = 1000,
+        claim_idle_ms: int = 15_000,
+        max_deliveries: int = 5,
+    ) -> None:
+        self.redis = redis
+        self.stream, self.group, self.consumer = stream, group, consumer
+        self.handler = handler
+        self.metrics = metrics
+        self.batch, self.block_ms = batch, block_ms
+        self.claim_idle_ms, self.max_deliveries = claim_idle_ms, max_deliveries
+        self._sem = asyncio.Semaphore(concurrency)
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._stop = asyncio.Event()
+        self._group_ready = False
+        self._last_claim = 0.0
+        self.name = f"{stream}/{group}"
+
+    # ------------------------------------------------------------------ lifecycle
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        backoff = Backoff()
+        log.info("consumer.start", stream=self.stream, group=self.group, consumer=self.consumer)
+        while not self._stop.is_set():
+            try:
+                await self._ensure_group()
+                if time.monotonic() - self._last_claim >= max(self.claim_idle_ms / 2000, 0.05):
+                    self._last_claim = time.monotonic()
+                    await self._claim()
+                await self._read()
+                backoff.reset()
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                self._group_ready = False
+                self.metrics.incr("redis_reconnects")
+                log.warning("consumer.redis_unavailable", stream=self.stream, error=str(exc))
+                await backoff.sleep(self._stop)
+            except redis.exceptions.ResponseError as exc:
+                if "NOGROUP" in str(exc):
+                    self._group_ready = False
+                    continue
+                log.exception("consumer.redis_error", stream=self.stream)
+                await backoff.sleep(self._stop)
+        await self.drain()
+        log.info("consumer.stopped", stream=self.stream, group=self.group)
+
+    async def drain(self) -> None:
+        """Wait for in-flight handlers (their acks) before returning."""
+        if self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
+
+    # ------------------------------------------------------------------ reading
+    async def _ensure_group(self) -> None:
+        if self._group_ready:
+            return
+        try:
+            await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except redis.exceptions.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._group_ready = True
+
+    async def _read(self) -> None:
+        # Leave room for a free handler slot before reading more than we can start.
+        resp: Any = await self.redis.xreadgroup(
+            self.group, self.consumer, {self.stream: ">"}, count=self.batch, block=self.block_ms
+        )
+        for _stream, entries in resp or []:
+            for entry_id, fields in entries:
+                await self._dispatch(_s(entry_id), fields)
+
+    async def _claim(self) -> None:
+        """Dead-letter poison entries, then take over entries idle longer than claim_idle_ms."""
+        pending: Any = await self.redis.xpending_range(
+            self.stream, self.group, min="-", max="+", count=100, idle=self.claim_idle_ms
+        )
+        for p in pending:
+            delivered = int(p["times_delivered"])
+            if delivered >= self.max_deliveries:
+                entry_id = _s(p["message_id"])
+                rows = await self.redis.xrange(self.stream, entry_id, entry_id)
+                raw = _field(rows[0][1]) if rows and rows[0][1] else None
+                await self._dead_and_ack(entry_id, raw, DeadLetterReason.MAX_RETRIES,
+                                         f"failed {delivered} deliveries")
+        start = "0-0"
+        for _ in range(10):
+            res: Any = await self.redis.xautoclaim(
+                self.stream, self.group, self.consumer, min_idle_time=self.claim_idle_ms,
+                start_id=start, count=self.batch,
+            )
+            start, claimed = _s(res[0]), list(res[1])
+            for entry_id, fields in claimed:
+                if fields is None:  # deleted from the stream while pending
+                    await self.redis.xack(self.stream, self.group, entry_id)
+                    continue
+                self.metrics.incr("claimed")
+                await self._dispatch(_s(entry_id), fields)
+            if start == "0-0":
+                break
+
+    # ------------------------------------------------------------------ handling
+    async def _dispatch(self, entry_id: str, fields: dict[Any, Any]) -> None:
+        await self._sem.acquire()
+        task = asyncio.create_task(self._process(entry_id, fields))
+        self._inflight.add(task)
+
+        def _done(t: asyncio.Task[None]) -> None:
+            self._inflight.discard(t)
+            self._sem.release()
+
+        task.add_done_callback(_done)
+
+    async def _process(self, entry_id: str, fields: dict[Any, Any]) -> None:
+        raw = _field(fields)
+        backoff = Backoff(base=0.2, cap=5.0)
+        while True:
+            try:
+                await self.handler(entry_id, raw)
+            except DecodeError as err:
+                reason, message = err.reason, err.message
+                self.metrics.incr(f"rejected.{reason.value}")
+                log.warning("consumer.rejected", stream=self.stream, entry_id=entry_id,
+                            reason=reason.value, error=message)
+                await self._retry_redis(
+                    lambda r=reason, m=message: self._dead_and_ack(entry_id, raw, r, m))  # type: ignore[misc]
+                return
+            except Exception as exc:
+                if is_transient(exc) and not self._stop.is_set():
+                    self.metrics.incr("transient_errors")
+                    log.warning("consumer.transient_error", stream=self.stream, entry_id=entry_id,
+                                error=f"{type(exc).__name__}: {exc}")
+                    await backoff.sleep(self._stop)
+                    continue
+                self.metrics.incr("handler_errors")
+                log.exception("consumer.handler_error", stream=self.stream, entry_id=entry_id)
+                return  # left pending: claimed again later, dead-lettered after max_deliveries
+            else:
+                self.metrics.incr("processed")
+                await self._retry_redis(lambda: self.redis.xack(self.stream, self.group, entry_id))
+                return
+
+    async def _retry_redis(self, op: Callable[[], Awaitable[Any]]) -> None:
+        """An ack or dead-letter must not be lost to a Redis blip; give up only on shutdown."""
+        backoff = Backoff()
+        while True:
+            try:
+                await op()
+                return
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                if self._stop.is_set():
+                    return  # stays pending; another consumer will claim it
+                await backoff.sleep(self._stop)
+
+    async def _dead_and_ack(self, entry_id: str, raw: Any, reason: DeadLetterReason, message: str) -> None:
+        fields = dead_letter_fields(raw, reason.value, message, entry_id=entry_id, group=self.group,
+                                    consumer=self.consumer)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(Names.dead(self.stream), fields, maxlen=100_000, approximate=True)  # type: ignore[arg-type]
+            pipe.xack(self.stream, self.group, entry_id)
+            await pipe.execute()
+        self.metrics.incr("dead_lettered")

@@ -1,0 +1,133 @@
+"""Condition waits and an in-process mesh harness for the tests (real Redis, real PostgreSQL)."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import redis.asyncio as aioredis
+from psycopg_pool import AsyncConnectionPool
+
+from services.chat_ai.config import ChatSettings
+from services.chat_ai.service import ChatService
+from services.ltm.config import LtmSettings
+from services.ltm.service import LtmService
+from services.ltm.store import LtmStore
+from services.memory.config import MemorySettings
+from services.memory.service import MemoryService
+from services.memory.store import ConversationStore
+from shared.contracts import AI_RESPONSE, AIResponse, Names, UserInput, decode, encode, new_id
+from shared.runtime.db import open_pool
+from shared.runtime.embedding import Embedder, SyncEmbedder
+
+
+async def wait_until(predicate: Callable[[], Any], timeout: float = 15.0, interval: float = 0.02,
+                     message: str = "condition") -> Any:
+    """Poll ``predicate`` (sync or async) until it returns a truthy value; return that value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        await asyncio.sleep(interval)
+
+
+class Service(Protocol):
+    async def run(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+@asynccontextmanager
+async def running(service: Service) -> AsyncIterator[Service]:
+    task = asyncio.create_task(service.run())
+    try:
+        yield service
+    finally:
+        service.stop()
+        await asyncio.wait_for(task, 30)
+
+
+def common(redis_url: str, database_url: str) -> dict[str, Any]:
+    return dict(redis_url=redis_url, database_url=database_url, claim_idle_ms=1000, metrics_flush_s=0.2,
+                openai_api_key=None, openai_base_url=None, log_format="console")
+
+
+@dataclass
+class Mesh:
+    """The three services of one test, sharing its key prefix and database."""
+
+    names: Names
+    redis: aioredis.Redis
+    redis_url: str
+    database_url: str
+    pool: AsyncConnectionPool
+    model: SyncEmbedder
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def memory(self, **kw: Any) -> MemoryService:
+        s = MemorySettings(**common(self.redis_url, self.database_url), **{**self.overrides.get("memory", {}), **kw})
+        return MemoryService(s, self.names, self.redis, ConversationStore(self.pool))
+
+    def ltm(self, **kw: Any) -> LtmService:
+        s = LtmSettings(**common(self.redis_url, self.database_url), **{**self.overrides.get("ltm", {}), **kw})
+        return LtmService(s, self.names, self.redis, LtmStore(self.pool), Embedder(self.model))
+
+    def chat(self, llm: Any = None, **kw: Any) -> ChatService:
+        s = ChatSettings(**common(self.redis_url, self.database_url), **{**self.overrides.get("chat", {}), **kw})
+        return ChatService(s, self.names, self.redis, llm)
+
+    async def send(self, content: str, *, user_id: str | None, session_id: str, **kw: Any) -> UserInput:
+        msg = UserInput(message_id=new_id(), user_id=user_id, session_id=session_id, content=content, **kw)
+        await self.redis.xadd(self.names.user_input, {"data": encode(msg)})
+        return msg
+
+    async def replies(self) -> list[AIResponse]:
+        rows = await self.redis.xrange(self.names.ai_responses)
+        return [decode(AI_RESPONSE, f[b"data"]) for _, f in rows]
+
+    async def reply_to(self, msg: UserInput, timeout: float = 15.0) -> AIResponse:
+        async def find() -> AIResponse | None:
+            return next((r for r in await self.replies() if r.in_reply_to == msg.message_id), None)
+
+        result: AIResponse = await wait_until(find, timeout, message=f"reply to {msg.message_id}")
+        return result
+
+    async def dead(self, name: str) -> list[dict[str, str]]:
+        rows = await self.redis.xrange(Names.dead(name))
+        return [{k.decode(): v.decode() for k, v in f.items()} for _, f in rows]
+
+    async def count(self, sql: str, *params: Any) -> int:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(sql, params)
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+
+@asynccontextmanager
+async def mesh_for(names: Names, redis: aioredis.Redis, redis_url: str, database_url: str,
+                   model: SyncEmbedder) -> AsyncIterator[Mesh]:
+    pool = await open_pool(database_url, max_size=10)
+    try:
+        yield Mesh(names, redis, redis_url, database_url, pool, model)
+    finally:
+        await pool.close()
+
+
+def ltm_request(type_: str, user_id: str | None, data: dict[str, Any] | None = None, **kw: Any) -> str:
+    body: dict[str, Any] = {"request_id": new_id(), "type": type_, "data": data or {}, **kw}
+    if user_id is not None:
+        body["user_id"] = user_id
+    return json.dumps(body)
+
+
+Awaitable_ = Awaitable  # re-export for type hints in tests

@@ -1,0 +1,83 @@
+"""End to end through the real bus: the three services, real Redis, real PostgreSQL + pgvector."""
+
+from __future__ import annotations
+
+import json
+
+from shared.contracts import LTM_RESPONSE, decode
+from tests.helpers import Mesh, ltm_request, running, wait_until
+
+
+async def ingested(mesh: Mesh, user_id: str, n: int) -> None:
+    await wait_until(lambda: _count_ingested(mesh, user_id, n), message=f"{n} updates ingested for {user_id}")
+
+
+async def _count_ingested(mesh: Mesh, user_id: str, n: int) -> bool:
+    return await mesh.count("SELECT count(*) FROM ltm_ingested WHERE user_id = %s", user_id) >= n
+
+
+async def test_user_turn_gets_a_reply_and_is_stored(mesh: Mesh) -> None:
+    async with running(mesh.memory()), running(mesh.ltm()), running(mesh.chat()):
+        msg = await mesh.send("Hello there, my name is Ada.", user_id="u-a", session_id="s-a")
+        reply = await mesh.reply_to(msg)
+        assert reply.session_id == "s-a" and reply.user_id == "u-a"
+        assert reply.meta.model == "offline" and "offline responder" in reply.content
+        assert reply.meta.ltm in ("hit", "miss")
+        # both the input and the reply are stored, in order, and in STM
+        await wait_until(lambda: _stored(mesh, "s-a", 2), message="both messages stored")
+        roles = await _roles(mesh, "s-a")
+        assert roles == ["human", "ai"]
+
+
+async def _stored(mesh: Mesh, session_id: str, n: int) -> bool:
+    return await mesh.count("SELECT count(*) FROM conversation_messages WHERE session_id = %s", session_id) >= n
+
+
+async def _roles(mesh: Mesh, session_id: str) -> list[str]:
+    async with mesh.pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT role FROM conversation_messages WHERE session_id = %s ORDER BY message_index", (session_id,))
+        return [r[0] for r in await cur.fetchall()]
+
+
+async def test_fact_from_session_one_is_recalled_in_a_later_session(mesh: Mesh) -> None:
+    async with running(mesh.memory()), running(mesh.ltm()), running(mesh.chat()):
+        fact = await mesh.send("I live in Lisbon and I work as a marine biologist.", user_id="u-b", session_id="s1")
+        await mesh.reply_to(fact)
+        await ingested(mesh, "u-b", 2)  # the input and the reply
+        question = await mesh.send("Where do I live?", user_id="u-b", session_id="s2")
+        reply = await mesh.reply_to(question)
+        assert reply.meta.ltm == "hit"
+        assert reply.meta.memories_used >= 1
+        assert "Lisbon" in reply.content
+
+
+async def test_search_over_the_bus_returns_the_users_memory(mesh: Mesh) -> None:
+    async with running(mesh.memory()), running(mesh.ltm()):
+        await mesh.send("My favourite colour is teal.", user_id="u-c", session_id="s1")
+        await ingested(mesh, "u-c", 1)
+        pubsub = mesh.redis.pubsub()
+        await pubsub.subscribe(mesh.names.ltm_responses)
+        await wait_until(lambda: _subscribed(pubsub), message="subscribed")
+        raw = ltm_request("search", "u-c", {"query": "what colour do I like?"})
+        await mesh.redis.rpush(mesh.names.ltm_requests, raw)
+        resp = await _next_response(pubsub, json.loads(raw)["request_id"])
+        await pubsub.aclose()
+        assert resp.success and resp.memories and "teal" in resp.memories[0].content
+        assert resp.memories[0].source.session_id == "s1"
+
+
+async def _subscribed(pubsub) -> bool:  # type: ignore[no-untyped-def]
+    msg = await pubsub.get_message(timeout=0.1)
+    return msg is not None and msg["type"] == "subscribe"
+
+
+async def _next_response(pubsub, request_id: str):  # type: ignore[no-untyped-def]
+    async def get():  # type: ignore[no-untyped-def]
+        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
+        if msg and msg["type"] == "message":
+            resp = decode(LTM_RESPONSE, msg["data"])
+            return resp if resp.request_id == request_id else None
+        return None
+
+    return await wait_until(get, message=f"response to {request_id}")
