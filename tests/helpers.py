@@ -17,6 +17,7 @@ from psycopg_pool import AsyncConnectionPool
 from services.chat_ai.config import ChatSettings
 from services.chat_ai.service import ChatService
 from services.ltm.config import LtmSettings
+from services.ltm.native import NativeBackend
 from services.ltm.service import LtmService
 from services.ltm.store import LtmStore
 from services.memory.config import MemorySettings
@@ -80,7 +81,7 @@ class Mesh:
 
     def ltm(self, **kw: Any) -> LtmService:
         s = LtmSettings(**common(self.redis_url, self.database_url), **{**self.overrides.get("ltm", {}), **kw})
-        return LtmService(s, self.names, self.redis, LtmStore(self.pool), Embedder(self.model))
+        return LtmService(s, self.names, self.redis, NativeBackend(LtmStore(self.pool), Embedder(self.model)))
 
     def chat(self, llm: Any = None, **kw: Any) -> ChatService:
         s = ChatSettings(**common(self.redis_url, self.database_url), **{**self.overrides.get("chat", {}), **kw})

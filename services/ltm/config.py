@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from shared.runtime.settings import MeshSettings
@@ -11,5 +13,6 @@ class LtmSettings(MeshSettings):
     ltm_request_concurrency: int = 16
     ltm_ingest_concurrency: int = 16
     ltm_ingest_batch: int = 64
-    ltm_access_flush_s: float = 5.0
+    ltm_backend: Literal["native", "mem0"] = "native"
+    ltm_maintenance_s: float = 5.0
     db_pool_max: int = 8

@@ -9,8 +9,8 @@ import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
 
+from services.ltm.backend import LtmBackend, NotFound, Unsupported
 from services.ltm.config import LtmSettings
-from services.ltm.store import LtmStore, NewMemory
 from shared.contracts import (
     LTM_REQUEST,
     MEMORY_UPDATE,
@@ -34,8 +34,8 @@ from shared.contracts import (
     decode,
 )
 from shared.runtime.backoff import Backoff
-from shared.runtime.embedding import Embedder
-from shared.runtime.logging import content, get_logger
+from shared.runtime.deadletter import dead_letter
+from shared.runtime.logging import get_logger
 from shared.runtime.metrics import Metrics
 from shared.runtime.requests import RequestServer
 from shared.runtime.streams import StreamConsumer
@@ -44,10 +44,9 @@ log = get_logger(__name__)
 
 
 class LtmService:
-    def __init__(self, settings: LtmSettings, names: Names, redis: aioredis.Redis, store: LtmStore,
-                 embedder: Embedder, metrics: Metrics | None = None) -> None:
-        self.settings, self.names, self.redis = settings, names, redis
-        self.store, self.embedder = store, embedder
+    def __init__(self, settings: LtmSettings, names: Names, redis: aioredis.Redis, backend: LtmBackend,
+                 metrics: Metrics | None = None) -> None:
+        self.settings, self.names, self.redis, self.backend = settings, names, redis, backend
         self.metrics = metrics or Metrics(redis, names.metrics("ltm"))
         self._stop = asyncio.Event()
         self.ingest = StreamConsumer(
@@ -64,19 +63,20 @@ class LtmService:
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
+        await self.backend.start()
         tasks = [
             asyncio.create_task(self.ingest.run(), name="ltm.ingest"),
             asyncio.create_task(self.requests.run(), name="ltm.requests"),
             asyncio.create_task(self.metrics.run(self._stop, self.settings.metrics_flush_s), name="ltm.metrics"),
-            asyncio.create_task(self._flush_access_loop(), name="ltm.access"),
+            asyncio.create_task(self._maintenance_loop(), name="ltm.maintenance"),
         ]
         if self.settings.ltm_accept_pubsub:
             tasks.append(asyncio.create_task(self._pubsub_ingest(), name="ltm.pubsub"))
-        log.info("ltm.ready")
+        log.info("ltm.ready", backend=self.backend.name)
         try:
             await asyncio.gather(*tasks)
         finally:
-            await self.store.flush_access()
+            await self.backend.close()
             await self.metrics.flush()
 
     def stop(self) -> None:
@@ -84,16 +84,17 @@ class LtmService:
         self.ingest.stop()
         self.requests.stop()
 
-    async def _flush_access_loop(self) -> None:
+    async def _maintenance_loop(self) -> None:
         while not self._stop.is_set():
             try:
-                await asyncio.wait_for(self._stop.wait(), self.settings.ltm_access_flush_s)
+                await asyncio.wait_for(self._stop.wait(), self.settings.ltm_maintenance_s)
             except TimeoutError:
                 pass
             try:
-                await self.store.flush_access()
+                await self.backend.maintenance()
             except Exception:
-                log.warning("ltm.access_flush_failed", exc_info=True)
+                self.metrics.incr("maintenance_failed")
+                log.warning("ltm.maintenance_failed", exc_info=True)
 
     # ------------------------------------------------------------------ ingest
     async def _on_update_entry(self, entry_id: str, raw: bytes | str | None) -> None:
@@ -103,15 +104,8 @@ class LtmService:
     async def ingest_update(self, update: MemoryUpdate) -> bool:
         structlog.contextvars.bind_contextvars(user_id=update.user_id, message_id=update.message_id)
         try:
-            vec = await self.embedder.embed(update.content)
-            episodic = NewMemory(
-                user_id=update.user_id, type="episodic", content=update.content, embedding=vec, confidence=1.0,
-                message_id=update.message_id, session_id=update.meta.session_id, timestamp=update.timestamp,
-                speaker=update.source, meta={k: v for k, v in (update.meta.model_extra or {}).items()},
-            )
-            stored = await self.store.ingest(update.user_id, update.message_id, [episodic])
+            stored = await self.backend.ingest(update)
             self.metrics.incr("ingested" if stored else "ingest_duplicates")
-            log.debug("ltm.ingested", stored=stored, content=content(update.content))
             return stored
         finally:
             structlog.contextvars.unbind_contextvars("user_id", "message_id")
@@ -119,10 +113,11 @@ class LtmService:
     async def _pubsub_ingest(self) -> None:
         """LTM_ACCEPT_PUBSUB: also ingest updates that publishers send only on the channel."""
         backoff = Backoff()
+        channel = self.names.memory_updates_pubsub
         while not self._stop.is_set():
             pubsub = self.redis.pubsub()
             try:
-                await pubsub.subscribe(self.names.memory_updates_pubsub)
+                await pubsub.subscribe(channel)
                 while not self._stop.is_set():
                     msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
                     if msg is None or msg["type"] != "message":
@@ -132,10 +127,7 @@ class LtmService:
                         update = decode(MEMORY_UPDATE, msg["data"], max_content_bytes=self.settings.max_content_bytes)
                     except DecodeError as err:
                         self.metrics.incr(f"pubsub.rejected.{err.reason.value}")
-                        from shared.runtime.deadletter import dead_letter
-
-                        await dead_letter(self.redis, self.names.memory_updates_pubsub, msg["data"],
-                                          err.reason.value, err.message)
+                        await dead_letter(self.redis, channel, msg["data"], err.reason.value, err.message)
                         continue
                     try:
                         await self.ingest_update(update)
@@ -156,45 +148,54 @@ class LtmService:
         structlog.contextvars.bind_contextvars(request_id=req.request_id, user_id=req.user_id)
         try:
             return await self._dispatch(req)
+        except NotFound as exc:
+            return LTMResponse.failure(req.request_id, ErrorInfo(code=ErrorCode.NOT_FOUND, message=str(exc)),
+                                       req.user_id)
+        except Unsupported as exc:
+            return LTMResponse.failure(req.request_id, ErrorInfo(code=ErrorCode.UNKNOWN_TYPE, message=str(exc)),
+                                       req.user_id)
         finally:
             structlog.contextvars.unbind_contextvars("request_id", "user_id")
 
     async def _dispatch(self, req: LTMRequest) -> LTMResponse:
         ok: dict[str, Any] = {"request_id": req.request_id, "user_id": req.user_id}
+        b = self.backend
         match req:
             case SearchRequest(data=d):
-                vec = await self.embedder.embed(d.query)
-                memories = await self.store.search(req.user_id, vec, d.limit, threshold=d.threshold,
-                                                 types=list(d.types) if d.types else None)
+                memories = await b.search(req.user_id, d)
                 self.metrics.incr("search.hit" if memories else "search.miss")
                 return LTMResponse(**ok, memories=memories)
             case AddRequest(data=d):
-                vec = await self.embedder.embed(d.content)
-                mem = await self.store.add(NewMemory(
-                    user_id=req.user_id, type=d.type, content=d.content, embedding=vec, confidence=d.confidence,
-                    message_id=d.source_turn, meta=d.meta,
-                ))
-                return LTMResponse(**ok, memories=[mem])
+                return LTMResponse(**ok, memories=[await b.add(req.user_id, d)])
             case ProfileGetRequest():
-                return LTMResponse(**ok, user_profile=await self.store.get_profile(req.user_id))
+                return LTMResponse(**ok, user_profile=await b.profile_get(req.user_id))
             case ProfileUpdateRequest(data=d):
-                return LTMResponse(**ok, user_profile=await self.store.update_profile(req.user_id, d.profile))
+                return LTMResponse(**ok, user_profile=await b.profile_update(req.user_id, d.profile))
             case DeleteRequest(data=d):
-                if not await self.store.delete(req.user_id, d.memory_id):
-                    return LTMResponse.failure(req.request_id, ErrorInfo(code=ErrorCode.NOT_FOUND,
-                                               message="no such memory for this user"), req.user_id)
-                return LTMResponse(**ok, data={"deleted": 1})
+                await b.delete(req.user_id, d.memory_id)
+                return LTMResponse(**ok, data={"deleted": d.memory_id})
             case DeleteUserRequest():
-                return LTMResponse(**ok, data={"deleted": await self.store.delete_user(req.user_id)})
+                return LTMResponse(**ok, data={"deleted": await b.delete_user(req.user_id)})
             case StatsRequest():
-                return LTMResponse(**ok, data=await self.store.stats(req.user_id))
+                return LTMResponse(**ok, data={"backend": b.name, **await b.stats(req.user_id)})
+            case OptimizeRequest():
+                return LTMResponse(**ok, data=await b.optimize(req.user_id))
+            case SearchEntitiesRequest(data=d):
+                return LTMResponse(**ok, data={"entities": await b.search_entities(req.user_id, d)})
             case PingRequest():
-                return LTMResponse(**ok, data={"pong": True})
-            case OptimizeRequest() | SearchEntitiesRequest():
-                return LTMResponse.failure(req.request_id, ErrorInfo(
-                    code=ErrorCode.UNKNOWN_TYPE, message=f"{req.type} is not implemented by this backend yet"),
-                    req.user_id)
+                return LTMResponse(**ok, data={"pong": True, "backend": b.name})
         raise AssertionError(f"unhandled request type {req.type}")  # pragma: no cover
+
+
+def build_backend(settings: LtmSettings, pool: Any, model: Any) -> LtmBackend:
+
+    if settings.ltm_backend == "mem0":
+        from services.ltm.mem0_backend import Mem0Backend
+
+        return Mem0Backend(settings, model)
+    from services.ltm.native import NativeBackend
+
+    return NativeBackend(LtmStore(pool), Embedder(model))
 
 
 async def main(stop: asyncio.Event) -> None:
@@ -213,7 +214,7 @@ async def main(stop: asyncio.Event) -> None:
     pool = await open_pool(settings.database_url, max_size=settings.db_pool_max, name="ltm")
     redis = redis_client(settings.redis_url)
     try:
-        service = LtmService(settings, names, redis, LtmStore(pool), Embedder(model))
+        service = LtmService(settings, names, redis, build_backend(settings, pool, model))
         await serve_until(stop, service.run(), service.stop)
     finally:
         await redis.aclose()

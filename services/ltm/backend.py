@@ -1,0 +1,45 @@
+"""What an ltm backend must do. The service decodes, dispatches and replies; a backend stores and finds.
+
+Two implementations: :mod:`services.ltm.native` (PostgreSQL + pgvector, this project's own)
+and :mod:`services.ltm.mem0_backend` (mem0ai, ``LTM_BACKEND=mem0``). Every method is scoped
+by ``user_id``; none may return another user's data.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from shared.contracts import Memory, MemoryUpdate
+from shared.contracts.messages import AddData, SearchData, SearchEntitiesData
+
+
+class NotFound(Exception):
+    """The named object does not exist for this user (replied as ``not_found``)."""
+
+
+class Unsupported(Exception):
+    """This backend does not offer the request type (replied as ``unknown_type``)."""
+
+
+class LtmBackend(Protocol):
+    name: str
+
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+
+    async def ingest(self, update: MemoryUpdate) -> bool:
+        """Store what the update teaches, once per ``message_id``; False for a duplicate."""
+        ...
+
+    async def search(self, user_id: str, data: SearchData) -> list[Memory]: ...
+    async def add(self, user_id: str, data: AddData) -> Memory: ...
+    async def profile_get(self, user_id: str) -> dict[str, Any]: ...
+    async def profile_update(self, user_id: str, profile: dict[str, Any]) -> dict[str, Any]: ...
+    async def delete(self, user_id: str, memory_id: str) -> None: ...
+    async def delete_user(self, user_id: str) -> dict[str, Any]: ...
+    async def stats(self, user_id: str) -> dict[str, Any]: ...
+    async def optimize(self, user_id: str) -> dict[str, Any]: ...
+    async def search_entities(self, user_id: str, data: SearchEntitiesData) -> list[dict[str, Any]]: ...
+    async def maintenance(self) -> None:
+        """Periodic background work (access-statistics flush, lifecycle jobs); called every few seconds."""
+        ...
