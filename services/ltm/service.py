@@ -194,6 +194,8 @@ def build_backend(settings: LtmSettings, pool: Any, model: Any) -> LtmBackend:
 
         return Mem0Backend(settings, model)
     from services.ltm.native import NativeBackend
+    from services.ltm.store import LtmStore
+    from shared.runtime.embedding import Embedder
 
     return NativeBackend(LtmStore(pool), Embedder(model))
 
