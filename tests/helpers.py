@@ -17,15 +17,13 @@ from psycopg_pool import AsyncConnectionPool
 from services.chat_ai.config import ChatSettings
 from services.chat_ai.service import ChatService
 from services.ltm.config import LtmSettings
-from services.ltm.native import NativeBackend
-from services.ltm.service import LtmService
-from services.ltm.store import LtmStore
+from services.ltm.service import LtmService, build_backend
 from services.memory.config import MemorySettings
 from services.memory.service import MemoryService
 from services.memory.store import ConversationStore
-from shared.contracts import AI_RESPONSE, AIResponse, Names, UserInput, decode, encode, new_id
+from shared.contracts import AI_RESPONSE, AIResponse, DecodeError, Names, UserInput, decode, encode, new_id
 from shared.runtime.db import open_pool
-from shared.runtime.embedding import Embedder, SyncEmbedder
+from shared.runtime.embedding import SyncEmbedder
 
 
 async def wait_until(predicate: Callable[[], Any], timeout: float = 15.0, interval: float = 0.02,
@@ -76,15 +74,16 @@ class Mesh:
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def memory(self, **kw: Any) -> MemoryService:
-        s = MemorySettings(**common(self.redis_url, self.database_url), **{**self.overrides.get("memory", {}), **kw})
+        s = MemorySettings(**{**common(self.redis_url, self.database_url), **self.overrides.get("memory", {}), **kw})
         return MemoryService(s, self.names, self.redis, ConversationStore(self.pool))
 
     def ltm(self, **kw: Any) -> LtmService:
-        s = LtmSettings(**common(self.redis_url, self.database_url), **{**self.overrides.get("ltm", {}), **kw})
-        return LtmService(s, self.names, self.redis, NativeBackend(LtmStore(self.pool), Embedder(self.model)))
+        s = LtmSettings(**{**common(self.redis_url, self.database_url), **self.overrides.get("ltm", {}), **kw})
+        # ltm_backend="mem0" (a keyword or an override) builds it on mem0, as LTM_BACKEND=mem0 does
+        return LtmService(s, self.names, self.redis, build_backend(s, self.pool, self.model))
 
     def chat(self, llm: Any = None, **kw: Any) -> ChatService:
-        s = ChatSettings(**common(self.redis_url, self.database_url), **{**self.overrides.get("chat", {}), **kw})
+        s = ChatSettings(**{**common(self.redis_url, self.database_url), **self.overrides.get("chat", {}), **kw})
         return ChatService(s, self.names, self.redis, llm)
 
     async def send(self, content: str, *, user_id: str | None, session_id: str, **kw: Any) -> UserInput:
@@ -94,7 +93,13 @@ class Mesh:
 
     async def replies(self) -> list[AIResponse]:
         rows = await self.redis.xrange(self.names.ai_responses)
-        return [decode(AI_RESPONSE, f[b"data"]) for _, f in rows]
+        out = []
+        for _, fields in rows:
+            try:
+                out.append(decode(AI_RESPONSE, fields.get(b"data")))
+            except DecodeError:
+                continue  # bad entries a test injected on purpose
+        return out
 
     async def reply_to(self, msg: UserInput, timeout: float = 15.0) -> AIResponse:
         async def find() -> AIResponse | None:

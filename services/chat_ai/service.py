@@ -123,14 +123,14 @@ class ChatService:
 
     async def _generate(self, msg: UserInput, memories: list[Memory], stm) -> Reply:  # type: ignore[no-untyped-def]
         if self.llm is None:
-            return offline_reply(msg.content, memories, stm)
+            return offline_reply(msg.content, memories, stm, msg.session_id)
         messages = build_messages(self.settings.system_prompt, memories, stm, msg.content, msg.message_id)
         try:
             return await llm_reply(self.llm, messages, self.settings.llm_max_tokens)
         except Exception as exc:  # noqa: BLE001 - a failing LLM must not lose the turn
             self.metrics.incr("llm_errors")
             log.warning("chat_ai.llm_failed", error=f"{type(exc).__name__}: {exc}")
-            fallback = offline_reply(msg.content, memories, stm)
+            fallback = offline_reply(msg.content, memories, stm, msg.session_id)
             return Reply(text=fallback.text, model=f"offline (llm error: {type(exc).__name__})")
 
 

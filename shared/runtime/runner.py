@@ -7,12 +7,22 @@ import signal
 from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
+import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 
 
 def redis_client(url: str) -> aioredis.Redis:
-    """Bytes in, bytes out (bad UTF-8 must reach the codec, not crash the reader)."""
+    """Bytes in, bytes out (bad UTF-8 must reach the codec, not crash the reader).
+
+    A command that meets a dropped connection (Redis restarted) is retried on a fresh
+    one a few times before the error reaches the caller's own back-off loop; work is
+    idempotent by message_id, so a retried write is harmless.
+    """
+    retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=4)
     return aioredis.from_url(url, decode_responses=False, socket_timeout=10, socket_connect_timeout=5,
-                             health_check_interval=30)
+                             health_check_interval=30, retry=retry,
+                             retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError])
 
 
 def run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:

