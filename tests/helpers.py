@@ -49,6 +49,13 @@ class Service(Protocol):
 @asynccontextmanager
 async def running(service: Service) -> AsyncIterator[Service]:
     task = asyncio.create_task(service.run())
+    ready = getattr(service, "ready", None)
+    if ready is not None:  # models loaded, subscriptions up: what a client of a started mesh gets
+        waiter = asyncio.ensure_future(ready.wait())
+        await asyncio.wait({task, waiter}, timeout=120, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if task.done():
+            task.result()  # a service that failed to start raises here
     try:
         yield service
     finally:

@@ -49,6 +49,7 @@ class LtmService:
         self.settings, self.names, self.redis, self.backend = settings, names, redis, backend
         self.metrics = metrics or Metrics(redis, names.metrics("ltm"))
         self._stop = asyncio.Event()
+        self.ready = asyncio.Event()  # set once the backend is loaded and the loops run
         self.ingest = StreamConsumer(
             redis, stream=names.memory_updates, group=names.ltm_group, consumer=settings.consumer_name,
             handler=self._on_update_entry, metrics=self.metrics, concurrency=settings.ltm_ingest_concurrency,
@@ -72,6 +73,7 @@ class LtmService:
         ]
         if self.settings.ltm_accept_pubsub:
             tasks.append(asyncio.create_task(self._pubsub_ingest(), name="ltm.pubsub"))
+        self.ready.set()
         log.info("ltm.ready", backend=self.backend.name)
         try:
             await asyncio.gather(*tasks)
@@ -192,7 +194,7 @@ def build_backend(settings: LtmSettings, pool: Any, model: Any) -> LtmBackend:
     if settings.ltm_backend == "mem0":
         from services.ltm.mem0_backend import Mem0Backend
 
-        return Mem0Backend(settings, model)
+        return Mem0Backend(settings, model, pool)
     from services.ltm.native import NativeBackend
     from services.ltm.store import LtmStore
     from shared.runtime.embedding import Embedder

@@ -69,8 +69,10 @@ class StreamConsumer:
         self.metrics = metrics
         self.batch, self.block_ms = batch, block_ms
         self.claim_idle_ms, self.max_deliveries = claim_idle_ms, max_deliveries
+        self.concurrency = concurrency
         self._sem = asyncio.Semaphore(concurrency)
         self._inflight: set[asyncio.Task[None]] = set()
+        self._inflight_ids: set[str] = set()
         self._stop = asyncio.Event()
         self._group_ready = False
         self._last_claim = 0.0
@@ -122,51 +124,74 @@ class StreamConsumer:
         self._group_ready = True
 
     async def _read(self) -> None:
-        # Leave room for a free handler slot before reading more than we can start.
+        # Read no more than can start now: an entry read but queued locally would look idle
+        # to the other consumers, which could claim it while it waits here.
+        # Never block here for long: the loop must come round to heartbeat its in-flight entries.
+        if self._free_slots() == 0:
+            await asyncio.wait(set(self._inflight), timeout=self.block_ms / 1000,
+                               return_when=asyncio.FIRST_COMPLETED)
+            return
+        free = min(self.batch, self._free_slots())
         resp: Any = await self.redis.xreadgroup(
-            self.group, self.consumer, {self.stream: ">"}, count=self.batch, block=self.block_ms
+            self.group, self.consumer, {self.stream: ">"}, count=free, block=self.block_ms
         )
         for _stream, entries in resp or []:
             for entry_id, fields in entries:
                 await self._dispatch(_s(entry_id), fields)
 
     async def _claim(self) -> None:
-        """Dead-letter poison entries, then take over entries idle longer than claim_idle_ms."""
+        """Keep our own work alive, dead-letter poison entries, take over entries idle past claim_idle_ms."""
+        self.metrics.incr("claim_runs")
+        if self._inflight_ids:
+            # Heartbeat: reset the idle time of entries we are still working on, so that a slow
+            # handler is not taken over by another consumer while this one is alive.
+            await self.redis.xclaim(self.stream, self.group, self.consumer, min_idle_time=0,
+                                    message_ids=list(self._inflight_ids), justid=True)
         pending: Any = await self.redis.xpending_range(
             self.stream, self.group, min="-", max="+", count=100, idle=self.claim_idle_ms
         )
         for p in pending:
             delivered = int(p["times_delivered"])
-            if delivered >= self.max_deliveries:
-                entry_id = _s(p["message_id"])
+            entry_id = _s(p["message_id"])
+            if delivered >= self.max_deliveries and entry_id not in self._inflight_ids:
                 rows = await self.redis.xrange(self.stream, entry_id, entry_id)
                 raw = _field(rows[0][1]) if rows and rows[0][1] else None
                 await self._dead_and_ack(entry_id, raw, DeadLetterReason.MAX_RETRIES,
                                          f"failed {delivered} deliveries")
         start = "0-0"
         for _ in range(10):
+            if self._free_slots() == 0:
+                break  # take over only what can start now
             res: Any = await self.redis.xautoclaim(
                 self.stream, self.group, self.consumer, min_idle_time=self.claim_idle_ms,
-                start_id=start, count=self.batch,
+                start_id=start, count=min(self.batch, self._free_slots()),
             )
             start, claimed = _s(res[0]), list(res[1])
-            for entry_id, fields in claimed:
+            for raw_id, fields in claimed:
+                entry_id = _s(raw_id)
                 if fields is None:  # deleted from the stream while pending
                     await self.redis.xack(self.stream, self.group, entry_id)
                     continue
+                if entry_id in self._inflight_ids:
+                    continue  # ours, still being handled
                 self.metrics.incr("claimed")
-                await self._dispatch(_s(entry_id), fields)
+                await self._dispatch(entry_id, fields)
             if start == "0-0":
                 break
+
+    def _free_slots(self) -> int:
+        return max(0, self.concurrency - len(self._inflight))
 
     # ------------------------------------------------------------------ handling
     async def _dispatch(self, entry_id: str, fields: dict[Any, Any]) -> None:
         await self._sem.acquire()
+        self._inflight_ids.add(entry_id)
         task = asyncio.create_task(self._process(entry_id, fields))
         self._inflight.add(task)
 
         def _done(t: asyncio.Task[None]) -> None:
             self._inflight.discard(t)
+            self._inflight_ids.discard(entry_id)
             self._sem.release()
 
         task.add_done_callback(_done)

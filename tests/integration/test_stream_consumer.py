@@ -1,0 +1,77 @@
+"""The stream consumer on a real Redis: live work is never stolen, poison ends in the dead-letter, blips retry."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis.asyncio as aioredis
+
+from shared.contracts import Names
+from shared.runtime.errors import TransientError
+from shared.runtime.metrics import Metrics
+from shared.runtime.streams import StreamConsumer
+from tests.helpers import running, wait_until
+
+
+def consumer(redis: aioredis.Redis, stream: str, name: str, handler, **kw) -> StreamConsumer:  # type: ignore[no-untyped-def]
+    return StreamConsumer(redis, stream=stream, group="g", consumer=name, handler=handler, metrics=Metrics(),
+                          block_ms=100, **kw)
+
+
+async def test_a_slow_handler_keeps_its_entry_while_alive(redis: aioredis.Redis, names: Names) -> None:
+    stream = names.user_input
+    calls: list[str] = []
+    release = asyncio.Event()
+
+    async def slow(entry_id: str, raw: bytes | str | None) -> None:
+        calls.append(entry_id)
+        await release.wait()
+
+    await redis.xadd(stream, {"data": "x"})
+    a = consumer(redis, stream, "a", slow, claim_idle_ms=200)
+    b = consumer(redis, stream, "b", slow, claim_idle_ms=200)
+    async with running(a):
+        await wait_until(lambda: calls, message="a started")
+        async with running(b):
+            # b runs several claim rounds, each after the entry would have gone idle without a heartbeat
+            await wait_until(lambda: b.metrics.get("claim_runs") >= 6, message="b claim rounds")
+            assert len(calls) == 1
+            release.set()
+            await wait_until(lambda: a.metrics.get("processed") == 1, message="a done")
+    assert len(calls) == 1 and b.metrics.get("claimed") == 0
+    assert int((await redis.xpending(stream, "g"))["pending"]) == 0
+
+
+async def test_a_failing_message_is_retried_then_dead_lettered(redis: aioredis.Redis, names: Names) -> None:
+    stream = names.user_input
+    attempts: list[str] = []
+
+    async def broken(entry_id: str, raw: bytes | str | None) -> None:
+        attempts.append(entry_id)
+        raise ValueError("a bug in the handler")
+
+    await redis.xadd(stream, {"data": '{"poison": true}'})
+    c = consumer(redis, stream, "c", broken, claim_idle_ms=100, max_deliveries=3)
+    async with running(c):
+        await wait_until(lambda: c.metrics.get("dead_lettered") == 1, message="dead-lettered")
+    assert len(attempts) == 3
+    dead = await redis.xrange(Names.dead(stream))
+    assert len(dead) == 1 and dead[0][1][b"reason"] == b"max_retries" and dead[0][1][b"data"] == b'{"poison": true}'
+    assert int((await redis.xpending(stream, "g"))["pending"]) == 0
+
+
+async def test_a_passing_failure_is_retried_in_place_not_dead_lettered(redis: aioredis.Redis, names: Names) -> None:
+    stream = names.user_input
+    attempts: list[str] = []
+
+    async def flaky(entry_id: str, raw: bytes | str | None) -> None:
+        attempts.append(entry_id)
+        if len(attempts) < 4:
+            raise TransientError("the store is restarting")
+
+    await redis.xadd(stream, {"data": "ok"})
+    c = consumer(redis, stream, "c", flaky, claim_idle_ms=60_000, max_deliveries=2)
+    async with running(c):
+        await wait_until(lambda: c.metrics.get("processed") == 1, message="processed after retries")
+    assert len(attempts) == 4 and c.metrics.get("transient_errors") == 3
+    assert await redis.xlen(Names.dead(stream)) == 0
