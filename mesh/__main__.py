@@ -54,6 +54,8 @@ COMMANDS: dict[str, Command] = {
                     _lazy_run("mesh.chat")),
     "demo": Command("facts told in one session, recalled in another", _lazy("mesh.demo", "configure"),
                     _lazy_run("mesh.demo")),
+    "bench": Command("latency benchmarks (p50/p95 against the seed ceilings): `bench --out FILE`",
+                     _lazy("mesh.bench", "configure"), _lazy_run("mesh.bench")),
 }
 
 

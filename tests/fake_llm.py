@@ -18,7 +18,7 @@ def fake_llm(respond: Responder, status: int = 200) -> Iterator[tuple[str, list[
     seen: list[dict[str, Any]] = []
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 - http.server API
+        def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             seen.append(body)
             if status != 200:

@@ -13,6 +13,10 @@ SYSTEM_PROMPT = (
 class ChatSettings(MeshSettings):
     enable_ltm: bool = True
     ltm_timeout_ms: int = Field(default=500, ge=50, le=10_000)
+    memory_stm_timeout_ms: int = Field(
+        default=300, ge=0, le=10_000,
+        description="when Redis has no STM for the session, longest chat_ai waits for memory to rebuild it (0: never "
+                    "ask)")
     ltm_top_k: int = Field(default=5, ge=1, le=50)
     chat_concurrency: int = Field(default=16, ge=1)
     system_prompt: str = SYSTEM_PROMPT

@@ -27,12 +27,13 @@ from shared.contracts import (
     encode,
     new_id,
 )
+from shared.contracts.memory_api import MEMORY_RESPONSE, GetStmRequest, MemoryResponse, SessionRef, StmInfo
 from shared.contracts.messages import LtmStatus, SearchData
 from shared.runtime.llm import ChatModel, chat_model
 from shared.runtime.logging import content, get_logger
 from shared.runtime.metrics import Metrics
 from shared.runtime.requests import RpcClient, Unavailable
-from shared.runtime.stm import read_stm
+from shared.runtime.stm import Stm, Turn, read_stm
 from shared.runtime.streams import StreamConsumer
 
 log = get_logger(__name__)
@@ -48,6 +49,12 @@ class ChatService:
             redis, queue=names.ltm_requests, reply_channel=names.reply_channel(names.ltm_responses, self.instance),
             adapter=LTM_RESPONSE, metrics=self.metrics,
         )
+        # STM rebuilds: memory is the only STM writer, so a reader that finds none asks memory for it.
+        self.memory: RpcClient[MemoryResponse] = RpcClient(
+            redis, queue=names.memory_requests,
+            reply_channel=names.reply_channel(names.memory_responses, self.instance),
+            adapter=MEMORY_RESPONSE, metrics=self.metrics,
+        )
         self.consumer = StreamConsumer(
             redis, stream=names.user_input, group=names.chat_group, consumer=settings.consumer_name,
             handler=self._on_user_input, metrics=self.metrics, concurrency=settings.chat_concurrency,
@@ -59,6 +66,8 @@ class ChatService:
     async def run(self) -> None:
         if self.settings.enable_ltm:
             await self.ltm.start()
+        if self.settings.memory_stm_timeout_ms:
+            await self.memory.start()
         metrics_task = asyncio.create_task(self.metrics.run(self._stop, self.settings.metrics_flush_s))
         self.ready.set()
         log.info("chat_ai.ready", ltm=self.settings.enable_ltm, model=self.llm.name if self.llm else "offline")
@@ -69,6 +78,8 @@ class ChatService:
             await metrics_task
             if self.settings.enable_ltm:
                 await self.ltm.close()
+            if self.settings.memory_stm_timeout_ms:
+                await self.memory.close()
 
     def stop(self) -> None:
         self._stop.set()
@@ -99,13 +110,32 @@ class ChatService:
             return [], "error"
         return resp.memories, ("hit" if resp.memories else "miss")
 
+    async def load_stm(self, msg: UserInput) -> Stm:
+        """The session's STM from Redis; if Redis has none, memory's rebuild (bounded wait, never fails the turn)."""
+        stm = await read_stm(self.redis, self.names, msg.session_id)
+        if stm.exists or not msg.user_id or not self.settings.memory_stm_timeout_ms:
+            return stm
+        request = GetStmRequest(request_id=new_id(), type="get_stm", user_id=msg.user_id,
+                                data=SessionRef(session_id=msg.session_id))
+        try:
+            resp = await self.memory.call(request, self.settings.memory_stm_timeout_ms / 1000)
+        except (TimeoutError, Unavailable):
+            self.metrics.incr("stm.rebuild_timeout")
+            return stm
+        if not resp.success or not resp.data:
+            return stm  # not_found: a new session, nothing stored yet
+        info = StmInfo.model_validate(resp.data["stm"])
+        self.metrics.incr("stm.rebuilt_by_memory")
+        return Stm(turns=[Turn(t.message_id, t.role, t.content, t.timestamp) for t in info.turns],
+                   summary=info.summary, summary_kind=info.summary_kind, exists=True)
+
     async def answer(self, msg: UserInput) -> None:
         done_key = self.names.dedup("chat", msg.message_id)
         if await self.redis.exists(done_key):
             self.metrics.incr("duplicate_inputs")
             return
         started = time.perf_counter()
-        stm_task = asyncio.create_task(read_stm(self.redis, self.names, msg.session_id))
+        stm_task = asyncio.create_task(self.load_stm(msg))
         memories, status = await self.recall(msg)
         stm = await stm_task
         reply = await self._generate(msg, memories, stm)

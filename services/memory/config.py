@@ -12,4 +12,25 @@ class MemorySettings(MeshSettings):
     stm_ttl_seconds: int = 7 * 24 * 3600
     memory_updates_maxlen: int = 1_000_000
     memory_concurrency: int = 8
+    memory_request_concurrency: int = Field(default=8, ge=1,
+                                            description="memory_requests one memory process serves at once")
     db_pool_max: int = 8
+    memory_summary_delay_ms: int = Field(
+        default=200, ge=0, le=60_000,
+        description="wait after a turn leaves the STM window before folding it into the summary (a burst is "
+                    "folded in one pass)")
+    memory_cache_ttl_s: int = Field(default=300, ge=0,
+                                    description="TTL of the session read cache in Redis; 0 turns the cache off")
+    memory_embed_messages: bool = Field(
+        default=True, description="embed stored messages in the background, for search_messages")
+    memory_embed_interval_s: float = Field(default=1.0, gt=0,
+                                           description="how often the background embedder looks for new messages")
+    memory_cleanup_interval_s: float = Field(default=300.0, gt=0,
+                                             description="period of the sweep of expired session context entries")
+    memory_encryption_key: str | None = Field(
+        default=None,
+        description="Fernet key(s), comma-separated (the first encrypts), for sensitive user preferences; unset: a "
+                    "dev key is generated into MEMORY_ENCRYPTION_KEY_FILE")
+    memory_encryption_key_file: str = Field(
+        default=".data/memory-encryption.key",
+        description="dev key file used when MEMORY_ENCRYPTION_KEY is unset (created 0600 on first use)")

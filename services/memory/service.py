@@ -1,41 +1,71 @@
-"""The memory worker: stores every user and AI message, keeps STM, publishes memory_updates."""
+"""The memory worker: stores every user and AI message, keeps STM, publishes memory_updates, serves memory_requests.
+
+Background duties beside the consumers: embedding stored messages for ``search_messages`` (batched,
+off the store path, so a store costs no model time) and sweeping expired context entries.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import redis.asyncio as aioredis
-import structlog
+from redis.asyncio.client import Pipeline
 
+from services.memory.api import MemoryApi
+from services.memory.cache import SessionCache
 from services.memory.config import MemorySettings
+from services.memory.crypto import LazyCipher
 from services.memory.stm import StmWriter
 from services.memory.store import ConversationStore, SessionOwnershipError, StoredMessage
+from services.memory.summary import ExtractiveSummariser, LlmSummariser, Summariser
+from services.memory.tokens import TokenCounter, default_counter
 from shared.contracts import (
     AI_RESPONSE,
+    MEMORY_REQUEST,
     USER_INPUT,
     DeadLetterReason,
     DecodeError,
+    MemoryRequest,
+    MemoryResponse,
     MemoryUpdate,
     Names,
     decode,
     encode,
 )
-from shared.contracts.messages import MemoryUpdateMeta
+from shared.runtime.embedding import Embedder, shared_model
+from shared.runtime.llm import ChatModel, chat_model
 from shared.runtime.logging import get_logger
 from shared.runtime.metrics import Metrics
-from shared.runtime.stm import Turn
+from shared.runtime.requests import RequestServer
 from shared.runtime.streams import StreamConsumer
 
 log = get_logger(__name__)
 
 
+def build_summariser(settings: MemorySettings, counter: TokenCounter, llm: ChatModel | None) -> Summariser:
+    extractive = ExtractiveSummariser(counter, settings.stm_max_tokens)
+    return LlmSummariser(llm, counter, settings.stm_max_tokens, extractive) if llm else extractive
+
+
 class MemoryService:
     def __init__(self, settings: MemorySettings, names: Names, redis: aioredis.Redis, store: ConversationStore,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, *, llm: ChatModel | None = None,
+                 embedder: Embedder | None = None) -> None:
         self.settings, self.names, self.redis, self.store = settings, names, redis, store
         self.metrics = metrics or Metrics(redis, names.metrics("memory"))
-        self.stm = StmWriter(redis, names, settings.stm_max_messages, settings.stm_ttl_seconds)
+        if store.cipher is None:
+            store.cipher = LazyCipher(settings.memory_encryption_key, settings.memory_encryption_key_file)
+        counter = default_counter()
+        self.stm = StmWriter(redis, names, store, build_summariser(settings, counter, llm), settings.stm_max_messages,
+                             settings.stm_ttl_seconds, catch_up_delay_s=settings.memory_summary_delay_ms / 1000)
+        self._embedder = embedder
+        self.api = MemoryApi(
+            store, self.stm, SessionCache(redis, names, settings.memory_cache_ttl_s, self.metrics), counter,
+            self.metrics, embedder=self._get_embedder if settings.memory_embed_messages else None,
+            publish=self.queue_update if settings.enable_ltm_publish else None,
+        )
         self._stop = asyncio.Event()
         common = dict(group=names.memory_group, consumer=settings.consumer_name, metrics=self.metrics,
                       concurrency=settings.memory_concurrency, claim_idle_ms=settings.claim_idle_ms,
@@ -44,20 +74,55 @@ class MemoryService:
             StreamConsumer(redis, stream=names.user_input, handler=self._on_user_input, **common),  # type: ignore[arg-type]
             StreamConsumer(redis, stream=names.ai_responses, handler=self._on_ai_response, **common),  # type: ignore[arg-type]
         ]
+        self.requests: RequestServer[MemoryRequest] = RequestServer(
+            redis, queue=names.memory_requests, reply_channel=names.memory_responses, adapter=MEMORY_REQUEST,
+            handler=self.api.handle, error_reply=MemoryResponse.failure, metrics=self.metrics,
+            max_content_bytes=settings.max_content_bytes, concurrency=settings.memory_request_concurrency,
+        )
 
     async def run(self) -> None:
         tasks = [asyncio.create_task(c.run()) for c in self.consumers]
+        tasks.append(asyncio.create_task(self.requests.run()))
         tasks.append(asyncio.create_task(self.metrics.run(self._stop, self.settings.metrics_flush_s)))
+        tasks.append(asyncio.create_task(self._every(self.settings.memory_cleanup_interval_s, self._cleanup)))
+        if self.settings.memory_embed_messages:
+            tasks.append(asyncio.create_task(self._every(self.settings.memory_embed_interval_s,
+                                                         self.api.embed_pending)))
         log.info("memory.ready")
         try:
             await asyncio.gather(*tasks)
         finally:
+            await self.stm.drain()
             await self.metrics.flush()
 
     def stop(self) -> None:
         self._stop.set()
         for c in self.consumers:
             c.stop()
+        self.requests.stop()
+
+    async def _get_embedder(self) -> Embedder:
+        """The embedding model, loaded on first need (in a thread: it takes seconds)."""
+        if self._embedder is None:
+            self._embedder = Embedder(await asyncio.to_thread(shared_model))
+        return self._embedder
+
+    async def _every(self, interval_s: float, job: Callable[[], Awaitable[object]]) -> None:
+        while not self._stop.is_set():
+            try:
+                await job()
+            except Exception:
+                self.metrics.incr("background_failed")
+                log.warning("memory.background_failed", job=getattr(job, "__name__", "job"), exc_info=True)
+            try:
+                await asyncio.wait_for(self._stop.wait(), interval_s)
+            except TimeoutError:
+                pass
+
+    async def _cleanup(self) -> None:
+        deleted = await self.store.cleanup_expired_data(None)
+        if deleted["context"]:
+            self.metrics.incr("expired_context_deleted", deleted["context"])
 
     async def _on_user_input(self, entry_id: str, raw: bytes | str | None) -> None:
         msg = decode(USER_INPUT, raw, max_content_bytes=self.settings.max_content_bytes, entry_id=entry_id)
@@ -75,30 +140,17 @@ class MemoryService:
         ))
 
     async def record(self, m: StoredMessage) -> None:
-        structlog.contextvars.bind_contextvars(user_id=m.user_id, message_id=m.message_id, session_id=m.session_id)
         try:
-            try:
-                new = await self.store.store_message(m)
-            except SessionOwnershipError as exc:
-                raise DecodeError(DeadLetterReason.INVALID, str(exc)) from None
-            self.metrics.incr("stored" if new else "duplicates")
-            role = "user" if m.role == "human" else "ai"
-            await self.stm.append(m.session_id, m.user_id, Turn(m.message_id, role, m.content, m.timestamp))
-            if m.user_id and self.settings.enable_ltm_publish:
-                await self.publish_update(MemoryUpdate(
-                    user_id=m.user_id, content=m.content, source=role, timestamp=m.timestamp,  # type: ignore[arg-type]
-                    meta=MemoryUpdateMeta(session_id=m.session_id, message_id=m.message_id),
-                ))
-        finally:
-            structlog.contextvars.unbind_contextvars("user_id", "message_id", "session_id")
+            await self.api.record(m)
+        except SessionOwnershipError as exc:
+            raise DecodeError(DeadLetterReason.INVALID, str(exc)) from None
 
-    async def publish_update(self, update: MemoryUpdate) -> None:
+    def queue_update(self, pipe: Pipeline, update: MemoryUpdate) -> None:
+        """The MemoryUpdate goes to the stream (for ltm, durable) and the channel (observers)."""
         data = encode(update)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.names.memory_updates, {"data": data}, maxlen=self.settings.memory_updates_maxlen,
-                      approximate=True)
-            pipe.publish(self.names.memory_updates_pubsub, data)
-            await pipe.execute()
+        pipe.xadd(self.names.memory_updates, {"data": data}, maxlen=self.settings.memory_updates_maxlen,
+                  approximate=True)
+        pipe.publish(self.names.memory_updates_pubsub, data)
         self.metrics.incr("updates_published")
 
 
@@ -113,8 +165,9 @@ async def main(stop: asyncio.Event) -> None:
     await migrate(settings.database_url, "memory", Path(__file__).parent / "migrations")
     pool = await open_pool(settings.database_url, max_size=settings.db_pool_max, name="memory")
     redis = redis_client(settings.redis_url)
+    llm = chat_model(settings.openai_api_key, settings.openai_base_url, settings.llm_model, settings.llm_timeout_s)
     try:
-        service = MemoryService(settings, names, redis, ConversationStore(pool))
+        service = MemoryService(settings, names, redis, ConversationStore(pool), llm=llm)
         await serve_until(stop, service.run(), service.stop)
     finally:
         await redis.aclose()

@@ -1,28 +1,201 @@
-"""Writer of short-term memory: recent turns in a sorted set, trimmed, with a TTL."""
+"""Writer of short-term memory: the recent-turn window, the rolling summary, and rehydration.
+
+The memory service is the only writer (layout in shared/contracts/names.py). Appending is one
+MULTI pipeline that adds the turn and trims the window to ``STM_MAX_MESSAGES``; that is all a store
+waits for. When turns fell out of the window, a background *catch-up* for the session folds them
+into the summary (see services/memory/summary.py): under a per-session Redis lock, it folds every
+stored turn between what the summary covers and the window's oldest turn, read from PostgreSQL.
+So a catch-up that was lost (crash, error) is made good by the next one, and several writers of one
+session, in one process or several, never fold a turn twice or skip one. The summary is written to
+Redis for readers and to PostgreSQL (``conversation_sessions``) as the durable copy.
+
+PostgreSQL is the source of truth. When the STM is gone from Redis (restart, eviction, FLUSHALL,
+TTL) the first write or read rebuilds it: the stored summary, plus the turns it does not cover yet,
+of which the newest ``STM_MAX_MESSAGES`` form the window and the rest are folded in. For a session
+whose summary is current that is two indexed queries, whatever the session's length.
+"""
 
 from __future__ import annotations
 
-import redis.asyncio as aioredis
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import LockError
+
+from services.memory.store import ConversationStore
+from services.memory.summary import Summariser, SummaryState
 from shared.contracts import Names
-from shared.runtime.stm import Turn
+from shared.runtime.errors import TransientError
+from shared.runtime.logging import get_logger
+from shared.runtime.stm import Stm, Turn, read_stm
+
+log = get_logger(__name__)
 
 
 class StmWriter:
-    def __init__(self, redis: aioredis.Redis, names: Names, max_messages: int, ttl_s: int) -> None:
-        self.redis, self.names = redis, names
+    def __init__(self, redis: aioredis.Redis, names: Names, store: ConversationStore, summariser: Summariser,
+                 max_messages: int, ttl_s: int, lock_timeout_s: float = 120.0, catch_up_delay_s: float = 0.0) -> None:
+        self.redis, self.names, self.store, self.summariser = redis, names, store, summariser
         self.max_messages, self.ttl_s = max_messages, ttl_s
+        self.lock_timeout_s = lock_timeout_s
+        self.catch_up_delay_s = catch_up_delay_s
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._again: set[str] = set()
+        self.failures = 0
 
-    async def append(self, session_id: str, user_id: str | None, turn: Turn) -> list[Turn]:
-        """Add a turn; returns the turns that left the window (oldest first)."""
+    # ------------------------------------------------------------------ writing
+    async def append(self, session_id: str, user_id: str | None, turn: Turn,
+                     also: Callable[[Pipeline], None] | None = None) -> list[Turn]:
+        """Add a turn (stored in PostgreSQL already); returns the turns that left the window.
+
+        When Redis had no STM for the session it is rebuilt from PostgreSQL first (the rebuild includes
+        this turn). Turns that left the window are folded into the summary in the background. ``also``
+        queues the caller's own commands into the same MULTI (one round trip for the whole write).
+        """
+        present, evicted = await self._add(session_id, user_id, [turn], also=also)
+        if not present:
+            await self.rehydrate(session_id, user_id)
+        elif evicted:
+            self.schedule_catch_up(session_id)
+        return evicted
+
+    async def _add(self, session_id: str, user_id: str | None, turns: Sequence[Turn],
+                   rehydrated_at: float | None = None,
+                   also: Callable[[Pipeline], None] | None = None) -> tuple[bool, list[Turn]]:
+        """ZADD the turns, trim the window; (STM was present before, turns that left the window)."""
         turns_key, meta_key = self.names.stm_turns(session_id), self.names.stm_meta(session_id)
+        meta = {"user_id": user_id or ""}
+        if rehydrated_at is not None:
+            meta["rehydrated_at"] = repr(rehydrated_at)
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.zadd(turns_key, {turn.member(): turn.timestamp})
+            pipe.exists(meta_key)
+            if turns:
+                pipe.zadd(turns_key, {t.member(): t.timestamp for t in turns})
             pipe.zrange(turns_key, 0, -(self.max_messages + 1))
             pipe.zremrangebyrank(turns_key, 0, -(self.max_messages + 1))
-            pipe.hset(meta_key, mapping={"user_id": user_id or ""})
+            pipe.hset(meta_key, mapping=meta)  # type: ignore[arg-type]
             pipe.expire(turns_key, self.ttl_s)
             pipe.expire(meta_key, self.ttl_s)
             pipe.expire(self.names.stm_summary(session_id), self.ttl_s)
+            if also is not None:
+                also(pipe)
             res = await pipe.execute()
-        return [Turn.parse(m) for m in res[1]]
+        evicted_raw = res[2] if turns else res[1]
+        return bool(res[0]), [Turn.parse(m) for m in evicted_raw]
+
+    def _lock(self, session_id: str):  # type: ignore[no-untyped-def]  # redis.asyncio.lock.Lock
+        return self.redis.lock(self.names.lock("stm", session_id), timeout=self.lock_timeout_s, sleep=0.005,
+                               blocking_timeout=self.lock_timeout_s)
+
+    def schedule_catch_up(self, session_id: str) -> None:
+        """Run a catch-up for the session soon; one at a time per session (a request while one runs re-runs it)."""
+        if session_id in self._tasks:
+            self._again.add(session_id)
+            return
+        self._tasks[session_id] = asyncio.create_task(self._catch_up_loop(session_id))
+
+    async def _catch_up_loop(self, session_id: str) -> None:
+        try:
+            while True:
+                if self.catch_up_delay_s:
+                    # Debounce: the evictions of a burst of turns are folded together, in one pass.
+                    await asyncio.sleep(self.catch_up_delay_s)
+                self._again.discard(session_id)
+                try:
+                    await self.catch_up(session_id)
+                except Exception as exc:  # noqa: BLE001 - background work: log, and let the next access rebuild
+                    self.failures += 1
+                    log.warning("memory.stm_catch_up_failed", session_id=session_id,
+                                error=f"{type(exc).__name__}: {exc}")
+                    await self._forget(session_id)
+                if session_id not in self._again:
+                    return
+        finally:
+            self._tasks.pop(session_id, None)
+
+    async def catch_up(self, session_id: str) -> None:
+        """Fold every stored turn older than the window that the summary does not cover yet."""
+        try:
+            async with self._lock(session_id):
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.zrange(self.names.stm_turns(session_id), 0, 0, withscores=True)
+                    pipe.hgetall(self.names.stm_summary(session_id))
+                    oldest, summary = await pipe.execute()
+                if not oldest:
+                    return  # no window (expired, flushed): the next access rebuilds everything
+                cached = SummaryState.from_redis(summary)
+                state = cached if cached is not None else await self.store.load_summary(session_id)
+                turns = await self.store.turns_after(session_id, state.covered_until, before=float(oldest[0][1]))
+                if turns:
+                    await self._fold_locked(session_id, turns, state)
+        except LockError as exc:
+            raise TransientError(f"STM lock for the session not acquired: {exc}") from exc
+
+    async def drain(self) -> None:
+        """Wait for the background catch-ups (tests, benchmarks, shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks.values()), return_exceptions=True)
+
+    async def _forget(self, session_id: str) -> None:
+        """After a failed catch-up: drop the meta key, so the next access rebuilds from PostgreSQL (nothing is lost)."""
+        try:
+            await self.redis.delete(self.names.stm_meta(session_id))
+        except Exception:  # noqa: BLE001 - best effort; the original error is what the caller must see
+            log.warning("memory.stm_forget_failed", session_id=session_id)
+
+    async def _fold_locked(self, session_id: str, turns: Sequence[Turn], state: SummaryState) -> SummaryState:
+        new_state = await self.summariser.fold(state, turns)
+        if new_state is not state:
+            await self._write_summary(session_id, new_state)
+            await self.store.save_summary(session_id, new_state)
+        return new_state
+
+    async def _write_summary(self, session_id: str, state: SummaryState) -> None:
+        key = self.names.stm_summary(session_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping=state.redis_mapping(time.time()))  # type: ignore[arg-type]
+            pipe.expire(key, self.ttl_s)
+            await pipe.execute()
+
+    # ------------------------------------------------------------------ rebuilding
+    async def rehydrate(self, session_id: str, user_id: str | None) -> None:
+        """Rebuild the session's STM from PostgreSQL."""
+        try:
+            async with self._lock(session_id):
+                state = await self.store.load_summary(session_id)
+                rows = await self.store.turns_after(session_id, state.covered_until)
+                window, backlog = rows[-self.max_messages:], rows[: -self.max_messages]
+                if backlog:
+                    state = await self.summariser.fold(state, backlog)
+                    await self.store.save_summary(session_id, state)
+                if state.text or state.turns:
+                    await self._write_summary(session_id, state)
+                # A turn the write path added just before (the one that found the STM missing) is in the
+                # window too, but its timestamp from PostgreSQL is rounded to microseconds: a different
+                # member. Keep the one already there.
+                members: Any = await self.redis.zrange(self.names.stm_turns(session_id), 0, -1)
+                present = {Turn.parse(m).message_id for m in members}
+                window = [t for t in window if t.message_id not in present]
+                _, evicted = await self._add(session_id, user_id, window, rehydrated_at=time.time())
+        except LockError as exc:
+            raise TransientError(f"STM lock for the session not acquired: {exc}") from exc
+        if evicted:  # a turn newer than our read arrived meanwhile and pushed these out
+            self.schedule_catch_up(session_id)
+        log.info("memory.stm_rehydrated", session_id=session_id, turns=len(rows) - len(backlog), folded=len(backlog))
+
+    async def read(self, session_id: str, user_id: str | None) -> tuple[Stm, bool]:
+        """The session's STM, rebuilt first when Redis lost it; (stm, rebuilt now)."""
+        stm = await read_stm(self.redis, self.names, session_id)
+        if stm.exists:
+            return stm, False
+        await self.rehydrate(session_id, user_id)
+        return await read_stm(self.redis, self.names, session_id), True
+
+    async def forget_session(self, session_id: str) -> None:
+        """A deleted session leaves nothing behind in Redis."""
+        await self.redis.delete(self.names.stm_turns(session_id), self.names.stm_summary(session_id),
+                                self.names.stm_meta(session_id))

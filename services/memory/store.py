@@ -1,12 +1,35 @@
-"""The conversation store in PostgreSQL (sessions and messages). Every read is scoped by user."""
+"""The conversation store in PostgreSQL: the SQL of every storage operation, each scoped by user.
+
+A session belongs to the ``user_id`` that created it. Every method that takes a ``user_id`` matches
+it in the same statement that reads or writes, so another user's session behaves exactly like a
+missing one (:class:`NotFound`), never a different error. Sessions whose messages arrived without a
+``user_id`` (allowed by the contract for old clients) are stored but belong to nobody: no user
+can read them through this API.
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
+
+from services.memory.crypto import Cipher
+from services.memory.summary import SummaryState
+from shared.contracts.memory_api import ContextItem, MessageInfo, SessionInfo, SessionLink, SummaryInfo
+from shared.runtime.stm import Turn
+
+
+class NotFound(Exception):
+    """The session (or message) does not exist for this user."""
+
+
+class Conflict(Exception):
+    """The request cannot be applied as asked (e.g. a session id another user already holds)."""
 
 
 class SessionOwnershipError(Exception):
@@ -23,52 +46,395 @@ class StoredMessage:
     timestamp: float
     parent_message_id: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    message_type: str = "text"
+    is_context_message: bool = False
+    token_count: int = 0
+
+
+_SESSION_COLS = (
+    "session_id, user_id, name, type, status, metadata, context_summary, relevance_score, message_count,"
+    " extract(epoch from created_at)::float8, extract(epoch from last_activity)::float8"
+)
+_MESSAGE_COLS = (
+    "m.message_id, m.session_id, m.role, m.content, m.message_type, m.message_index, m.parent_message_id,"
+    " m.metadata, m.relevance_score, m.is_context_message, m.token_count, extract(epoch from m.timestamp)::float8"
+)
+_CONTEXT_COLS = (
+    "c.session_id, c.context_type, c.key, c.value, c.relevance_score, c.metadata,"
+    " extract(epoch from c.updated_at)::float8, extract(epoch from c.expires_at)::float8"
+)
+
+
+def _session(r: Sequence[Any]) -> SessionInfo:
+    return SessionInfo(session_id=r[0], user_id=r[1], name=r[2], type=r[3], status=r[4], metadata=r[5],
+                       context_summary=r[6], relevance_score=r[7], message_count=r[8], created_at=r[9],
+                       last_activity=r[10])
+
+
+def _message(r: Sequence[Any], similarity: float | None = None) -> MessageInfo:
+    return MessageInfo(message_id=r[0], session_id=r[1], role=r[2], content=r[3], message_type=r[4],
+                       message_index=r[5], parent_message_id=r[6], metadata=r[7], relevance_score=r[8],
+                       is_context_message=r[9], token_count=r[10], timestamp=r[11], similarity=similarity)
+
+
+def _context(r: Sequence[Any]) -> ContextItem:
+    return ContextItem(session_id=r[0], context_type=r[1], key=r[2], value=r[3], relevance_score=r[4],
+                       metadata=r[5], updated_at=r[6], expires_at=r[7])
 
 
 class ConversationStore:
-    def __init__(self, pool: AsyncConnectionPool) -> None:
+    def __init__(self, pool: AsyncConnectionPool, cipher: Cipher | None = None) -> None:
         self.pool = pool
+        self.cipher = cipher
 
-    async def store_message(self, m: StoredMessage) -> bool:
-        """Store once (idempotent by message_id); True when it was new."""
-        async with self.pool.connection() as conn, conn.transaction():
-            # Upsert the session and lock its row: message_index is assigned under that lock.
-            cur = await conn.execute(
-                "INSERT INTO conversation_sessions (session_id, user_id, created_at, last_activity)"
-                " VALUES (%s, %s, to_timestamp(%s), to_timestamp(%s))"
-                " ON CONFLICT (session_id) DO UPDATE SET"
-                "  user_id = COALESCE(conversation_sessions.user_id, EXCLUDED.user_id),"
-                "  last_activity = GREATEST(conversation_sessions.last_activity, EXCLUDED.last_activity)"
-                " RETURNING user_id, message_count",
-                (m.session_id, m.user_id, m.timestamp, m.timestamp),
-            )
-            row = await cur.fetchone()
-            assert row is not None
-            owner, count = row
-            if m.user_id is not None and owner != m.user_id:
-                raise SessionOwnershipError("session belongs to another user")
-            cur = await conn.execute(
-                "INSERT INTO conversation_messages (message_id, session_id, user_id, role, content,"
-                " message_index, parent_message_id, metadata, timestamp)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, to_timestamp(%s)) ON CONFLICT (message_id) DO NOTHING",
-                (m.message_id, m.session_id, m.user_id, m.role, m.content, count, m.parent_message_id,
-                 Jsonb(m.metadata), m.timestamp),
-            )
-            if cur.rowcount == 0:
-                return False
-            await conn.execute(
-                "UPDATE conversation_sessions SET message_count = message_count + 1 WHERE session_id = %s",
-                (m.session_id,),
-            )
-            return True
-
-    async def recent_messages(self, session_id: str, limit: int) -> list[StoredMessage]:
+    # ------------------------------------------------------------------ sessions
+    async def create_session(self, user_id: str, session_id: str, *, name: str | None = None, type_: str = "chat",
+                             metadata: dict[str, Any] | None = None) -> tuple[SessionInfo, bool]:
+        """Create the session, or return the caller's existing one with that id; True when new."""
         async with self.pool.connection() as conn:
             cur = await conn.execute(
-                "SELECT message_id, session_id, user_id, role, content, extract(epoch from timestamp),"
-                " parent_message_id, metadata FROM conversation_messages WHERE session_id = %s"
-                " ORDER BY message_index DESC LIMIT %s",
-                (session_id, limit),
+                "INSERT INTO conversation_sessions (session_id, user_id, name, type, metadata)"
+                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (session_id) DO NOTHING"
+                f" RETURNING {_SESSION_COLS}",
+                (session_id, user_id, name, type_, Jsonb(metadata or {})),
+            )
+            row = await cur.fetchone()
+        if row is not None:
+            return _session(row), True
+        try:
+            return await self.get_session(user_id, session_id), False
+        except NotFound:
+            raise Conflict("session_id is not available") from None
+
+    async def get_session(self, user_id: str, session_id: str) -> SessionInfo:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                f"SELECT {_SESSION_COLS} FROM conversation_sessions WHERE session_id = %s AND user_id = %s",
+                (session_id, user_id),
+            )
+            row = await cur.fetchone()
+        if row is None:
+            raise NotFound("no such session")
+        return _session(row)
+
+    async def update_session_activity(self, user_id: str, session_id: str, *, status: str | None = None,
+                                      name: str | None = None, metadata: dict[str, Any] | None = None,
+                                      relevance_score: float | None = None) -> SessionInfo:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                "UPDATE conversation_sessions SET last_activity = GREATEST(last_activity, now()),"
+                " status = COALESCE(%s, status), name = COALESCE(%s, name),"
+                " metadata = metadata || COALESCE(%s, '{}'::jsonb),"
+                " relevance_score = COALESCE(%s, relevance_score)"
+                f" WHERE session_id = %s AND user_id = %s RETURNING {_SESSION_COLS}",
+                (status, name, Jsonb(metadata) if metadata is not None else None, relevance_score,
+                 session_id, user_id),
+            )
+            row = await cur.fetchone()
+        if row is None:
+            raise NotFound("no such session")
+        return _session(row)
+
+    async def get_user_sessions(self, user_id: str, limit: int, status: str | None = None) -> list[SessionInfo]:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                f"SELECT {_SESSION_COLS} FROM conversation_sessions WHERE user_id = %s"
+                " AND (%s::text IS NULL OR status = %s) ORDER BY last_activity DESC LIMIT %s",
+                (user_id, status, status, limit),
+            )
+            return [_session(r) for r in await cur.fetchall()]
+
+    async def delete_session(self, user_id: str, session_id: str) -> None:
+        """Delete the session; messages, context, links and summary go with it (ON DELETE CASCADE)."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                "DELETE FROM conversation_sessions WHERE session_id = %s AND user_id = %s", (session_id, user_id))
+            if cur.rowcount == 0:
+                raise NotFound("no such session")
+
+    async def get_session_summary(self, user_id: str, session_id: str) -> SummaryInfo:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT s.session_id, COALESCE(ss.message_count, 0), COALESCE(ss.human_count, 0),"
+                " COALESCE(ss.ai_count, 0), COALESCE(ss.system_count, 0), COALESCE(ss.total_tokens, 0),"
+                " extract(epoch from ss.first_activity)::float8, extract(epoch from ss.last_activity)::float8,"
+                " s.context_summary, s.summary_state->>'kind', COALESCE((s.summary_state->>'turns')::int, 0)"
+                " FROM conversation_sessions s LEFT JOIN session_summary ss ON ss.session_id = s.session_id"
+                " WHERE s.session_id = %s AND s.user_id = %s",
+                (session_id, user_id),
+            )
+            r = await cur.fetchone()
+        if r is None:
+            raise NotFound("no such session")
+        return SummaryInfo(session_id=r[0], message_count=r[1], human_count=r[2], ai_count=r[3], system_count=r[4],
+                           total_tokens=r[5], first_activity=r[6], last_activity=r[7], context_summary=r[8],
+                           summary_kind=r[9] or None, summary_turns=r[10])
+
+    async def session_owner(self, session_id: str) -> tuple[bool, str | None]:
+        """(exists, user_id): for the memory service's own use, never for answering a user."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute("SELECT user_id FROM conversation_sessions WHERE session_id = %s", (session_id,))
+            row = await cur.fetchone()
+        return (row is not None, row[0] if row else None)
+
+    # ------------------------------------------------------------------ messages
+    async def store_message(self, m: StoredMessage) -> bool:
+        """Store once (idempotent by message_id); True when it was new.
+
+        One statement, so one round trip and one commit: the session is upserted (created on first
+        sight, owned by the message's user) and its row locked, which serialises the message_index
+        of concurrent writers; the insert trigger then counts the message and moves last_activity
+        (migration 002). A message for a session another user owns raises :class:`SessionOwnershipError`.
+        """
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                "WITH s AS ("
+                " INSERT INTO conversation_sessions (session_id, user_id, created_at, last_activity)"
+                " VALUES (%(sid)s, %(uid)s, to_timestamp(%(ts)s), to_timestamp(%(ts)s))"
+                " ON CONFLICT (session_id) DO UPDATE SET"
+                "  user_id = COALESCE(conversation_sessions.user_id, EXCLUDED.user_id)"
+                " RETURNING user_id, message_count),"
+                " ins AS ("
+                " INSERT INTO conversation_messages (message_id, session_id, user_id, role, content, message_type,"
+                "  message_index, parent_message_id, metadata, is_context_message, token_count, timestamp)"
+                " SELECT %(mid)s, %(sid)s, %(uid)s, %(role)s, %(content)s, %(mtype)s, s.message_count, %(parent)s,"
+                "  %(meta)s, %(ctx)s, %(tokens)s, to_timestamp(%(ts)s) FROM s"
+                " WHERE %(uid)s::text IS NULL OR s.user_id = %(uid)s"
+                " ON CONFLICT (message_id) DO NOTHING RETURNING 1)"
+                " SELECT s.user_id, (SELECT count(*) FROM ins) FROM s",
+                {"sid": m.session_id, "uid": m.user_id, "ts": m.timestamp, "mid": m.message_id, "role": m.role,
+                 "content": m.content, "mtype": m.message_type, "parent": m.parent_message_id,
+                 "meta": Jsonb(m.metadata), "ctx": m.is_context_message, "tokens": m.token_count},
+            )
+            row = await cur.fetchone()
+        assert row is not None
+        owner, inserted = row
+        if m.user_id is not None and owner != m.user_id:
+            raise SessionOwnershipError("session belongs to another user")
+        return bool(inserted)
+
+    async def get_message(self, user_id: str, message_id: str) -> MessageInfo:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                f"SELECT {_MESSAGE_COLS} FROM conversation_messages m JOIN conversation_sessions s"
+                " ON s.session_id = m.session_id WHERE m.message_id = %s AND s.user_id = %s",
+                (message_id, user_id),
+            )
+            row = await cur.fetchone()
+        if row is None:
+            raise NotFound("no such message")
+        return _message(row)
+
+    async def get_messages(self, user_id: str, session_id: str, limit: int, offset: int = 0,
+                           newest_first: bool = False) -> list[MessageInfo]:
+        order = "DESC" if newest_first else "ASC"  # one of two literals, never input
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                f"SELECT {_MESSAGE_COLS}, s.user_id FROM conversation_sessions s"
+                " LEFT JOIN LATERAL (SELECT * FROM conversation_messages WHERE session_id = s.session_id"
+                f"  ORDER BY message_index {order} LIMIT %s OFFSET %s) m ON true"
+                " WHERE s.session_id = %s AND s.user_id = %s",
+                (limit, offset, session_id, user_id),
             )
             rows = await cur.fetchall()
-        return [StoredMessage(r[0], r[1], r[2], r[3], r[4], float(r[5]), r[6], dict(r[7])) for r in reversed(rows)]
+        if not rows:
+            raise NotFound("no such session")
+        return [_message(r) for r in rows if r[0] is not None]
+
+    async def search_messages(self, user_id: str, query: np.ndarray, *, session_id: str | None, limit: int,
+                              threshold: float | None) -> list[MessageInfo]:
+        """Exact cosine search over the user's messages (a btree on user_id, no vector index: see
+        ../shared/README.md, filtered HNSW returns almost nothing for one user)."""
+        if session_id is not None:
+            await self.get_session(user_id, session_id)
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                f"SELECT {_MESSAGE_COLS}, 1 - (m.embedding <=> %s) AS similarity FROM conversation_messages m"
+                " JOIN conversation_sessions s ON s.session_id = m.session_id"
+                " WHERE s.user_id = %s AND m.user_id = %s AND m.embedding IS NOT NULL"
+                " AND (%s::text IS NULL OR m.session_id = %s)"
+                " ORDER BY m.embedding <=> %s LIMIT %s",
+                (query, user_id, user_id, session_id, session_id, query, limit),
+            )
+            rows = await cur.fetchall()
+        out = [_message(r[:-1], float(r[-1])) for r in rows]
+        return [m for m in out if threshold is None or (m.similarity or 0.0) >= threshold]
+
+    async def unembedded(self, *, user_id: str | None = None, limit: int = 256) -> list[tuple[str, str]]:
+        """Messages still without an embedding (of one user, or of anyone): (message_id, content)."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT message_id, content FROM conversation_messages WHERE embedding IS NULL"
+                " AND (%s::text IS NULL OR user_id = %s) ORDER BY timestamp LIMIT %s",
+                (user_id, user_id, limit),
+            )
+            return [(r[0], r[1]) for r in await cur.fetchall()]
+
+    async def set_embeddings(self, rows: Sequence[tuple[str, np.ndarray]]) -> None:
+        if not rows:
+            return
+        async with self.pool.connection() as conn, conn.cursor() as cur:
+            await cur.executemany("UPDATE conversation_messages SET embedding = %s WHERE message_id = %s",
+                                  [(vec, mid) for mid, vec in rows])
+
+    # ------------------------------------------------------------------ STM support
+    async def load_summary(self, session_id: str) -> SummaryState:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT context_summary, summary_state FROM conversation_sessions WHERE session_id = %s",
+                (session_id,))
+            row = await cur.fetchone()
+        return SummaryState.from_parts(row[0], row[1]) if row else SummaryState()
+
+    async def save_summary(self, session_id: str, state: SummaryState) -> None:
+        """Persist the rolling summary; an older state (fewer turns) never overwrites a newer one.
+
+        Without waiting for the WAL flush (``synchronous_commit = off`` for this transaction only): the
+        summary is derived from messages that are durable already, and a summary lost in a crash is
+        caught up from them on the next fold or rebuild.
+        """
+        async with self.pool.connection() as conn:
+            # One statement, so the setting (local to its transaction) and the update are one round trip.
+            await conn.execute(
+                "WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true))"
+                " UPDATE conversation_sessions SET context_summary = %s, summary_state = %s FROM relaxed"
+                " WHERE session_id = %s AND COALESCE((summary_state->>'turns')::int, 0) <= %s",
+                (state.text, Jsonb(state.state_json()), session_id, state.turns),
+            )
+
+    async def turns_after(self, session_id: str, after: float, before: float | None = None) -> list[Turn]:
+        """The session's turns in (after, before), oldest first: what the summary does not cover yet.
+
+        Half a microsecond (the stored precision) is taken off both ends against float noise.
+        """
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT message_id, role, content, extract(epoch from timestamp)::float8 FROM conversation_messages"
+                " WHERE session_id = %s AND timestamp > to_timestamp(%s)"
+                " AND (%s::float8 IS NULL OR timestamp < to_timestamp(%s))"
+                " ORDER BY timestamp, message_index",
+                (session_id, after + 5e-7, before, None if before is None else before - 5e-7),
+            )
+            rows = await cur.fetchall()
+        return [Turn(r[0], "user" if r[1] == "human" else "ai" if r[1] == "ai" else "system", r[2], r[3])
+                for r in rows]
+
+    # ------------------------------------------------------------------ context
+    async def store_context(self, user_id: str, session_id: str, context_type: str, key: str, value: Any, *,
+                            relevance_score: float = 1.0, metadata: dict[str, Any] | None = None,
+                            ttl_seconds: float | None = None, merge: bool = True) -> ContextItem:
+        """Upsert one context entry; with ``merge`` two JSON objects are merged (the new keys win)."""
+        expires = time.time() + ttl_seconds if ttl_seconds else None
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                "INSERT INTO conversation_context AS c (session_id, context_type, key, value, relevance_score,"
+                " metadata, expires_at)"
+                " SELECT s.session_id, %s, %s, %s, %s, %s, to_timestamp(%s) FROM conversation_sessions s"
+                " WHERE s.session_id = %s AND s.user_id = %s"
+                " ON CONFLICT (session_id, context_type, key) DO UPDATE SET"
+                "  value = CASE WHEN %s AND jsonb_typeof(c.value) = 'object'"
+                "   AND jsonb_typeof(EXCLUDED.value) = 'object'"
+                "   AND (c.expires_at IS NULL OR c.expires_at > now())"
+                "   THEN c.value || EXCLUDED.value ELSE EXCLUDED.value END,"
+                "  relevance_score = EXCLUDED.relevance_score, metadata = c.metadata || EXCLUDED.metadata,"
+                "  expires_at = EXCLUDED.expires_at, updated_at = now()"
+                f" RETURNING {_CONTEXT_COLS}",
+                (context_type, key, Jsonb(value), relevance_score, Jsonb(metadata or {}), expires, session_id,
+                 user_id, merge),
+            )
+            row = await cur.fetchone()
+        if row is None:
+            raise NotFound("no such session")
+        return _context(row)
+
+    async def get_context(self, user_id: str, session_id: str, context_type: str | None = None) -> list[ContextItem]:
+        """Live (unexpired) entries, most relevant first."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                f"SELECT s.session_id IS NOT NULL, {_CONTEXT_COLS}"
+                " FROM conversation_sessions s LEFT JOIN conversation_context c ON c.session_id = s.session_id"
+                "  AND (%s::text IS NULL OR c.context_type = %s) AND (c.expires_at IS NULL OR c.expires_at > now())"
+                " WHERE s.session_id = %s AND s.user_id = %s ORDER BY c.relevance_score DESC, c.updated_at DESC",
+                (context_type, context_type, session_id, user_id),
+            )
+            rows = await cur.fetchall()
+        if not rows:
+            raise NotFound("no such session")
+        return [_context(r[1:]) for r in rows if r[1] is not None]
+
+    async def cleanup_expired_data(self, user_id: str | None) -> dict[str, int]:
+        """Delete expired context entries (of one user, or of everyone for the service's own sweep)."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                "DELETE FROM conversation_context c USING conversation_sessions s"
+                " WHERE s.session_id = c.session_id AND c.expires_at <= now() AND (%s::text IS NULL OR s.user_id = %s)",
+                (user_id, user_id),
+            )
+            return {"context": cur.rowcount}
+
+    # ------------------------------------------------------------------ links
+    async def link_sessions(self, user_id: str, source: str, target: str, relation_type: str,
+                            strength: float) -> SessionLink:
+        if source == target:
+            raise Conflict("a session cannot be linked to itself")
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                "INSERT INTO session_relationships AS r (source_session_id, target_session_id, relation_type, strength)"
+                " SELECT a.session_id, b.session_id, %s, %s FROM conversation_sessions a, conversation_sessions b"
+                " WHERE a.session_id = %s AND b.session_id = %s AND a.user_id = %s AND b.user_id = %s"
+                " ON CONFLICT (source_session_id, target_session_id, relation_type) DO UPDATE SET"
+                "  strength = EXCLUDED.strength"
+                " RETURNING source_session_id, target_session_id, relation_type, strength",
+                (relation_type, strength, source, target, user_id, user_id),
+            )
+            row = await cur.fetchone()
+        if row is None:
+            raise NotFound("no such session")
+        return SessionLink(source_session_id=row[0], target_session_id=row[1], relation_type=row[2], strength=row[3])
+
+    async def session_links(self, user_id: str, session_id: str) -> list[SessionLink]:
+        """Links from or to the session (both ends are the user's: links are only made that way)."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT r.source_session_id, r.target_session_id, r.relation_type, r.strength"
+                " FROM session_relationships r JOIN conversation_sessions s"
+                "  ON s.session_id IN (r.source_session_id, r.target_session_id)"
+                " WHERE s.session_id = %s AND s.user_id = %s ORDER BY r.strength DESC, r.created_at",
+                (session_id, user_id),
+            )
+            return [SessionLink(source_session_id=r[0], target_session_id=r[1], relation_type=r[2], strength=r[3])
+                    for r in await cur.fetchall()]
+
+    # ------------------------------------------------------------------ preferences
+    async def set_preference(self, user_id: str, key: str, value: Any, sensitive: bool = False) -> None:
+        if sensitive:
+            if self.cipher is None:
+                raise Conflict("no encryption key is configured for sensitive preferences")
+            plain, secret = None, self.cipher.encrypt(value)
+        else:
+            plain, secret = Jsonb(value), None
+        async with self.pool.connection() as conn:
+            await conn.execute(
+                "INSERT INTO user_preferences (user_id, key, value, value_encrypted, sensitive)"
+                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (user_id, key) DO UPDATE SET value = EXCLUDED.value,"
+                " value_encrypted = EXCLUDED.value_encrypted, sensitive = EXCLUDED.sensitive, updated_at = now()",
+                (user_id, key, plain, secret, sensitive),
+            )
+
+    async def get_preferences(self, user_id: str, keys: Sequence[str] | None = None) -> dict[str, Any]:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT key, value, value_encrypted, sensitive FROM user_preferences WHERE user_id = %s"
+                " AND (%s::text[] IS NULL OR key = ANY(%s)) ORDER BY key",
+                (user_id, list(keys) if keys is not None else None, list(keys) if keys is not None else None),
+            )
+            rows = await cur.fetchall()
+        out: dict[str, Any] = {}
+        for key, value, secret, sensitive in rows:
+            if sensitive:
+                if self.cipher is None:
+                    raise Conflict("no encryption key is configured for sensitive preferences")
+                out[key] = self.cipher.decrypt(bytes(secret))
+            else:
+                out[key] = value
+        return out

@@ -12,6 +12,7 @@ from shared.contracts.codec import (
     payload_limit,
 )
 from shared.contracts.errors import DeadLetterReason, DecodeError, ErrorCode, ErrorInfo
+from shared.contracts.memory_api import MEMORY_REQUEST, MEMORY_RESPONSE, MemoryRequest, MemoryResponse
 from shared.contracts.messages import (
     AddRequest,
     AIResponse,
@@ -44,3 +45,5 @@ __all__ = [
     "SearchEntitiesRequest", "SearchRequest", "StatsRequest", "UserInput", "decode", "derive_id", "encode",
     "new_id", "payload_limit",
 ]
+# memory_requests: shared/contracts/memory_api.py holds the per-type models
+__all__ += ["MEMORY_REQUEST", "MEMORY_RESPONSE", "MemoryRequest", "MemoryResponse"]

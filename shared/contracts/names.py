@@ -12,12 +12,28 @@ Short-term memory (STM) layout, written only by the memory service:
     turn's timestamp. Trimmed to ``STM_MAX_MESSAGES`` members.
 ``stm:{session_id}:summary``
     hash with the rolling summary of older turns (``text``, ``tokens``,
-    ``turns``, ``updated_at``, ``kind``).
+    ``turns``, ``updated_at``, ``kind`` = ``extractive`` or ``llm:<model>``,
+    ``covered_until`` = timestamp of the newest turn folded in, ``state`` =
+    the summariser's JSON state). Kept under ``STM_MAX_TOKENS`` tokens.
 ``stm:{session_id}:meta``
-    hash with ``user_id`` and ``rehydrated_at``.
+    hash with ``user_id`` and ``rehydrated_at``. Its absence means "rebuild
+    from PostgreSQL" (services/memory/stm.py).
+``lock:stm:{session_id}``
+    the memory service's lock around summary folds and rebuilds of a session.
 
 All STM keys expire ``STM_TTL_SECONDS`` after the session's last write; the
 conversation store in PostgreSQL is the source of truth they are rebuilt from.
+A reader that finds no STM asks the memory service (``get_stm`` on
+``memory_requests``), which rebuilds it.
+
+Session read cache of the memory service (services/memory/cache.py):
+``cache:memory:gen:{session_id}`` and ``cache:memory:ugen:{user_id}`` hold
+generation tokens replaced on every write; entries live under
+``cache:memory:{kind}:{user_id}:{id}:{token}`` with ``MEMORY_CACHE_TTL_S``.
+
+``memory_requests`` (list) / ``memory_responses`` (channel) carry the memory
+service's request/response API (shared/contracts/memory_api.py,
+docs/contract-memory.md), the same way as ``ltm_requests``/``ltm_responses``.
 """
 
 from __future__ import annotations

@@ -44,11 +44,15 @@ async def read_stm(redis: aioredis.Redis, names: Names, session_id: str) -> Stm:
         pipe.hmget(names.stm_summary(session_id), ["text", "kind"])
         pipe.exists(names.stm_meta(session_id))
         members, (text, kind), meta = await pipe.execute()
-    turns = []
+    turns: list[Turn] = []
+    seen: set[str] = set()
     for m in members:
         try:
-            turns.append(Turn.parse(m))
+            turn = Turn.parse(m)
         except (ValueError, KeyError):
             continue
+        if turn.message_id not in seen:  # a turn is one message, whatever its member's spelling
+            seen.add(turn.message_id)
+            turns.append(turn)
     decode = lambda v: v.decode() if isinstance(v, bytes) else (v or "")  # noqa: E731
     return Stm(turns=turns, summary=decode(text), summary_kind=decode(kind), exists=bool(meta) or bool(turns))

@@ -1,0 +1,276 @@
+"""The memory service's storage API: one Python class, also served over ``memory_requests``.
+
+:class:`MemoryApi` is what both entry points use. The stream consumers call :meth:`MemoryApi.record`
+for every user input and AI reply; ``memory_requests`` is decoded and dispatched by
+:meth:`MemoryApi.handle`, which turns the store's :class:`NotFound`/:class:`Conflict` into the
+contract's error codes. Every method takes the caller's ``user_id`` and never shows another user's
+data. Writes keep the three copies in step: PostgreSQL first (durable), then the STM window and
+summary in Redis, then the session cache's generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+from redis.asyncio.client import Pipeline
+
+from services.memory.cache import SessionCache
+from services.memory.stm import StmWriter
+from services.memory.store import Conflict, ConversationStore, NotFound, StoredMessage
+from services.memory.tokens import TokenCounter
+from shared.contracts import ErrorCode, ErrorInfo, MemoryUpdate, new_id
+from shared.contracts.memory_api import (
+    CleanupExpiredRequest,
+    CreateSessionRequest,
+    DeleteSessionRequest,
+    GetContextRequest,
+    GetMessagesRequest,
+    GetPreferencesRequest,
+    GetSessionRequest,
+    GetSessionSummaryRequest,
+    GetStmRequest,
+    GetUserSessionsRequest,
+    LinkSessionsRequest,
+    MemoryPingRequest,
+    MemoryRequest,
+    MemoryResponse,
+    MessageInfo,
+    SearchMessagesRequest,
+    SessionInfo,
+    SetPreferenceRequest,
+    StmInfo,
+    StmTurnInfo,
+    StoreContextRequest,
+    StoreMessageData,
+    StoreMessageRequest,
+    SummaryInfo,
+    UpdateSessionActivityRequest,
+)
+from shared.contracts.messages import MemoryUpdateMeta
+from shared.runtime.embedding import Embedder
+from shared.runtime.logging import get_logger
+from shared.runtime.metrics import Metrics
+from shared.runtime.stm import Turn
+
+log = get_logger(__name__)
+
+EMBED_BATCH = 128
+Publish = Callable[[Pipeline, MemoryUpdate], None]
+"""Queues the commands that emit a MemoryUpdate into the write's pipeline."""
+
+
+class MemoryApi:
+    def __init__(self, store: ConversationStore, stm: StmWriter, cache: SessionCache, counter: TokenCounter,
+                 metrics: Metrics, *, embedder: Callable[[], Awaitable[Embedder | None]] | None = None,
+                 publish: Publish | None = None) -> None:
+        self.store, self.stm, self.cache, self.counter, self.metrics = store, stm, cache, counter, metrics
+        self._embedder = embedder
+        self._publish = publish
+        self._embed_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ the write path of every turn
+    async def record(self, m: StoredMessage) -> bool:
+        """Store a message, then update STM, the cache and (for a new message with a user) memory_updates.
+
+        Idempotent by message_id: a redelivered message is not stored twice, and re-adding its turn
+        to the window is a no-op. True when the message was new.
+        """
+        structlog.contextvars.bind_contextvars(user_id=m.user_id, message_id=m.message_id, session_id=m.session_id)
+        try:
+            if not m.token_count:
+                m.token_count = self.counter.count(m.content)
+            new = await self.store.store_message(m)
+            self.metrics.incr("stored" if new else "duplicates")
+            role = {"human": "user", "ai": "ai"}.get(m.role, "system")
+            update = None
+            if m.user_id and self._publish is not None and m.role in ("human", "ai"):
+                update = MemoryUpdate(
+                    user_id=m.user_id, content=m.content, source="user" if m.role == "human" else "ai",
+                    timestamp=m.timestamp, meta=MemoryUpdateMeta(session_id=m.session_id, message_id=m.message_id),
+                )
+
+            def also(pipe: Pipeline) -> None:  # one MULTI: STM window, cache generation, memory_updates
+                self.cache.queue_invalidate(pipe, m.session_id, m.user_id)
+                if update is not None and self._publish is not None:
+                    self._publish(pipe, update)
+
+            await self.stm.append(m.session_id, m.user_id, Turn(m.message_id, role, m.content, m.timestamp), also)
+            return new
+        finally:
+            structlog.contextvars.unbind_contextvars("user_id", "message_id", "session_id")
+
+    # ------------------------------------------------------------------ sessions
+    async def create_session(self, user_id: str, session_id: str | None = None, *, name: str | None = None,
+                             type_: str = "chat", metadata: dict[str, Any] | None = None) -> SessionInfo:
+        session, created = await self.store.create_session(user_id, session_id or new_id(), name=name, type_=type_,
+                                                           metadata=metadata)
+        if created:
+            await self.cache.invalidate(None, user_id)
+        return session
+
+    async def get_session(self, user_id: str, session_id: str) -> SessionInfo:
+        async def load() -> dict[str, Any]:
+            return (await self.store.get_session(user_id, session_id)).model_dump()
+
+        return SessionInfo.model_validate(await self.cache.get_or_load("session", user_id, session_id, "gen", load))
+
+    async def update_session_activity(self, user_id: str, session_id: str, **changes: Any) -> SessionInfo:
+        session = await self.store.update_session_activity(user_id, session_id, **changes)
+        await self.cache.invalidate(session_id, user_id)
+        return session
+
+    async def get_user_sessions(self, user_id: str, limit: int = 20, status: str | None = None) -> list[SessionInfo]:
+        async def load() -> list[dict[str, Any]]:
+            return [s.model_dump() for s in await self.store.get_user_sessions(user_id, limit, status)]
+
+        ident = f"{limit}:{status or ''}"
+        rows = await self.cache.get_or_load("sessions", user_id, ident, "ugen", load)
+        return [SessionInfo.model_validate(r) for r in rows]
+
+    async def delete_session(self, user_id: str, session_id: str) -> None:
+        await self.store.delete_session(user_id, session_id)
+        await self.stm.forget_session(session_id)
+        await self.cache.invalidate(session_id, user_id)
+
+    async def get_session_summary(self, user_id: str, session_id: str) -> SummaryInfo:
+        async def load() -> dict[str, Any]:
+            return (await self.store.get_session_summary(user_id, session_id)).model_dump()
+
+        return SummaryInfo.model_validate(await self.cache.get_or_load("summary", user_id, session_id, "gen", load))
+
+    # ------------------------------------------------------------------ messages
+    async def store_message(self, user_id: str, d: StoreMessageData) -> MessageInfo:
+        """Store through the same path as the streams (STM, cache, memory_updates), then return the row."""
+        exists, owner = await self.store.session_owner(d.session_id)
+        if exists and owner != user_id:
+            raise NotFound("no such session")
+        m = StoredMessage(message_id=d.message_id or new_id(), session_id=d.session_id, user_id=user_id,
+                          role=d.role, content=d.content, timestamp=d.timestamp or time.time(),
+                          parent_message_id=d.parent_message_id, metadata=d.metadata, message_type=d.message_type,
+                          is_context_message=d.is_context_message)
+        await self.record(m)
+        return await self.store.get_message(user_id, m.message_id)
+
+    async def get_messages(self, user_id: str, session_id: str, limit: int = 50, offset: int = 0,
+                           newest_first: bool = False) -> list[MessageInfo]:
+        return await self.store.get_messages(user_id, session_id, limit, offset, newest_first)
+
+    async def search_messages(self, user_id: str, query: str, *, session_id: str | None = None, limit: int = 10,
+                              threshold: float | None = None) -> list[MessageInfo]:
+        """Semantic search; the user's not-yet-embedded messages are embedded first, so nothing stored is missed."""
+        embedder = await self._embedder() if self._embedder else None
+        if embedder is None:
+            raise Conflict("semantic search is not enabled on this memory service (MEMORY_EMBED_MESSAGES=false)")
+        await self.embed_pending(user_id)
+        vector = await embedder.embed(query)
+        return await self.store.search_messages(user_id, vector, session_id=session_id, limit=limit,
+                                                threshold=threshold)
+
+    async def embed_pending(self, user_id: str | None = None) -> int:
+        """Embed stored messages that have no embedding yet (one user's, or anyone's); returns how many."""
+        if self._embedder is None:
+            return 0
+        done = 0
+        async with self._embed_lock:  # one backfill at a time per process: the model is the bottleneck anyway
+            while True:
+                pending = await self.store.unembedded(user_id=user_id, limit=EMBED_BATCH)
+                if not pending:
+                    return done
+                embedder = await self._embedder()  # loaded only once there is work for it
+                if embedder is None:
+                    return done
+                vectors = await embedder.embed_many([content for _, content in pending])
+                await self.store.set_embeddings([(mid, vec) for (mid, _), vec in zip(pending, vectors, strict=True)])
+                done += len(pending)
+                self.metrics.incr("embedded", len(pending))
+
+    # ------------------------------------------------------------------ STM
+    async def get_stm(self, user_id: str, session_id: str) -> StmInfo:
+        exists, owner = await self.store.session_owner(session_id)
+        if not exists or owner != user_id:
+            raise NotFound("no such session")
+        stm, rebuilt = await self.stm.read(session_id, user_id)
+        tokens = await self.stm.redis.hget(self.stm.names.stm_summary(session_id), "tokens")
+        return StmInfo(session_id=session_id, summary=stm.summary, summary_kind=stm.summary_kind,
+                       summary_tokens=int(tokens or 0), rehydrated=rebuilt,
+                       turns=[StmTurnInfo(message_id=t.message_id, role=t.role, content=t.content,
+                                          timestamp=t.timestamp) for t in stm.turns])
+
+    # ------------------------------------------------------------------ dispatch of memory_requests
+    async def handle(self, req: MemoryRequest) -> MemoryResponse:
+        structlog.contextvars.bind_contextvars(request_id=req.request_id, user_id=req.user_id)
+        try:
+            data = await self._dispatch(req)
+            self.metrics.incr(f"requests.{req.type}")
+            return MemoryResponse(request_id=req.request_id, user_id=req.user_id, data=data)
+        except NotFound as exc:
+            return MemoryResponse.failure(req.request_id, ErrorInfo(code=ErrorCode.NOT_FOUND, message=str(exc)),
+                                          req.user_id)
+        except (Conflict, ValueError) as exc:
+            return MemoryResponse.failure(req.request_id, ErrorInfo(code=ErrorCode.BAD_REQUEST, message=str(exc)),
+                                          req.user_id)
+        finally:
+            structlog.contextvars.unbind_contextvars("request_id", "user_id")
+
+    async def _dispatch(self, req: MemoryRequest) -> dict[str, Any]:
+        match req:
+            case CreateSessionRequest(data=d):
+                s = await self.create_session(req.user_id, d.session_id, name=d.name, type_=d.type,
+                                              metadata=d.metadata)
+                return {"session": s.model_dump()}
+            case GetSessionRequest(data=d):
+                session = await self.get_session(req.user_id, d.session_id)
+                links = await self.store.session_links(req.user_id, d.session_id)
+                return {"session": session.model_dump(), "links": [link.model_dump() for link in links]}
+            case StoreMessageRequest(data=d):
+                return {"message": (await self.store_message(req.user_id, d)).model_dump()}
+            case GetMessagesRequest(data=d):
+                messages = await self.get_messages(req.user_id, d.session_id, d.limit, d.offset, d.newest_first)
+                return {"messages": [m.model_dump() for m in messages]}
+            case SearchMessagesRequest(data=d):
+                found = await self.search_messages(req.user_id, d.query, session_id=d.session_id, limit=d.limit,
+                                                   threshold=d.threshold)
+                return {"messages": [m.model_dump() for m in found]}
+            case StoreContextRequest(data=d):
+                item = await self.store.store_context(req.user_id, d.session_id, d.context_type, d.key, d.value,
+                                                      relevance_score=d.relevance_score, metadata=d.metadata,
+                                                      ttl_seconds=d.ttl_seconds, merge=d.merge)
+                await self.cache.invalidate(d.session_id, req.user_id)
+                return {"context": item.model_dump()}
+            case GetContextRequest(data=d):
+                items = await self.store.get_context(req.user_id, d.session_id, d.context_type)
+                return {"context": [i.model_dump() for i in items]}
+            case UpdateSessionActivityRequest(data=d):
+                s = await self.update_session_activity(req.user_id, d.session_id, status=d.status, name=d.name,
+                                                       metadata=d.metadata, relevance_score=d.relevance_score)
+                return {"session": s.model_dump()}
+            case GetUserSessionsRequest(data=d):
+                sessions = await self.get_user_sessions(req.user_id, d.limit, d.status)
+                return {"sessions": [s.model_dump() for s in sessions]}
+            case DeleteSessionRequest(data=d):
+                await self.delete_session(req.user_id, d.session_id)
+                return {"deleted": d.session_id}
+            case GetSessionSummaryRequest(data=d):
+                return {"summary": (await self.get_session_summary(req.user_id, d.session_id)).model_dump()}
+            case CleanupExpiredRequest():
+                return {"deleted": await self.store.cleanup_expired_data(req.user_id)}
+            case LinkSessionsRequest(data=d):
+                link = await self.store.link_sessions(req.user_id, d.source_session_id, d.target_session_id,
+                                                      d.relation_type, d.strength)
+                await self.cache.invalidate(d.source_session_id, req.user_id)
+                await self.cache.invalidate(d.target_session_id, None)
+                return {"link": link.model_dump()}
+            case GetPreferencesRequest(data=d):
+                return {"preferences": await self.store.get_preferences(req.user_id, d.keys)}
+            case SetPreferenceRequest(data=d):
+                await self.store.set_preference(req.user_id, d.key, d.value, d.sensitive)
+                return {"key": d.key, "sensitive": d.sensitive}
+            case GetStmRequest(data=d):
+                return {"stm": (await self.get_stm(req.user_id, d.session_id)).model_dump()}
+            case MemoryPingRequest():
+                return {"pong": True}
+        raise AssertionError(f"unhandled request type {req.type}")  # pragma: no cover

@@ -1,0 +1,366 @@
+"""Rolling summaries of the turns that left the STM window, kept under ``STM_MAX_TOKENS``.
+
+Summaries are progressive: :meth:`Summariser.fold` takes the current :class:`SummaryState` and the
+turns that just left the window and returns the next state; nothing is rebuilt from the whole
+conversation. Two summarisers:
+
+* :class:`ExtractiveSummariser` (offline, the default): it keeps *sentences people actually said*,
+  chosen by a salience score (content words, named things and numbers, first-person statements), plus
+  a line of the entities seen so far. It does not paraphrase, and its text says so
+  (``kind=extractive``). A sentence once dropped for the budget is not brought back; scores decay a
+  little with every fold so the summary drifts towards recent material.
+* :class:`LlmSummariser`, when ``chat_model(...)`` gives a model: the model rewrites the previous
+  summary with the new turns (``kind=llm:<model>``). Its output is cut to the budget by whole
+  sentences; on any model failure the fold falls back to the extractive one, and says so in ``kind``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import json
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from services.memory.tokens import TokenCounter
+from shared.runtime.llm import ChatModel
+from shared.runtime.logging import get_logger
+from shared.runtime.stm import Turn
+
+log = get_logger(__name__)
+
+EXTRACTIVE = "extractive"
+DECAY = 0.98  # per folded turn, the part of a sentence's salience that ages
+FLOOR = 0.5  # the part that does not: what was salient stays half as salient however old
+REDUNDANCY = 0.8  # how much a sentence's score drops when its words repeat an already chosen sentence's
+MAX_SENTENCE_CHARS = 320
+MAX_ENTITIES = 12
+SUMMARY_ROLE = "summary"  # a sentence inherited from a non-extractive summary text
+
+_SENTENCE_END = re.compile(r"(?<=[.!?…])\s+|\n+")
+_NAME_CHARS = r"[a-zA-Z'\u2019-]"  # letters, apostrophes (straight and typographic), hyphens
+_WORD = re.compile(rf"[A-Za-z]{_NAME_CHARS}*|\d[\d,.:/-]*")
+_CAPITALISED = re.compile(rf"\b[A-Z]{_NAME_CHARS}+(?:\s+(?:[A-Z]{_NAME_CHARS}+|of|de|da|van|von))*")
+_NUMBER = re.compile(r"\b\d[\d,.:/-]*(?:\s?(?:%|am|pm|km|kg|years?|days?|hours?|minutes?))?")
+_FIRST_PERSON = re.compile(r"\b(?:I|I'm|I've|I'd|I'll|my|mine|me|we|our)\b", re.IGNORECASE)
+_STOPWORD_TEXT = (
+    "a an the and or but if then so of to in on at by for with from as is are was were be been being am do does did "
+    "have has had i you he she it we they me him her us them my your his its our their this that these those what "
+    "which who whom when where why how not no yes just very really can could would should will shall may might must "
+    "there here about into over after before up down out off again also too than only own same such more most some "
+    "any all each few other both nor ok okay hi hello hey thanks thank please sure well like get got know think want"
+)
+_STOPWORDS = frozenset(_STOPWORD_TEXT.split())
+_NOT_ENTITY_TEXT = (
+    "I I'm I've I'd I'll The A An My Your Our It This That These Those What When Where Why How Who Which Yes No "
+    "Hello Hi Hey Thanks Thank Please Sure Well Ok Okay And But Or So If Then Also From You We They He She "
+    "Monday Tuesday Wednesday Thursday Friday Saturday Sunday"
+)
+_NOT_ENTITIES = frozenset(_NOT_ENTITY_TEXT.split())
+
+
+@dataclass(slots=True)
+class Sentence:
+    text: str
+    role: str
+    score: float
+    timestamp: float
+    tokens: int
+    born: int = 0  # how many turns had been folded when it came in: its age is measured from here
+
+    def to_json(self) -> list[Any]:
+        return [self.text, self.role, round(self.score, 4), self.timestamp, self.tokens, self.born]
+
+    @classmethod
+    def from_json(cls, raw: Sequence[Any]) -> Sentence:
+        return cls(str(raw[0]), str(raw[1]), float(raw[2]), float(raw[3]), int(raw[4]),
+                   int(raw[5]) if len(raw) > 5 else 0)
+
+    def weight(self, turns: int) -> float:
+        """Salience, aged: it decays towards FLOOR of itself, so a strong old fact outlives weak new chatter."""
+        return self.score * (FLOOR + (1.0 - FLOOR) * DECAY ** max(turns - self.born, 0))
+
+
+@dataclass(slots=True)
+class SummaryState:
+    """Everything a fold needs; stored in Redis (summary hash) and PostgreSQL (conversation_sessions)."""
+
+    text: str = ""
+    kind: str = ""
+    tokens: int = 0
+    turns: int = 0  # turns folded in so far
+    covered_until: float = 0.0  # timestamp of the newest folded turn: older evictions are already in
+    sentences: list[Sentence] = field(default_factory=list)
+    entities: dict[str, float] = field(default_factory=dict)  # name -> weight, decayed like sentences
+
+    def state_json(self) -> dict[str, Any]:
+        """The non-text part, for ``conversation_sessions.summary_state``."""
+        return {"kind": self.kind, "tokens": self.tokens, "turns": self.turns, "covered_until": self.covered_until,
+                "sentences": [s.to_json() for s in self.sentences],
+                "entities": {k: round(v, 4) for k, v in self.entities.items()}}
+
+    @classmethod
+    def from_parts(cls, text: str | None, state: dict[str, Any] | None) -> SummaryState:
+        s = state or {}
+        return cls(
+            text=text or "", kind=str(s.get("kind", "")), tokens=int(s.get("tokens", 0)),
+            turns=int(s.get("turns", 0)), covered_until=float(s.get("covered_until", 0.0)),
+            sentences=[Sentence.from_json(x) for x in s.get("sentences", [])],
+            entities={str(k): float(v) for k, v in (s.get("entities") or {}).items()},
+        )
+
+    def redis_mapping(self, now: float) -> dict[str, str]:
+        return {"text": self.text, "kind": self.kind, "tokens": str(self.tokens), "turns": str(self.turns),
+                "covered_until": repr(self.covered_until), "updated_at": repr(now),
+                "state": json.dumps(self.state_json(), separators=(",", ":"), ensure_ascii=False)}
+
+    @classmethod
+    def from_redis(cls, raw: dict[Any, Any]) -> SummaryState | None:
+        if not raw or b"state" not in raw:
+            return None
+        return cls.from_parts(raw.get(b"text", b"").decode(), json.loads(raw[b"state"]))
+
+
+class Summariser(Protocol):
+    max_tokens: int
+
+    async def fold(self, state: SummaryState, turns: Sequence[Turn]) -> SummaryState: ...
+
+
+def split_sentences(text: str) -> list[str]:
+    return [s.strip() for s in _SENTENCE_END.split(text) if s and s.strip()]
+
+
+def entities_of(sentence: str) -> list[str]:
+    """Named things by shape: capitalised runs not at the sentence start (or several words long), and numbers."""
+    found = []
+    for m in _CAPITALISED.finditer(sentence):
+        name = m.group(0).strip()
+        words = name.split()
+        if m.start() == 0 and len(words) == 1:
+            continue  # a capital at the start of a sentence says nothing
+        while words and words[0] in _NOT_ENTITIES:
+            words = words[1:]
+        while words and words[-1] in ("of", "de", "da", "van", "von"):
+            words = words[:-1]
+        if words and not (len(words) == 1 and words[0] in _NOT_ENTITIES):
+            found.append(" ".join(words))
+    for m in _NUMBER.finditer(sentence):
+        number = m.group(0).strip().rstrip(".,:/-")
+        if " " in number or number.endswith("%") or any(c in number for c in ":/-") or len(number) >= 3:
+            found.append(number)  # a quantity, a date, a time or a year; not a bare small count
+    return found
+
+
+def salience(sentence: str, role: str, entities: list[str] | None = None) -> float:
+    """How much a sentence is worth keeping (``entities``: its :func:`entities_of`, when known already)."""
+    words = [w.lower() for w in _WORD.findall(sentence)]
+    content_words = {w for w in words if w not in _STOPWORDS and len(w) > 2}
+    names = entities_of(sentence) if entities is None else entities
+    if len(words) < 3 and not names:
+        return 0.0  # "ok", "thanks!" and the like
+    score = min(len(content_words), 12) / 12
+    score += 0.4 * min(len(names), 3)
+    if role == "user" and _FIRST_PERSON.search(sentence):
+        score += 0.6  # what users say about themselves is what a later turn most often needs
+    if sentence.endswith("?"):
+        score -= 0.3
+    if role == "ai":
+        score *= 0.6  # replies mostly restate; the user's own words carry the facts
+    return max(score, 0.0)
+
+
+def _content_words(text: str) -> frozenset[str]:
+    return frozenset(w for w in (x.lower() for x in _WORD.findall(text)) if w not in _STOPWORDS and len(w) > 2)
+
+
+def _overlap(words: frozenset[str], chosen: list[frozenset[str]]) -> float:
+    """Largest Jaccard similarity with an already chosen sentence."""
+    if not words or not chosen:
+        return 0.0
+    return max(len(words & c) / len(words | c) for c in chosen)
+
+
+def _strongest(weights: dict[str, float], n: int) -> list[tuple[str, float]]:
+    return sorted(weights.items(), key=lambda kv: -kv[1])[:n]
+
+
+def _normal(text: str) -> str:
+    return " ".join(_WORD.findall(text.lower()))
+
+
+def _clip(sentence: str) -> str:
+    return sentence if len(sentence) <= MAX_SENTENCE_CHARS else sentence[: MAX_SENTENCE_CHARS - 1].rstrip() + "…"
+
+
+class ExtractiveSummariser:
+    def __init__(self, counter: TokenCounter, max_tokens: int) -> None:
+        self.counter, self.max_tokens = counter, max_tokens
+        self._prefix_cache: dict[str, int] = {}
+
+    async def fold(self, state: SummaryState, turns: Sequence[Turn]) -> SummaryState:
+        # In a thread: a fold of a burst of turns is several ms of CPU, which would otherwise stall the
+        # event loop and with it every store waiting on I/O.
+        return await asyncio.to_thread(self.fold_sync, state, turns)
+
+    def fold_sync(self, state: SummaryState, turns: Sequence[Turn]) -> SummaryState:
+        new = [t for t in turns if t.timestamp > state.covered_until]
+        if not new:
+            return state
+        decay = DECAY ** len(new)
+        pool = {_normal(s.text): s for s in self._inherited(state)}
+        entities = {k: v * decay for k, v in state.entities.items()}
+        for n, turn in enumerate(sorted(new, key=lambda t: t.timestamp)):
+            for raw in split_sentences(turn.content):
+                if raw.startswith("[offline responder"):
+                    continue  # the offline responder's disclaimer is not conversation
+                names = entities_of(raw)
+                for name in names:
+                    entities[name] = entities.get(name, 0.0) + 1.0
+                text = _clip(raw)
+                key = _normal(text)
+                score = salience(text, turn.role, names)
+                if score <= 0 or not key:
+                    continue
+                previous = pool.pop(key, None)  # said again: it is current; keep one copy at its best score
+                pool[key] = Sentence(text, turn.role, max(score, previous.score if previous else 0.0),
+                                     turn.timestamp, previous.tokens if previous else self.counter.count(text),
+                                     born=state.turns + n)
+        result = SummaryState(kind=EXTRACTIVE, turns=state.turns + len(new),
+                              covered_until=max(state.covered_until, max(t.timestamp for t in new)),
+                              entities=dict(_strongest(entities, 4 * MAX_ENTITIES)))
+        return self._fit(result, list(pool.values()))
+
+    def _inherited(self, state: SummaryState) -> list[Sentence]:
+        """The previous sentences; a summary written by an LLM is carried over sentence by sentence."""
+        if state.sentences or not state.text:
+            return list(state.sentences)
+        lines = [line for line in state.text.splitlines() if line.strip()]
+        if state.kind == EXTRACTIVE:  # our own rendering: a header line, maybe an entity line, then "- who: text"
+            lines = [line.split(": ", 1)[-1] for line in lines if line.startswith("- ")]
+        body = [line.removeprefix("- ") for line in lines]
+        return [Sentence(_clip(s), SUMMARY_ROLE, 1.0, state.covered_until, self.counter.count(s), born=state.turns)
+                for line in body for s in split_sentences(line)]
+
+    def _render(self, turns: int, entities: list[str], chosen: list[Sentence]) -> str:
+        lines = [self._header(turns)]
+        if entities:
+            lines.append(self._entity_line(entities))
+        lines.extend(f"{_PREFIX[s.role]}{s.text}" for s in chosen)
+        return "\n".join(lines)
+
+    @staticmethod
+    def _header(turns: int) -> str:
+        return f"Extractive summary of {turns} earlier turns (sentences quoted as said, not a paraphrase)."
+
+    @staticmethod
+    def _entity_line(entities: list[str]) -> str:
+        return "Mentioned: " + ", ".join(entities)
+
+    def _fit(self, state: SummaryState, pool: list[Sentence]) -> SummaryState:
+        """Greedy by salience under the budget, shown in the order it was said.
+
+        WordPiece (and the regex fallback) split on whitespace first, so the count of the rendered
+        text is exactly the sum of its lines' counts: each sentence is counted once, when it enters.
+        """
+        entities = [e for e, _ in _strongest(state.entities, MAX_ENTITIES)]
+        budget = self.max_tokens - self.counter.count(self._header(state.turns))
+        entity_tokens = self.counter.count(self._entity_line(entities)) if entities else 0
+        while entities and entity_tokens > budget // 4:
+            entities.pop()
+            entity_tokens = self.counter.count(self._entity_line(entities)) if entities else 0
+        budget -= entity_tokens
+        chosen: list[Sentence] = []
+        chosen_words: list[frozenset[str]] = []
+        # Maximal marginal relevance: aged salience, discounted by word overlap with what is already in,
+        # so that ten variations of one remark do not crowd out a different fact. Lazy greedy: a
+        # candidate's value only falls as more is chosen, so a stale value is an upper bound and only
+        # the top of the heap is ever re-evaluated.
+        words = [_content_words(s.text) for s in pool]
+        overlap = [0.0] * len(pool)  # largest overlap with the chosen sentences seen so far, per candidate
+        heap = [(-s.weight(state.turns), i, 0) for i, s in enumerate(pool)]
+        heapq.heapify(heap)
+        while heap and budget > 0:
+            _, i, seen = heapq.heappop(heap)
+            if seen < len(chosen):
+                overlap[i] = max(overlap[i], _overlap(words[i], chosen_words[seen:]))
+                value = pool[i].weight(state.turns) * (1.0 - REDUNDANCY * overlap[i])
+                heapq.heappush(heap, (-value, i, len(chosen)))
+                continue
+            cost = pool[i].tokens + self._prefix_tokens(pool[i].role)
+            if cost <= budget:
+                chosen.append(pool[i])
+                chosen_words.append(words[i])
+                budget -= cost
+        chosen.sort(key=lambda s: s.timestamp)
+        state.sentences, state.text = chosen, self._render(state.turns, entities, chosen)
+        state.tokens = self.max_tokens - budget
+        return state
+
+    def _prefix_tokens(self, role: str) -> int:
+        if role not in self._prefix_cache:
+            self._prefix_cache[role] = self.counter.count(_PREFIX[role])
+        return self._prefix_cache[role]
+
+
+_PREFIX = defaultdict(lambda: "- earlier summary: ", {"user": "- user: ", "ai": "- assistant: "})
+
+
+LLM_INSTRUCTIONS = (
+    "You maintain the running summary of a conversation between a user and an assistant. Rewrite the summary so "
+    "that it also covers the new turns. Keep what a later reply may need: facts the user stated about themselves, "
+    "names, numbers, dates, decisions, open questions and tasks. Drop small talk. Write plain sentences, no "
+    "headings. Stay under {words} words. Reply with the summary only."
+)
+MAX_LLM_INPUT_CHARS = 24_000
+
+
+class LlmSummariser:
+    def __init__(self, model: ChatModel, counter: TokenCounter, max_tokens: int,
+                 fallback: ExtractiveSummariser | None = None) -> None:
+        self.model, self.counter, self.max_tokens = model, counter, max_tokens
+        self.fallback = fallback or ExtractiveSummariser(counter, max_tokens)
+
+    async def fold(self, state: SummaryState, turns: Sequence[Turn]) -> SummaryState:
+        new = sorted((t for t in turns if t.timestamp > state.covered_until), key=lambda t: t.timestamp)
+        if not new:
+            return state
+        lines = [f"{'user' if t.role == 'user' else 'assistant'}: {t.content}" for t in new]
+        transcript = "\n".join(lines)[-MAX_LLM_INPUT_CHARS:]
+        messages = [
+            {"role": "system", "content": LLM_INSTRUCTIONS.format(words=int(self.max_tokens * 0.6))},
+            {"role": "user", "content": f"Current summary:\n{state.text or '(none yet)'}\n\nNew turns:\n{transcript}"},
+        ]
+        try:
+            text = (await self.model.complete(messages, max_tokens=self.max_tokens, temperature=0.2)).strip()
+        except Exception as exc:  # noqa: BLE001 - a failing model must not lose the turns: fold extractively
+            log.warning("memory.summary_llm_failed", error=f"{type(exc).__name__}: {exc}")
+            return await self.fallback.fold(state, new)
+        if not text:
+            return await self.fallback.fold(state, new)
+        text, tokens = self._cut(text)
+        return SummaryState(text=text, kind=f"llm:{self.model.name}", tokens=tokens, turns=state.turns + len(new),
+                            covered_until=max(state.covered_until, new[-1].timestamp), entities=state.entities)
+
+    def _cut(self, text: str) -> tuple[str, int]:
+        """Whole sentences, from the start, while they fit the budget (models overrun word limits)."""
+        tokens = self.counter.count(text)
+        if tokens <= self.max_tokens:
+            return text, tokens
+        kept: list[str] = []
+        for sentence in split_sentences(text):
+            candidate = " ".join([*kept, sentence])
+            if self.counter.count(candidate) > self.max_tokens:
+                break
+            kept.append(sentence)
+        out = " ".join(kept)
+        if not out:  # one sentence longer than the whole budget: cut it by words
+            words = text.split()
+            n = len(words)
+            while n > 0 and self.counter.count(" ".join(words[:n]) + " …") > self.max_tokens:
+                n = int(n * 0.9)
+            out = " ".join(words[:n]) + " …"
+        return out, self.counter.count(out)

@@ -1,0 +1,230 @@
+"""Short-term memory on the real servers: window, progressive summary under budget, rehydration after FLUSHALL."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+
+import pytest
+
+from services.memory.config import MemorySettings
+from services.memory.service import MemoryService
+from services.memory.store import ConversationStore, NotFound, StoredMessage
+from services.memory.summary import LlmSummariser, SummaryState
+from services.memory.tokens import default_counter
+from shared.runtime.llm import chat_model
+from shared.runtime.stm import Turn, read_stm
+from tests.fake_llm import fake_llm
+from tests.helpers import Mesh, common, running
+
+FACT = "I live in Lisbon and I work as a marine biologist at the Oceanario."
+BASE = 1_750_000_000.0
+
+
+def turn_text(i: int) -> str:
+    if i == 0:
+        return FACT
+    topics = ["the garden", "a trip to Kyoto", "the budget for 2025", "my cat Miso", "the Rust rewrite"]
+    return (f"Turn {i}: we talked about {topics[i % len(topics)]} and what to do next week. "
+            f"It matters because the deadline is on {1 + i % 28} May. ok.")
+
+
+async def seed(svc: MemoryService, session_id: str, user_id: str, n: int, start: int = 0) -> None:
+    for i in range(start, start + n):
+        await svc.api.record(StoredMessage(message_id=f"{session_id}-{i}", session_id=session_id, user_id=user_id,
+                                           role="human" if i % 2 == 0 else "ai", content=turn_text(i),
+                                           timestamp=BASE + i))
+    await svc.stm.drain()  # summary catch-ups run in the background
+
+
+async def test_window_and_progressive_summary_stay_under_budget(mesh: Mesh) -> None:
+    svc = mesh.memory(stm_max_messages=10, stm_max_tokens=200)
+    folded: list[tuple[int, int]] = []  # (turns the summary covered before, turns given to this fold)
+    summariser = svc.stm.summariser
+    original = summariser.fold
+
+    async def recording_fold(state: SummaryState, turns: Sequence[Turn]) -> SummaryState:
+        folded.append((state.turns, len(turns)))
+        return await original(state, turns)
+
+    summariser.fold = recording_fold  # type: ignore[method-assign]
+    await seed(svc, "s1", "u1", 30)  # seed() waits for the background catch-ups
+    await seed(svc, "s1", "u1", 30, start=30)
+    stm = await read_stm(mesh.redis, mesh.names, "s1")
+    assert [t.message_id for t in stm.turns] == [f"s1-{i}" for i in range(50, 60)]
+    assert stm.summary_kind == "extractive" and stm.summary.startswith("Extractive summary of 50 earlier turns")
+    assert default_counter().count(stm.summary) <= 200
+    assert "Lisbon" in stm.summary  # the salient first-person fact of turn 0 survived 50 folds
+    # progressive: each fold starts from the previous summary and is given only turns not folded before
+    assert len(folded) >= 2 and sum(n for _, n in folded) == 50
+    assert all(before == sum(n for _, n in folded[:i]) for i, (before, _) in enumerate(folded))
+    # the durable copy in PostgreSQL matches Redis
+    state = await svc.store.load_summary("s1")
+    assert state.text == stm.summary and state.turns == 50 and state.covered_until == BASE + 49
+    hash_tokens = await mesh.redis.hget(mesh.names.stm_summary("s1"), "tokens")
+    assert int(hash_tokens or 0) == default_counter().count(stm.summary)
+
+
+async def test_rehydration_after_flushall_of_a_1000_turn_session(mesh: Mesh) -> None:
+    svc = mesh.memory()
+    await seed(svc, "long", "u1", 1000)
+    before = await read_stm(mesh.redis, mesh.names, "long")
+    assert len(before.turns) == 15 and before.summary
+    await mesh.redis.flushall()
+    assert not (await read_stm(mesh.redis, mesh.names, "long")).exists
+    started = time.perf_counter()
+    info = await svc.api.get_stm("u1", "long")
+    elapsed = time.perf_counter() - started
+    assert info.rehydrated and elapsed < 0.5, f"rehydration took {elapsed:.3f}s"
+    after = await read_stm(mesh.redis, mesh.names, "long")
+    assert after.turns == before.turns
+    assert after.summary == before.summary and after.summary_kind == "extractive"
+    assert [t.message_id for t in info.turns] == [t.message_id for t in before.turns]
+    again = await svc.api.get_stm("u1", "long")
+    assert not again.rehydrated  # the second access reads Redis
+
+
+async def test_a_write_after_flushall_rebuilds_first(mesh: Mesh) -> None:
+    svc = mesh.memory(stm_max_messages=5)
+    await seed(svc, "s", "u1", 30)
+    summary_before = (await read_stm(mesh.redis, mesh.names, "s")).summary
+    await mesh.redis.flushall()
+    await seed(svc, "s", "u1", 1, start=30)
+    stm = await read_stm(mesh.redis, mesh.names, "s")
+    assert [t.message_id for t in stm.turns] == [f"s-{i}" for i in range(26, 31)]
+    assert stm.summary.startswith("Extractive summary of 26 earlier turns")  # 25 before + turn 25 folded now
+    assert summary_before.startswith("Extractive summary of 25 earlier turns")
+
+
+async def test_rehydration_folds_turns_that_were_never_summarised(mesh: Mesh) -> None:
+    """Messages written straight to PostgreSQL (an import, a lost fold): the rebuild summarises the backlog."""
+    svc = mesh.memory(stm_max_messages=5)
+    store: ConversationStore = svc.store
+    for i in range(40):
+        await store.store_message(StoredMessage(message_id=f"imp-{i}", session_id="imp", user_id="u1",
+                                                role="human", content=turn_text(i), timestamp=BASE + i))
+    info = await svc.api.get_stm("u1", "imp")
+    assert info.rehydrated and [t.message_id for t in info.turns] == [f"imp-{i}" for i in range(35, 40)]
+    assert info.summary.startswith("Extractive summary of 35 earlier turns") and "Lisbon" in info.summary
+    assert info.summary_tokens <= 500
+    assert (await store.load_summary("imp")).turns == 35
+
+
+async def test_llm_summary_from_an_openai_compatible_server(mesh: Mesh) -> None:
+    long_answer = " ".join(f"Sentence {i} of a summary that goes on about Lisbon." for i in range(200))
+
+    def respond(body: dict[str, object]) -> str:
+        return "The user lives in Lisbon. " + long_answer
+
+    with fake_llm(respond) as (url, seen):
+        llm = chat_model(None, url, "fake-summariser", timeout_s=5)
+        settings = MemorySettings(**common(mesh.redis_url, mesh.database_url), stm_max_messages=4, stm_max_tokens=120)
+        svc = MemoryService(settings, mesh.names, mesh.redis, ConversationStore(mesh.pool), llm=llm)
+        assert isinstance(svc.stm.summariser, LlmSummariser)
+        for i in range(6):
+            await seed(svc, "s", "u1", 1, start=i)  # one turn at a time: each eviction is its own fold
+    stm = await read_stm(mesh.redis, mesh.names, "s")
+    assert stm.summary_kind == "llm:fake-summariser"
+    assert stm.summary.startswith("The user lives in Lisbon.")
+    assert default_counter().count(stm.summary) <= 120  # the model overran; the summary was cut to the budget
+    assert len(seen) == 2  # one call per turn that left the window
+    prompt = seen[1]["messages"][1]["content"]  # type: ignore[index]
+    assert "Current summary:\nThe user lives in Lisbon." in prompt and turn_text(1) in prompt  # progressive
+
+
+async def test_llm_failure_falls_back_to_extractive_and_says_so(mesh: Mesh) -> None:
+    with fake_llm(lambda body: "unused", status=500) as (url, _):
+        llm = chat_model(None, url, "broken", timeout_s=5)
+        settings = MemorySettings(**common(mesh.redis_url, mesh.database_url), stm_max_messages=4)
+        svc = MemoryService(settings, mesh.names, mesh.redis, ConversationStore(mesh.pool), llm=llm)
+        await seed(svc, "s", "u1", 6)
+    stm = await read_stm(mesh.redis, mesh.names, "s")
+    assert stm.summary_kind == "extractive" and "Lisbon" in stm.summary
+
+
+class PromptRecorder:
+    """A chat model that records the prompts it is given (the chat service's LLM seam, not a store)."""
+
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.prompts: list[list[dict[str, str]]] = []
+
+    async def complete(self, messages: list[dict[str, str]], **_: object) -> str:
+        self.prompts.append(messages)
+        return "noted"
+
+
+async def test_chat_ai_gets_the_rebuilt_stm_after_flushall(mesh: Mesh) -> None:
+    """chat-ai finds no STM and asks memory (get_stm), which rebuilds it from PostgreSQL.
+
+    This memory service does not consume user input (its stream is renamed), so the rebuild the prompt
+    shows can only have come from chat-ai's request, not from memory storing the new message first.
+    """
+    recorder = PromptRecorder()
+    memory = mesh.memory(stm_max_messages=4)
+    await seed(memory, "s-chat", "u-chat", 12)
+    await mesh.redis.flushall()
+    server = MemoryService(memory.settings, replace(mesh.names, user_input_stream="not-consumed"), mesh.redis,
+                           memory.store)
+    chat = mesh.chat(llm=recorder, enable_ltm=False)
+    async with running(server), running(chat):
+        msg = await mesh.send("What did we talk about?", user_id="u-chat", session_id="s-chat")
+        await mesh.reply_to(msg)
+    assert chat.metrics.get("stm.rebuilt_by_memory") == 1
+    prompt = "\n".join(m["content"] for m in recorder.prompts[-1])
+    assert "Summary of the conversation so far:\nExtractive summary of" in prompt
+    assert "Lisbon" in prompt  # from the summary: turn 0 left the window long ago
+    assert turn_text(11) in prompt  # the newest stored turn, from the rebuilt window
+
+
+async def test_stm_without_a_session_owner_is_not_served(mesh: Mesh) -> None:
+    svc = mesh.memory()
+    await svc.api.record(StoredMessage(message_id="anon-1", session_id="anon", user_id=None, role="human",
+                                       content="no user here", timestamp=BASE))
+    assert len((await read_stm(mesh.redis, mesh.names, "anon")).turns) == 1  # STM is kept for the chat
+    with pytest.raises(NotFound):
+        await svc.api.get_stm("someone", "anon")
+
+
+async def test_concurrent_writers_of_one_session_fold_every_turn_once(mesh: Mesh) -> None:
+    """Two services (as two replicas would) write one session at once: indexes stay unique, no turn is lost."""
+    first, second = mesh.memory(stm_max_messages=5), mesh.memory(stm_max_messages=5)
+    await first.api.create_session("u1", "busy")
+    messages = [StoredMessage(message_id=f"busy-{i}", session_id="busy", user_id="u1", role="human",
+                              content=turn_text(i), timestamp=BASE + i) for i in range(40)]
+    await asyncio.gather(*((first if i % 2 else second).api.record(m) for i, m in enumerate(messages)))
+    await first.stm.drain()
+    await second.stm.drain()
+    indexes = await mesh.count("SELECT count(DISTINCT message_index) FROM conversation_messages"
+                               " WHERE session_id = 'busy'")
+    assert indexes == 40 and (await first.api.get_session("u1", "busy")).message_count == 40
+    stm = await read_stm(mesh.redis, mesh.names, "busy")
+    assert [t.message_id for t in stm.turns] == [f"busy-{i}" for i in range(35, 40)]
+    state = await first.store.load_summary("busy")
+    assert state.turns == 35 and state.covered_until == BASE + 34
+    assert stm.summary == state.text and "Lisbon" in state.text
+
+
+async def test_a_failed_catch_up_is_made_good_by_the_next_write(mesh: Mesh) -> None:
+    svc = mesh.memory(stm_max_messages=3)
+    summariser = svc.stm.summariser
+    working = summariser.fold
+    failures = [RuntimeError("summariser crashed")]
+
+    async def flaky(state: SummaryState, turns: Sequence[Turn]) -> SummaryState:
+        if failures:
+            raise failures.pop()
+        return await working(state, turns)
+
+    summariser.fold = flaky  # type: ignore[method-assign]
+    await seed(svc, "s", "u1", 4)  # turn 0 leaves the window; its fold fails
+    assert svc.stm.failures == 1
+    assert not await mesh.redis.exists(mesh.names.stm_meta("s"))  # marked for a rebuild
+    await seed(svc, "s", "u1", 1, start=4)  # the next write rebuilds: turns 0 and 1 are folded
+    state = await svc.store.load_summary("s")
+    assert state.turns == 2 and "Lisbon" in state.text
+    stm = await read_stm(mesh.redis, mesh.names, "s")
+    assert [t.message_id for t in stm.turns] == ["s-2", "s-3", "s-4"] and stm.summary == state.text

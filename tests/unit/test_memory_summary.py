@@ -1,0 +1,137 @@
+"""Token counter, summarisers, preference encryption and the memory request models, without servers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from cryptography.fernet import Fernet
+
+from services.memory.crypto import LazyCipher, PreferenceCipher, load_cipher
+from services.memory.summary import (
+    EXTRACTIVE,
+    ExtractiveSummariser,
+    LlmSummariser,
+    SummaryState,
+    entities_of,
+    salience,
+)
+from services.memory.tokens import RegexCounter, WordPieceCounter, default_counter
+from shared.contracts import DecodeError, decode
+from shared.contracts.memory_api import MEMORY_REQUEST, StoreMessageRequest
+from shared.runtime.stm import Turn
+
+
+def turns(*texts: str, start: float = 100.0) -> list[Turn]:
+    return [Turn(f"m{i}", "user" if i % 2 == 0 else "ai", t, start + i) for i, t in enumerate(texts)]
+
+
+def test_the_counter_is_the_offline_wordpiece_tokenizer() -> None:
+    counter = default_counter()
+    assert isinstance(counter, WordPieceCounter)
+    assert counter.count("") == 0
+    assert counter.count("Hello there, my name is Ada.") == 8  # no [CLS]/[SEP]
+    long = "word " * 1000
+    assert counter.count(long) == 1000  # not truncated at the embedder's 128
+    # additive over whitespace: what lets the summariser count lines once
+    assert counter.count("one line here.\nanother, line") == counter.count("one line here.") + counter.count(
+        "another, line")
+    assert RegexCounter().count("Hi, you!") == 4
+
+
+def test_entities_and_salience() -> None:
+    found = entities_of("Yesterday I flew to New York with Maria on 12 May 2024, at 10:30.")
+    assert {"New York", "Maria", "May", "2024", "10:30"} <= set(found) and "Yesterday" not in found
+    assert "Maria" in entities_of("I met Maria.") and "I" not in entities_of("Then I left.")
+    assert salience("ok", "user") == 0.0
+    fact = salience("I work as a nurse at Hospital Santa Maria in Lisbon.", "user")
+    assert fact > salience("The weather is nice today.", "user")
+    assert fact > salience("I work as a nurse at Hospital Santa Maria in Lisbon.", "ai")
+
+
+async def test_extractive_fold_is_progressive_and_within_budget() -> None:
+    s = ExtractiveSummariser(default_counter(), 120)
+    state = await s.fold(SummaryState(), turns("My daughter Ines starts school in Coimbra in September.",
+                                               "That is exciting news for your family."))
+    assert state.kind == EXTRACTIVE and state.turns == 2 and state.covered_until == 101.0
+    assert "Ines" in state.text and state.text.startswith("Extractive summary of 2 earlier turns")
+    assert default_counter().count(state.text) == state.tokens <= 120
+    # the same turns again (a redelivery) change nothing
+    assert await s.fold(state, turns("My daughter Ines starts school in Coimbra in September.")) is state
+    # many more turns: still under budget, and the strong early fact survives the chatter
+    chatter = [f"Turn {i}: we chatted about the weather and lunch plans again." for i in range(200)]
+    for t in turns(*chatter, start=200.0):
+        state = await s.fold(state, [t])
+    assert state.turns == 202 and state.tokens <= 120 and "Ines" in state.text
+    restored = SummaryState.from_parts(state.text, json.loads(json.dumps(state.state_json())))
+    assert [x.text for x in restored.sentences] == [x.text for x in state.sentences] and restored.turns == 202
+
+
+async def test_an_llm_summary_is_carried_on_by_the_extractive_fold() -> None:
+    s = ExtractiveSummariser(default_counter(), 200)
+    previous = SummaryState(text="The user is a chef in Braga. They plan a trip to Japan.", kind="llm:x", turns=30,
+                            covered_until=50.0)
+    state = await s.fold(previous, turns("Okay, and what about sushi knives?", start=60.0))
+    assert "chef in Braga" in state.text and "earlier summary" in state.text and state.kind == EXTRACTIVE
+
+
+class ScriptedModel:
+    name = "scripted"
+
+    def __init__(self, reply: str | Exception) -> None:
+        self.reply = reply
+        self.calls: list[list[dict[str, str]]] = []
+
+    async def complete(self, messages: list[dict[str, str]], **_: object) -> str:
+        self.calls.append(messages)
+        if isinstance(self.reply, Exception):
+            raise self.reply
+        return self.reply
+
+
+async def test_llm_summary_is_cut_to_the_budget_and_falls_back_on_failure() -> None:
+    counter = default_counter()
+    model = ScriptedModel("Ana lives in Faro. " * 200)
+    s = LlmSummariser(model, counter, 60)
+    state = await s.fold(SummaryState(), turns("I am Ana and I live in Faro."))
+    assert state.kind == "llm:scripted" and state.tokens == counter.count(state.text) <= 60
+    assert state.text.startswith("Ana lives in Faro.")
+    one_long_sentence = ScriptedModel("word " * 500)
+    cut = await LlmSummariser(one_long_sentence, counter, 60).fold(SummaryState(), turns("hello there friend"))
+    assert 0 < cut.tokens <= 60
+    broken = LlmSummariser(ScriptedModel(RuntimeError("down")), counter, 60)
+    fallback = await broken.fold(SummaryState(), turns("I am Ana and I live in Faro."))
+    assert fallback.kind == EXTRACTIVE and "Faro" in fallback.text
+
+
+def test_preference_cipher_round_trip_rotation_and_dev_key(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    old, new = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+    token = load_cipher(old).encrypt({"card": "1234"})
+    assert b"1234" not in token
+    rotated = load_cipher(f"{new},{old}")
+    assert rotated.decrypt(token) == {"card": "1234"}  # the old key still decrypts
+    assert load_cipher(new).decrypt(rotated.encrypt("x")) == "x"  # the new key encrypts
+    with pytest.raises(ValueError):
+        load_cipher(new).decrypt(token)
+    key_file = tmp_path / "keys" / "dev.key"
+    lazy = LazyCipher(None, key_file)
+    assert not key_file.exists()  # nothing is made until a sensitive value is used
+    assert lazy.decrypt(lazy.encrypt([1, 2])) == [1, 2]
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert PreferenceCipher([key_file.read_bytes()]).decrypt(lazy.encrypt("same key")) == "same key"
+
+
+def test_memory_request_models() -> None:
+    req = decode(MEMORY_REQUEST, json.dumps({"request_id": "r", "type": "store_message", "user_id": "u",
+                                             "data": {"session_id": "s", "content": "hi", "extra": 1}}))
+    assert isinstance(req, StoreMessageRequest) and req.data.role == "human"
+    with pytest.raises(DecodeError) as unknown:
+        decode(MEMORY_REQUEST, json.dumps({"request_id": "r", "type": "nope", "user_id": "u", "data": {}}))
+    assert unknown.value.code == "unknown_type" and unknown.value.request_id == "r"
+    with pytest.raises(DecodeError) as no_user:
+        decode(MEMORY_REQUEST, json.dumps({"request_id": "r", "type": "get_session", "data": {"session_id": "s"}}))
+    assert no_user.value.code == "bad_request"
+    with pytest.raises(DecodeError) as too_big:
+        decode(MEMORY_REQUEST, json.dumps({"request_id": "r", "type": "store_message", "user_id": "u",
+                                           "data": {"session_id": "s", "content": "x" * 40_000}}))
+    assert too_big.value.code == "bad_request"
