@@ -50,6 +50,8 @@ COMMANDS: dict[str, Command] = {
     ),
     "up": Command("start `mesh stack` in the background and wait until it is ready", stack.configure_up, stack.run_up),
     "down": Command("stop the background stack started by `mesh up`", stack.configure_down, stack.run_down),
+    "eval": Command("retrieval benchmarks through the bus: `eval locomo --data PATH --out FILE`",
+                    _lazy("mesh.eval_locomo", "configure"), _lazy_run("mesh.eval_locomo")),
     "chat": Command("chat with the running mesh (interactive)", _lazy("mesh.chat", "configure"),
                     _lazy_run("mesh.chat")),
     "demo": Command("facts told in one session, recalled in another", _lazy("mesh.demo", "configure"),

@@ -87,7 +87,7 @@ class Mesh:
     def ltm(self, **kw: Any) -> LtmService:
         s = LtmSettings(**{**common(self.redis_url, self.database_url), **self.overrides.get("ltm", {}), **kw})
         # ltm_backend="mem0" (a keyword or an override) builds it on mem0, as LTM_BACKEND=mem0 does
-        return LtmService(s, self.names, self.redis, build_backend(s, self.pool, self.model))
+        return LtmService(s, self.names, self.redis, build_backend(s, self.pool, self.model, self.redis, self.names))
 
     def chat(self, llm: Any = None, **kw: Any) -> ChatService:
         s = ChatSettings(**{**common(self.redis_url, self.database_url), **self.overrides.get("chat", {}), **kw})

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -16,3 +18,30 @@ class LtmSettings(MeshSettings):
     ltm_backend: Literal["native", "mem0"] = "native"
     ltm_maintenance_s: float = 5.0
     db_pool_max: int = 8
+    # LTM_BACKEND=mem0: mem0's pgvector table, and MEM0_DIR (its config and SQLite history)
+    ltm_mem0_collection: str = Field(default="mem0_memories", pattern=r"^[a-z_][a-z0-9_]{0,40}$")
+    mem0_dir: str = str(Path(tempfile.gettempdir()) / "mesh-mem0")
+    # extraction on ingest (services/ltm/extraction.py): auto = the LLM when one is configured, else the rules
+    ltm_extraction: Literal["auto", "rules", "llm", "off"] = "auto"
+    ltm_extract_batch: int = Field(default=32, ge=1, le=256)
+    ltm_llm_retries: int = Field(default=2, ge=0, le=5)
+    # lifecycle (services/ltm/lifecycle.py)
+    ltm_decay_half_life_days: float = Field(default=30.0, gt=0)
+    ltm_consolidate_similarity: float = Field(default=0.92, gt=0, le=1)
+    ltm_consolidate_max: int = Field(default=2000, ge=2)
+    ltm_memory_budget: int = Field(default=20_000, ge=1)
+    ltm_cleanup_batch: int = Field(default=500, ge=1)
+    ltm_optimize_interval_s: float = Field(default=600.0, gt=0)
+    ltm_optimize_users_per_run: int = Field(default=20, ge=1)
+    ltm_optimize_lock_ms: int = Field(default=120_000, ge=1000)
+    # retrieval (services/ltm/retrieval.py): hybrid = weights chosen on the LoCoMo dev split; seed = 0.4 semantic,
+    # 0.3 recency, 0.2 access, 0.1 confidence after the relevance gate
+    ltm_rank_profile: Literal["hybrid", "seed"] = "hybrid"
+    ltm_context_turns: int = Field(default=5, ge=0, le=10, description=(
+        "neighbouring turns of the same session returned with a result (each side, at most), within the budget"))
+    ltm_result_tokens: int = Field(default=1000, ge=50, description=(
+        "token budget of one search's results, context turns included (all-MiniLM-L6-v2 WordPiece tokens)"))
+    ltm_min_similarity: float = Field(default=0.2, ge=-1.0, le=1.0, description=(
+        "relevance gate: a memory with no query term in common needs this cosine to be returned, whatever the boosts"))
+    ltm_candidates: int = Field(default=1000, ge=10, description=(
+        "memories of the user re-ranked after the first stage (dense + BM25 fusion)"))

@@ -189,8 +189,8 @@ class LtmService:
         raise AssertionError(f"unhandled request type {req.type}")  # pragma: no cover
 
 
-def build_backend(settings: LtmSettings, pool: Any, model: Any) -> LtmBackend:
-
+def build_backend(settings: LtmSettings, pool: Any, model: Any, redis: aioredis.Redis, names: Names) -> LtmBackend:
+    """The configured backend; ``redis`` and ``names`` give the lifecycle job its per-user lock."""
     if settings.ltm_backend == "mem0":
         from services.ltm.mem0_backend import Mem0Backend
 
@@ -199,7 +199,7 @@ def build_backend(settings: LtmSettings, pool: Any, model: Any) -> LtmBackend:
     from services.ltm.store import LtmStore
     from shared.runtime.embedding import Embedder
 
-    return NativeBackend(LtmStore(pool), Embedder(model))
+    return NativeBackend(LtmStore(pool), Embedder(model), settings=settings, redis=redis, names=names)
 
 
 async def main(stop: asyncio.Event) -> None:
@@ -218,7 +218,7 @@ async def main(stop: asyncio.Event) -> None:
     pool = await open_pool(settings.database_url, max_size=settings.db_pool_max, name="ltm")
     redis = redis_client(settings.redis_url)
     try:
-        service = LtmService(settings, names, redis, build_backend(settings, pool, model))
+        service = LtmService(settings, names, redis, build_backend(settings, pool, model, redis, names))
         await serve_until(stop, service.run(), service.stop)
     finally:
         await redis.aclose()

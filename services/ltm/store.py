@@ -7,15 +7,20 @@ import re
 import time
 import uuid
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from services.ltm import retrieval
+from services.ltm.retrieval import RetrievalConfig
 from shared.contracts import Memory, MemorySource
+from shared.contracts.messages import SearchData
 
 _WS = re.compile(r"\s+")
 
@@ -88,8 +93,12 @@ class LtmStore:
         self.pool = pool
         self._access: Counter[str] = Counter()
 
-    async def ingest(self, user_id: str, message_id: str, memories: list[NewMemory]) -> bool:
-        """Store the memories of one update, once: False when it was already ingested."""
+    async def ingest(self, user_id: str, message_id: str, memories: list[NewMemory],
+                     then: Callable[[AsyncConnection], Awaitable[object]] | None = None) -> bool:
+        """Store the memories of one update, once: False when it was already ingested.
+
+        ``then(conn)`` runs in the same transaction after the memories are written (the extracted knowledge).
+        """
         async with self.pool.connection() as conn, conn.transaction():
             cur = await conn.execute(
                 "INSERT INTO ltm_ingested (user_id, message_id) VALUES (%s, %s) ON CONFLICT DO NOTHING",
@@ -99,6 +108,8 @@ class LtmStore:
                 return False
             async with conn.cursor() as c:
                 await c.executemany(INSERT, [_params(m) for m in memories])
+            if then is not None:
+                await then(conn)
         return True
 
     async def add(self, m: NewMemory) -> Memory:
@@ -109,23 +120,10 @@ class LtmStore:
         assert row is not None
         return to_memory(row, similarity=1.0)
 
-    async def search(self, user_id: str, embedding: np.ndarray, limit: int, *, threshold: float | None = None,
-                     types: list[str] | None = None) -> list[Memory]:
-        where, params = ["user_id = %(user_id)s"], {"user_id": user_id, "q": embedding, "limit": limit}
-        if types:
-            where.append("type = ANY(%(types)s)")
-            params["types"] = types
-        sql = (
-            f"SELECT {COLUMNS}, 1 - (embedding <=> %(q)s) AS similarity FROM ltm_memories"
-            f" WHERE {' AND '.join(where)} ORDER BY embedding <=> %(q)s LIMIT %(limit)s"
-        )
-        async with self.pool.connection() as conn:
-            cur = conn.cursor(row_factory=dict_row)
-            await cur.execute(sql, params)
-            rows = await cur.fetchall()
-        out = [to_memory(r, similarity=float(r["similarity"])) for r in rows]
-        if threshold is not None:
-            out = [m for m in out if m.similarity >= threshold]
+    async def search(self, user_id: str, data: SearchData, embedding: np.ndarray,
+                     config: RetrievalConfig) -> list[Memory]:
+        """The hybrid query path (services/ltm/retrieval.py); returned memories count as accessed."""
+        out = await retrieval.search(self.pool, user_id, data, embedding, config)
         self.record_access(m.memory_id for m in out)
         return out
 
@@ -181,7 +179,8 @@ class LtmStore:
     async def delete_user(self, user_id: str) -> dict[str, int]:
         counts: dict[str, int] = {}
         async with self.pool.connection() as conn, conn.transaction():
-            for table in ("ltm_memories", "ltm_ingested", "ltm_profiles"):
+            for table in ("ltm_memories", "ltm_ingested", "ltm_profiles", "ltm_relations", "ltm_entities",
+                          "ltm_archive", "ltm_user_state"):
                 cur = await conn.execute(f"DELETE FROM {table} WHERE user_id = %s", (user_id,))
                 counts[table] = cur.rowcount
         return counts

@@ -32,6 +32,8 @@ async def open_pool(dsn: str, *, min_size: int = 1, max_size: int = 8, name: str
 
     ``prepare_threshold=None`` keeps psycopg from switching per-user queries to a
     generic plan (see ../shared/README.md: the filtered-vector-index trap).
+    ``check`` tests a connection as it leaves the pool (one round trip), so after a
+    PostgreSQL restart no request fails on a connection the server already closed.
     """
     pool = AsyncConnectionPool(
         dsn,
@@ -39,6 +41,7 @@ async def open_pool(dsn: str, *, min_size: int = 1, max_size: int = 8, name: str
         max_size=max_size,
         name=name,
         configure=_configure,
+        check=AsyncConnectionPool.check_connection,
         kwargs={"autocommit": True, "prepare_threshold": None},
         open=False,
         reconnect_timeout=3600,

@@ -1,0 +1,486 @@
+"""The native backend's one query path: hybrid candidates, a relevance gate, boosts, neighbouring turns.
+
+1. **Candidates** (one SQL statement, exact within the user): the cosine similarity of every memory
+   of the user to the query (pgvector, exact sort: see ../shared/README), and BM25 over PostgreSQL
+   full text (``search_tsv``, english stemming; document frequencies and lengths from the user's own
+   memories). Both are turned into z-scores over the user's memories and fused:
+   ``wd * z(cosine) + wk * z(bm25)``; the best ``candidates`` rows come back.
+2. **Relevance** adds, in z units: a *time* term (``time`` when the memory's timestamp falls in a
+   period the query names: "on 9 November, 2022" = that day +-2 days, "in May 2022", "in August",
+   "in 2023") and a *neighbour* term (``neighbour`` x the best relevance of the turns just before
+   and after in the same session: an answer often sits next to the turn that matches the question).
+3. **Gate**: a memory is eligible only with real evidence of relevance (a query term matches, or
+   cosine >= ``min_similarity``), within the ``gate_pool`` most relevant and above ``threshold``
+   (cosine) when the request sets one. Boosts reorder eligible memories only, so they can never pull
+   in an unrelated memory.
+4. **Score** of an eligible memory, by profile: ``relevance * z + semantic * cosine + recency * r +
+   access * a + confidence * c`` (r = 2^(-age / half life), a = log1p(uses) / log1p(most uses among the
+   eligible), c = confidence), minus ``superseded`` for a memory that a newer statement replaced (it
+   also comes after the memory that replaced it when both are found: history stays visible, below). One
+   memory per source message (a turn and the facts extracted from it are one result).
+5. **Context within a token budget**: results and their neighbouring turns (``context``) share one
+   budget of ``max_tokens`` (all-MiniLM-L6-v2 WordPiece tokens, counted on what is returned). Greedy:
+   the next result has priority ``score``; the turn at distance d from result i has priority
+   ``score_i - neighbour_cost * d * spread`` (spread = the standard deviation of the eligible scores),
+   so the budget goes where the evidence is likeliest. A memory already shown as context is not
+   repeated as a result.
+
+Profiles (``LTM_RANK_PROFILE``): ``hybrid`` (default, weights chosen on the LoCoMo dev split, see the
+README) and ``seed`` (the seed's 0.4 semantic, 0.3 recency, 0.2 access, 0.1 confidence, applied after
+the same relevance gate).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from functools import cache
+from typing import Any
+
+import numpy as np
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from services.ltm.config import LtmSettings
+from shared.contracts import Memory, MemorySource
+from shared.contracts.messages import ContextTurn, SearchData
+
+DAY = 86_400.0
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """Weights of one ranking profile (documented in the module docstring and the README)."""
+
+    name: str
+    dense: float = 0.6
+    keyword: float = 0.4
+    time: float = 2.0
+    neighbour: float = 0.3
+    # final score of an eligible memory
+    relevance: float = 1.0
+    semantic: float = 0.0
+    recency: float = 0.0
+    access: float = 0.0
+    confidence: float = 0.0
+
+
+PROFILES: dict[str, Profile] = {
+    "hybrid": Profile("hybrid"),
+    "seed": Profile("seed", relevance=0.0, semantic=0.4, recency=0.3, access=0.2, confidence=0.1),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RetrievalConfig:
+    profile: Profile = field(default_factory=lambda: PROFILES["hybrid"])
+    candidates: int = 1000
+    gate_pool: int = 50
+    min_similarity: float = 0.2
+    context_turns: int = 5
+    neighbour_cost: float = 1.0
+    max_tokens: int = 1000
+    half_life_days: float = 30.0
+    superseded: float = 1.0
+    bm25_k1: float = 1.2
+    bm25_b: float = 0.75
+
+    @classmethod
+    def from_settings(cls, s: LtmSettings) -> RetrievalConfig:
+        return cls(profile=PROFILES[s.ltm_rank_profile], candidates=s.ltm_candidates,
+                   min_similarity=s.ltm_min_similarity, context_turns=s.ltm_context_turns,
+                   max_tokens=s.ltm_result_tokens, half_life_days=s.ltm_decay_half_life_days)
+
+    def with_profile(self, name: str) -> RetrievalConfig:
+        return replace(self, profile=PROFILES[name])
+
+
+# --------------------------------------------------------------------------- tokens
+@cache
+def _tokenizer() -> Any:
+    from tokenizers import Tokenizer
+
+    from shared.runtime.embedding import model_dir
+
+    tok = Tokenizer.from_file(f"{model_dir()}/tokenizer.json")
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+_TOKEN_CACHE: OrderedDict[str, int] = OrderedDict()
+TOKEN_CACHE_SIZE = 50_000
+
+
+def count_tokens(texts: Sequence[str]) -> list[int]:
+    """WordPiece tokens of the embedding model (no special tokens): the unit of ``max_tokens``.
+
+    Counts are cached by text (LRU): the same turns come back as results and context again and again.
+    """
+    missing = [t for t in dict.fromkeys(texts) if t not in _TOKEN_CACHE]
+    if missing:
+        for text, enc in zip(missing, _tokenizer().encode_batch(missing, add_special_tokens=False), strict=True):
+            _TOKEN_CACHE[text] = len(enc.ids)
+    out = []
+    for text in texts:
+        _TOKEN_CACHE.move_to_end(text)
+        out.append(_TOKEN_CACHE[text])
+    while len(_TOKEN_CACHE) > TOKEN_CACHE_SIZE:
+        _TOKEN_CACHE.popitem(last=False)
+    return out
+
+
+# --------------------------------------------------------------------------- SQL
+_CANDIDATES = """
+WITH ql AS (
+    SELECT coalesce(array_agg(lexeme), '{{}}'::text[]) AS lx FROM unnest(to_tsvector('english', %(query)s))
+), tq AS (
+    SELECT lx, CASE WHEN cardinality(lx) > 0
+        THEN array_to_string(ARRAY(SELECT quote_literal(l) FROM unnest(lx) AS l), ' | ')::tsquery END AS q
+    FROM ql
+), base AS MATERIALIZED (
+    SELECT m.memory_id, m.type, m.source_message_id, m.source_session_id, m.source_timestamp, m.speaker,
+           m.entities, m.confidence, m.access_count, m.valid_to, m.superseded_by,
+           extract(epoch FROM m.created_at)::float8 AS created_at,
+           extract(epoch FROM m.last_accessed)::float8 AS last_accessed,
+           (1 - (m.embedding <=> %(vec)s))::float8 AS sim,
+           m.search_tsv AS tsv, length(m.search_tsv) AS dl,
+           (tq.q IS NOT NULL AND m.search_tsv @@ tq.q) AS hit
+    FROM ltm_memories m CROSS JOIN tq
+    WHERE m.user_id = %(user_id)s {filters}
+), terms AS (
+    SELECT b.memory_id, b.dl, u.lexeme, coalesce(array_length(u.positions, 1), 1)::float8 AS tf
+    FROM base b CROSS JOIN tq CROSS JOIN LATERAL unnest(b.tsv) AS u
+    WHERE b.hit AND u.lexeme = ANY(tq.lx)
+), coll AS (
+    SELECT count(*)::float8 AS n, coalesce(avg(dl), 0)::float8 AS avgdl,
+           coalesce(avg(sim), 0)::float8 AS sim_mean, coalesce(stddev_pop(sim), 0)::float8 AS sim_sd
+    FROM base
+), df AS (
+    SELECT lexeme, count(*)::float8 AS df FROM terms GROUP BY lexeme
+), kw AS (
+    SELECT t.memory_id, sum(ln(1 + (c.n - d.df + 0.5) / (d.df + 0.5)) * t.tf * (%(k1)s + 1)
+        / (t.tf + %(k1)s * (1 - %(b)s + %(b)s * t.dl / greatest(c.avgdl, 1))))::float8 AS bm25
+    FROM terms t JOIN df d USING (lexeme) CROSS JOIN coll c GROUP BY t.memory_id
+), kstat AS (
+    SELECT coalesce(sum(bm25), 0)::float8 AS s1, coalesce(sum(bm25 * bm25), 0)::float8 AS s2 FROM kw
+)
+SELECT b.memory_id, b.type, b.source_message_id, b.source_session_id, b.source_timestamp, b.speaker,
+       b.entities, b.confidence, b.access_count, b.valid_to, b.superseded_by, b.created_at, b.last_accessed, b.sim,
+       coalesce(k.bm25, 0)::float8 AS bm25, c.n, c.sim_mean, c.sim_sd, s.s1, s.s2
+FROM base b LEFT JOIN kw k USING (memory_id) CROSS JOIN coll c CROSS JOIN kstat s
+ORDER BY %(wd)s * b.sim / greatest(c.sim_sd, 1e-9)
+       + %(wk)s * coalesce(k.bm25, 0) / greatest(sqrt(greatest(s.s2 / c.n - (s.s1 / c.n) ^ 2, 0)), 1e-9) DESC
+LIMIT %(candidates)s
+"""
+
+_ROWS = (
+    "SELECT memory_id, type, content, source_message_id, source_session_id, source_timestamp, speaker"
+    " FROM ltm_memories WHERE user_id = %(user_id)s AND memory_id = ANY(%(ids)s)"
+)
+
+# The ``w`` episodic turns just before and just after each anchor, in its session (timestamp order).
+_NEIGHBOURS = """
+SELECT h.memory_id AS anchor, x.memory_id, x.type, x.content, x.source_message_id, x.source_session_id,
+       x.source_timestamp, x.speaker, x.side
+FROM ltm_memories h CROSS JOIN LATERAL (
+    (SELECT n.memory_id, n.type, n.content, n.source_message_id, n.source_session_id, n.source_timestamp,
+            n.speaker, -1 AS side
+     FROM ltm_memories n
+     WHERE n.user_id = h.user_id AND n.source_session_id = h.source_session_id AND n.type = 'episodic'
+       AND n.source_timestamp < h.source_timestamp
+     ORDER BY n.source_timestamp DESC LIMIT %(w)s)
+    UNION ALL
+    (SELECT n.memory_id, n.type, n.content, n.source_message_id, n.source_session_id, n.source_timestamp,
+            n.speaker, 1 AS side
+     FROM ltm_memories n
+     WHERE n.user_id = h.user_id AND n.source_session_id = h.source_session_id AND n.type = 'episodic'
+       AND n.source_timestamp > h.source_timestamp
+     ORDER BY n.source_timestamp ASC LIMIT %(w)s)
+) AS x
+WHERE h.user_id = %(user_id)s AND h.memory_id = ANY(%(ids)s)
+  AND h.source_session_id IS NOT NULL AND h.source_timestamp IS NOT NULL
+"""
+
+
+# --------------------------------------------------------------------------- ranking (pure)
+def _z(values: np.ndarray, mean: float, sd: float) -> np.ndarray:
+    return (values - mean) / sd if sd > 1e-9 else np.zeros_like(values)
+
+
+_MONTHS = {m: i for i, name in enumerate(
+    ("january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
+     "november", "december"), start=1) for m in (name, name[:3], "sept" if i == 9 else name[:3])}
+_MONTH = r"(?P<month>" + "|".join(sorted(_MONTHS, key=len, reverse=True)) + r")\.?"
+_DAY = r"(?P<day>[0-3]?\d)(?:st|nd|rd|th)?"
+_YEAR = r"(?P<year>(?:19|20)\d\d)"
+_DATES = [re.compile(rf"\b{p}\b", re.IGNORECASE) for p in (
+    rf"{_MONTH}\s+{_DAY},?\s+{_YEAR}",  # October 13, 2023
+    rf"{_DAY}\s+(?:of\s+)?{_MONTH},?\s+{_YEAR}",  # 8th December, 2023
+    rf"{_MONTH},?\s+{_YEAR}",  # May 2022
+    rf"(?:in|during|since|by|of)\s+{_MONTH}",  # in August (any year)
+    rf"(?:in|during|since|by|of)\s+{_YEAR}",  # in 2022
+)]
+
+
+def query_periods(query: str) -> list[tuple[int | None, int | None, int | None]]:
+    """Dates the query names, as (year, month, day) with None for the parts it leaves open."""
+    found: list[tuple[int | None, int | None, int | None]] = []
+    taken: list[tuple[int, int]] = []
+    for pattern in _DATES:
+        for m in pattern.finditer(query):
+            if any(a < m.end() and m.start() < b for a, b in taken):
+                continue
+            parts = m.groupdict()
+            day = int(parts["day"]) if parts.get("day") else None
+            if day is not None and not 1 <= day <= 31:
+                continue
+            month = _MONTHS[parts["month"].lower()] if parts.get("month") else None
+            found.append((int(parts["year"]) if parts.get("year") else None, month, day))
+            taken.append(m.span())
+    return found
+
+
+def in_period(ts: float | None, periods: Sequence[tuple[int | None, int | None, int | None]]) -> bool:
+    """Whether a memory's time (UTC) falls in a named period; a named day allows one day either side."""
+    if ts is None:
+        return False
+    when = datetime.fromtimestamp(ts, UTC)
+    for year, month, day in periods:
+        if day is not None and year is not None and month is not None:
+            try:
+                named = datetime(year, month, day, tzinfo=UTC)
+            except ValueError:
+                continue
+            if abs((when - named).total_seconds()) <= 2 * DAY:
+                return True
+        elif (year is None or when.year == year) and (month is None or when.month == month):
+            return True
+    return False
+
+
+@dataclass(slots=True)
+class Ranked:
+    """Eligible candidates with their final score, best first."""
+
+    rows: list[dict[str, Any]]
+    score: np.ndarray
+
+
+def relevance(rows: list[dict[str, Any]], query: str, cfg: RetrievalConfig) -> np.ndarray:
+    """Fused relevance of the candidate rows (see the module docstring, step 2)."""
+    p = cfg.profile
+    if not rows:
+        return np.zeros(0)
+    first = rows[0]
+    n = max(float(first["n"]), 1.0)
+    k_mean = float(first["s1"]) / n
+    k_sd = math.sqrt(max(float(first["s2"]) / n - k_mean * k_mean, 0.0))
+    sim = np.array([float(r["sim"]) for r in rows])
+    bm25 = np.array([float(r["bm25"]) for r in rows])
+    rel = p.dense * _z(sim, float(first["sim_mean"]), float(first["sim_sd"])) + p.keyword * _z(bm25, k_mean, k_sd)
+    periods = query_periods(query) if p.time else []
+    if periods:
+        rel = rel + p.time * np.array([1.0 if in_period(r["source_timestamp"], periods) else 0.0 for r in rows])
+    if p.neighbour:
+        rel = rel + p.neighbour * _neighbour_best(rows, rel)
+    return rel
+
+
+def _neighbour_best(rows: list[dict[str, Any]], rel: np.ndarray) -> np.ndarray:
+    """For each memory, the best relevance of the adjacent turns (by timestamp) of its session; 0 if none."""
+    slots: dict[tuple[str, float], float] = {}
+    for r, v in zip(rows, rel, strict=True):
+        if r["source_session_id"] is not None and r["source_timestamp"] is not None:
+            key = (r["source_session_id"], float(r["source_timestamp"]))
+            slots[key] = max(slots.get(key, -math.inf), float(v))
+    ordered = sorted(slots)
+    best: dict[tuple[str, float], float] = {}
+    for i, key in enumerate(ordered):
+        near = [slots[ordered[j]] for j in (i - 1, i + 1) if 0 <= j < len(ordered) and ordered[j][0] == key[0]]
+        best[key] = max(near) if near else 0.0
+    out = np.zeros(len(rows))
+    for i, r in enumerate(rows):
+        if r["source_session_id"] is not None and r["source_timestamp"] is not None:
+            out[i] = best[(r["source_session_id"], float(r["source_timestamp"]))]
+    return out
+
+
+def rank(rows: list[dict[str, Any]], query: str, cfg: RetrievalConfig, threshold: float | None) -> Ranked:
+    """Relevance, the gate, then the profile's score; one memory per source message; best first."""
+    rel = relevance(rows, query, cfg)
+    order = np.argsort(-rel, kind="stable")
+    eligible = [int(i) for i in order[: cfg.gate_pool]
+                if (rows[i]["bm25"] > 0 or rows[i]["sim"] >= cfg.min_similarity)
+                and (threshold is None or rows[i]["sim"] >= threshold)]
+    if not eligible:
+        return Ranked([], np.zeros(0))
+    kept = [rows[i] for i in eligible]
+    p, now = cfg.profile, time.time()
+    score = p.relevance * rel[eligible] + p.semantic * np.array([float(r["sim"]) for r in kept])
+    if p.recency:
+        age = np.array([max(now - float(r["source_timestamp"] or r["created_at"]), 0.0) for r in kept]) / DAY
+        score = score + p.recency * np.exp2(-age / cfg.half_life_days)
+    if p.access:
+        uses = np.log1p(np.array([float(r["access_count"]) for r in kept]))
+        score = score + p.access * (uses / uses.max() if uses.max() > 0 else uses)
+    if p.confidence:
+        score = score + p.confidence * np.array([float(r["confidence"]) for r in kept])
+    score = score - cfg.superseded * np.array([1.0 if r["valid_to"] is not None else 0.0 for r in kept])
+    seen: set[str] = set()
+    picked: list[int] = []
+    for i in _after_successors(kept, [int(i) for i in np.argsort(-score, kind="stable")]):
+        key = kept[i]["source_message_id"] or str(kept[i]["memory_id"])
+        if key not in seen:
+            seen.add(key)
+            picked.append(i)
+    return Ranked([kept[i] for i in picked], score[picked])
+
+
+def _after_successors(rows: list[dict[str, Any]], order: list[int]) -> list[int]:
+    """``order`` with each superseded memory moved just after the memory that replaced it, when both are here."""
+    present = {str(r["memory_id"]) for r in rows}
+    waiting: dict[str, list[int]] = {}
+    out: list[int] = []
+
+    def place(i: int) -> None:
+        out.append(i)
+        for j in waiting.pop(str(rows[i]["memory_id"]), []):
+            place(j)
+
+    for i in order:
+        successor = rows[i]["superseded_by"]
+        if successor is not None and str(successor) in present and all(
+                str(rows[k]["memory_id"]) != str(successor) for k in out):
+            waiting.setdefault(str(successor), []).append(i)
+        else:
+            place(i)
+    for rest in waiting.values():  # a cycle of replacements: keep their score order
+        out.extend(rest)
+    return out
+
+
+@dataclass(slots=True)
+class Turn:
+    memory_id: str
+    content: str
+    message_id: str | None
+    timestamp: float | None
+    speaker: str | None
+    tokens: int = -1  # counted when first needed
+
+    def cost(self) -> int:
+        if self.tokens < 0:
+            self.tokens = count_tokens([self.content])[0]
+        return self.tokens
+
+
+@dataclass(slots=True)
+class Packed:
+    anchor: int
+    context: list[Turn]
+
+
+def pack(scores: Sequence[float], anchors: Sequence[Turn], neighbours: Sequence[Sequence[tuple[int, Turn]]],
+         limit: int, max_tokens: int, neighbour_cost: float) -> list[Packed]:
+    """Choose results and context turns within ``max_tokens`` (module docstring, step 5).
+
+    ``neighbours[i]`` holds (distance, turn) of anchor i, distance 1 = adjacent.
+    """
+    spread = float(np.std(scores)) if len(scores) > 1 else 1.0
+    spread = spread if spread > 1e-9 else 1.0
+    heap: list[tuple[float, int, int, int]] = [(-float(s), i, -1, 0) for i, s in enumerate(scores)]
+    heapq.heapify(heap)
+    shown: set[str] = set()
+    packed: dict[int, Packed] = {}
+    used = 0
+    while heap:
+        _, anchor, j, _ = heapq.heappop(heap)
+        turn = anchors[anchor] if j < 0 else neighbours[anchor][j][1]
+        if turn.memory_id in shown or (turn.message_id and turn.message_id in shown):
+            continue
+        if used + turn.cost() > max_tokens and (j >= 0 or packed):
+            continue
+        if j < 0:
+            if len(packed) >= limit:
+                continue
+            packed[anchor] = Packed(anchor, [])
+            for k, (dist, _) in enumerate(neighbours[anchor]):
+                heapq.heappush(heap, (-(float(scores[anchor]) - neighbour_cost * dist * spread), anchor, k, dist))
+        else:
+            packed[anchor].context.append(turn)
+        used += turn.tokens
+        shown.add(turn.memory_id)
+        if turn.message_id:
+            shown.add(turn.message_id)
+    return list(packed.values())
+
+
+# --------------------------------------------------------------------------- the query path
+def _turn(row: dict[str, Any]) -> Turn:
+    return Turn(str(row["memory_id"]), row["content"], row["source_message_id"], row["source_timestamp"],
+                row["speaker"])
+
+
+async def search(pool: AsyncConnectionPool, user_id: str, data: SearchData, embedding: np.ndarray,
+                 cfg: RetrievalConfig) -> list[Memory]:
+    filters, params = "", {
+        "user_id": user_id, "query": data.query, "vec": embedding, "k1": cfg.bm25_k1, "b": cfg.bm25_b,
+        "wd": cfg.profile.dense, "wk": cfg.profile.keyword, "candidates": cfg.candidates,
+    }
+    if data.types:
+        filters += " AND m.type = ANY(%(types)s)"
+        params["types"] = list(data.types)
+    if data.session_id:
+        filters += " AND m.source_session_id = %(session_id)s"
+        params["session_id"] = data.session_id
+    async with pool.connection() as conn:
+        cur = conn.cursor(row_factory=dict_row)
+        await cur.execute(_CANDIDATES.format(filters=filters), params)
+        rows = await cur.fetchall()
+        ranked = rank(rows, data.query, cfg, data.threshold)
+        heads = ranked.rows[: max(2 * data.limit, data.limit + 10)]
+        if not heads:
+            return []
+        ids = [r["memory_id"] for r in heads]
+        await cur.execute(_ROWS, {"user_id": user_id, "ids": ids})
+        content = {r["memory_id"]: r for r in await cur.fetchall()}
+        near: dict[Any, list[tuple[int, Turn]]] = {i: [] for i in ids}
+        if cfg.context_turns > 0:
+            await cur.execute(_NEIGHBOURS, {"user_id": user_id, "ids": ids, "w": cfg.context_turns})
+            sides: dict[tuple[Any, int], list[dict[str, Any]]] = {}
+            for r in await cur.fetchall():
+                sides.setdefault((r["anchor"], r["side"]), []).append(r)
+            for (anchor, side), turns in sides.items():
+                turns.sort(key=lambda t: t["source_timestamp"], reverse=side < 0)
+                near[anchor].extend((d, _turn(t)) for d, t in enumerate(turns, start=1))
+    # in rank order (a replaced memory placed after its replacement never outranks it)
+    ordered = np.minimum.accumulate(ranked.score[: len(heads)])
+    live = [i for i, r in enumerate(heads) if r["memory_id"] in content]  # not deleted meanwhile
+    heads, scores = [heads[i] for i in live], [float(ordered[i]) for i in live]
+    anchors = [_turn(content[r["memory_id"]]) for r in heads]
+    neighbours = [near[r["memory_id"]] for r in heads]
+    packed = pack(scores, anchors, neighbours, data.limit, cfg.max_tokens, cfg.neighbour_cost)
+    out = []
+    for item in packed:
+        row, full = heads[item.anchor], content[heads[item.anchor]["memory_id"]]
+        context = sorted(item.context, key=lambda t: t.timestamp or 0.0)
+        out.append(Memory(
+            memory_id=str(row["memory_id"]), type=row["type"], content=full["content"],
+            score=scores[item.anchor], similarity=float(row["sim"]),
+            confidence=float(row["confidence"]), created_at=float(row["created_at"]),
+            last_accessed=row["last_accessed"], access_count=int(row["access_count"]),
+            entities=list(row["entities"] or []), valid_to=row["valid_to"],
+            superseded_by=str(row["superseded_by"]) if row["superseded_by"] else None,
+            source=MemorySource(message_id=row["source_message_id"], session_id=row["source_session_id"],
+                                timestamp=row["source_timestamp"], speaker=row["speaker"]),
+            context=[ContextTurn(message_id=t.message_id, content=t.content, timestamp=t.timestamp,
+                                 speaker=t.speaker) for t in context],
+        ))
+    return out

@@ -1,0 +1,274 @@
+"""Lifecycle on real Redis + PostgreSQL: supersession, the unique constraint under concurrent ingest,
+consolidation, decay ordering, budgeted cleanup, the optimize lock and the periodic job."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Any
+
+from services.ltm.config import LtmSettings
+from services.ltm.lifecycle import RedisLock
+from services.ltm.native import NativeBackend
+from services.ltm.service import LtmService
+from services.ltm.store import LtmStore
+from shared.contracts import LTM_RESPONSE, LTMResponse, MemoryUpdate, decode, encode
+from shared.runtime.embedding import Embedder
+from tests.helpers import Mesh, common, ltm_request, running, wait_until
+
+DAY = 86400.0
+
+
+def native(mesh: Mesh, **kw: Any) -> NativeBackend:
+    settings = LtmSettings(**{**common(mesh.redis_url, mesh.database_url), **kw})
+    return NativeBackend(LtmStore(mesh.pool), Embedder(mesh.model), settings=settings, redis=mesh.redis,
+                         names=mesh.names)
+
+
+def service(mesh: Mesh, backend: NativeBackend, **kw: Any) -> LtmService:
+    settings = LtmSettings(**{**common(mesh.redis_url, mesh.database_url), **kw})
+    return LtmService(settings, mesh.names, mesh.redis, backend)
+
+
+def update(user: str, text: str, ts: float, **meta: Any) -> MemoryUpdate:
+    return MemoryUpdate(user_id=user, content=text, timestamp=ts,
+                        meta={"session_id": "s1", "message_id": str(uuid.uuid4()), **meta})
+
+
+async def publish(mesh: Mesh, *updates: MemoryUpdate) -> None:
+    for u in updates:
+        await mesh.redis.xadd(mesh.names.memory_updates, {"data": encode(u)})
+
+
+async def ingested(mesh: Mesh, user: str, n: int) -> None:
+    async def done() -> bool:
+        return await mesh.count("SELECT count(*) FROM ltm_ingested WHERE user_id = %s", user) >= n
+
+    await wait_until(done, timeout=60, message=f"{n} updates ingested for {user}")
+
+
+async def rows(mesh: Mesh, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    async with mesh.pool.connection() as conn:
+        cur = await conn.execute(sql, params)
+        return list(await cur.fetchall())
+
+
+async def ask(mesh: Mesh, type_: str, user: str, data: dict[str, Any] | None = None) -> LTMResponse:
+    reply_to = f"{mesh.names.ltm_responses}:{uuid.uuid4().hex}"
+    pubsub = mesh.redis.pubsub()
+    await pubsub.subscribe(reply_to)
+    try:
+        raw = ltm_request(type_, user, data, reply_to=reply_to)
+        await mesh.redis.rpush(mesh.names.ltm_requests, raw)
+
+        async def get() -> LTMResponse | None:
+            msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2)
+            return decode(LTM_RESPONSE, msg["data"]) if msg and msg["type"] == "message" else None
+
+        resp: LTMResponse = await wait_until(get, timeout=30, message=f"{type_} response")
+        assert resp.request_id == json.loads(raw)["request_id"]
+        return resp
+    finally:
+        await pubsub.aclose()
+
+
+LOCATION = ("SELECT content, valid_to, superseded_by::text, memory_id::text FROM ltm_memories"
+            " WHERE user_id = %s AND slot = 'location' ORDER BY asserted_at")
+
+
+async def test_a_newer_home_supersedes_the_older_one_which_stays_visible(mesh: Mesh) -> None:
+    t0 = time.time() - 30 * DAY
+    async with running(service(mesh, native(mesh))):
+        await publish(mesh, update("u1", "I live in Lisbon.", t0), update("u1", "I moved to Berlin.", t0 + DAY))
+        await ingested(mesh, "u1", 2)
+        lisbon, berlin = await rows(mesh, LOCATION, "u1")
+        assert lisbon[0] == "User lives in Lisbon" and berlin[0] == "User moved to Berlin"
+        assert lisbon[1] == t0 + DAY and lisbon[2] == berlin[3]  # valid_to, superseded_by
+        assert berlin[1] is None and berlin[2] is None
+        # the graph relation of the old fact ends too
+        rels = dict(await rows(mesh, "SELECT o.name, r.valid_to FROM ltm_relations r JOIN ltm_entities o"
+                                     " ON o.entity_id = r.object_id WHERE r.user_id = %s AND predicate = 'lives_in'",
+                               "u1"))
+        assert rels == {"Lisbon": t0 + DAY, "Berlin": None}
+        # a statement that arrives late but was made earlier does not win
+        await publish(mesh, update("u1", "I live in Porto.", t0 - DAY))
+        await ingested(mesh, "u1", 3)
+        porto, lisbon, berlin = await rows(mesh, LOCATION, "u1")
+        assert porto[2] == lisbon[3] and porto[1] == t0 and berlin[1] is None
+        # saying the old value again makes it current again; nothing was deleted on the way
+        await publish(mesh, update("u1", "I live in Lisbon.", t0 + 2 * DAY))
+        await ingested(mesh, "u1", 4)
+        porto, berlin, lisbon = await rows(mesh, LOCATION, "u1")
+        assert lisbon[1] is None and berlin[2] == lisbon[3] and berlin[1] == t0 + 2 * DAY
+        profile = await ask(mesh, "profile_get", "u1")
+        assert profile.user_profile is not None and profile.user_profile["location"] == "Lisbon"
+    # another user's slot is untouched
+    assert await mesh.count("SELECT count(*) FROM ltm_memories WHERE user_id <> 'u1'") == 0
+
+
+async def test_concurrent_ingest_of_one_fact_never_duplicates_it(mesh: Mesh) -> None:
+    ts = time.time()
+    updates = [update("u1", "I love pottery and I work at Acme.", ts + i) for i in range(24)]
+    async with running(service(mesh, native(mesh))), running(service(mesh, native(mesh))):
+        await publish(mesh, *updates)
+        await ingested(mesh, "u1", 24)
+    # and straight through two backends at once, for the same content from other messages
+    a, b = native(mesh), native(mesh)
+    more = [update("u1", "I love pottery and I work at Acme.", ts + 100 + i) for i in range(16)]
+    results = await asyncio.gather(*(x.ingest(u) for x, u in zip([a, b] * 8, more, strict=True)))
+    assert all(results)
+    prefs = await rows(mesh, "SELECT content, mentions, jsonb_array_length(sources) FROM ltm_memories"
+                             " WHERE user_id = %s AND type = 'preference'", "u1")
+    assert prefs == [("User loves pottery", 40, 40)]
+    facts = await rows(mesh, "SELECT content, mentions FROM ltm_memories WHERE user_id = %s AND type = 'fact'", "u1")
+    assert facts == [("User works at Acme", 40)]
+    assert await mesh.count("SELECT count(*) FROM ltm_memories WHERE user_id = %s AND type = 'episodic'", "u1") == 1
+    assert await mesh.count("SELECT count(*) FROM ltm_entities WHERE user_id = %s AND name_norm = 'acme'", "u1") == 1
+    assert await mesh.count("SELECT count(*) FROM ltm_relations WHERE user_id = %s", "u1") == 2
+
+
+async def test_consolidation_merges_near_duplicates_and_keeps_provenance(mesh: Mesh) -> None:
+    backend = native(mesh)
+    ts = time.time() - DAY
+    first = update("u1", "I love hiking in the mountains.", ts)
+    second = update("u1", "I love hiking in mountains.", ts + 60)
+    other = update("u1", "I love baking sourdough bread.", ts + 120)
+    for u in (first, second, other):
+        assert await backend.ingest(u)
+    assert await mesh.count("SELECT count(*) FROM ltm_memories WHERE user_id = %s AND type = 'preference'",
+                            "u1") == 3
+    result = await backend.optimize("u1")
+    assert result["status"] == "done" and result["consolidated"] == 1
+    prefs = await rows(mesh, "SELECT memory_id, content, mentions, sources FROM ltm_memories"
+                             " WHERE user_id = %s AND type = 'preference' ORDER BY content", "u1")
+    assert prefs[0][1] == "User loves baking sourdough bread"
+    kept = prefs[1]
+    assert kept[2] == 2 and {s["message_id"] for s in kept[3]} == {first.message_id, second.message_id}
+    archived = await rows(mesh, "SELECT reason, merged_into, row ->> 'content' FROM ltm_archive WHERE user_id = %s",
+                          "u1")
+    assert len(archived) == 1 and archived[0][0] == "merged" and archived[0][1] == kept[0]
+    assert {archived[0][2], kept[1]} == {"User loves hiking in the mountains", "User loves hiking in mountains"}
+    # the merged memory's entity links moved to the one that stays
+    assert await mesh.count("SELECT count(*) FROM ltm_memory_entities WHERE user_id = %s AND memory_id = %s",
+                            "u1", kept[0]) >= 2
+    # a second run finds nothing more to merge
+    assert (await backend.optimize("u1"))["consolidated"] == 0
+
+
+async def test_decay_orders_by_age_and_disuse(mesh: Mesh) -> None:
+    backend = native(mesh, ltm_decay_half_life_days=30)
+    now = time.time()
+    for text, ts in [("I love fresh figs.", now - 200 * DAY), ("I love green tea.", now - DAY),
+                     ("I love old maps.", now - 200 * DAY), ("I live in Oslo.", now - 300 * DAY),
+                     ("I live in Bergen.", now - 250 * DAY)]:
+        assert await backend.ingest(update("u1", text, ts))
+    maps = await rows(mesh, "SELECT memory_id::text FROM ltm_memories WHERE user_id = %s AND content = %s",
+                      "u1", "User loves old maps")
+    backend.store.record_access([maps[0][0]] * 20)  # used often, lately
+    await backend.store.flush_access()
+    await backend.optimize("u1")
+    decay = dict(await rows(mesh, "SELECT content, decay FROM ltm_memories WHERE user_id = %s AND type <> 'episodic'"
+                                  " AND type <> 'entity'", "u1"))
+    # same age: the one in use keeps its strength; same use: the newer one is stronger
+    assert decay["User loves old maps"] > decay["User loves fresh figs"]
+    assert decay["User loves green tea"] > decay["User loves fresh figs"]
+    assert decay["User lives in Oslo"] < decay["User lives in Bergen"]  # older and superseded
+    assert min(decay.values()) >= 0.0 and max(decay.values()) <= 1.0
+
+
+async def test_budgeted_cleanup_archives_the_lowest_value_first(mesh: Mesh) -> None:
+    backend = native(mesh, ltm_memory_budget=6, ltm_cleanup_batch=3)
+    now = time.time()
+    assert await backend.ingest(update("u1", "Always answer in French.", now - 400 * DAY))
+    for i, text in enumerate(["ok", "sure thing", "nice", "haha", "fine", "cool", "right", "great"]):
+        assert await backend.ingest(update("u1", text, now - (300 - 30 * i) * DAY))
+    total = await mesh.count("SELECT count(*) FROM ltm_memories WHERE user_id = %s", "u1")
+    first = await backend.optimize("u1")
+    assert first["archived"] == 3 and first["memories"] == total - 3
+    archived = [r[0] for r in await rows(mesh, "SELECT row ->> 'content' FROM ltm_archive WHERE user_id = %s"
+                                               " AND reason = 'budget'", "u1")]
+    # the oldest go first: the instruction's turn and entity (400 days), then the oldest small talk
+    assert sorted(archived) == ["Always answer in French.", "French (language)", "ok"]
+    while (await backend.optimize("u1"))["archived"]:
+        pass
+    # down to the budget; the instruction itself is never cleaned up, however old
+    left = {r[0] for r in await rows(mesh, "SELECT content FROM ltm_memories WHERE user_id = %s", "u1")}
+    assert left == {"User instructs: Always answer in French", "haha", "fine", "cool", "right", "great"}
+
+
+async def test_optimize_runs_for_one_user_at_a_time(mesh: Mesh) -> None:
+    a, b = native(mesh), native(mesh)
+    assert await a.ingest(update("u1", "I love chess.", time.time()))
+    entered, release = asyncio.Event(), asyncio.Event()
+    original = a.lifecycle.run_unlocked
+
+    async def slow(user_id: str) -> dict[str, Any]:
+        entered.set()
+        await release.wait()
+        return await original(user_id)
+
+    a.lifecycle.run_unlocked = slow  # type: ignore[method-assign]
+    first = asyncio.create_task(a.optimize("u1"))
+    await asyncio.wait_for(entered.wait(), 10)
+    assert (await b.optimize("u1"))["status"] == "busy"  # another worker, same user: refused
+    assert (await b.optimize("u2"))["status"] == "done"  # another user is not blocked
+    key = mesh.names.lock("ltm", "optimize", "u1")
+    assert 0 < await mesh.redis.pttl(key) <= 120_000
+    # a release with another token does not free the lock
+    assert await RedisLock(mesh.redis, key, 1000).release() is False and await mesh.redis.exists(key)
+    release.set()
+    assert (await first)["status"] == "done"
+    assert not await mesh.redis.exists(key)
+    assert (await b.optimize("u1"))["status"] == "done"
+
+
+async def test_lock_watchdog_keeps_a_long_run_locked(mesh: Mesh) -> None:
+    key = mesh.names.lock("ltm", "optimize", "u1")
+    lock = RedisLock(mesh.redis, key, 1000)
+    async with lock.held() as ok:
+        assert ok and not await RedisLock(mesh.redis, key, 1000).acquire()
+        await mesh.redis.pexpire(key, 400)  # as if most of the TTL had run out
+
+        async def refreshed() -> bool:
+            return await mesh.redis.pttl(key) > 500
+
+        await wait_until(refreshed, timeout=5, message="the watchdog extends the TTL")
+        assert await RedisLock(mesh.redis, key, 1000).extend() is False  # only the holder's token extends
+    assert not await mesh.redis.exists(key)
+
+
+async def test_periodic_job_optimises_recently_active_users(mesh: Mesh) -> None:
+    backend = native(mesh, ltm_optimize_interval_s=0.5)
+    other = native(mesh, ltm_optimize_interval_s=0.5)
+    optimised_at = "SELECT last_optimized_at FROM ltm_user_state WHERE user_id = %s"
+    async with running(service(mesh, backend, ltm_maintenance_s=0.05)), \
+            running(service(mesh, other, ltm_maintenance_s=0.05)):
+        await publish(mesh, update("u1", "I love jazz.", time.time()), update("u2", "I love rock.", time.time()))
+
+        async def optimised() -> bool:
+            return await mesh.count("SELECT count(*) FROM ltm_user_state WHERE last_optimized_at IS NOT NULL") == 2
+
+        await wait_until(optimised, timeout=30, message="both users optimised by the periodic job")
+        first = (await rows(mesh, optimised_at, "u1"))[0][0]
+        # new activity makes the user due again (after the interval), an idle user is left alone
+        idle = (await rows(mesh, optimised_at, "u2"))[0][0]
+        await publish(mesh, update("u1", "I love blues.", time.time()))
+
+        async def again() -> bool:
+            return (await rows(mesh, optimised_at, "u1"))[0][0] > first
+
+        await wait_until(again, timeout=30, message="u1 optimised again after new activity")
+        assert (await rows(mesh, optimised_at, "u2"))[0][0] == idle
+        resp = await ask(mesh, "optimize", "u1")
+        assert resp.success and resp.data is not None and resp.data["status"] in ("done", "busy")
+    assert await backend.lifecycle.due_users() == []
+
+
+async def test_optimize_needs_the_lock(mesh: Mesh) -> None:
+    backend = NativeBackend(LtmStore(mesh.pool), Embedder(mesh.model),
+                            settings=LtmSettings(**common(mesh.redis_url, mesh.database_url)))
+    async with running(service(mesh, backend)):
+        resp = await ask(mesh, "optimize", "u1")
+    assert not resp.success and resp.error is not None and resp.error.code == "unknown_type"
