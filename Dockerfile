@@ -24,7 +24,10 @@ COPY shared ./shared
 COPY services ./services
 COPY mesh ./mesh
 
-RUN useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin mesh
+RUN useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin mesh \
+    && mkdir -p /var/lib/mesh && chown mesh /var/lib/mesh
+# state that must outlive a container: the dev encryption key (set MEMORY_ENCRYPTION_KEY in production), mem0's history
+VOLUME /var/lib/mesh
 USER mesh
 
 CMD ["python", "-m", "mesh", "--help"]

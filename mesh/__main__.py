@@ -56,6 +56,8 @@ COMMANDS: dict[str, Command] = {
                     _lazy_run("mesh.chat")),
     "demo": Command("facts told in one session, recalled in another", _lazy("mesh.demo", "configure"),
                     _lazy_run("mesh.demo")),
+    "config": Command("print every setting (or --write it into README.md)", _lazy("mesh.configdoc", "configure"),
+                      _lazy_run("mesh.configdoc")),
     "bench": Command("latency benchmarks (p50/p95 against the seed ceilings): `bench --out FILE`",
                      _lazy("mesh.bench", "configure"), _lazy_run("mesh.bench")),
 }

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-BENCH_MODULES = ["mesh.bench_memory"]
+BENCH_MODULES = ["mesh.bench_memory", "mesh.bench_mesh"]
 ROOT = Path(__file__).resolve().parent.parent
 MIGRATIONS = {
     "memory": ROOT / "services" / "memory" / "migrations",

@@ -69,7 +69,7 @@ class MeshClient:
         await self.redis.xadd(self.names.user_input, {"data": encode(msg)})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            rows = await self.redis.xread({self.names.ai_responses: cursor}, block=1000, count=100)
+            rows: Any = await self.redis.xread({self.names.ai_responses: cursor}, block=1000, count=100)
             for _stream, entries in rows or []:
                 for entry_id, fields in entries:
                     cursor = entry_id

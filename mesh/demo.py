@@ -39,8 +39,8 @@ async def demo() -> int:
         for fact in FACTS:
             _show("user", fact, await client.say(fact, user_id=user, session_id=first))
         deadline = time.monotonic() + 60
-        while await client.memory_count(user) < len(FACTS) and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
+        while await client.memory_count(user) < len(FACTS) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.2)  # polling another process's progress over the bus
         print(f"\n(long-term memory now holds {await client.memory_count(user)} memories for {user})")
         print(f"\n=== session 2 ({second}): a new session, same user")
         recalled = 0

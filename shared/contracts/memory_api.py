@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, TypeAdapter, field_validator
 
 from shared.contracts.errors import ErrorInfo
-from shared.contracts.messages import EmptyData, Id, Message, RequestEnvelope, _check_size
+from shared.contracts.messages import EmptyData, Id, Message, PingRequest, RequestEnvelope, _check_size
 
 Role = Literal["human", "ai", "system"]
 ContextType = Literal["conversation", "preference", "project", "user_info"]
@@ -196,10 +196,7 @@ class GetStmRequest(_MemoryRequest):
     data: SessionRef
 
 
-class MemoryPingRequest(RequestEnvelope):
-    type: Literal["ping"]
-    user_id: str | None = None
-    data: EmptyData = Field(default_factory=EmptyData)
+MemoryPingRequest = PingRequest  # the same message on both request lists
 
 
 MemoryRequest = Annotated[
