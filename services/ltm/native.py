@@ -78,6 +78,8 @@ class NativeBackend:
         await self.store.flush_access()
 
     async def ingest(self, update: MemoryUpdate) -> bool:
+        if await self.store.ingested(update.user_id, update.message_id):
+            return False  # a redelivery: skip extraction and embedding (the transaction below still guards races)
         extra = dict(update.meta.model_extra or {})
         named = str(extra.get("speaker") or "").strip()
         subject = named or ("User" if update.source == "user" else "Assistant")

@@ -112,6 +112,13 @@ class LtmStore:
                 await then(conn)
         return True
 
+    async def ingested(self, user_id: str, message_id: str) -> bool:
+        """Whether the update was ingested already (a cheap pre-check; :meth:`ingest` stays the guarantee)."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute("SELECT 1 FROM ltm_ingested WHERE user_id = %s AND message_id = %s",
+                                     (user_id, message_id))
+            return await cur.fetchone() is not None
+
     async def add(self, m: NewMemory) -> Memory:
         async with self.pool.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)

@@ -287,3 +287,27 @@ async def _typed(mesh: Mesh, user_id: str) -> list[tuple[Any, ...]]:
         cur = await conn.execute("SELECT type, content, meta ->> 'extraction', slot FROM ltm_memories"
                                  " WHERE user_id = %s AND type NOT IN ('episodic', 'entity')", (user_id,))
         return list(await cur.fetchall())
+
+
+class CountingExtraction(Extraction):
+    """The real rule extraction, counting the turns it is asked to extract."""
+
+    def __init__(self, rules: RuleExtractor) -> None:
+        super().__init__(rules)
+        self.turns: list[Turn] = []
+
+    async def extract(self, turn: Turn) -> list[Extracted]:
+        self.turns.append(turn)
+        return await super().extract(turn)
+
+
+async def test_a_redelivered_update_is_not_extracted_again(mesh: Mesh, rules: RuleExtractor) -> None:
+    extraction = CountingExtraction(rules)
+    backend = NativeBackend(LtmStore(mesh.pool), Embedder(mesh.model), extraction=extraction)
+    update = MemoryUpdate(user_id="u-redeliver", content="I love green tea.", source="user",
+                          timestamp=1_683_500_000.0, meta={"session_id": "s", "message_id": "m-1"})
+    assert await backend.ingest(update) is True
+    assert await backend.ingest(update) is False
+    assert len(extraction.turns) == 1
+    assert await mesh.count("SELECT count(*) FROM ltm_memories WHERE user_id = %s AND type = 'preference'",
+                            "u-redeliver") == 1
