@@ -6,13 +6,14 @@ import asyncio
 import inspect
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import redis.asyncio as aioredis
 from psycopg_pool import AsyncConnectionPool
+from pydantic import BaseModel, TypeAdapter
 
 from services.chat_ai.config import ChatSettings
 from services.chat_ai.service import ChatService
@@ -21,7 +22,7 @@ from services.ltm.service import LtmService, build_backend
 from services.memory.config import MemorySettings
 from services.memory.service import MemoryService
 from services.memory.store import ConversationStore
-from shared.contracts import AI_RESPONSE, AIResponse, DecodeError, Names, UserInput, decode, encode, new_id
+from shared.contracts import AI_RESPONSE, AIResponse, DecodeError, LTMResponse, Names, UserInput, decode, encode, new_id
 from shared.runtime.db import open_pool
 from shared.runtime.embedding import SyncEmbedder
 
@@ -136,11 +137,65 @@ async def mesh_for(names: Names, redis: aioredis.Redis, redis_url: str, database
         await pool.close()
 
 
+R = TypeVar("R", bound=BaseModel)
+
+
+class Replies(Generic[R]):
+    """A subscription to a reply channel, confirmed before anything is sent; replies kept by request_id.
+
+    Tests send raw (often malformed) JSON and need the default channel too, so they cannot use
+    RpcClient; this is their one way to wait for replies.
+    """
+
+    def __init__(self, redis: aioredis.Redis, channel: str, adapter: TypeAdapter[R]) -> None:
+        self.redis, self.channel, self.adapter = redis, channel, adapter
+        self.pubsub = redis.pubsub()
+        self.seen: dict[str, R] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Replies[R]:
+        await self.pubsub.subscribe(self.channel)
+
+        async def confirmed() -> bool:
+            msg = await self.pubsub.get_message(timeout=0.1)
+            return msg is not None and msg["type"] == "subscribe"
+
+        await wait_until(confirmed, message=f"subscribed to {self.channel}")
+        self._reader = asyncio.create_task(self._read())  # one reader: any number of waiters
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        await self.pubsub.aclose()
+
+    async def _read(self) -> None:
+        while True:
+            msg = await self.pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
+            if msg and msg["type"] == "message":
+                resp = decode(self.adapter, msg["data"], max_content_bytes=1 << 30)
+                self.seen[str(getattr(resp, "request_id", ""))] = resp
+
+    async def get(self, request_id: str, timeout: float = 20.0) -> R:
+        result: R = await wait_until(lambda: self.seen.get(request_id), timeout, message=f"reply to {request_id}")
+        return result
+
+
+def ltm_replies(mesh: Mesh, channel: str | None = None) -> Replies[LTMResponse]:
+    return Replies(mesh.redis, channel or mesh.names.ltm_responses, TypeAdapter(LTMResponse))
+
+
+async def ask_ltm(mesh: Mesh, raw: str, timeout: float = 20.0) -> LTMResponse:
+    """Push one raw ltm request and wait for its reply on the default channel."""
+    async with ltm_replies(mesh) as replies:
+        await mesh.redis.rpush(mesh.names.ltm_requests, raw)
+        return await replies.get(json.loads(raw)["request_id"], timeout)
+
+
 def ltm_request(type_: str, user_id: str | None, data: dict[str, Any] | None = None, **kw: Any) -> str:
     body: dict[str, Any] = {"request_id": new_id(), "type": type_, "data": data or {}, **kw}
     if user_id is not None:
         body["user_id"] = user_id
     return json.dumps(body)
 
-
-Awaitable_ = Awaitable  # re-export for type hints in tests

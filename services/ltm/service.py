@@ -6,7 +6,6 @@ import asyncio
 from typing import Any
 
 import redis.asyncio as aioredis
-import redis.exceptions
 import structlog
 
 from services.ltm.backend import LtmBackend, NotFound, Unsupported
@@ -33,10 +32,10 @@ from shared.contracts import (
     StatsRequest,
     decode,
 )
-from shared.runtime.backoff import Backoff
 from shared.runtime.deadletter import dead_letter
 from shared.runtime.logging import get_logger
 from shared.runtime.metrics import Metrics
+from shared.runtime.pubsub import listen
 from shared.runtime.requests import RequestServer
 from shared.runtime.streams import StreamConsumer
 
@@ -114,36 +113,22 @@ class LtmService:
 
     async def _pubsub_ingest(self) -> None:
         """LTM_ACCEPT_PUBSUB: also ingest updates that publishers send only on the channel."""
-        backoff = Backoff()
+        await listen(self.redis, self.names.memory_updates_pubsub, self._on_pubsub_update, self._stop,
+                     metrics=self.metrics)
+
+    async def _on_pubsub_update(self, raw: bytes) -> None:
         channel = self.names.memory_updates_pubsub
-        while not self._stop.is_set():
-            pubsub = self.redis.pubsub()
-            try:
-                await pubsub.subscribe(channel)
-                while not self._stop.is_set():
-                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
-                    if msg is None or msg["type"] != "message":
-                        continue
-                    backoff.reset()
-                    try:
-                        update = decode(MEMORY_UPDATE, msg["data"], max_content_bytes=self.settings.max_content_bytes)
-                    except DecodeError as err:
-                        self.metrics.incr(f"pubsub.rejected.{err.reason.value}")
-                        await dead_letter(self.redis, channel, msg["data"], err.reason.value, err.message)
-                        continue
-                    try:
-                        await self.ingest_update(update)
-                    except Exception:
-                        self.metrics.incr("pubsub.failed")
-                        log.exception("ltm.pubsub_ingest_failed")
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-                log.warning("ltm.pubsub_lost", error=str(exc))
-                await backoff.sleep(self._stop)
-            finally:
-                try:
-                    await pubsub.aclose()
-                except Exception:  # noqa: BLE001
-                    pass
+        try:
+            update = decode(MEMORY_UPDATE, raw, max_content_bytes=self.settings.max_content_bytes)
+        except DecodeError as err:
+            self.metrics.incr(f"pubsub.rejected.{err.reason.value}")
+            await dead_letter(self.redis, channel, raw, err.reason.value, err.message)
+            return
+        try:
+            await self.ingest_update(update)
+        except Exception:
+            self.metrics.incr("pubsub.failed")
+            log.exception("ltm.pubsub_ingest_failed")
 
     # ------------------------------------------------------------------ requests
     async def handle_request(self, req: LTMRequest) -> LTMResponse:

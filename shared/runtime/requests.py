@@ -25,6 +25,7 @@ from shared.runtime.deadletter import dead_letter
 from shared.runtime.errors import is_transient
 from shared.runtime.logging import get_logger
 from shared.runtime.metrics import Metrics
+from shared.runtime.pubsub import listen
 
 log = get_logger(__name__)
 
@@ -157,7 +158,8 @@ class RpcClient(Generic[Resp]):
         self._task: asyncio.Task[None] | None = None
 
     async def start(self, timeout: float = 5.0) -> None:
-        self._task = asyncio.create_task(self._listen())
+        self._task = asyncio.create_task(
+            listen(self.redis, self.reply_channel, self._deliver, self._stop, metrics=self.metrics, ready=self._ready))
         try:
             await asyncio.wait_for(self._ready.wait(), timeout)
         except TimeoutError:
@@ -193,33 +195,6 @@ class RpcClient(Generic[Resp]):
             raise Unavailable(str(exc)) from exc
         finally:
             self._pending.pop(request_id, None)
-
-    async def _listen(self) -> None:
-        backoff = Backoff()
-        while not self._stop.is_set():
-            pubsub = self.redis.pubsub()
-            try:
-                await pubsub.subscribe(self.reply_channel)
-                while not self._stop.is_set():
-                    msg = await pubsub.get_message(ignore_subscribe_messages=False, timeout=0.5)
-                    if msg is None:
-                        continue
-                    if msg["type"] == "subscribe":
-                        self._ready.set()
-                        backoff.reset()
-                    elif msg["type"] == "message":
-                        self._deliver(msg["data"])
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-                self._ready.clear()
-                self.metrics.incr("rpc.reconnects")
-                log.warning("rpc.subscription_lost", channel=self.reply_channel, error=str(exc))
-                await backoff.sleep(self._stop)
-            finally:
-                try:
-                    await pubsub.aclose()
-                except Exception:  # noqa: BLE001 - closing a broken connection
-                    pass
-        self._ready.clear()
 
     def _deliver(self, raw: bytes | str) -> None:
         try:

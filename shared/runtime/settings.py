@@ -9,7 +9,6 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.contracts.messages import DEFAULT_MAX_CONTENT_BYTES
-from shared.contracts.names import Names
 
 
 class MeshSettings(BaseSettings):
@@ -32,9 +31,6 @@ class MeshSettings(BaseSettings):
     openai_base_url: str | None = None
     llm_model: str = "gpt-4o-mini"
     llm_timeout_s: float = 30.0
-
-    def names(self) -> Names:
-        return Names.from_env()
 
     @property
     def llm_configured(self) -> bool:

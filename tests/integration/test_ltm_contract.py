@@ -10,58 +10,36 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 
 from services.ltm.service import LtmService
-from shared.contracts import LTM_RESPONSE, LTMResponse, MemoryUpdate, decode, encode, new_id
+from shared.contracts import LTMResponse, MemoryUpdate, encode, new_id
 from tests.fake_llm import fake_llm
-from tests.helpers import Mesh, running, wait_until
+from tests.helpers import Mesh, ltm_replies, running, wait_until
 
 BACKENDS = ["native", "mem0"]
 
 
 class Client:
-    """Sends raw requests with ``reply_to`` set to this client's channel; a reader task matches replies by id."""
+    """Sends raw requests with ``reply_to`` set to a channel of its own and waits for each reply by id."""
 
     def __init__(self, mesh: Mesh) -> None:
         self.mesh = mesh
         self.channel = mesh.names.reply_channel("ltm-contract", uuid.uuid4().hex[:8])
-        self.pubsub = mesh.redis.pubsub()
-        self.waiting: dict[str, asyncio.Future[LTMResponse]] = {}
-        self.reader: asyncio.Task[None] | None = None
+        self.replies = ltm_replies(mesh, self.channel)
 
     async def start(self) -> None:
-        await self.pubsub.subscribe(self.channel)
-
-        async def subscribed() -> bool:
-            msg = await self.pubsub.get_message(timeout=0.1)
-            return msg is not None and msg["type"] == "subscribe"
-
-        await wait_until(subscribed, message="subscribed to the reply channel")
-        self.reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        while True:
-            msg = await self.pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
-            if msg and msg["type"] == "message":
-                resp = decode(LTM_RESPONSE, msg["data"])
-                fut = self.waiting.pop(resp.request_id, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(resp)
+        await self.replies.__aenter__()
 
     async def close(self) -> None:
-        if self.reader is not None:
-            self.reader.cancel()
-            await asyncio.gather(self.reader, return_exceptions=True)
-        await self.pubsub.aclose()
+        await self.replies.__aexit__()
 
     async def send_raw(self, body: dict[str, Any], timeout: float = 20.0) -> LTMResponse:
-        fut: asyncio.Future[LTMResponse] = asyncio.get_running_loop().create_future()
-        self.waiting[body["request_id"]] = fut
         await self.mesh.redis.rpush(self.mesh.names.ltm_requests, json.dumps({**body, "reply_to": self.channel}))
-        return await asyncio.wait_for(fut, timeout)
+        return await self.replies.get(body["request_id"], timeout)
 
     async def call(self, type_: str, user_id: str | None, data: dict[str, Any] | None = None) -> LTMResponse:
         body: dict[str, Any] = {"request_id": new_id(), "type": type_, "data": data or {}}
@@ -75,15 +53,23 @@ class Client:
         return resp
 
 
-@pytest.fixture(params=BACKENDS)
-async def ltm(request: pytest.FixtureRequest, mesh: Mesh) -> AsyncIterator[tuple[LtmService, Client]]:
-    service = mesh.ltm(ltm_backend=request.param)
+@asynccontextmanager
+async def serving(mesh: Mesh, backend: str) -> AsyncIterator[tuple[LtmService, Client]]:
+    service = mesh.ltm(ltm_backend=backend)
     client = Client(mesh)
     await client.start()
-    async with running(service):
-        await wait_until(lambda: _pong(client), message="the ltm service answers")
-        yield service, client
-    await client.close()
+    try:
+        async with running(service):
+            await wait_until(lambda: _pong(client), message="the ltm service answers")
+            yield service, client
+    finally:
+        await client.close()
+
+
+@pytest.fixture(params=BACKENDS)
+async def ltm(request: pytest.FixtureRequest, mesh: Mesh) -> AsyncIterator[tuple[LtmService, Client]]:
+    async with serving(mesh, request.param) as served:
+        yield served
 
 
 async def _pong(client: Client) -> bool:
@@ -291,13 +277,8 @@ async def test_every_user_finds_their_own_memory_among_many(ltm: tuple[LtmServic
 # --------------------------------------------------------------------------- the mem0 backend's own traps
 @pytest.fixture
 async def mem0_ltm(mesh: Mesh) -> AsyncIterator[tuple[LtmService, Client]]:
-    service = mesh.ltm(ltm_backend="mem0")
-    client = Client(mesh)
-    await client.start()
-    async with running(service):
-        await wait_until(lambda: _pong(client), message="the ltm service answers")
-        yield service, client
-    await client.close()
+    async with serving(mesh, "mem0") as served:
+        yield served
 
 
 async def test_mem0_traps_are_handled(mem0_ltm: tuple[LtmService, Client], mesh: Mesh) -> None:

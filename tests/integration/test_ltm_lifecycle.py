@@ -14,9 +14,9 @@ from services.ltm.lifecycle import RedisLock
 from services.ltm.native import NativeBackend
 from services.ltm.service import LtmService
 from services.ltm.store import LtmStore
-from shared.contracts import LTM_RESPONSE, LTMResponse, MemoryUpdate, decode, encode
+from shared.contracts import LTMResponse, MemoryUpdate, encode
 from shared.runtime.embedding import Embedder
-from tests.helpers import Mesh, common, ltm_request, running, wait_until
+from tests.helpers import Mesh, common, ltm_replies, ltm_request, running, wait_until
 
 DAY = 86400.0
 
@@ -57,21 +57,10 @@ async def rows(mesh: Mesh, sql: str, *params: Any) -> list[tuple[Any, ...]]:
 
 async def ask(mesh: Mesh, type_: str, user: str, data: dict[str, Any] | None = None) -> LTMResponse:
     reply_to = f"{mesh.names.ltm_responses}:{uuid.uuid4().hex}"
-    pubsub = mesh.redis.pubsub()
-    await pubsub.subscribe(reply_to)
-    try:
+    async with ltm_replies(mesh, reply_to) as replies:
         raw = ltm_request(type_, user, data, reply_to=reply_to)
         await mesh.redis.rpush(mesh.names.ltm_requests, raw)
-
-        async def get() -> LTMResponse | None:
-            msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2)
-            return decode(LTM_RESPONSE, msg["data"]) if msg and msg["type"] == "message" else None
-
-        resp: LTMResponse = await wait_until(get, timeout=30, message=f"{type_} response")
-        assert resp.request_id == json.loads(raw)["request_id"]
-        return resp
-    finally:
-        await pubsub.aclose()
+        return await replies.get(json.loads(raw)["request_id"], timeout=30)
 
 
 LOCATION = ("SELECT content, valid_to, superseded_by::text, memory_id::text FROM ltm_memories"

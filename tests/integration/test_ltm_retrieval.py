@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import replace
@@ -10,10 +9,10 @@ from datetime import UTC, datetime
 
 from services.ltm.retrieval import RetrievalConfig, count_tokens, in_period, query_periods, search
 from services.ltm.store import LtmStore, NewMemory
-from shared.contracts import LTM_RESPONSE, MemoryUpdate, decode, encode
+from shared.contracts import MemoryUpdate, encode
 from shared.contracts.messages import MemoryUpdateMeta, SearchData
 from shared.runtime.embedding import SyncEmbedder
-from tests.helpers import Mesh, ltm_request, running, wait_until
+from tests.helpers import Mesh, ask_ltm, ltm_request, running, wait_until
 
 DAY = 86_400.0
 HYBRID = RetrievalConfig()
@@ -140,21 +139,7 @@ async def test_access_statistics_are_flushed_in_one_write(mesh: Mesh) -> None:
 
 
 async def _search_over_bus(mesh: Mesh, user: str, query: str) -> list:  # type: ignore[type-arg]
-    pubsub = mesh.redis.pubsub()
-    await pubsub.subscribe(mesh.names.ltm_responses)
-    raw = ltm_request("search", user, {"query": query, "limit": 3})
-    await mesh.redis.rpush(mesh.names.ltm_requests, raw)
-    request_id = json.loads(raw)["request_id"]
-
-    async def reply():  # type: ignore[no-untyped-def]
-        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2)
-        if msg and msg["type"] == "message":
-            resp = decode(LTM_RESPONSE, msg["data"])
-            return resp if resp.request_id == request_id else None
-        return None
-
-    resp = await wait_until(reply, message="search reply")
-    await pubsub.aclose()
+    resp = await ask_ltm(mesh, ltm_request("search", user, {"query": query, "limit": 3}))
     assert resp.success
     return list(resp.memories)
 

@@ -13,7 +13,7 @@ from shared.contracts import MEMORY_RESPONSE, MemoryResponse, decode, new_id
 from shared.contracts.memory_api import MEMORY_REQUEST
 from shared.runtime.metrics import Metrics
 from shared.runtime.requests import RpcClient
-from tests.helpers import Mesh, running, wait_until
+from tests.helpers import Mesh, Replies, running, wait_until
 
 
 @pytest.fixture
@@ -102,35 +102,19 @@ async def test_another_users_session_is_not_found_over_the_bus(rpc: RpcClient[Me
 
 
 async def test_bad_requests_get_error_replies_and_dead_letters(mesh: Mesh, rpc: RpcClient[MemoryResponse]) -> None:
-    pubsub = mesh.redis.pubsub()
-    await pubsub.subscribe(mesh.names.memory_responses)
-    await wait_until(lambda: _subscribed(pubsub), message="subscribed")
-    for body in ({"request_id": "r-unknown", "type": "teleport", "user_id": "u1", "data": {}},
+    async with Replies(mesh.redis, mesh.names.memory_responses, MEMORY_RESPONSE) as replies:
+        for body in ({"request_id": "r-unknown", "type": "teleport", "user_id": "u1", "data": {}},
                  {"request_id": "r-bad", "type": "get_messages", "user_id": "u1", "data": {"limit": 5}},
-                 {"request_id": "r-nouser", "type": "get_session", "data": {"session_id": "s"}}):
-        await mesh.redis.rpush(mesh.names.memory_requests, json.dumps(body))
-    await mesh.redis.rpush(mesh.names.memory_requests, b"not json")
-    replies: dict[str, MemoryResponse] = {}
-
-    async def collect() -> bool:
-        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
-        if msg and msg["type"] == "message":
-            resp = decode(MEMORY_RESPONSE, msg["data"])
-            replies[resp.request_id] = resp
-        return len(replies) == 3
-
-    await wait_until(collect, message="three error replies")
-    await pubsub.aclose()
-    assert replies["r-unknown"].error and replies["r-unknown"].error.code == "unknown_type"
-    assert replies["r-bad"].error and replies["r-bad"].error.code == "bad_request"
-    assert replies["r-nouser"].error and replies["r-nouser"].error.code == "bad_request"
+                     {"request_id": "r-nouser", "type": "get_session", "data": {"session_id": "s"}}):
+            await mesh.redis.rpush(mesh.names.memory_requests, json.dumps(body))
+        await mesh.redis.rpush(mesh.names.memory_requests, b"not json")
+        unknown, bad, nouser = [await replies.get(r) for r in ("r-unknown", "r-bad", "r-nouser")]
+    assert unknown.error and unknown.error.code == "unknown_type"
+    assert bad.error and bad.error.code == "bad_request"
+    assert nouser.error and nouser.error.code == "bad_request"
     dead = await wait_until(lambda: _dead(mesh, 4), message="four dead letters")
     assert {d["reason"] for d in dead} == {"unknown_type", "invalid", "invalid_json"}
 
-
-async def _subscribed(pubsub) -> bool:  # type: ignore[no-untyped-def]
-    msg = await pubsub.get_message(timeout=0.1)
-    return msg is not None and msg["type"] == "subscribe"
 
 
 async def _dead(mesh: Mesh, n: int) -> list[dict[str, str]] | None:

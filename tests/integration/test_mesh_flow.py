@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
-
-from shared.contracts import LTM_RESPONSE, decode
-from tests.helpers import Mesh, ltm_request, running, wait_until
+from tests.helpers import Mesh, ask_ltm, ltm_request, running, wait_until
 
 
 async def ingested(mesh: Mesh, user_id: str, n: int) -> None:
@@ -56,28 +53,7 @@ async def test_search_over_the_bus_returns_the_users_memory(mesh: Mesh) -> None:
     async with running(mesh.memory()), running(mesh.ltm()):
         await mesh.send("My favourite colour is teal.", user_id="u-c", session_id="s1")
         await ingested(mesh, "u-c", 1)
-        pubsub = mesh.redis.pubsub()
-        await pubsub.subscribe(mesh.names.ltm_responses)
-        await wait_until(lambda: _subscribed(pubsub), message="subscribed")
-        raw = ltm_request("search", "u-c", {"query": "what colour do I like?"})
-        await mesh.redis.rpush(mesh.names.ltm_requests, raw)
-        resp = await _next_response(pubsub, json.loads(raw)["request_id"])
-        await pubsub.aclose()
+        resp = await ask_ltm(mesh, ltm_request("search", "u-c", {"query": "what colour do I like?"}))
         assert resp.success and resp.memories and "teal" in resp.memories[0].content
         assert resp.memories[0].source.session_id == "s1"
 
-
-async def _subscribed(pubsub) -> bool:  # type: ignore[no-untyped-def]
-    msg = await pubsub.get_message(timeout=0.1)
-    return msg is not None and msg["type"] == "subscribe"
-
-
-async def _next_response(pubsub, request_id: str):  # type: ignore[no-untyped-def]
-    async def get():  # type: ignore[no-untyped-def]
-        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
-        if msg and msg["type"] == "message":
-            resp = decode(LTM_RESPONSE, msg["data"])
-            return resp if resp.request_id == request_id else None
-        return None
-
-    return await wait_until(get, message=f"response to {request_id}")

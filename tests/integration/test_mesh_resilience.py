@@ -5,40 +5,13 @@ from __future__ import annotations
 import json
 import time
 
-from shared.contracts import LTM_RESPONSE, LTMResponse, MemoryUpdate, Names, decode, encode
+from shared.contracts import MemoryUpdate, encode
 from shared.contracts.messages import MemoryUpdateMeta
-from tests.helpers import Mesh, ltm_request, running, wait_until
+from tests.helpers import Mesh, ltm_replies, ltm_request, running, wait_until
 
 
 async def _ingested(mesh: Mesh, user_id: str) -> int:
     return await mesh.count("SELECT count(*) FROM ltm_ingested WHERE user_id = %s", user_id)
-
-
-class Replies:
-    """A subscription to ltm_responses, opened before anything is sent."""
-
-    def __init__(self, mesh: Mesh) -> None:
-        self.mesh = mesh
-        self.pubsub = mesh.redis.pubsub()
-        self.seen: dict[str, LTMResponse] = {}
-
-    async def __aenter__(self) -> Replies:
-        await self.pubsub.subscribe(self.mesh.names.ltm_responses)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.pubsub.aclose()
-
-    async def get(self, request_id: str, timeout: float = 10.0) -> LTMResponse:
-        async def poll() -> LTMResponse | None:
-            msg = await self.pubsub.get_message(ignore_subscribe_messages=True, timeout=0.05)
-            if msg and msg["type"] == "message":
-                resp = decode(LTM_RESPONSE, msg["data"])
-                self.seen[resp.request_id] = resp
-            return self.seen.get(request_id)
-
-        result: LTMResponse = await wait_until(poll, timeout, message=f"ltm reply {request_id}")
-        return result
 
 
 async def test_ltm_down_replies_time_out_then_updates_are_ingested_exactly_once(mesh: Mesh) -> None:
@@ -133,7 +106,7 @@ async def test_bad_input_is_dead_lettered_everywhere_and_the_next_good_message_i
         assert ltm.metrics.get("pubsub.rejected.invalid_json") == 1  # type: ignore[attr-defined]
 
         # ltm_requests: error replies where a request_id is readable, nothing where it is not
-        async with Replies(mesh) as replies:
+        async with ltm_replies(mesh) as replies:
             unknown = ltm_request("teleport", "u1")
             oversize = ltm_request("search", "u1", {"query": big})
             invalid = ltm_request("search", None, {"query": "hello"})  # user_id missing
@@ -201,7 +174,7 @@ async def test_another_users_search_never_returns_this_users_memory(mesh: Mesh) 
         reply = await mesh.reply_to(question)
         assert "Lisbon" not in reply.content and "4921" not in reply.content
         assert reply.meta.ltm in ("miss", "hit")
-        async with Replies(mesh) as replies:
+        async with ltm_replies(mesh) as replies:
             for query in ("Lisbon", "bank PIN 4921", "where does alice live"):
                 raw = ltm_request("search", "mallory", {"query": query, "limit": 50})
                 await mesh.redis.rpush(mesh.names.ltm_requests, raw)
@@ -215,5 +188,3 @@ async def test_another_users_search_never_returns_this_users_memory(mesh: Mesh) 
     for table in ("ltm_memories", "ltm_ingested"):
         assert await mesh.count(f"SELECT count(*) FROM {table} WHERE user_id = %s", "alice") == 0
 
-
-_ = Names  # names are reached through mesh.names

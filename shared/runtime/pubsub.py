@@ -1,0 +1,58 @@
+"""Staying subscribed to one pub/sub channel through Redis restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from shared.runtime.backoff import Backoff
+from shared.runtime.logging import get_logger
+from shared.runtime.metrics import Metrics
+
+log = get_logger(__name__)
+
+OnMessage = Callable[[bytes], Awaitable[None] | None]
+
+
+async def listen(client: aioredis.Redis, channel: str, on_message: OnMessage, stop: asyncio.Event, *,
+                 metrics: Metrics, ready: asyncio.Event | None = None) -> None:
+    """Call ``on_message(data)`` for each message on ``channel`` until ``stop`` is set.
+
+    A lost connection is counted and logged, and the subscription is made again with back-off;
+    ``ready`` is set while the subscription is confirmed and cleared while it is not, so a
+    requester never sends a request whose reply it could miss.
+    """
+    backoff = Backoff()
+    while not stop.is_set():
+        pubsub = client.pubsub()
+        try:
+            await pubsub.subscribe(channel)
+            while not stop.is_set():
+                msg = await pubsub.get_message(ignore_subscribe_messages=False, timeout=0.5)
+                if msg is None:
+                    continue
+                if msg["type"] == "subscribe":
+                    backoff.reset()
+                    if ready is not None:
+                        ready.set()
+                elif msg["type"] == "message":
+                    result = on_message(msg["data"])
+                    if inspect.isawaitable(result):
+                        await result
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            if ready is not None:
+                ready.clear()
+            metrics.incr("pubsub.reconnects")
+            log.warning("pubsub.subscription_lost", channel=channel, error=str(exc))
+            await backoff.sleep(stop)
+        finally:
+            try:
+                await pubsub.aclose()
+            except Exception:  # noqa: BLE001 - closing a broken connection
+                pass
+    if ready is not None:
+        ready.clear()
