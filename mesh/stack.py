@@ -4,8 +4,10 @@
 embedded Redis and PostgreSQL (+pgvector) with their data under ``.data/``. It writes
 ``.data/stack.env`` (``REDIS_URL=...`` and ``DATABASE_URL=...``; ``set -a; . .data/stack.env``
 then ``redis-cli -u "$REDIS_URL"`` / ``psql "$DATABASE_URL"``), prints ``mesh ready: ...``,
-then runs the services as child processes and restarts any that crash (exponential
-backoff, capped). SIGINT/SIGTERM: SIGTERM the services, SIGKILL what is left after the
+then runs the services as child processes, each writing to ``.data/logs/<service>.log``,
+and restarts any that crash (exponential backoff, capped). ``up`` returns once every
+service answers ``ping`` over the bus (mesh/ready.py), else fails naming the service
+and its log. SIGINT/SIGTERM: SIGTERM the services, SIGKILL what is left after the
 grace period, then stop the data stores it started.
 """
 
@@ -26,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from mesh.infra import (
     PostgresServer,
@@ -48,7 +50,7 @@ SERVICES: dict[str, str] = {
     "chat_ai": "services.chat_ai",
 }
 READY_PREFIX = "mesh ready:"
-UP_TIMEOUT = 120.0
+UP_TIMEOUT = 180.0
 SERVICE_GRACE = 10.0
 MIN_BACKOFF = 1.0
 MAX_BACKOFF = 10.0
@@ -79,6 +81,13 @@ class StackPaths:
     @property
     def log(self) -> Path:
         return self.root / "stack.log"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def service_log(self, name: str) -> Path:
+        return self.logs / f"{name}.log"
 
     @property
     def lock(self) -> Path:
@@ -195,8 +204,11 @@ class Supervisor:
         *,
         max_backoff: float = MAX_BACKOFF,
         stable_after: float = STABLE_AFTER,
+        log_dir: Path | None = None,
     ) -> None:
+        """``log_dir``: each service's output is appended to ``<log_dir>/<name>.log`` (else inherited)."""
         self.services = list(services)
+        self._log_dir = log_dir
         self._env = env
         self._cwd = cwd
         self._max_backoff = max_backoff
@@ -213,16 +225,33 @@ class Supervisor:
             elif service.proc.poll() is not None:
                 self._on_exit(service, service.proc.returncode, now)
 
+    def _open_log(self, service: Service) -> BinaryIO | None:
+        if self._log_dir is None:
+            return None
+        self._log_dir.mkdir(parents=True, exist_ok=True)
+        handle = (self._log_dir / f"{service.name}.log").open("ab")
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        handle.write(f"----- {stamp} mesh stack: starting {service.name} (start #{service.restarts + 1})\n".encode())
+        handle.flush()
+        return handle
+
     def _spawn(self, service: Service, now: float) -> None:
         try:
-            service.proc = subprocess.Popen(
-                service.argv,
-                env=self._env,
-                cwd=self._cwd,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,  # its own process group: the stack signals it, not the tty
-                preexec_fn=self._preexec,  # the stack is single-threaded
-            )
+            output = self._open_log(service)
+            try:
+                service.proc = subprocess.Popen(
+                    service.argv,
+                    env=self._env,
+                    cwd=self._cwd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=output,
+                    stderr=subprocess.STDOUT if output else None,
+                    start_new_session=True,  # its own process group: the stack signals it, not the tty
+                    preexec_fn=self._preexec,  # the stack is single-threaded
+                )
+            finally:
+                if output:
+                    output.close()  # the child has its own copy
         except OSError as exc:
             log.error("service %s could not start: %s", service.name, exc)
             self._schedule_restart(service, now)
@@ -375,8 +404,9 @@ def _service_env(redis_url: str, database_url: str) -> dict[str, str]:
     return env
 
 
-def _supervise(names: list[str], env: dict[str, str], stop: StopFlag) -> None:
-    supervisor = Supervisor([Service(name, [sys.executable, "-m", SERVICES[name]]) for name in names], env, Path.cwd())
+def _supervise(names: list[str], env: dict[str, str], stop: StopFlag, log_dir: Path) -> None:
+    supervisor = Supervisor([Service(name, [sys.executable, "-m", SERVICES[name]]) for name in names], env, Path.cwd(),
+                            log_dir=log_dir)
     try:
         while not stop.is_set():
             supervisor.poll()
@@ -408,7 +438,9 @@ def run_stack(args: argparse.Namespace) -> int:
             )
             log.info('attach with: set -a; . %s; redis-cli -u "$REDIS_URL"; psql "$DATABASE_URL"', paths.env)
             names = [] if args.no_services else args.services
-            _supervise(names, _service_env(redis_url, database_url), stop)
+            if names:
+                log.info("service logs: %s", ", ".join(str(paths.service_log(name)) for name in names))
+            _supervise(names, _service_env(redis_url, database_url), stop, paths.logs)
         except (RuntimeError, TimeoutError) as exc:
             log.error("%s", exc)
             return 1
@@ -460,13 +492,8 @@ def _wait_for_exit(pid: int, timeout: float) -> bool:
     return not pid_alive(pid)
 
 
-def run_up(args: argparse.Namespace) -> int:
-    paths = StackPaths.from_arg(args.data_dir)
-    pid = running_stack_pid(paths)
-    if pid is not None:
-        print(f"mesh stack already running (pid {pid}); log {paths.log}")
-        _print_urls(paths)
-        return 0
+def _start_stack(args: argparse.Namespace, paths: StackPaths, deadline: float) -> int | None:
+    """Start ``mesh stack`` in the background; its pid once the stores are up, None if it failed."""
     paths.root.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with paths.log.open("wb") as log_file:
@@ -479,18 +506,44 @@ def run_up(args: argparse.Namespace) -> int:
             start_new_session=True,
         )
     paths.pid.write_text(f"{proc.pid}\n")
-    deadline = time.monotonic() + args.timeout
     while not _log_has_ready_line(paths.log):
         if proc.poll() is not None:
             print(f"mesh stack failed (exit {proc.returncode}); {paths.log}:\n{_tail(paths.log)}", file=sys.stderr)
             paths.pid.unlink(missing_ok=True)
-            return 1
+            return None
         if time.monotonic() > deadline:
             print(f"mesh stack not ready after {args.timeout:.0f}s; {paths.log}:\n{_tail(paths.log)}", file=sys.stderr)
             _terminate_stack(paths, proc.pid, 60.0)
-            return 1
+            return None
         time.sleep(0.2)
-    print(f"mesh stack up (pid {proc.pid}); log {paths.log}; stop with `python -m mesh down`")
+    return proc.pid
+
+
+def _services_ready(paths: StackPaths, pid: int, services: list[str], deadline: float) -> bool:
+    from mesh.ready import wait_for_services  # asyncio and the Redis client only from here on
+
+    return wait_for_services(paths, pid, services, deadline)
+
+
+def run_up(args: argparse.Namespace) -> int:
+    """Start the stack (unless it runs) and return once every service answers ``ping``; 1 if one does not."""
+    paths = StackPaths.from_arg(args.data_dir)
+    deadline = time.monotonic() + args.timeout
+    pid = running_stack_pid(paths)
+    ours = pid is None
+    if pid is not None:
+        print(f"mesh stack already running (pid {pid}); log {paths.log}")
+    else:
+        pid = _start_stack(args, paths, deadline)
+        if pid is None:
+            return 1
+    services = [] if args.no_services else list(args.services)
+    if services and not _services_ready(paths, pid, services, deadline):
+        if ours:
+            print("mesh up: stopping the stack it started", file=sys.stderr)
+            _terminate_stack(paths, pid, 60.0)
+        return 1
+    print(f"mesh stack up (pid {pid}); log {paths.log}; stop with `python -m mesh down`")
     _print_urls(paths)
     return 0
 
@@ -554,7 +607,8 @@ def configure_stack(parser: argparse.ArgumentParser) -> None:
 
 def configure_up(parser: argparse.ArgumentParser) -> None:
     configure_stack(parser)
-    parser.add_argument("--timeout", type=float, default=UP_TIMEOUT, help="seconds to wait for readiness")
+    parser.add_argument("--timeout", type=float, default=UP_TIMEOUT,
+                        help="seconds to wait until every service answers ping")
 
 
 def configure_down(parser: argparse.ArgumentParser) -> None:

@@ -28,11 +28,12 @@ from shared.contracts import (
     new_id,
 )
 from shared.contracts.memory_api import MEMORY_RESPONSE, GetStmRequest, MemoryResponse, SessionRef, StmInfo
-from shared.contracts.messages import LtmStatus, SearchData
+from shared.contracts.messages import LtmStatus, PingRequest, SearchData
+from shared.contracts.ping import CHAT_REQUEST, ChatRequest, PingInfo, PingResponse
 from shared.runtime.llm import ChatModel, chat_model
 from shared.runtime.logging import content, get_logger
 from shared.runtime.metrics import Metrics
-from shared.runtime.requests import RpcClient, Unavailable
+from shared.runtime.requests import RequestServer, RpcClient, Unavailable
 from shared.runtime.stm import Stm, Turn, read_stm
 from shared.runtime.streams import StreamConsumer
 
@@ -60,6 +61,13 @@ class ChatService:
             handler=self._on_user_input, metrics=self.metrics, concurrency=settings.chat_concurrency,
             claim_idle_ms=settings.claim_idle_ms, max_deliveries=settings.max_deliveries,
         )
+        # chat_requests: only ``ping``, served once the reply subscriptions are up (mesh up waits for it)
+        self.requests: RequestServer[ChatRequest] = RequestServer(
+            redis, queue=names.chat_requests, reply_channel=names.chat_responses, adapter=CHAT_REQUEST,
+            handler=self._ping, error_reply=PingResponse.failure, metrics=self.metrics,
+            max_content_bytes=settings.max_content_bytes, concurrency=2,
+        )
+        self.started_at = time.time()
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()  # set once the reply subscriptions are up
 
@@ -69,12 +77,15 @@ class ChatService:
         if self.settings.memory_stm_timeout_ms:
             await self.memory.start()
         metrics_task = asyncio.create_task(self.metrics.run(self._stop, self.settings.metrics_flush_s))
+        requests_task = asyncio.create_task(self.requests.run(), name="chat_ai.requests")
         self.ready.set()
         log.info("chat_ai.ready", ltm=self.settings.enable_ltm, model=self.llm.name if self.llm else "offline")
         try:
             await self.consumer.run()
         finally:
             self._stop.set()
+            self.requests.stop()
+            await requests_task
             await metrics_task
             if self.settings.enable_ltm:
                 await self.ltm.close()
@@ -84,6 +95,13 @@ class ChatService:
     def stop(self) -> None:
         self._stop.set()
         self.consumer.stop()
+        self.requests.stop()
+
+    async def _ping(self, req: PingRequest) -> PingResponse:
+        info = PingInfo.now("chat_ai", self.settings.consumer_name, self.llm.name if self.llm else "offline",
+                            self.started_at, enable_ltm=self.settings.enable_ltm,
+                            stm_rebuild=bool(self.settings.memory_stm_timeout_ms))
+        return PingResponse(request_id=req.request_id, user_id=req.user_id, data=info.model_dump())
 
     async def _on_user_input(self, entry_id: str, raw: bytes | str | None) -> None:
         msg = decode(USER_INPUT, raw, max_content_bytes=self.settings.max_content_bytes, entry_id=entry_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -32,6 +33,7 @@ from shared.contracts import (
     StatsRequest,
     decode,
 )
+from shared.contracts.ping import PingInfo
 from shared.runtime.deadletter import dead_letter
 from shared.runtime.logging import get_logger
 from shared.runtime.metrics import Metrics
@@ -49,6 +51,7 @@ class LtmService:
         self.metrics = metrics or Metrics(redis, names.metrics("ltm"))
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()  # set once the backend is loaded and the loops run
+        self.started_at = time.time()
         self.ingest = StreamConsumer(
             redis, stream=names.memory_updates, group=names.ltm_group, consumer=settings.consumer_name,
             handler=self._on_update_entry, metrics=self.metrics, concurrency=settings.ltm_ingest_concurrency,
@@ -131,6 +134,11 @@ class LtmService:
             log.exception("ltm.pubsub_ingest_failed")
 
     # ------------------------------------------------------------------ requests
+    def ping_info(self) -> PingInfo:
+        s = self.settings
+        return PingInfo.now("ltm", s.consumer_name, self.backend.name, self.started_at,
+                            extraction=s.ltm_extraction, accept_pubsub=s.ltm_accept_pubsub)
+
     async def handle_request(self, req: LTMRequest) -> LTMResponse:
         structlog.contextvars.bind_contextvars(request_id=req.request_id, user_id=req.user_id)
         try:
@@ -169,8 +177,8 @@ class LtmService:
                 return LTMResponse(**ok, data=await b.optimize(req.user_id))
             case SearchEntitiesRequest(data=d):
                 return LTMResponse(**ok, data={"entities": await b.search_entities(req.user_id, d)})
-            case PingRequest():
-                return LTMResponse(**ok, data={"pong": True, "backend": b.name})
+            case PingRequest():  # served only after backend.start(): models loaded, ingest running
+                return LTMResponse(**ok, data=self.ping_info().model_dump())
         raise AssertionError(f"unhandled request type {req.type}")  # pragma: no cover
 
 

@@ -66,8 +66,9 @@ Publish = Callable[[Pipeline, MemoryUpdate], None]
 class MemoryApi:
     def __init__(self, store: ConversationStore, stm: StmWriter, cache: SessionCache, counter: TokenCounter,
                  metrics: Metrics, *, embedder: Callable[[], Awaitable[Embedder | None]] | None = None,
-                 publish: Publish | None = None) -> None:
+                 publish: Publish | None = None, ping: Callable[[], dict[str, Any]] | None = None) -> None:
         self.store, self.stm, self.cache, self.counter, self.metrics = store, stm, cache, counter, metrics
+        self._ping = ping  # the service's PingInfo (shared/contracts/ping.py)
         self._embedder = embedder
         self._publish = publish
         self._embed_lock = asyncio.Lock()
@@ -272,5 +273,5 @@ class MemoryApi:
             case GetStmRequest(data=d):
                 return {"stm": (await self.get_stm(req.user_id, d.session_id)).model_dump()}
             case MemoryPingRequest():
-                return {"pong": True}
+                return self._ping() if self._ping else {"pong": True}
         raise AssertionError(f"unhandled request type {req.type}")  # pragma: no cover

@@ -7,6 +7,7 @@ off the store path, so a store costs no model time) and sweeping expired context
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from shared.contracts import (
     decode,
     encode,
 )
+from shared.contracts.ping import PingInfo
 from shared.runtime.embedding import Embedder, shared_model
 from shared.runtime.llm import ChatModel, chat_model
 from shared.runtime.logging import get_logger
@@ -61,10 +63,13 @@ class MemoryService:
         self.stm = StmWriter(redis, names, store, build_summariser(settings, counter, llm), settings.stm_max_messages,
                              settings.stm_ttl_seconds, catch_up_delay_s=settings.memory_summary_delay_ms / 1000)
         self._embedder = embedder
+        self.started_at = time.time()
+        self.summariser_kind = f"llm:{llm.name}" if llm else "extractive"
         self.api = MemoryApi(
             store, self.stm, SessionCache(redis, names, settings.memory_cache_ttl_s, self.metrics), counter,
             self.metrics, embedder=self._get_embedder if settings.memory_embed_messages else None,
             publish=self.queue_update if settings.enable_ltm_publish else None,
+            ping=lambda: self.ping_info().model_dump(),
         )
         self._stop = asyncio.Event()
         common = dict(group=names.memory_group, consumer=settings.consumer_name, metrics=self.metrics,
@@ -100,6 +105,12 @@ class MemoryService:
         for c in self.consumers:
             c.stop()
         self.requests.stop()
+
+    def ping_info(self) -> PingInfo:
+        s = self.settings
+        return PingInfo.now("memory", s.consumer_name, self.summariser_kind, self.started_at,
+                            enable_ltm_publish=s.enable_ltm_publish, embed_messages=s.memory_embed_messages,
+                            cache=s.memory_cache_ttl_s > 0)
 
     async def _get_embedder(self) -> Embedder:
         """The embedding model, loaded on first need (in a thread: it takes seconds)."""

@@ -34,6 +34,9 @@ generation tokens replaced on every write; entries live under
 ``memory_requests`` (list) / ``memory_responses`` (channel) carry the memory
 service's request/response API (shared/contracts/memory_api.py,
 docs/contract-memory.md), the same way as ``ltm_requests``/``ltm_responses``.
+
+``chat_requests`` (list) / ``chat_responses`` (channel) reach chat_ai the same way; it serves only
+``ping`` (shared/contracts/ping.py), which is how ``mesh up`` and ``mesh status`` know it is ready.
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ class Names:
     ltm_responses_channel: str = "ltm_responses"
     memory_requests_queue: str = "memory_requests"
     memory_responses_channel: str = "memory_responses"
+    chat_requests_queue: str = "chat_requests"
+    chat_responses_channel: str = "chat_responses"
     # consumer groups
     memory_group: str = "memory"
     chat_group: str = "chat-ai"
@@ -80,6 +85,8 @@ class Names:
         "LTM_RESPONSES_CHANNEL": "ltm_responses_channel",
         "MEMORY_REQUESTS_QUEUE": "memory_requests_queue",
         "MEMORY_RESPONSES_CHANNEL": "memory_responses_channel",
+        "CHAT_REQUESTS_QUEUE": "chat_requests_queue",
+        "CHAT_RESPONSES_CHANNEL": "chat_responses_channel",
         "MEMORY_GROUP": "memory_group",
         "CHAT_AI_GROUP": "chat_group",
         "LTM_GROUP": "ltm_group",
@@ -130,6 +137,14 @@ class Names:
     def memory_responses(self) -> str:
         return self._p(self.memory_responses_channel)
 
+    @property
+    def chat_requests(self) -> str:
+        return self._p(self.chat_requests_queue)
+
+    @property
+    def chat_responses(self) -> str:
+        return self._p(self.chat_responses_channel)
+
     @staticmethod
     def dead(name: str) -> str:
         """Dead-letter stream of a stream, list or channel name."""
@@ -171,6 +186,8 @@ class Names:
             self.ltm_responses,
             self.memory_requests,
             self.memory_responses,
+            self.chat_requests,
+            self.chat_responses,
         ]
 
 

@@ -43,7 +43,8 @@ def ok(resp: MemoryResponse) -> dict[str, Any]:
 
 
 async def test_every_request_type_over_the_bus(rpc: RpcClient[MemoryResponse]) -> None:
-    assert ok(await call(rpc, "ping", None)) == {"pong": True}
+    pong = ok(await call(rpc, "ping", None))
+    assert (pong["pong"], pong["service"]) == (True, "memory")
     s = ok(await call(rpc, "create_session", "u1", name="Plans", metadata={"a": 1}))["session"]
     sid = s["session_id"]
     other = ok(await call(rpc, "create_session", "u1", session_id="second"))["session"]["session_id"]
