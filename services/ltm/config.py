@@ -10,7 +10,6 @@ from shared.runtime.settings import MeshSettings
 
 
 class LtmSettings(MeshSettings):
-    ltm_top_k: int = Field(default=5, ge=1, le=100)
     ltm_accept_pubsub: bool = False
     ltm_request_concurrency: int = 16
     ltm_ingest_concurrency: int = 16

@@ -19,10 +19,12 @@ import structlog
 from redis.asyncio.client import Pipeline
 
 from services.memory.cache import SessionCache
+from services.memory.importer import HistoryImporter
 from services.memory.stm import StmWriter
 from services.memory.store import Conflict, ConversationStore, NotFound, StoredMessage
 from services.memory.tokens import TokenCounter
-from shared.contracts import ErrorCode, ErrorInfo, MemoryUpdate, new_id
+from services.memory.updates import Publish, memory_update
+from shared.contracts import ErrorCode, ErrorInfo, new_id
 from shared.contracts.memory_api import (
     CleanupExpiredRequest,
     CreateSessionRequest,
@@ -34,6 +36,9 @@ from shared.contracts.memory_api import (
     GetSessionSummaryRequest,
     GetStmRequest,
     GetUserSessionsRequest,
+    ImportMessage,
+    ImportMessagesRequest,
+    ImportResult,
     LinkSessionsRequest,
     MemoryPingRequest,
     MemoryRequest,
@@ -50,7 +55,6 @@ from shared.contracts.memory_api import (
     SummaryInfo,
     UpdateSessionActivityRequest,
 )
-from shared.contracts.messages import MemoryUpdateMeta
 from shared.runtime.embedding import Embedder
 from shared.runtime.logging import get_logger
 from shared.runtime.metrics import Metrics
@@ -59,26 +63,27 @@ from shared.runtime.stm import Turn
 log = get_logger(__name__)
 
 EMBED_BATCH = 128
-Publish = Callable[[Pipeline, MemoryUpdate], None]
-"""Queues the commands that emit a MemoryUpdate into the write's pipeline."""
 
 
 class MemoryApi:
     def __init__(self, store: ConversationStore, stm: StmWriter, cache: SessionCache, counter: TokenCounter,
                  metrics: Metrics, *, embedder: Callable[[], Awaitable[Embedder | None]] | None = None,
-                 publish: Publish | None = None, ping: Callable[[], dict[str, Any]] | None = None) -> None:
+                 publish: Publish | None = None, ping: Callable[[], dict[str, Any]] | None = None,
+                 import_max_batch: int = 500) -> None:
         self.store, self.stm, self.cache, self.counter, self.metrics = store, stm, cache, counter, metrics
         self._ping = ping  # the service's PingInfo (shared/contracts/ping.py)
         self._embedder = embedder
         self._publish = publish
         self._embed_lock = asyncio.Lock()
+        self.importer = HistoryImporter(store, stm, cache, counter, metrics, publish, import_max_batch)
 
     # ------------------------------------------------------------------ the write path of every turn
     async def record(self, m: StoredMessage) -> bool:
         """Store a message, then update STM, the cache and (for a new message with a user) memory_updates.
 
         Idempotent by message_id: a redelivered message is not stored twice, and re-adding its turn
-        to the window is a no-op. True when the message was new.
+        to the window is a no-op. True when the message was new. Which messages are published:
+        services/memory/updates.py (not the offline responder's replies).
         """
         structlog.contextvars.bind_contextvars(user_id=m.user_id, message_id=m.message_id, session_id=m.session_id)
         try:
@@ -87,12 +92,7 @@ class MemoryApi:
             new = await self.store.store_message(m)
             self.metrics.incr("stored" if new else "duplicates")
             role = {"human": "user", "ai": "ai"}.get(m.role, "system")
-            update = None
-            if m.user_id and self._publish is not None and m.role in ("human", "ai"):
-                update = MemoryUpdate(
-                    user_id=m.user_id, content=m.content, source="user" if m.role == "human" else "ai",
-                    timestamp=m.timestamp, meta=MemoryUpdateMeta(session_id=m.session_id, message_id=m.message_id),
-                )
+            update = memory_update(m, self.metrics) if self._publish is not None else None
 
             def also(pipe: Pipeline) -> None:  # one MULTI: STM window, cache generation, memory_updates
                 self.cache.queue_invalidate(pipe, m.session_id, m.user_id)
@@ -189,6 +189,10 @@ class MemoryApi:
                 done += len(pending)
                 self.metrics.incr("embedded", len(pending))
 
+    async def import_messages(self, user_id: str, messages: list[ImportMessage]) -> ImportResult:
+        """A batch of the user's past turns (services/memory/importer.py)."""
+        return await self.importer.import_messages(user_id, messages)
+
     # ------------------------------------------------------------------ STM
     async def get_stm(self, user_id: str, session_id: str) -> StmInfo:
         exists, owner = await self.store.session_owner(session_id)
@@ -272,6 +276,8 @@ class MemoryApi:
                 return {"key": d.key, "sensitive": d.sensitive}
             case GetStmRequest(data=d):
                 return {"stm": (await self.get_stm(req.user_id, d.session_id)).model_dump()}
+            case ImportMessagesRequest(data=d):
+                return (await self.import_messages(req.user_id, d.messages)).model_dump()
             case MemoryPingRequest():
                 return self._ping() if self._ping else {"pong": True}
         raise AssertionError(f"unhandled request type {req.type}")  # pragma: no cover

@@ -34,3 +34,10 @@ class MemorySettings(MeshSettings):
     memory_encryption_key_file: str = Field(
         default=".data/memory-encryption.key",
         description="dev key file used when MEMORY_ENCRYPTION_KEY is unset (created 0600 on first use)")
+    memory_import_max_batch: int = Field(
+        default=500, ge=1, le=100_000,
+        description="most messages one import_messages request may carry (above it: bad_request)")
+    memory_import_max_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=64 * 1024,
+        description="largest memory_requests payload accepted, so an import batch fits (each text is still held "
+                    "to MAX_CONTENT_BYTES)")

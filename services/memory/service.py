@@ -69,6 +69,7 @@ class MemoryService:
             store, self.stm, SessionCache(redis, names, settings.memory_cache_ttl_s, self.metrics), counter,
             self.metrics, embedder=self._get_embedder if settings.memory_embed_messages else None,
             publish=self.queue_update if settings.enable_ltm_publish else None,
+            import_max_batch=settings.memory_import_max_batch,
             ping=lambda: self.ping_info().model_dump(),
         )
         self._stop = asyncio.Event()
@@ -83,6 +84,7 @@ class MemoryService:
             redis, queue=names.memory_requests, reply_channel=names.memory_responses, adapter=MEMORY_REQUEST,
             handler=self.api.handle, error_reply=MemoryResponse.failure, metrics=self.metrics,
             max_content_bytes=settings.max_content_bytes, concurrency=settings.memory_request_concurrency,
+            max_payload_bytes=settings.memory_import_max_bytes,
         )
 
     async def run(self) -> None:

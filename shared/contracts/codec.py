@@ -54,16 +54,18 @@ def decode(
     *,
     max_content_bytes: int = DEFAULT_MAX_CONTENT_BYTES,
     entry_id: str | None = None,
+    max_payload_bytes: int | None = None,
 ) -> T:
     """Decode ``raw`` with ``adapter`` or raise :class:`DecodeError` naming what is wrong.
 
     The error carries ``request_id`` / ``reply_to`` / ``user_id`` when they were
-    readable, so a consumer can still send an error reply.
+    readable, so a consumer can still send an error reply. ``max_payload_bytes`` raises the
+    whole-message limit (default :func:`payload_limit`) for batches; texts keep ``max_content_bytes``.
     """
     if raw is None:
         raise DecodeError(DeadLetterReason.INVALID, f"no '{STREAM_FIELD}' field in the message")
     size = len(raw) if isinstance(raw, bytes) else len(raw.encode("utf-8"))
-    limit = payload_limit(max_content_bytes)
+    limit = max(max_payload_bytes or 0, payload_limit(max_content_bytes))
     oversize = size > limit
     try:
         obj = json.loads(raw) if size <= 8 * limit else None

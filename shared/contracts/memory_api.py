@@ -14,9 +14,12 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, TypeAdapter, field_validator
 
 from shared.contracts.errors import ErrorInfo
-from shared.contracts.messages import EmptyData, Id, Message, PingRequest, RequestEnvelope, _check_size
+from shared.contracts.messages import EmptyData, Id, Message, PingRequest, RequestEnvelope, _check_size, derive_id
 
 Role = Literal["human", "ai", "system"]
+ImportRole = Literal["user", "assistant", "human", "ai", "system"]
+IMPORT_ROLES: dict[str, Role] = {"user": "human", "assistant": "ai", "human": "human", "ai": "ai", "system": "system"}
+"""An imported message's role as the conversation store names it (user<->human, assistant<->ai)."""
 ContextType = Literal["conversation", "preference", "project", "user_info"]
 Label = Annotated[str, Field(min_length=1, max_length=256)]
 
@@ -109,6 +112,34 @@ class SetPreferenceData(Message):
     sensitive: bool = False  # stored encrypted (see docs/contract-memory.md)
 
 
+class ImportMessage(Message):
+    """One past turn of an ``import_messages`` batch (see docs/contract-memory.md)."""
+
+    message_id: Id | None = None  # absent: derived by import_message_id(), so a re-import dedups
+    session_id: Id
+    role: ImportRole
+    content: str = Field(min_length=1)
+    timestamp: float = Field(ge=0.0, lt=32_503_680_000.0)  # epoch seconds, before the year 3000
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+    _size = field_validator("content")(_check_size)
+
+    @property
+    def store_role(self) -> Role:
+        return IMPORT_ROLES[self.role]
+
+
+def import_message_id(user_id: str, m: ImportMessage) -> str:
+    """The message id of an imported turn: its own, else one derived from what it is (user, session, time, role,
+    content), so importing the same history twice names the same messages."""
+    return m.message_id or derive_id("import", user_id, m.session_id, repr(float(m.timestamp)), m.store_role,
+                                     m.content)
+
+
+class ImportMessagesData(Message):
+    messages: list[ImportMessage] = Field(min_length=1)  # at most MEMORY_IMPORT_MAX_BATCH (checked by the service)
+
+
 # ------------------------------------------------------------------ requests
 class _MemoryRequest(RequestEnvelope):
     user_id: Id
@@ -196,6 +227,13 @@ class GetStmRequest(_MemoryRequest):
     data: SessionRef
 
 
+class ImportMessagesRequest(_MemoryRequest):
+    """A batch of one user's past turns: stored with their own timestamps, STM rebuilt, MemoryUpdates emitted."""
+
+    type: Literal["import_messages"]
+    data: ImportMessagesData
+
+
 MemoryPingRequest = PingRequest  # the same message on both request lists
 
 
@@ -216,6 +254,7 @@ MemoryRequest = Annotated[
     | GetPreferencesRequest
     | SetPreferenceRequest
     | GetStmRequest
+    | ImportMessagesRequest
     | MemoryPingRequest,
     Field(discriminator="type"),
 ]
@@ -298,6 +337,15 @@ class StmInfo(Message):
     summary_kind: str = ""
     summary_tokens: int = 0
     rehydrated: bool = False  # True when this call rebuilt it from PostgreSQL
+
+
+class ImportResult(Message):
+    """``data`` of an import_messages reply."""
+
+    imported: int = 0  # messages stored now
+    duplicates: int = 0  # messages already stored (or repeated in the batch): not stored, not published again
+    sessions: int = 0  # distinct sessions the batch names
+    updates_published: int = 0  # MemoryUpdates emitted (0 with ENABLE_LTM_PUBLISH=false)
 
 
 class MemoryResponse(Message):

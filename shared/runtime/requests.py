@@ -50,10 +50,12 @@ class RequestServer(Generic[Req]):
         max_content_bytes: int,
         concurrency: int = 8,
         block_s: float = 1.0,
+        max_payload_bytes: int | None = None,  # whole-request limit when batches need more than payload_limit()
     ) -> None:
         self.redis, self.queue, self.reply_channel = redis, queue, reply_channel
         self.adapter, self.handler, self.error_reply = adapter, handler, error_reply
         self.metrics, self.max_content_bytes = metrics, max_content_bytes
+        self.max_payload_bytes = max_payload_bytes
         self.block_s = block_s
         self._sem = asyncio.Semaphore(concurrency)
         self._inflight: set[asyncio.Task[None]] = set()
@@ -95,7 +97,8 @@ class RequestServer(Generic[Req]):
     async def _serve(self, raw: bytes | str) -> None:
         started = time.perf_counter()
         try:
-            request = decode(self.adapter, raw, max_content_bytes=self.max_content_bytes)
+            request = decode(self.adapter, raw, max_content_bytes=self.max_content_bytes,
+                             max_payload_bytes=self.max_payload_bytes)
         except DecodeError as err:
             self.metrics.incr(f"rejected.{err.reason.value}")
             log.warning("requests.rejected", queue=self.queue, reason=err.reason.value, error=err.message,

@@ -1,0 +1,44 @@
+"""Which stored messages become a MemoryUpdate, and how: one rule for the streams, store_message and imports.
+
+A human or AI message with a user becomes one MemoryUpdate (``source`` "user"/"ai", meta ``session_id`` and
+``message_id``). Not published: system messages, messages without a user, and the offline responder's replies
+(``meta.model`` "offline" or "offline (...)"): they only repeat memories the user's own turns already gave, so
+indexing them would store each memory again, worded as the assistant. They are still stored and kept in STM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from redis.asyncio.client import Pipeline
+
+from services.memory.store import StoredMessage
+from shared.contracts import MemoryUpdate
+from shared.contracts.messages import MemoryUpdateMeta
+from shared.runtime.metrics import Metrics
+
+Publish = Callable[[Pipeline, MemoryUpdate], None]
+"""Queues the commands that emit a MemoryUpdate into the write's pipeline."""
+
+OFFLINE_MODEL = "offline"
+"""``AIResponse.meta.model`` of chat_ai's offline responder (services/chat_ai/responder.py); a failed LLM call
+falls back to it as ``"offline (llm error: ...)"``."""
+
+
+def is_offline_reply(role: str, metadata: Mapping[str, Any]) -> bool:
+    model = metadata.get("model")
+    return role == "ai" and isinstance(model, str) and model.startswith(OFFLINE_MODEL)
+
+
+def memory_update(m: StoredMessage, metrics: Metrics) -> MemoryUpdate | None:
+    """The MemoryUpdate of a stored message, or None when it is not for long-term memory (counted)."""
+    if not m.user_id or m.role not in ("human", "ai"):
+        return None
+    if is_offline_reply(m.role, m.metadata):
+        metrics.incr("offline_replies_not_published")
+        return None
+    return MemoryUpdate(
+        user_id=m.user_id, content=m.content, source="user" if m.role == "human" else "ai", timestamp=m.timestamp,
+        meta=MemoryUpdateMeta(session_id=m.session_id, message_id=m.message_id),
+    )
