@@ -1,23 +1,199 @@
-"""Prompt assembly: system, long-term memories, STM summary, recent turns, the input."""
+"""Prompt assembly: system, one memory block, STM summary, recent turns, the input.
+
+The **memory block** is what long-term memory delivers to the model, so it is built and bounded here,
+in one place (:func:`memory_block`), and the offline responder quotes from the same block:
+
+- results best first, each with its context turns (the neighbouring turns ltm returns) in time order;
+- every turn on its own line, labelled with its date and speaker (``user``, ``assistant`` or a name);
+- no turn twice (by message id and by normalised text), however many results carry it;
+- within ``max_tokens`` all-MiniLM-L6-v2 WordPiece tokens for the whole block, header and labels included
+  (``LTM_PROMPT_TOKENS``); a turn longer than ``turn_tokens`` is cut at a word boundary and marked ``…``.
+
+``MEMORY_HEADER`` starts the block's system message, and :func:`contains_turn` says whether a stored
+turn made it into a block: evaluations (``mesh eval longmemeval``) use both, so what they measure is
+exactly what the model reads.
+"""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cache
+from typing import Any
 
 from shared.contracts import Memory
 from shared.runtime.stm import Stm
 
+MEMORY_HEADER = "Memories from earlier conversations with this user (best match first; date, speaker: words):"
+CUT = " …"
+_WS = re.compile(r"\s+")
+_SENTENCE = re.compile(r"[^.!?\n]+[.!?]*")
 
-def _when(ts: float | None) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d") if ts else "earlier"
+
+@cache
+def _tokenizer() -> Any:
+    from tokenizers import Tokenizer
+
+    from shared.runtime.embedding import model_dir
+
+    tok = Tokenizer.from_file(f"{model_dir()}/tokenizer.json")
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
 
 
-def build_messages(system: str, memories: list[Memory], stm: Stm, user_text: str,
+def count_tokens(text: str) -> int:
+    """WordPiece tokens of all-MiniLM-L6-v2, no special tokens: the unit of ``LTM_PROMPT_TOKENS``."""
+    return len(_tokenizer().encode(text, add_special_tokens=False).ids) if text else 0
+
+
+def norm(text: str) -> str:
+    return _WS.sub(" ", text).strip().lower()
+
+
+def is_question(text: str) -> bool:
+    """A turn that only asks (every sentence ends with '?'): it tells nothing about the user."""
+    sentences = [s.strip() for s in _SENTENCE.findall(text) if s.strip()]
+    return bool(sentences) and all(s.endswith("?") for s in sentences)
+
+
+def speaker_label(speaker: str | None) -> str:
+    if speaker in (None, "", "user", "human"):
+        return "user"
+    if speaker in ("ai", "assistant"):
+        return "assistant"
+    return speaker
+
+
+def date_label(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d (%a)") if ts else "undated"
+
+
+@dataclass(slots=True)
+class BlockTurn:
+    """One line of the block: a stored turn (or an extracted memory) with its label."""
+
+    content: str
+    speaker: str  # user | assistant | a name
+    timestamp: float | None
+    message_id: str | None
+    anchor: bool  # the result itself (not a context turn)
+    kind: str = "episodic"  # the memory type of a result; context turns are episodic
+    cut: bool = False
+
+    def line(self, text: str | None = None) -> str:
+        body = self.content if text is None else text
+        kind = "" if self.kind == "episodic" else f" [{self.kind}]"
+        return f"{'-' if self.anchor else ' '} {date_label(self.timestamp)}, {self.speaker}{kind}: {body}"
+
+
+@dataclass(slots=True)
+class MemoryEntry:
+    """One result with its context turns, in time order."""
+
+    score: float
+    turns: list[BlockTurn] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class MemoryBlock:
+    entries: list[MemoryEntry]
+    text: str  # "" when nothing fits or nothing was found
+    tokens: int
+
+    @property
+    def turns(self) -> list[BlockTurn]:
+        return [t for e in self.entries for t in e.turns]
+
+
+def _truncate(text: str, tokens: int) -> str:
+    """The longest head of ``text`` within ``tokens`` tokens, cut at a word boundary."""
+    enc = _tokenizer().encode(text, add_special_tokens=False)
+    if len(enc.ids) <= tokens:
+        return text
+    end = enc.offsets[max(tokens - 1, 0)][1]
+    head = text[:end]
+    if end < len(text) and not text[end].isspace() and " " in head:
+        head = head.rsplit(" ", 1)[0]
+    return head.rstrip() + CUT
+
+
+def memory_block(memories: Sequence[Memory], max_tokens: int, turn_tokens: int) -> MemoryBlock:
+    """Results and their context turns as one labelled block within ``max_tokens`` (module docstring)."""
+    seen_ids: set[str] = set()
+    seen_text: set[str] = set()
+    entries: list[MemoryEntry] = []
+    lines: list[str] = [MEMORY_HEADER]
+    used = count_tokens(MEMORY_HEADER)
+
+    def fresh(message_id: str | None, content: str) -> bool:
+        return not ((message_id and message_id in seen_ids) or norm(content) in seen_text)
+
+    for m in memories:
+        anchor = BlockTurn(m.content, speaker_label(m.source.speaker), m.source.timestamp, m.source.message_id,
+                           anchor=True, kind=m.type)
+        context = [BlockTurn(c.content, speaker_label(c.speaker), c.timestamp, c.message_id, anchor=False)
+                   for c in m.context]
+        source = next((c for c in context if m.type != "episodic" and c.message_id
+                       and c.message_id == m.source.message_id), None)
+        if source is not None:  # a fact read from a turn: the turn's own words stand for it
+            context.remove(source)
+            anchor = BlockTurn(source.content, source.speaker, source.timestamp, source.message_id, anchor=True)
+        if not fresh(anchor.message_id, anchor.content):
+            continue
+        entry = MemoryEntry(score=m.score)
+        # the result first, then its context turns nearest in time first; printed in time order
+        ranked = [anchor, *sorted(context, key=lambda t: abs((t.timestamp or 0.0) - (anchor.timestamp or 0.0)))]
+        chosen: list[tuple[BlockTurn, str]] = []
+        for turn in ranked:
+            if not fresh(turn.message_id, turn.content) or any(t is turn for t, _ in chosen):
+                continue
+            text = _truncate(turn.content, turn_tokens)
+            cost = count_tokens(turn.line(text)) + 1  # + the newline
+            if used + cost > max_tokens:
+                room = max_tokens - used - count_tokens(turn.line("")) - 1
+                if not turn.anchor or room < 24:
+                    continue  # a context turn that does not fit is left out; the next may be shorter
+                text = _truncate(turn.content, room)
+                cost = count_tokens(turn.line(text)) + 1
+                if used + cost > max_tokens:
+                    continue
+            turn.cut = text != turn.content
+            chosen.append((turn, text))
+            used += cost
+            if turn.message_id:
+                seen_ids.add(turn.message_id)
+            seen_text.add(norm(turn.content))
+        if not chosen or chosen[0][0] is not anchor:
+            continue  # the result itself did not fit: its context alone would mislead
+        chosen.sort(key=lambda pair: pair[0].timestamp or 0.0)
+        entry.turns = [t for t, _ in chosen]
+        entries.append(entry)
+        lines.extend(t.line(text) for t, text in chosen)
+        if used >= max_tokens - 24:
+            break
+    if not entries:
+        return MemoryBlock([], "", 0)
+    text = "\n".join(lines)
+    return MemoryBlock(entries, text, count_tokens(text))
+
+
+def contains_turn(block_text: str, content: str, prefix_chars: int = 200) -> bool:
+    """Whether a stored turn is inside a block: its text (or, for a turn cut to fit, its first
+    ``prefix_chars`` characters) appears there, compared with whitespace and case normalised."""
+    if not block_text or not content.strip():
+        return False
+    haystack, needle = norm(block_text), norm(content)
+    return needle in haystack or (len(needle) > prefix_chars and needle[:prefix_chars] in haystack)
+
+
+def build_messages(system: str, block: MemoryBlock, stm: Stm, user_text: str,
                    current_message_id: str) -> list[dict[str, str]]:
     messages = [{"role": "system", "content": system}]
-    if memories:
-        lines = [f"- ({m.type}, {_when(m.source.timestamp)}) {m.content}" for m in memories]
-        messages.append({"role": "system", "content": "What you remember about this user:\n" + "\n".join(lines)})
+    if block.text:
+        messages.append({"role": "system", "content": block.text})
     if stm.summary:
         messages.append({"role": "system", "content": "Summary of the conversation so far:\n" + stm.summary})
     for turn in stm.turns:

@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from services.chat_ai.config import ChatSettings
-from services.chat_ai.prompt import build_messages
+from services.chat_ai.prompt import MemoryBlock, build_messages, memory_block
 from services.chat_ai.responder import Reply, llm_reply, offline_reply
 from shared.contracts import (
     LTM_RESPONSE,
@@ -115,8 +115,11 @@ class ChatService:
         """Ask ltm, waiting at most LTM_TIMEOUT_MS; never fails the turn."""
         if not self.settings.enable_ltm or not msg.user_id:
             return [], "disabled"
-        request = SearchRequest(request_id=new_id(), type="search", user_id=msg.user_id,
-                                data=SearchData(query=msg.content, limit=self.settings.ltm_top_k))
+        # other sessions only (the STM holds this one), "now" = the turn's own time, results within the
+        # block's budget (the block's labels cost a little more; memory_block enforces the exact bound)
+        request = SearchRequest(request_id=new_id(), type="search", user_id=msg.user_id, data=SearchData(
+            query=msg.content, limit=self.settings.ltm_top_k, exclude_session_id=msg.session_id, now=msg.timestamp,
+            max_tokens=self.settings.ltm_prompt_tokens))
         try:
             resp = await self.ltm.call(request, self.settings.ltm_timeout_ms / 1000)
         except TimeoutError:
@@ -156,11 +159,12 @@ class ChatService:
         stm_task = asyncio.create_task(self.load_stm(msg))
         memories, status = await self.recall(msg)
         stm = await stm_task
-        reply = await self._generate(msg, memories, stm)
+        block = memory_block(memories, self.settings.ltm_prompt_tokens, self.settings.ltm_turn_tokens)
+        reply = await self._generate(msg, block, stm)
         response = AIResponse(
             message_id=derive_id("reply", msg.message_id), in_reply_to=msg.message_id, user_id=msg.user_id,
             session_id=msg.session_id, content=reply.text,
-            meta=AIResponseMeta(ltm=status, memories_used=len(memories), model=reply.model,
+            meta=AIResponseMeta(ltm=status, memories_used=len(block.entries), model=reply.model,
                                 latency_ms=round((time.perf_counter() - started) * 1000, 2)),
         )
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -171,16 +175,16 @@ class ChatService:
         log.info("chat_ai.replied", ltm=status, memories=len(memories), model=reply.model,
                  latency_ms=response.meta.latency_ms, content=content(msg.content))
 
-    async def _generate(self, msg: UserInput, memories: list[Memory], stm) -> Reply:  # type: ignore[no-untyped-def]
+    async def _generate(self, msg: UserInput, block: MemoryBlock, stm: Stm) -> Reply:
         if self.llm is None:
-            return offline_reply(msg.content, memories, stm, msg.session_id)
-        messages = build_messages(self.settings.system_prompt, memories, stm, msg.content, msg.message_id)
+            return offline_reply(msg.content, block, stm, msg.message_id)
+        messages = build_messages(self.settings.system_prompt, block, stm, msg.content, msg.message_id)
         try:
             return await llm_reply(self.llm, messages, self.settings.llm_max_tokens)
         except Exception as exc:  # noqa: BLE001 - a failing LLM must not lose the turn
             self.metrics.incr("llm_errors")
             log.warning("chat_ai.llm_failed", error=f"{type(exc).__name__}: {exc}")
-            fallback = offline_reply(msg.content, memories, stm, msg.session_id)
+            fallback = offline_reply(msg.content, block, stm, msg.message_id)
             return Reply(text=fallback.text, model=f"offline (llm error: {type(exc).__name__})")
 
 

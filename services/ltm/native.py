@@ -15,10 +15,10 @@ from services.ltm.extraction import Extracted, Extraction, LlmExtractor, RuleExt
 from services.ltm.graph import Provenance, TurnKnowledge, entity_names, norm_name, search_entities, write_knowledge
 from services.ltm.lifecycle import Lifecycle, LifecycleConfig
 from services.ltm.profile import build_profile
-from services.ltm.retrieval import RetrievalConfig
+from services.ltm.retrieval import RetrievalConfig, is_question
 from services.ltm.store import LtmStore, NewMemory, content_hash
 from shared.contracts import Memory, MemoryUpdate, Names
-from shared.contracts.messages import AddData, SearchData, SearchEntitiesData
+from shared.contracts.messages import OFFLINE_REPLY_PREFIX, AddData, SearchData, SearchEntitiesData
 from shared.runtime.embedding import Embedder
 from shared.runtime.llm import chat_model
 from shared.runtime.logging import content, get_logger
@@ -78,6 +78,8 @@ class NativeBackend:
         await self.store.flush_access()
 
     async def ingest(self, update: MemoryUpdate) -> bool:
+        if update.source == "ai" and update.content.lstrip().startswith(OFFLINE_REPLY_PREFIX):
+            return False  # the offline responder only repeats memories: indexing it would echo them back
         if await self.store.ingested(update.user_id, update.message_id):
             return False  # a redelivery: skip extraction and embedding (the transaction below still guards races)
         extra = dict(update.meta.model_extra or {})
@@ -86,7 +88,7 @@ class NativeBackend:
         speaker = named or update.source
         items = await self._extract(Turn(update.content, update.timestamp, subject, update.source))
         refs = ground_dates(update.content, update.timestamp)
-        meta = {**extra, "role": update.source}
+        meta = {**extra, "role": update.source, "question": is_question(update.content)}
         if refs:
             meta["dates"] = [{"text": r.phrase, "date": r.iso} for r in refs]
         mentioned = [(n, k) for it in items if it.type == "entity" for n, k in it.entities]

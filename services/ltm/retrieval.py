@@ -63,6 +63,10 @@ class Profile:
     keyword: float = 0.4
     time: float = 2.0
     neighbour: float = 0.3
+    # penalties in z units (step 2): what the assistant said, unless the query asks about the assistant's words,
+    # and a turn that only asks a question; both stay findable, below the user's own statements
+    assistant: float = 1.0
+    question: float = 3.0
     # final score of an eligible memory
     relevance: float = 1.0
     semantic: float = 0.0
@@ -147,6 +151,7 @@ WITH ql AS (
 ), base AS MATERIALIZED (
     SELECT m.memory_id, m.type, m.source_message_id, m.source_session_id, m.source_timestamp, m.speaker,
            m.entities, m.confidence, m.access_count, m.valid_to, m.superseded_by,
+           m.meta->>'role' AS role, (m.meta->>'question') = 'true' AS question,
            extract(epoch FROM m.created_at)::float8 AS created_at,
            extract(epoch FROM m.last_accessed)::float8 AS last_accessed,
            (1 - (m.embedding <=> %(vec)s))::float8 AS sim,
@@ -172,7 +177,8 @@ WITH ql AS (
     SELECT coalesce(sum(bm25), 0)::float8 AS s1, coalesce(sum(bm25 * bm25), 0)::float8 AS s2 FROM kw
 )
 SELECT b.memory_id, b.type, b.source_message_id, b.source_session_id, b.source_timestamp, b.speaker,
-       b.entities, b.confidence, b.access_count, b.valid_to, b.superseded_by, b.created_at, b.last_accessed, b.sim,
+       b.entities, b.confidence, b.access_count, b.valid_to, b.superseded_by, b.role, b.question,
+       b.created_at, b.last_accessed, b.sim,
        coalesce(k.bm25, 0)::float8 AS bm25, c.n, c.sim_mean, c.sim_sd, s.s1, s.s2
 FROM base b LEFT JOIN kw k USING (memory_id) CROSS JOIN coll c CROSS JOIN kstat s
 ORDER BY %(wd)s * b.sim / greatest(c.sim_sd, 1e-9)
@@ -185,7 +191,8 @@ _ROWS = (
     " FROM ltm_memories WHERE user_id = %(user_id)s AND memory_id = ANY(%(ids)s)"
 )
 
-# The ``w`` episodic turns just before and just after each anchor, in its session (timestamp order).
+# The ``w`` episodic turns just before and just after each anchor, in its session (timestamp order), and for a
+# typed memory (a fact extracted from a turn) the turn it came from (side 0: the words the fact was read from).
 _NEIGHBOURS = """
 SELECT h.memory_id AS anchor, x.memory_id, x.type, x.content, x.source_message_id, x.source_session_id,
        x.source_timestamp, x.speaker, x.side
@@ -203,6 +210,13 @@ FROM ltm_memories h CROSS JOIN LATERAL (
      WHERE n.user_id = h.user_id AND n.source_session_id = h.source_session_id AND n.type = 'episodic'
        AND n.source_timestamp > h.source_timestamp
      ORDER BY n.source_timestamp ASC LIMIT %(w)s)
+    UNION ALL
+    (SELECT n.memory_id, n.type, n.content, n.source_message_id, n.source_session_id, n.source_timestamp,
+            n.speaker, 0 AS side
+     FROM ltm_memories n
+     WHERE h.type <> 'episodic' AND n.user_id = h.user_id AND n.source_session_id = h.source_session_id
+       AND n.type = 'episodic' AND n.source_message_id = h.source_message_id
+     LIMIT 1)
 ) AS x
 WHERE h.user_id = %(user_id)s AND h.memory_id = ANY(%(ids)s)
   AND h.source_session_id IS NOT NULL AND h.source_timestamp IS NOT NULL
@@ -229,10 +243,38 @@ _DATES = [re.compile(rf"\b{p}\b", re.IGNORECASE) for p in (
 )]
 
 
-def query_periods(query: str) -> list[tuple[int | None, int | None, int | None]]:
-    """Dates the query names, as (year, month, day) with None for the parts it leaves open."""
-    found: list[tuple[int | None, int | None, int | None]] = []
+Period = tuple[int | None, int | None, int | None]
+
+
+def _iso_period(iso: str) -> Period | None:
+    parts = [int(x) for x in iso.split("-") if x.isdigit()]
+    if not parts:
+        return None
+    return (parts[0], parts[1] if len(parts) > 1 else None, parts[2] if len(parts) > 2 else None)
+
+
+def query_periods(query: str, now: float | None = None) -> list[Period]:
+    """Dates the query names, as (year, month, day) with None for the parts it leaves open.
+
+    With ``now``, relative phrases ("last month", "two weeks ago", "yesterday") are resolved against it
+    (the same rules that ground dates at ingest, services/ltm/extraction.py); a named week counts as its
+    middle day, +-2 days.
+    """
+    found: list[Period] = []
     taken: list[tuple[int, int]] = []
+    if now is not None:
+        from services.ltm.extraction import ground_dates
+
+        for ref in ground_dates(query, now):
+            period = _iso_period(ref.iso)
+            if period is None:
+                continue
+            if "week" in ref.text and period[2] is not None:
+                mid = datetime(period[0] or 1970, period[1] or 1, period[2], tzinfo=UTC).timestamp() + 3 * DAY
+                when = datetime.fromtimestamp(mid, UTC)
+                period = (when.year, when.month, when.day)
+            found.append(period)
+            taken.append((ref.start, ref.end))
     for pattern in _DATES:
         for m in pattern.finditer(query):
             if any(a < m.end() and m.start() < b for a, b in taken):
@@ -273,7 +315,25 @@ class Ranked:
     score: np.ndarray
 
 
-def relevance(rows: list[dict[str, Any]], query: str, cfg: RetrievalConfig) -> np.ndarray:
+_ABOUT_ASSISTANT = re.compile(
+    r"\byou (?:\w+ ){0,2}(?:said|say|told|tell|recommend|suggest|mention|gave|give|provid|list|explain|describ|"
+    r"wrote|write|shar|propos|came up|call|name|advis)\w*|\byour (?:\w+ )?(?:suggestion|recommendation|advice|answer|"
+    r"response|list|explanation|idea|tip)s?\b|\b(?:our|the) (?:previous|last|earlier|past) (?:conversation|chat|"
+    r"discussion)s?\b|\bremind me\b", re.IGNORECASE)
+
+
+def about_assistant(query: str) -> bool:
+    """Whether the query asks what the assistant said ("what did you recommend", "remind me", "our last chat")."""
+    return _ABOUT_ASSISTANT.search(query) is not None
+
+
+def is_question(text: str) -> bool:
+    """A turn that only asks: every sentence ends with '?'."""
+    sentences = [t.strip() for t in re.findall(r"[^.!?\n]+[.!?]*", text) if t.strip()]
+    return bool(sentences) and all(t.endswith("?") for t in sentences)
+
+
+def relevance(rows: list[dict[str, Any]], query: str, cfg: RetrievalConfig, now: float | None = None) -> np.ndarray:
     """Fused relevance of the candidate rows (see the module docstring, step 2)."""
     p = cfg.profile
     if not rows:
@@ -285,11 +345,15 @@ def relevance(rows: list[dict[str, Any]], query: str, cfg: RetrievalConfig) -> n
     sim = np.array([float(r["sim"]) for r in rows])
     bm25 = np.array([float(r["bm25"]) for r in rows])
     rel = p.dense * _z(sim, float(first["sim_mean"]), float(first["sim_sd"])) + p.keyword * _z(bm25, k_mean, k_sd)
-    periods = query_periods(query) if p.time else []
+    periods = query_periods(query, now) if p.time else []
     if periods:
         rel = rel + p.time * np.array([1.0 if in_period(r["source_timestamp"], periods) else 0.0 for r in rows])
     if p.neighbour:
         rel = rel + p.neighbour * _neighbour_best(rows, rel)
+    if p.assistant and not about_assistant(query):
+        rel = rel - p.assistant * np.array([1.0 if r.get("role") == "ai" else 0.0 for r in rows])
+    if p.question:
+        rel = rel - p.question * np.array([1.0 if r.get("question") else 0.0 for r in rows])
     return rel
 
 
@@ -312,9 +376,10 @@ def _neighbour_best(rows: list[dict[str, Any]], rel: np.ndarray) -> np.ndarray:
     return out
 
 
-def rank(rows: list[dict[str, Any]], query: str, cfg: RetrievalConfig, threshold: float | None) -> Ranked:
+def rank(rows: list[dict[str, Any]], query: str, cfg: RetrievalConfig, threshold: float | None,
+         now: float | None = None) -> Ranked:
     """Relevance, the gate, then the profile's score; one memory per source message; best first."""
-    rel = relevance(rows, query, cfg)
+    rel = relevance(rows, query, cfg, now)
     order = np.argsort(-rel, kind="stable")
     eligible = [int(i) for i in order[: cfg.gate_pool]
                 if (rows[i]["bm25"] > 0 or rows[i]["sim"] >= cfg.min_similarity)
@@ -322,7 +387,8 @@ def rank(rows: list[dict[str, Any]], query: str, cfg: RetrievalConfig, threshold
     if not eligible:
         return Ranked([], np.zeros(0))
     kept = [rows[i] for i in eligible]
-    p, now = cfg.profile, time.time()
+    p = cfg.profile
+    now = time.time() if now is None else now
     score = p.relevance * rel[eligible] + p.semantic * np.array([float(r["sim"]) for r in kept])
     if p.recency:
         age = np.array([max(now - float(r["source_timestamp"] or r["created_at"]), 0.0) for r in kept]) / DAY
@@ -391,7 +457,8 @@ def pack(scores: Sequence[float], anchors: Sequence[Turn], neighbours: Sequence[
          limit: int, max_tokens: int, neighbour_cost: float) -> list[Packed]:
     """Choose results and context turns within ``max_tokens`` (module docstring, step 5).
 
-    ``neighbours[i]`` holds (distance, turn) of anchor i, distance 1 = adjacent.
+    ``neighbours[i]`` holds (distance, turn) of anchor i, distance 1 = adjacent, 0 = the turn a typed
+    result was extracted from.
     """
     spread = float(np.std(scores)) if len(scores) > 1 else 1.0
     spread = spread if spread > 1e-9 else 1.0
@@ -401,9 +468,10 @@ def pack(scores: Sequence[float], anchors: Sequence[Turn], neighbours: Sequence[
     packed: dict[int, Packed] = {}
     used = 0
     while heap:
-        _, anchor, j, _ = heapq.heappop(heap)
+        _, anchor, j, dist = heapq.heappop(heap)
         turn = anchors[anchor] if j < 0 else neighbours[anchor][j][1]
-        if turn.memory_id in shown or (turn.message_id and turn.message_id in shown):
+        own_source = j >= 0 and dist == 0  # the turn a typed result was extracted from: same message id
+        if turn.memory_id in shown or (turn.message_id and turn.message_id in shown and not own_source):
             continue
         if used + turn.cost() > max_tokens and (j >= 0 or packed):
             continue
@@ -440,11 +508,14 @@ async def search(pool: AsyncConnectionPool, user_id: str, data: SearchData, embe
     if data.session_id:
         filters += " AND m.source_session_id = %(session_id)s"
         params["session_id"] = data.session_id
+    if data.exclude_session_id:
+        filters += " AND m.source_session_id IS DISTINCT FROM %(exclude_session_id)s"
+        params["exclude_session_id"] = data.exclude_session_id
     async with pool.connection() as conn:
         cur = conn.cursor(row_factory=dict_row)
         await cur.execute(_CANDIDATES.format(filters=filters), params)
         rows = await cur.fetchall()
-        ranked = rank(rows, data.query, cfg, data.threshold)
+        ranked = rank(rows, data.query, cfg, data.threshold, data.now)
         heads = ranked.rows[: max(2 * data.limit, data.limit + 10)]
         if not heads:
             return []
@@ -459,14 +530,14 @@ async def search(pool: AsyncConnectionPool, user_id: str, data: SearchData, embe
                 sides.setdefault((r["anchor"], r["side"]), []).append(r)
             for (anchor, side), turns in sides.items():
                 turns.sort(key=lambda t: t["source_timestamp"], reverse=side < 0)
-                near[anchor].extend((d, _turn(t)) for d, t in enumerate(turns, start=1))
+                near[anchor].extend((d, _turn(t)) for d, t in enumerate(turns, start=1 if side else 0))
     # in rank order (a replaced memory placed after its replacement never outranks it)
     ordered = np.minimum.accumulate(ranked.score[: len(heads)])
     live = [i for i, r in enumerate(heads) if r["memory_id"] in content]  # not deleted meanwhile
     heads, scores = [heads[i] for i in live], [float(ordered[i]) for i in live]
     anchors = [_turn(content[r["memory_id"]]) for r in heads]
     neighbours = [near[r["memory_id"]] for r in heads]
-    packed = pack(scores, anchors, neighbours, data.limit, cfg.max_tokens, cfg.neighbour_cost)
+    packed = pack(scores, anchors, neighbours, data.limit, data.max_tokens or cfg.max_tokens, cfg.neighbour_cost)
     out = []
     for item in packed:
         row, full = heads[item.anchor], content[heads[item.anchor]["memory_id"]]

@@ -32,6 +32,12 @@ LtmStatus = Literal["hit", "miss", "timeout", "error", "disabled"]
 Source = Literal["user", "ai"]
 
 
+OFFLINE_MODEL = "offline"
+"""``AIResponse.meta.model`` of the offline responder (no language model configured)."""
+OFFLINE_REPLY_PREFIX = "[offline responder:"
+"""How every offline reply begins: such replies only repeat memories, so they are never memories themselves."""
+
+
 def derive_id(*parts: object) -> str:
     """A deterministic UUID from parts, so a replay gets the same id."""
     return str(uuid.uuid5(ID_NAMESPACE, "\x1f".join(str(p) for p in parts)))
@@ -134,7 +140,10 @@ class SearchData(Message):
     limit: int = Field(default=5, ge=1, le=100)
     threshold: float | None = Field(default=None, ge=-1.0, le=1.0)
     types: list[MemoryType] | None = None
-    session_id: str | None = None
+    session_id: str | None = None  # only memories of this session
+    exclude_session_id: str | None = None  # none of this session (chat_ai: the STM already holds it)
+    now: float | None = None  # "now" for relative dates and recency (the turn's own timestamp); None = the clock
+    max_tokens: int | None = Field(default=None, ge=50, le=32_000)  # results + context budget; None = LTM_RESULT_TOKENS
 
     _size = field_validator("query")(_check_size)
 

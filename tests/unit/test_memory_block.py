@@ -1,0 +1,102 @@
+"""The prompt's memory block: bounded, labelled, deduplicated, best first; and what the offline responder quotes."""
+
+from __future__ import annotations
+
+from services.chat_ai.prompt import MEMORY_HEADER, contains_turn, count_tokens, is_question, memory_block
+from services.chat_ai.responder import offline_reply, pick_quotes
+from shared.contracts import Memory, MemorySource
+from shared.contracts.messages import ContextTurn
+from shared.runtime.stm import Stm
+
+T0 = 1_684_000_000.0  # 2023-05-13
+
+
+def mem(mid: str, content: str, score: float, *, speaker: str = "user", type_: str = "episodic",
+        ts: float = T0, context: list[ContextTurn] | None = None, message_id: str | None = None) -> Memory:
+    return Memory(memory_id=mid, type=type_, content=content, score=score, created_at=ts,  # type: ignore[arg-type]
+                  source=MemorySource(message_id=message_id or f"msg-{mid}", session_id="s", timestamp=ts,
+                                      speaker=speaker),
+                  context=context or [])
+
+
+def ctx(mid: str, content: str, ts: float, speaker: str = "ai") -> ContextTurn:
+    return ContextTurn(message_id=mid, content=content, timestamp=ts, speaker=speaker)
+
+
+def test_block_is_labelled_best_first_and_in_time_order_within_an_entry() -> None:
+    block = memory_block([
+        mem("a", "My sister Ottilie lives in Lisbon.", 2.0, ts=T0 + 60,
+            context=[ctx("c1", "Tell me about your family.", T0), ctx("c2", "Lisbon is lovely.", T0 + 120)]),
+        mem("b", "I love teal sailboats.", 1.0, ts=T0 + 86_400 * 3),
+    ], max_tokens=1500, turn_tokens=400)
+    lines = block.text.splitlines()
+    assert lines[0] == MEMORY_HEADER
+    assert lines[1] == "  2023-05-13 (Sat), assistant: Tell me about your family."
+    assert lines[2] == "- 2023-05-13 (Sat), user: My sister Ottilie lives in Lisbon."
+    assert lines[3] == "  2023-05-13 (Sat), assistant: Lisbon is lovely."
+    assert lines[4] == "- 2023-05-16 (Tue), user: I love teal sailboats."
+    assert block.tokens == count_tokens(block.text)
+    assert [e.turns[0].content for e in block.entries] == ["Tell me about your family.", "I love teal sailboats."]
+
+
+def test_no_turn_twice_by_id_or_by_text() -> None:
+    shared = ctx("c1", "We talked about boats.", T0)
+    block = memory_block([
+        mem("a", "I sail on Sundays.", 2.0, context=[shared]),
+        mem("b", "I own a red boat.", 1.5, context=[shared]),  # the same context turn again
+        mem("c", "i sail  on Sundays.", 1.0),  # the same words as a, another id
+        mem("d", "I own a red boat.", 0.5, message_id="msg-b"),  # the same message as b
+    ], max_tokens=1500, turn_tokens=400)
+    body = block.text.splitlines()[1:]
+    assert len(body) == 3 and len(set(body)) == 3
+    assert sum("We talked about boats." in line for line in body) == 1
+
+
+def test_budget_holds_for_the_whole_block_and_long_turns_are_cut() -> None:
+    long_turn = " ".join(f"word{i}" for i in range(2000))
+    memories = [mem(str(i), f"Fact {i}: I keep {i} tortoises. " + long_turn, 10.0 - i) for i in range(20)]
+    for budget in (120, 300, 1500):
+        block = memory_block(memories, max_tokens=budget, turn_tokens=100)
+        assert 0 < block.tokens <= budget, (budget, block.tokens)
+        assert all(t.cut for t in block.turns)
+        assert all(line.endswith("…") for line in block.text.splitlines()[1:])
+    assert memory_block([], 1500, 400).text == ""
+
+
+def test_a_fact_extracted_from_a_turn_is_shown_as_the_turn() -> None:
+    words = "By the way, my sister Ottilie moved to Lisbon last year."
+    fact = mem("f", "User's sister Ottilie lives in Lisbon.", 3.0, type_="fact", message_id="m-1",
+               context=[ctx("m-1", words, T0, speaker="user")])
+    block = memory_block([fact], 1500, 400)
+    assert contains_turn(block.text, words)
+    assert "User's sister" not in block.text
+
+
+def test_contains_turn_matches_whole_turns_and_cut_heads() -> None:
+    long_turn = "I visited the aquarium with my niece. " * 40
+    block = memory_block([mem("a", long_turn, 1.0)], 1500, turn_tokens=60)
+    assert contains_turn(block.text, long_turn)  # its first 200 characters are there
+    assert not contains_turn(block.text, "I never went to an aquarium.")
+    assert not contains_turn("", long_turn)
+
+
+def test_offline_responder_quotes_the_users_statements_never_questions_or_its_replies() -> None:
+    block = memory_block([
+        mem("q", "Where does my sister live?", 3.0),
+        mem("r", "[offline responder: no language model is configured; I can only repeat what I remember]\n"
+                 "- Ottilie lives in Lisbon", 2.5, speaker="ai"),
+        mem("e", "Your sister lives in Lisbon, you said.", 2.2, speaker="ai"),
+        mem("f", "My sister Ottilie lives in Lisbon and I love teal sailboats.", 2.0),
+    ], 1500, 400)
+    quotes = pick_quotes(block, "Where does my sister live?")
+    assert [q.content for q in quotes] == ["My sister Ottilie lives in Lisbon and I love teal sailboats."]
+    reply = offline_reply("Where does my sister live?", block, Stm())
+    assert '"My sister Ottilie lives in Lisbon and I love teal sailboats."' in reply.text
+    assert reply.model == "offline"
+
+
+def test_questions_are_told_from_statements() -> None:
+    assert is_question("Where does my sister live?")
+    assert is_question("Hi! How are you? What's new?") is False  # "Hi!" is not a question
+    assert not is_question("My dog is called Biscuit. What should I feed him?")
+    assert not is_question("I live in Lisbon.")
