@@ -25,6 +25,10 @@ TORCH_SOURCES := $(if $(wildcard $(WHEELS)/torch-$(TORCH_VERSION)+cpu*),--find-l
 
 DATA ?= ../shared/data/locomo/locomo10-dev.json
 OUT ?= eval-locomo.json
+# eval-longmemeval takes DATA and OUT from the command line too, else these
+LME_DATA := $(if $(filter command line,$(origin DATA)),$(DATA),../shared/data/longmemeval/longmemeval-s-dev.json)
+LME_OUT := $(if $(filter command line,$(origin OUT)),$(OUT),eval-longmemeval.json)
+EVAL_ARGS ?=
 BENCH_OUT ?= bench.json
 PYTEST_ARGS ?=
 
@@ -35,7 +39,7 @@ define with_stack
 	$(PYTHON) -m mesh up && $(1)
 endef
 
-.PHONY: help install ensure-redis run up down demo test lint bench eval-locomo clean
+.PHONY: help install ensure-redis run up down demo test lint bench eval-locomo eval-longmemeval clean
 
 help:
 	@echo "make run          set up, start the mesh in the background, chat; stops it on exit"
@@ -45,6 +49,7 @@ help:
 	@echo "make lint         ruff check . and mypy"
 	@echo "make bench        python -m mesh bench --out $(BENCH_OUT)"
 	@echo "make eval-locomo  python -m mesh eval locomo --data \$$DATA --out \$$OUT"
+	@echo "make eval-longmemeval  python -m mesh eval longmemeval --data \$$DATA --out \$$OUT \$$EVAL_ARGS"
 	@echo "make install      create $(VENV) and install the pinned requirements"
 	@echo "make clean        stop the stack, remove .data"
 
@@ -97,6 +102,9 @@ bench: $(STAMP)
 
 eval-locomo: $(STAMP)
 	$(PYTHON) -m mesh eval locomo --data $(DATA) --out $(OUT)
+
+eval-longmemeval: $(STAMP)
+	$(PYTHON) -m mesh eval longmemeval --data $(LME_DATA) --out $(LME_OUT) $(EVAL_ARGS)
 
 clean: down
 	rm -rf .data

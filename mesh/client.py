@@ -61,11 +61,14 @@ class MeshClient:
         await self.ltm.close()
         await self.redis.aclose()
 
-    async def say(self, content: str, *, user_id: str | None, session_id: str, timeout: float = 60.0) -> AIResponse:
-        """XADD a UserInput, then XREAD ai_responses from just before it until the matching reply."""
+    async def say(self, content: str, *, user_id: str | None, session_id: str, timeout: float = 60.0,
+                  timestamp: float | None = None) -> AIResponse:
+        """XADD a UserInput (``timestamp``: when it is said, default now), then XREAD ai_responses from just
+        before it until the matching reply."""
         last = await self.redis.xrevrange(self.names.ai_responses, count=1)
         cursor: Any = last[0][0] if last else "0-0"
-        msg = UserInput(message_id=new_id(), user_id=user_id, session_id=session_id, content=content)
+        msg = UserInput(message_id=new_id(), user_id=user_id, session_id=session_id, content=content,
+                        **({"timestamp": timestamp} if timestamp is not None else {}))
         await self.redis.xadd(self.names.user_input, {"data": encode(msg)})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -1,0 +1,23 @@
+"""``python -m mesh eval <benchmark>``: ``locomo`` (mesh/eval_locomo.py), ``longmemeval`` (mesh/eval_longmemeval.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    from mesh import eval_locomo, eval_longmemeval
+
+    eval_locomo.configure(parser)  # adds the benchmark sub-commands with "locomo"
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    eval_longmemeval.add_parser(sub)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.benchmark == "longmemeval":
+        from mesh import eval_longmemeval
+
+        return eval_longmemeval.run(args)
+    from mesh import eval_locomo
+
+    return eval_locomo.run(args)

@@ -1,0 +1,105 @@
+"""Service processes for a run: ``python -m services.<name>``, each with its own environment and log file.
+
+Unlike the stack's supervisor (mesh/stack.py), nothing is restarted: a service that exits during an
+evaluation is an error the caller reports (with the end of that service's log). Every child runs in a
+process group of its own and gets SIGTERM if this process dies; :meth:`ServiceProcesses.stop` sends SIGTERM
+to each group, then SIGKILL to what is left after the grace period.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+from mesh.stack import _parent_death_hook, _tail
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Child:
+    name: str
+    log: Path
+    proc: subprocess.Popen[bytes]
+    handle: IO[bytes]
+
+
+class ServiceProcesses:
+    def __init__(self, log_dir: Path, cwd: Path = ROOT) -> None:
+        self.log_dir, self.cwd = log_dir, cwd
+        self.children: list[Child] = []
+
+    def start(self, name: str, module: str, env: dict[str, str]) -> Child:
+        """Start ``python -m module`` as ``name`` (its stdout and stderr go to ``<log_dir>/<name>.log``)."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = self.log_dir / f"{name}.log"
+        handle = log.open("ab")
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", module], env=env, cwd=self.cwd, stdin=subprocess.DEVNULL,
+                                    stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
+                                    preexec_fn=_parent_death_hook())
+        except BaseException:
+            handle.close()
+            raise
+        child = Child(name, log, proc, handle)
+        self.children.append(child)
+        return child
+
+    def check(self) -> None:
+        """Raise RuntimeError naming the first service that has exited, with the end of its log."""
+        for child in self.children:
+            code = child.proc.poll()
+            if code is not None:
+                raise RuntimeError(f"service {child.name} exited with code {code}; the end of {child.log}:\n"
+                                   f"{_tail(child.log, 25)}")
+
+    def stop(self, grace: float = 15.0) -> None:
+        """SIGTERM every service, SIGKILL what is left after ``grace`` seconds; a second Ctrl-C cannot cut it short."""
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main_thread() else None
+        try:
+            self._stop(grace)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+
+    def _stop(self, grace: float) -> None:
+        running = [c for c in self.children if c.proc.poll() is None]
+        for child in running:
+            _signal(child, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while running and time.monotonic() < deadline:
+            running = [c for c in running if c.proc.poll() is None]
+            time.sleep(0.1)
+        for child in running:
+            _signal(child, signal.SIGKILL)
+        for child in self.children:
+            child.proc.wait()
+            child.handle.close()
+        self.children.clear()
+
+    def __enter__(self) -> ServiceProcesses:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _signal(child: Child, sig: signal.Signals) -> None:
+    try:
+        os.killpg(child.proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
