@@ -15,18 +15,16 @@ from redis.asyncio.client import Pipeline
 
 from services.memory.store import StoredMessage
 from shared.contracts import MemoryUpdate
-from shared.contracts.messages import MemoryUpdateMeta
+from shared.contracts.messages import OFFLINE_MODEL, MemoryUpdateMeta
 from shared.runtime.metrics import Metrics
 
 Publish = Callable[[Pipeline, MemoryUpdate], None]
 """Queues the commands that emit a MemoryUpdate into the write's pipeline."""
 
-OFFLINE_MODEL = "offline"
-"""``AIResponse.meta.model`` of chat_ai's offline responder (services/chat_ai/responder.py); a failed LLM call
-falls back to it as ``"offline (llm error: ...)"``."""
-
 
 def is_offline_reply(role: str, metadata: Mapping[str, Any]) -> bool:
+    """An AI message written by chat_ai's offline responder: ``meta.model`` is OFFLINE_MODEL, or starts with it
+    when a failed LLM call fell back to it (``"offline (llm error: ...)"``)."""
     model = metadata.get("model")
     return role == "ai" and isinstance(model, str) and model.startswith(OFFLINE_MODEL)
 
