@@ -24,6 +24,10 @@ COPY shared ./shared
 COPY services ./services
 COPY mesh ./mesh
 
+# The embedding model as ONNX (shared/runtime/onnx_export.py), into /usr/local/share/memory-mesh:
+# the services run it on ONNX Runtime and never import torch.
+RUN python -m shared.runtime.onnx_export
+
 RUN useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin mesh \
     && mkdir -p /var/lib/mesh && chown mesh /var/lib/mesh
 # state that must outlive a container: the dev encryption key (set MEMORY_ENCRYPTION_KEY in production), mem0's history

@@ -16,6 +16,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTHON := $(BIN)/python
 STAMP := $(VENV)/.installed
+DEPS := $(VENV)/.requirements
+# the embedding model as ONNX, exported from the packaged all-MiniLM-L6-v2 (shared/runtime/embedding.py's default)
+ONNX_MODEL := $(VENV)/share/memory-mesh/all-MiniLM-L6-v2.onnx
 
 TORCH_VERSION ?= 2.13.0
 WHEELS ?= /opt/wheels
@@ -55,14 +58,21 @@ help:
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt constraints.txt
+$(STAMP): $(DEPS) $(ONNX_MODEL)
+	@$(MAKE) --no-print-directory ensure-redis
+	@touch $@
+
+$(DEPS): requirements.txt requirements-dev.txt constraints.txt
 	@if [ -z "$(PY)" ]; then echo "error: no python3.11 or python3 on PATH (set PY=/path/to/python3.11)" >&2; exit 1; fi
 	@test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install --upgrade pip || echo "warning: could not upgrade pip; continuing" >&2
 	$(PYTHON) -m pip install $(strip $(TORCH_SOURCES)) "torch==$(TORCH_VERSION)"
 	$(PYTHON) -m pip install -c constraints.txt -r requirements.txt -r requirements-dev.txt
-	@$(MAKE) --no-print-directory ensure-redis
 	@touch $@
+
+# Export with torch (installed anyway); the services then run it on ONNX Runtime, without torch.
+$(ONNX_MODEL): $(DEPS) shared/runtime/onnx_export.py
+	$(PYTHON) -m shared.runtime.onnx_export --out $@
 
 # A redis-server binary for the local stack and the tests (not needed when REDIS_URL is set).
 ensure-redis:

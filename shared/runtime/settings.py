@@ -9,9 +9,10 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.contracts.messages import DEFAULT_MAX_CONTENT_BYTES
+from shared.runtime.embedding import EmbeddingSettings
 
 
-class MeshSettings(BaseSettings):
+class MeshSettings(EmbeddingSettings, BaseSettings):
     """Contract variables are read without a prefix (``REDIS_URL``, ``LTM_TIMEOUT_MS`` ...)."""
 
     model_config = SettingsConfigDict(env_prefix="", extra="ignore", case_sensitive=False)
