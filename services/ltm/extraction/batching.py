@@ -1,0 +1,66 @@
+"""Batching: concurrent single calls coalesced into batch calls; :class:`Extraction`, the ingest path's front."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+from services.ltm.extraction.llm import LlmExtractor
+from services.ltm.extraction.rules import RuleExtractor
+from services.ltm.extraction.types import Extracted, Turn
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Batcher(Generic[T, R]):
+    """Coalesce concurrent single calls into batch calls: what arrives while a batch runs goes in the next."""
+
+    def __init__(self, run: Callable[[list[T]], Awaitable[list[R]]], max_batch: int = 32) -> None:
+        self.run, self.max_batch = run, max_batch
+        self._queue: list[tuple[T, asyncio.Future[R]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def submit(self, item: T) -> R:
+        fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._queue.append((item, fut))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._pump())
+        return await fut
+
+    async def _pump(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch:]
+            try:
+                results = await self.run([item for item, _ in batch])
+            except Exception as exc:  # noqa: BLE001 - handed to every waiter
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for (_, fut), result in zip(batch, results, strict=True):
+                if not fut.done():
+                    fut.set_result(result)
+
+
+class Extraction:
+    """The ingest path's front: ``await extract(turn)``; batched, rules or LLM."""
+
+    def __init__(self, rules: RuleExtractor | None = None, llm: LlmExtractor | None = None,
+                 max_batch: int = 32) -> None:
+        self.rules = rules or RuleExtractor()
+        self.llm = llm
+        self._batcher: Batcher[Turn, list[Extracted]] = Batcher(self._run, max_batch)
+
+    @property
+    def method(self) -> str:
+        return "llm" if self.llm is not None else "rules"
+
+    async def _run(self, turns: list[Turn]) -> list[list[Extracted]]:
+        if self.llm is not None:
+            return await self.llm.extract_batch(turns)
+        return await asyncio.to_thread(self.rules.extract_batch, turns)
+
+    async def extract(self, turn: Turn) -> list[Extracted]:
+        return await self._batcher.submit(turn)
