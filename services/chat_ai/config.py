@@ -21,7 +21,7 @@ class ChatSettings(MeshSettings):
         "most results asked of ltm per turn; the token budget (LTM_PROMPT_TOKENS) usually binds first"))
     ltm_prompt_tokens: int = Field(default=1500, ge=100, le=32_000, description=(
         "token budget of the prompt's memory block, labels included (all-MiniLM-L6-v2 WordPiece tokens)"))
-    ltm_turn_tokens: int = Field(default=400, ge=20, le=32_000, description=(
+    ltm_turn_tokens: int = Field(default=200, ge=20, le=32_000, description=(
         "longest a single remembered turn may be in the memory block; longer turns are cut at a word boundary"))
     chat_concurrency: int = Field(default=16, ge=1)
     system_prompt: str = SYSTEM_PROMPT

@@ -119,7 +119,7 @@ class ChatService:
         # block's budget (the block's labels cost a little more; memory_block enforces the exact bound)
         request = SearchRequest(request_id=new_id(), type="search", user_id=msg.user_id, data=SearchData(
             query=msg.content, limit=self.settings.ltm_top_k, exclude_session_id=msg.session_id, now=msg.timestamp,
-            max_tokens=self.settings.ltm_prompt_tokens))
+            max_tokens=self.settings.ltm_prompt_tokens, turn_tokens=self.settings.ltm_turn_tokens, source_turns=True))
         try:
             resp = await self.ltm.call(request, self.settings.ltm_timeout_ms / 1000)
         except TimeoutError:

@@ -65,7 +65,7 @@ class Profile:
     neighbour: float = 0.3
     # penalties in z units (step 2): what the assistant said, unless the query asks about the assistant's words,
     # and a turn that only asks a question; both stay findable, below the user's own statements
-    assistant: float = 1.0
+    assistant: float = 2.0
     question: float = 3.0
     # final score of an eligible memory
     relevance: float = 1.0
@@ -214,8 +214,9 @@ FROM ltm_memories h CROSS JOIN LATERAL (
     (SELECT n.memory_id, n.type, n.content, n.source_message_id, n.source_session_id, n.source_timestamp,
             n.speaker, 0 AS side
      FROM ltm_memories n
-     WHERE h.type <> 'episodic' AND n.user_id = h.user_id AND n.source_session_id = h.source_session_id
-       AND n.type = 'episodic' AND n.source_message_id = h.source_message_id
+     WHERE %(source_turns)s AND h.type <> 'episodic' AND n.user_id = h.user_id
+       AND n.source_session_id = h.source_session_id AND n.type = 'episodic'
+       AND n.source_message_id = h.source_message_id
      LIMIT 1)
 ) AS x
 WHERE h.user_id = %(user_id)s AND h.memory_id = ANY(%(ids)s)
@@ -454,11 +455,11 @@ class Packed:
 
 
 def pack(scores: Sequence[float], anchors: Sequence[Turn], neighbours: Sequence[Sequence[tuple[int, Turn]]],
-         limit: int, max_tokens: int, neighbour_cost: float) -> list[Packed]:
+         limit: int, max_tokens: int, neighbour_cost: float, turn_tokens: int | None = None) -> list[Packed]:
     """Choose results and context turns within ``max_tokens`` (module docstring, step 5).
 
     ``neighbours[i]`` holds (distance, turn) of anchor i, distance 1 = adjacent, 0 = the turn a typed
-    result was extracted from.
+    result was extracted from. With ``turn_tokens``, a turn costs at most that much (the reader cuts longer ones).
     """
     spread = float(np.std(scores)) if len(scores) > 1 else 1.0
     spread = spread if spread > 1e-9 else 1.0
@@ -473,7 +474,8 @@ def pack(scores: Sequence[float], anchors: Sequence[Turn], neighbours: Sequence[
         own_source = j >= 0 and dist == 0  # the turn a typed result was extracted from: same message id
         if turn.memory_id in shown or (turn.message_id and turn.message_id in shown and not own_source):
             continue
-        if used + turn.cost() > max_tokens and (j >= 0 or packed):
+        cost = turn.cost() if turn_tokens is None else min(turn.cost(), turn_tokens)
+        if used + cost > max_tokens and (j >= 0 or packed):
             continue
         if j < 0:
             if len(packed) >= limit:
@@ -483,7 +485,7 @@ def pack(scores: Sequence[float], anchors: Sequence[Turn], neighbours: Sequence[
                 heapq.heappush(heap, (-(float(scores[anchor]) - neighbour_cost * dist * spread), anchor, k, dist))
         else:
             packed[anchor].context.append(turn)
-        used += turn.tokens
+        used += cost
         shown.add(turn.memory_id)
         if turn.message_id:
             shown.add(turn.message_id)
@@ -524,7 +526,8 @@ async def search(pool: AsyncConnectionPool, user_id: str, data: SearchData, embe
         content = {r["memory_id"]: r for r in await cur.fetchall()}
         near: dict[Any, list[tuple[int, Turn]]] = {i: [] for i in ids}
         if cfg.context_turns > 0:
-            await cur.execute(_NEIGHBOURS, {"user_id": user_id, "ids": ids, "w": cfg.context_turns})
+            await cur.execute(_NEIGHBOURS, {"user_id": user_id, "ids": ids, "w": cfg.context_turns,
+                                      "source_turns": data.source_turns})
             sides: dict[tuple[Any, int], list[dict[str, Any]]] = {}
             for r in await cur.fetchall():
                 sides.setdefault((r["anchor"], r["side"]), []).append(r)
@@ -537,7 +540,8 @@ async def search(pool: AsyncConnectionPool, user_id: str, data: SearchData, embe
     heads, scores = [heads[i] for i in live], [float(ordered[i]) for i in live]
     anchors = [_turn(content[r["memory_id"]]) for r in heads]
     neighbours = [near[r["memory_id"]] for r in heads]
-    packed = pack(scores, anchors, neighbours, data.limit, data.max_tokens or cfg.max_tokens, cfg.neighbour_cost)
+    packed = pack(scores, anchors, neighbours, data.limit, data.max_tokens or cfg.max_tokens, cfg.neighbour_cost,
+                  data.turn_tokens)
     out = []
     for item in packed:
         row, full = heads[item.anchor], content[heads[item.anchor]["memory_id"]]

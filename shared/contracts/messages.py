@@ -144,6 +144,8 @@ class SearchData(Message):
     exclude_session_id: str | None = None  # none of this session (chat_ai: the STM already holds it)
     now: float | None = None  # "now" for relative dates and recency (the turn's own timestamp); None = the clock
     max_tokens: int | None = Field(default=None, ge=50, le=32_000)  # results + context budget; None = LTM_RESULT_TOKENS
+    turn_tokens: int | None = Field(default=None, ge=10, le=32_000)  # a turn counts at most this (the reader cuts it)
+    source_turns: bool = False  # a fact extracted from a turn brings that turn along as context (chat_ai's block)
 
     _size = field_validator("query")(_check_size)
 

@@ -110,7 +110,11 @@ async def test_up_returns_ready_services_and_status_reports_them(
         assert (await reply_to(redis, names, first)).meta.ltm in ("miss", "hit")
         await wait_until(lambda: ingested(database_url, "u-ready"), timeout=30, message="the fact ingested")
         second = await send(redis, names, "Where does my sister Maria live?", "u-ready", "s2")
-        assert (await reply_to(redis, names, second)).meta.ltm == "hit"
+        answer = await reply_to(redis, names, second)
+        assert answer.meta.ltm == "hit"
+        # the offline responder quotes the fact itself (its memory block's user statement), not the question
+        quoted = [line for line in answer.content.splitlines() if line.startswith("- (")]
+        assert quoted and "My sister Maria lives in Porto." in quoted[0], answer.content
 
         status = await mesh_cli(env, "status", "--json", "--data-dir", str(data))
         assert status.code == 0, f"{status.out}\n{status.err}"
