@@ -32,7 +32,7 @@ OUT ?= eval-locomo.json
 LME_DATA := $(if $(filter command line,$(origin DATA)),$(DATA),../shared/data/longmemeval/longmemeval-s-dev.json)
 LME_OUT := $(if $(filter command line,$(origin OUT)),$(OUT),eval-longmemeval.json)
 EVAL_ARGS ?=
-BENCH_OUT ?= bench.json
+BENCH_ARGS ?=
 PYTEST_ARGS ?=
 
 # Run $(1) with the stack up; the stack goes down however $(1) ends (error, Ctrl-C, SIGTERM).
@@ -42,7 +42,7 @@ define with_stack
 	$(PYTHON) -m mesh up && $(1)
 endef
 
-.PHONY: help install ensure-redis run up down demo test lint bench eval-locomo eval-longmemeval clean
+.PHONY: help install ensure-redis run up down demo test lint bench bench-quick eval-locomo eval-longmemeval clean
 
 help:
 	@echo "make run          set up, start the mesh in the background, chat; stops it on exit"
@@ -50,7 +50,8 @@ help:
 	@echo "make demo         up, scripted demo, down"
 	@echo "make test         set up, run pytest"
 	@echo "make lint         ruff check . and mypy"
-	@echo "make bench        python -m mesh bench --out $(BENCH_OUT)"
+	@echo "make bench        the full benchmark, services as processes over Redis: bench/results/latest.json"
+	@echo "make bench-quick  the same at small sizes, a few minutes: bench/results/quick.json"
 	@echo "make eval-locomo  python -m mesh eval locomo --data \$$DATA --out \$$OUT"
 	@echo "make eval-longmemeval  python -m mesh eval longmemeval --data \$$DATA --out \$$OUT \$$EVAL_ARGS"
 	@echo "make install      create $(VENV) and install the pinned requirements"
@@ -108,7 +109,10 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 bench: $(STAMP)
-	$(PYTHON) -m mesh bench --out $(BENCH_OUT)
+	$(PYTHON) -m mesh bench $(BENCH_ARGS)
+
+bench-quick: $(STAMP)
+	$(PYTHON) -m mesh bench --quick $(BENCH_ARGS)
 
 eval-locomo: $(STAMP)
 	$(PYTHON) -m mesh eval locomo --data $(DATA) --out $(OUT)

@@ -61,7 +61,7 @@ COMMANDS: dict[str, Command] = {
                     _lazy_run("mesh.demo")),
     "config": Command("print every setting (or --write it into README.md)", _lazy("mesh.configdoc", "configure"),
                       _lazy_run("mesh.configdoc")),
-    "bench": Command("latency benchmarks (p50/p95 against the seed ceilings): `bench --out FILE`",
+    "bench": Command("the benchmark: services as processes, measured over Redis (`bench [--quick]`)",
                      _lazy("mesh.bench", "configure"), _lazy_run("mesh.bench")),
     "import": Command("load one user's chat history (JSON / JSON Lines) through memory_requests: `import FILE`",
                       _lazy("mesh.importer", "configure"), _lazy_run("mesh.importer")),

@@ -1,142 +1,120 @@
-"""Benchmarks of the conversation store (issue 3), at 1,000-turn sessions.
+"""The memory service's requests through ``memory_requests`` (issue 3's operations, at a long session).
 
-All through :class:`services.memory.api.MemoryApi`, the code both the streams and ``memory_requests`` run,
-on real Redis and PostgreSQL, in one process (the bus round trip is not included: it is the same
-BLPOP/PUBLISH for every request type and is measured where the bus is benchmarked). Seed ceilings and
-aims from the issue: create < 500 ms, store < 200 ms (aim p95 ≤ 5 ms), retrieval < 2 s, context merge
-< 1 s, rehydration < 5 s (aim ≤ 100 ms).
+Run on the chat workload's mesh (mesh/bench_mesh.py), so the memory process is a separate process and
+every stored message also flows on to ltm as a MemoryUpdate, as in use. Round trips are the client's:
+RPUSH of the request to the reply on the private reply channel. Seed ceilings and aims from issue 3:
+create < 500 ms, store < 200 ms (aim p95 <= 5 ms), retrieval < 2 s, context merge < 1 s, rehydration
+< 5 s (aim <= 100 ms). Rehydration: the session's STM keys are deleted (what FLUSHALL or eviction does
+to it), then ``get_stm`` rebuilds them from PostgreSQL.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
-from mesh.bench import BenchEnv, Measured, bench, timer
+from mesh.bench_procs import ServiceProcess, latency, rpc, say
+from mesh.bench_spec import Ctx
+from shared.contracts import MEMORY_RESPONSE, Names, new_id
+from shared.contracts.memory_api import (
+    CreateSessionData,
+    CreateSessionRequest,
+    GetContextData,
+    GetContextRequest,
+    GetMessagesData,
+    GetMessagesRequest,
+    GetStmRequest,
+    SessionRef,
+    StoreContextData,
+    StoreContextRequest,
+    StoreMessageData,
+    StoreMessageRequest,
+)
 
-TURNS = 1000
-USER = "bench-user"
-SESSION = "bench-long"
+TOPICS = ("our trip to Kyoto in April", "the garden beds and tomatoes", "the Rust rewrite of the billing service",
+          "my sister Maria's wedding in Porto", "the budget for 2025", "training for the Lisbon half marathon")
+# operation -> (seed ceiling ms, aim ms)
+LIMITS: dict[str, tuple[float | None, float | None]] = {
+    "session_create": (500, None), "message_store": (200, 5), "message_store_first_turns": (200, 5),
+    "conversation_retrieval": (2000, None), "context_merge": (1000, None), "rehydration": (5000, 100),
+}
 
 
 def _text(i: int) -> str:
-    topics = ("our trip to Kyoto in April", "the garden beds and tomatoes", "the Rust rewrite of the billing service",
-              "my sister Maria's wedding in Porto", "the budget for 2025", "training for the Lisbon half marathon")
-    return (f"Message {i}: let's talk about {topics[i % len(topics)]}. I think we should decide by Friday, "
+    return (f"Message {i}: let's talk about {TOPICS[i % len(TOPICS)]}. I think we should decide by Friday, "
             f"and keep notes so that we remember what we agreed on.")
 
 
-@bench("memory", "conversation_store")
-async def conversation_store(env: BenchEnv) -> list[Measured]:
-    from cryptography.fernet import Fernet
+async def memory_requests(ctx: Ctx, names: Names, procs: list[ServiceProcess]) -> list[dict[str, Any]]:
+    spec = ctx.spec
+    user, session = f"bench-memory-{ctx.run_id}", f"bench-memory-{ctx.run_id}-long"
+    client = await rpc(ctx.redis, names.memory_requests, MEMORY_RESPONSE, names.prefix)
+    timed: dict[str, list[float]] = {k: [] for k in LIMITS}
+    base = time.time() - 10 * (spec.memory_turns + spec.memory_reps)
 
-    from services.memory.config import MemorySettings
-    from services.memory.service import MemoryService
-    from services.memory.store import ConversationStore, StoredMessage
-    from shared.contracts import Names
-    from shared.runtime.db import open_pool
-    from shared.runtime.runner import redis_client
+    async def call(op: str | None, request: Any, check: Callable[[dict[str, Any]], bool] | None = None) -> None:
+        started = time.perf_counter()
+        reply = await client.call(request, 30.0)
+        elapsed = time.perf_counter() - started
+        if not reply.success or (check is not None and not check(reply.data or {})):
+            raise RuntimeError(f"memory {request.type} failed: {reply.error or reply.data}")
+        if op is not None:
+            timed[op].append(elapsed)
 
-    settings = MemorySettings(redis_url=env.redis_url, database_url=env.database_url, openai_api_key=None,
-                              openai_base_url=None, memory_embed_messages=False,
-                              memory_encryption_key=Fernet.generate_key().decode())
-    names = Names().with_prefix(env.key_prefix)
-    pool = await open_pool(env.database_url, max_size=4, name="bench")
-    redis = redis_client(env.redis_url)
+    def store(i: int) -> StoreMessageRequest:
+        return StoreMessageRequest(request_id=new_id(), type="store_message", user_id=user, data=StoreMessageData(
+            session_id=session, content=_text(i), role="human" if i % 2 == 0 else "ai",
+            message_id=f"{session}-{i}", timestamp=base + i))
+
+    async def repeat(make: Callable[[int], Awaitable[None]]) -> None:
+        for n in range(spec.memory_reps):
+            await make(n)
+
+    say(f"memory: requests through memory_requests, a session of {spec.memory_turns} turns")
     try:
-        svc = MemoryService(settings, names, redis, ConversationStore(pool))
-        api = svc.api
-        base = time.time() - 10 * TURNS
+        await call(None, CreateSessionRequest(request_id=new_id(), type="create_session", user_id=user,
+                                              data=CreateSessionData(session_id=session, name="long")))
+        for i in range(spec.memory_turns):
+            await call("message_store_first_turns", store(i))
+        await repeat(lambda n: call("session_create", CreateSessionRequest(
+            request_id=new_id(), type="create_session", user_id=user,
+            data=CreateSessionData(session_id=f"{session}-new-{n}", name="bench", metadata={"n": n}))))
+        await repeat(lambda n: call("message_store", store(spec.memory_turns + n)))
+        await repeat(lambda n: call("conversation_retrieval", GetMessagesRequest(
+            request_id=new_id(), type="get_messages", user_id=user,
+            data=GetMessagesData(session_id=session, limit=spec.memory_turns)),
+            lambda d: len(d.get("messages", [])) == spec.memory_turns))
 
-        def message(session: str, i: int) -> StoredMessage:
-            return StoredMessage(message_id=f"{session}-{i}", session_id=session, user_id=USER,
-                                 role="human" if i % 2 == 0 else "ai", content=_text(i), timestamp=base + i)
+        async def merge(n: int) -> None:
+            started = time.perf_counter()
+            await call(None, StoreContextRequest(request_id=new_id(), type="store_context", user_id=user,
+                                                 data=StoreContextData(session_id=session, context_type="project",
+                                                                       key="plan", value={f"k{n % 50}": n, "last": n})))
+            await call(None, GetContextRequest(request_id=new_id(), type="get_context", user_id=user,
+                                               data=GetContextData(session_id=session, context_type="project")),
+                       lambda d: d["context"][0]["value"]["last"] == n)
+            timed["context_merge"].append(time.perf_counter() - started)
 
-        # The background summary catch-ups, timed (they are off the store path, but they share its CPU).
-        catch_up: list[float] = []
-        untimed = svc.stm.catch_up
+        await repeat(merge)
 
-        async def timed_catch_up(session_id: str) -> None:
-            with timer(catch_up):
-                await untimed(session_id)
+        async def rehydrate(n: int) -> None:
+            await ctx.redis.delete(names.stm_turns(session), names.stm_summary(session), names.stm_meta(session))
+            await call("rehydration", GetStmRequest(request_id=new_id(), type="get_stm", user_id=user,
+                                                    data=SessionRef(session_id=session)),
+                       lambda d: bool(d["stm"]["rehydrated"]) and bool(d["stm"]["turns"]))
 
-        svc.stm.catch_up = timed_catch_up  # type: ignore[method-assign]
-
-        # 1,000 turns through the full write path (this warms every cache and the summariser too).
-        await api.create_session(USER, SESSION, name="long")
-        fill: list[float] = []
-        for i in range(TURNS):
-            with timer(fill):
-                await api.record(message(SESSION, i))
-        await svc.stm.drain()
-
-        # What one durable commit costs on this machine: the floor under any write that must survive a crash.
-        floor: list[float] = []
-        async with pool.connection() as conn:
-            await conn.execute("CREATE TABLE IF NOT EXISTS bench_commit_floor (n int)")
-            for n in range(env.reps(200)):
-                with timer(floor):
-                    await conn.execute("INSERT INTO bench_commit_floor VALUES (%s)", (n,))
-
-        create: list[float] = []
-        for n in range(env.reps(200)):
-            with timer(create):
-                await api.create_session(USER, f"new-{n}", name="bench", metadata={"n": n})
-
-        store: list[float] = []
-        for i in range(TURNS, TURNS + env.reps(300)):
-            with timer(store):
-                await api.record(message(SESSION, i))
-
-        await svc.stm.drain()
-
-        retrieval: list[float] = []
-        for _ in range(env.reps(100)):
-            with timer(retrieval):
-                messages = await api.get_messages(USER, SESSION, limit=TURNS)
-            assert len(messages) == TURNS
-
-        merge: list[float] = []
-        for n in range(env.reps(300)):
-            with timer(merge):
-                await api.store.store_context(USER, SESSION, "project", "plan", {f"k{n % 50}": n, "last": n})
-                context = await api.store.get_context(USER, SESSION, "project")
-            assert context[0].value["last"] == n
-
-        rehydrate: list[float] = []
-        for _ in range(env.reps(50)):
-            await svc.stm.forget_session(SESSION)  # what FLUSHALL or eviction does to this session
-            with timer(rehydrate):
-                stm = await api.get_stm(USER, SESSION)
-            assert stm.rehydrated and len(stm.turns) == settings.stm_max_messages and stm.summary
-
-        cold: list[float] = []
-        for _ in range(env.reps(10)):
-            await svc.stm.forget_session(SESSION)
-            async with pool.connection() as conn:  # as if no summary had ever been written
-                await conn.execute("UPDATE conversation_sessions SET context_summary = NULL,"
-                                   " summary_state = '{}'::jsonb WHERE session_id = %s", (SESSION,))
-            with timer(cold):
-                stm = await api.get_stm(USER, SESSION)
-            assert stm.rehydrated and stm.summary
+        await repeat(rehydrate)
+        for p in procs:
+            p.check()
     finally:
-        await redis.aclose()
-        await pool.close()
-    size = f"session of {TURNS}-{TURNS + env.reps(300)} turns"
-    return [
-        Measured("db_commit_floor", floor, None, None,
-                 "reference, no ceiling: a one-row INSERT and its durable commit (WAL flush) on this machine"),
-        Measured("session_create", create, 500, None, "create_session (PostgreSQL insert + trigger, cache generation)"),
-        Measured("message_store", store, 200, 5,
-                 f"full write path into a {size}: PostgreSQL insert (+ triggers), STM window, summary fold of the "
-                 "evicted turn (Redis + PostgreSQL), cache invalidation, memory_updates publish"),
-        Measured("message_store_first_1000", fill, 200, 5, "the same path while the session grows from 0 to 1,000"),
-        Measured("summary_catch_up", catch_up, None, None,
-                 "reference, no ceiling: background fold of the turns that left the window (lock, PostgreSQL "
-                 "read, extractive fold, Redis + PostgreSQL write); not on the store path"),
-        Measured("conversation_retrieval", retrieval, 2000, None, f"get_messages of all {TURNS} turns"),
-        Measured("context_merge", merge, 1000, None, "store_context with a JSON merge, then get_context"),
-        Measured("rehydration", rehydrate, 5000, 100,
-                 f"get_stm after the session's STM keys were lost, {size}: summary + window from PostgreSQL"),
-        Measured("rehydration_unsummarised", cold, 5000, None,
-                 f"the same with no stored summary: the whole {size} is summarised during the rebuild"),
-    ]
+        await client.close()  # the caller removes the user once ltm has stopped ingesting its messages
+    rows = []
+    for op, samples in timed.items():
+        ceiling, aim = LIMITS[op]
+        r = {"operation": op, **latency(samples), "ceiling_ms": ceiling, "aim_ms": aim}
+        r["pass"] = ceiling is None or (r["p95_ms"] is not None and r["p95_ms"] <= ceiling)
+        r["aim_met"] = None if aim is None or r["p95_ms"] is None else r["p95_ms"] <= aim
+        rows.append(r)
+        say(f"  {op}: p50 {r['p50_ms']} ms, p95 {r['p95_ms']} ms (ceiling {ceiling}, aim {aim})")
+    return rows

@@ -1,153 +1,186 @@
-"""Benchmarks of the whole mesh and of long-term memory, side by side in one run.
+"""The whole mesh as users meet it: ready times, then chat turns, then the memory service's own requests.
 
-- ``turn_ltm_on`` / ``turn_ltm_off``: one chat turn, from XADD of the user input to the AIResponse,
-  with LTM recall (a user holding ``MEMORIES`` memories) and with ``ENABLE_LTM=false``; their
-  ratio is what memory costs a turn (offline responder: the LLM's own time is not in it).
-- ``search_bus`` / ``search_backend``: an ltm search through ``ltm_requests`` and the reply
-  channel, and the same search called on the backend in process; their ratio is the bus's cost.
-- ``ingest``: one MemoryUpdate through the backend (embedding, extraction, storage).
-
-Published anchors for the search rows (see ../shared/README.md): Mem0 paper p50 148 ms / p95
-200 ms; Zep Cloud p50 87 ms / p95 155 ms; an independent local mem0 run 882 ms mean.
+- ``ready``: each service started alone (ltm, then memory, then chat_ai; the stores already up), timed
+  from process start until it answers ``ping`` on its request list (``ltm_requests``,
+  ``memory_requests``, ``chat_requests``; for a chat_ai without that list: until it answers a turn sent
+  at its start). Repeated ``ready_reps`` times.
+- ``chat``: on the mesh just started, ``chat_sessions`` sessions at once (users holding 1k memories each),
+  each sending ``chat_turns`` turns one after another; a turn is timed from its ``XADD`` to
+  ``user_input_queue`` until its AIResponse arrives on ``ai_responses``. Offline responder, default
+  ``LTM_TIMEOUT_MS``; turns whose ``meta.ltm`` is not ``hit`` were answered without memory. Before the
+  timed turns, three warm-up turns and one ltm search per user (returning users: nothing a user's first
+  search loads is in their turns). What the turns added to the seeded users (memories of the bench's
+  sessions) is removed afterwards.
+- ``memory``: mesh/bench_memory.py on the same mesh's memory process, through ``memory_requests``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections import Counter
 from typing import Any
 
-from mesh.bench import BenchEnv, Measured, bench, timer
-from services.chat_ai.config import ChatSettings
-from services.chat_ai.service import ChatService
-from services.ltm.config import LtmSettings
-from services.ltm.service import LtmService, build_backend
-from services.memory.config import MemorySettings
-from services.memory.service import MemoryService
-from services.memory.store import ConversationStore
-from shared.contracts import (
-    AI_RESPONSE,
-    LTM_RESPONSE,
-    LTMResponse,
-    MemoryUpdate,
-    Names,
-    SearchRequest,
-    UserInput,
-    decode,
-    encode,
-    new_id,
-)
-from shared.contracts.messages import MemoryUpdateMeta, SearchData
-from shared.runtime.db import open_pool
-from shared.runtime.embedding import shared_model
-from shared.runtime.metrics import Metrics
-from shared.runtime.requests import RpcClient
-from shared.runtime.runner import redis_client
+from mesh.bench_procs import REPLY, ServiceProcess, latency, ping_ready, rpc, say
+from mesh.bench_seed import SeedPlan, delete_sessions, delete_users
+from mesh.bench_spec import Ctx
+from shared.contracts import AI_RESPONSE, AIResponse, Names, SearchRequest, UserInput, decode, encode, new_id
+from shared.contracts.messages import SearchData
 
-MEMORIES = 1_000
-SUBJECTS = ["my sister", "my manager", "our neighbour", "my best friend", "my dentist", "the landlord", "my coach"]
-VERBS = ["moved to", "started working at", "recommended", "complained about", "is learning", "bought", "visited"]
-OBJECTS = ["Lisbon", "a bakery downtown", "the new Italian place", "Japanese", "an electric bike", "Kyoto",
-           "the climbing gym", "a vintage camera", "the jazz festival", "a sailing course", "Porto", "the museum"]
-QUESTIONS = ["Where did my sister move?", "What did my manager recommend?", "What is my best friend learning?",
-             "What did the landlord complain about?", "Which city did my coach visit?", "What did our neighbour buy?"]
+SERVICES = ("ltm", "memory", "chat_ai")
+TURN_TIMEOUT_S = 60.0
 
 
-def sentences(n: int, seed: int = 7) -> list[str]:
-    rng = random.Random(seed)
-    return [f"Yesterday {rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}, "
-            f"and I think that was the {i}th time this year." for i in range(n)]
+async def ready_of(ctx: Ctx, names: Names, proc: ServiceProcess) -> tuple[float, str]:
+    """Seconds from start to ready, and how readiness was seen."""
+    me = proc.env["CONSUMER_NAME"]
+    if proc.service == "ltm":
+        return await ping_ready(ctx.redis, names.ltm_requests, proc, instance=me), "ping on ltm_requests"
+    if proc.service == "memory":
+        return await ping_ready(ctx.redis, names.memory_requests, proc, instance=me), "ping on memory_requests"
+    queue = getattr(names, "chat_requests", None)
+    if isinstance(queue, str):
+        return await ping_ready(ctx.redis, queue, proc, instance=me), "ping on chat_requests"
+    return await first_reply(ctx, names, proc), "its first AIResponse (this chat_ai has no chat_requests)"
 
 
-@asynccontextmanager
-async def mesh(env: BenchEnv, **chat: Any) -> AsyncIterator[tuple[Any, Names, LtmService, ChatService]]:
-    names = Names().with_prefix(env.key_prefix)
-    redis = redis_client(env.redis_url)
-    pool = await open_pool(env.database_url, max_size=10)
-    common: dict[str, Any] = dict(redis_url=env.redis_url, database_url=env.database_url, openai_api_key=None,
-                                  openai_base_url=None)
-    settings = LtmSettings(**common)
-    ltm = LtmService(settings, names, redis, build_backend(settings, pool, shared_model(), redis, names))
-    memory = MemoryService(MemorySettings(**common), names, redis, ConversationStore(pool))
-    chat_ai = ChatService(ChatSettings(**common, **chat), names, redis)
-    tasks = [asyncio.create_task(s.run()) for s in (memory, ltm, chat_ai)]
-    await asyncio.wait_for(asyncio.gather(ltm.ready.wait(), chat_ai.ready.wait()), 180)
-    try:
-        yield redis, names, ltm, chat_ai
-    finally:
-        for s in (memory, ltm, chat_ai):
-            s.stop()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await pool.close()
-        await redis.aclose()
-
-
-async def fill(ltm: LtmService, user_id: str, n: int) -> None:
-    for i, text in enumerate(sentences(n)):
-        await ltm.backend.ingest(MemoryUpdate(user_id=user_id, content=text, source="user",
-                                              timestamp=time.time() - (n - i) * 60,
-                                              meta=MemoryUpdateMeta(session_id=f"fill-{i // 50}", message_id=f"f{i}")))
-
-
-async def turn(redis: Any, names: Names, user_id: str, text: str) -> float:
-    msg = UserInput(message_id=new_id(), user_id=user_id, session_id=f"bench-{new_id()[:6]}", content=text)
-    last = await redis.xrevrange(names.ai_responses, count=1)
+async def first_reply(ctx: Ctx, names: Names, proc: ServiceProcess, timeout: float = 180.0) -> float:
+    """Seconds from the chat_ai process's start until a turn sent at its start is answered."""
+    last: Any = await ctx.redis.xrevrange(names.ai_responses, count=1)
     cursor: Any = last[0][0] if last else "0-0"
-    started = time.perf_counter()
-    await redis.xadd(names.user_input, {"data": encode(msg)})
-    while True:
-        rows = await redis.xread({names.ai_responses: cursor}, block=5000, count=50)
+    msg = UserInput(message_id=f"bench-chat-{ctx.run_id}-ready-{proc.pid}", user_id=_chat_user(ctx, 0),
+                    session_id=f"bench-chat-{ctx.run_id}-ready", content="Hello, are you there?")
+    await ctx.redis.xadd(names.user_input, {"data": encode(msg)})
+    while time.monotonic() - proc.started_at < timeout:
+        proc.check()
+        rows: Any = await ctx.redis.xread({names.ai_responses: cursor}, block=100, count=50)
         for _stream, entries in rows or []:
             for entry_id, fields in entries:
                 cursor = entry_id
                 if decode(AI_RESPONSE, fields[b"data"]).in_reply_to == msg.message_id:
-                    return time.perf_counter() - started
+                    return time.monotonic() - proc.started_at
+    raise TimeoutError(f"{proc.label} answered no turn in {timeout:.0f}s")
 
 
-@bench("mesh", "turns_and_search")
-async def turns_and_search(env: BenchEnv) -> list[Measured]:
-    on: list[float] = []
-    off: list[float] = []
-    bus: list[float] = []
-    direct: list[float] = []
-    ingest: list[float] = []
-    reps = env.reps(60)
-    async with mesh(env) as (redis, names, ltm, _chat):
-        user = "bench-user"
-        for i, text in enumerate(sentences(20, seed=11)):  # ingest cost, measured on its own
-            update = MemoryUpdate(user_id="bench-ingest", content=text, source="user",
-                                  meta=MemoryUpdateMeta(session_id="s", message_id=f"i{i}"))
-            with timer(ingest):
-                await ltm.backend.ingest(update)
-        await fill(ltm, user, MEMORIES)
-        client: RpcClient[LTMResponse] = RpcClient(
-            redis, queue=names.ltm_requests, reply_channel=names.reply_channel(names.ltm_responses, "bench"),
-            adapter=LTM_RESPONSE, metrics=Metrics())
-        await client.start()
-        for i in range(reps):
-            data = SearchData(query=QUESTIONS[i % len(QUESTIONS)], limit=10)
-            with timer(bus):
-                await client.call(SearchRequest(request_id=new_id(), type="search", user_id=user, data=data), 5.0)
-            with timer(direct):
-                await ltm.backend.search(user, data)
+async def mesh_workload(ctx: Ctx) -> dict[str, Any]:
+    spec = ctx.spec
+    names = Names().with_prefix(ctx.prefix("chat"))
+    samples: dict[str, list[float]] = {s: [] for s in SERVICES}
+    probes: dict[str, str] = {}
+    out: dict[str, Any] = {}
+    running: list[ServiceProcess] = []
+    say("ready: each service alone, from process start to its first answer")
+    try:
+        for rep in range(max(1, spec.ready_reps)):
+            ctx.procs.stop(running)
+            running = []
+            for service in SERVICES:
+                proc = ctx.procs.start(service, "chat", names.prefix)
+                running.append(proc)
+                seconds, probes[service] = await ready_of(ctx, names, proc)
+                samples[service].append(seconds)
+                say(f"  {service} ready in {seconds:.2f}s ({probes[service]}; round {rep + 1})")
+        out["ready"] = {s: {"samples_s": [round(x, 3) for x in samples[s]], "median_s": round(_median(samples[s]), 3),
+                            "max_s": round(max(samples[s]), 3), "probe": probes[s]} for s in SERVICES}
+        if "chat" in spec.workloads:
+            out["chat"] = await chat_turns(ctx, names, running)
+        if "memory" in spec.workloads:
+            from mesh.bench_memory import memory_requests
+
+            out["memory"] = await memory_requests(ctx, names, running)
+    finally:
+        ctx.procs.stop(running)
+        await delete_users(ctx.database_url, f"bench-memory-{ctx.run_id}")
+        if "chat" in spec.workloads:
+            users = sorted({_chat_user(ctx, s) for s in range(spec.chat_sessions + 1)})  # + the warm-up session
+            await delete_sessions(ctx.database_url, users, f"bench-chat-{ctx.run_id}-%")
+    return out
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
+def _chat_user(ctx: Ctx, session: int) -> str:
+    return SeedPlan.filler_user(session % max(1, ctx.spec.seed.filler_users))
+
+
+async def warm_users(ctx: Ctx, names: Names, users: list[str]) -> None:
+    """One ltm search per user before the turns are timed: the mesh has seen these users before (whatever
+    a first search of a user costs, caches or indexes, is not in a returning user's turn)."""
+    client = await rpc(ctx.redis, names.ltm_requests, REPLY, names.prefix)
+    try:
+        for user in users:
+            await client.call(SearchRequest(request_id=new_id(), type="search", user_id=user,
+                                            data=SearchData(query=ctx.queries.next(), limit=5)), 60.0)
+    finally:
         await client.close()
-        for i in range(reps):
-            on.append(await turn(redis, names, user, QUESTIONS[i % len(QUESTIONS)]))
-    async with mesh(env, enable_ltm=False) as (redis, names, _ltm, _chat):
-        for i in range(reps):
-            off.append(await turn(redis, names, "bench-user", QUESTIONS[i % len(QUESTIONS)]))
-    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    anchors = "anchors: Mem0 paper p50 148 / p95 200 ms; Zep Cloud p50 87 / p95 155 ms"
-    return [
-        Measured("turn_ltm_on", on, None, None,
-                 f"XADD to AIResponse, offline responder, LTM recall over {MEMORIES} memories; "
-                 f"p50 ratio on/off = {med(on) / med(off):.2f}"),
-        Measured("turn_ltm_off", off, None, None, "the same turns with ENABLE_LTM=false"),
-        Measured("search_bus", bus, None, 200, f"ltm search via ltm_requests + reply channel, limit 10, "
-                 f"{MEMORIES} memories; p50 ratio bus/direct = {med(bus) / med(direct):.2f}; {anchors}"),
-        Measured("search_backend", direct, None, None, "the same search called on the backend in process"),
-        Measured("ingest", ingest, None, None, "one MemoryUpdate: embedding, extraction, storage"),
-    ]
+
+
+async def chat_turns(ctx: Ctx, names: Names, procs: list[ServiceProcess]) -> dict[str, Any]:
+    spec = ctx.spec
+    waiting: dict[str, asyncio.Future[AIResponse]] = {}
+    stop = asyncio.Event()
+
+    async def read_replies() -> None:
+        cursor: Any = "0-0"
+        while not stop.is_set():
+            rows: Any = await ctx.redis.xread({names.ai_responses: cursor}, block=500, count=200)
+            for _stream, entries in rows or []:
+                for entry_id, fields in entries:
+                    cursor = entry_id
+                    reply = decode(AI_RESPONSE, fields[b"data"])
+                    fut = waiting.pop(reply.in_reply_to, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(reply)
+
+    samples: list[float] = []
+    server_ms: list[float] = []
+    status: Counter[str] = Counter()
+    lost = 0
+
+    async def turn(session: int, n: int, record: bool) -> None:
+        nonlocal lost
+        msg = UserInput(message_id=f"bench-chat-{ctx.run_id}-{session}-{n}", user_id=_chat_user(ctx, session),
+                        session_id=f"bench-chat-{ctx.run_id}-{session}", content=ctx.queries.next())
+        fut: asyncio.Future[AIResponse] = asyncio.get_running_loop().create_future()
+        waiting[msg.message_id] = fut
+        started = time.perf_counter()
+        await ctx.redis.xadd(names.user_input, {"data": encode(msg)})
+        try:
+            reply = await asyncio.wait_for(fut, TURN_TIMEOUT_S)
+        except TimeoutError:
+            waiting.pop(msg.message_id, None)
+            lost += record
+            return
+        if record:
+            samples.append(time.perf_counter() - started)
+            server_ms.append(reply.meta.latency_ms / 1000)
+            status[reply.meta.ltm] += 1
+
+    async def session(s: int) -> None:
+        for n in range(spec.chat_turns):
+            await turn(s, n, True)
+
+    reader = asyncio.create_task(read_replies())
+    try:
+        for n in range(3):  # warm: the first turns load what every later turn finds ready
+            await turn(spec.chat_sessions, n, False)
+        await warm_users(ctx, names, sorted({_chat_user(ctx, s) for s in range(spec.chat_sessions)}))
+        say(f"chat: {spec.chat_sessions} sessions at once, {spec.chat_turns} turns each")
+        started = time.perf_counter()
+        await asyncio.gather(*(session(s) for s in range(spec.chat_sessions)))
+        wall = time.perf_counter() - started
+    finally:
+        stop.set()
+        await reader
+    for p in procs:
+        p.check()
+    without = sum(n for s, n in status.items() if s != "hit") + lost
+    r: dict[str, Any] = {"sessions": spec.chat_sessions, "turns_per_session": spec.chat_turns, "turn": latency(samples),
+         "chat_ai_latency": latency(server_ms), "by_ltm_status": dict(status), "no_reply": lost,
+         "without_memory": without, "turns_per_s": round(len(samples) / wall, 2), "seconds": round(wall, 2)}
+    say(f"  turn p50 {r['turn']['p50_ms']} ms, p95 {r['turn']['p95_ms']} ms; without memory {without} of "
+        f"{spec.chat_sessions * spec.chat_turns} ({dict(status)}, no reply {lost})")
+    return r
