@@ -245,12 +245,13 @@ def chart(result: dict[str, Any], path: Path) -> None:
         ax.bar(xs, [g.get(key) or 0.0 for _, g in groups], width, label=label)
     ax.set_xticks(range(len(groups)), [f"{name.replace('single-session-', 'ss-')}\n(n={g['questions']})"
                                        for name, g in groups])
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.2)
+    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax.set_ylabel("share of questions")
     s = result["summary"]
     ax.set_title(f"LongMemEval, evidence in chat_ai's prompt ({result['config'].get('backend')} backend): "
                  f"block {s['memory_block_tokens']['mean']:.0f} tokens mean, {s['timeouts']} ltm timeouts")
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper center", ncol=len(bars), fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

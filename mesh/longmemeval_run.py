@@ -267,14 +267,27 @@ class Drive:
             "ingest_dead_letters": int(dead),
         }
 
-    async def _group_state(self) -> dict[str, Any]:
+    async def _group_state(self, stream: str | None = None, group: str | None = None) -> dict[str, Any]:
+        """XINFO GROUPS of ``stream`` for ``group`` (default: the ltm group on memory_updates); {} if none yet."""
         import redis.exceptions
 
+        stream, group = stream or self.names.memory_updates, group or self.names.ltm_group
         try:
-            groups = await self.redis.xinfo_groups(self.names.memory_updates)
+            groups = await self.redis.xinfo_groups(stream)
         except redis.exceptions.ResponseError:
             return {}
-        return next((g for g in groups if _text(g.get("name")) == self.names.ltm_group), {})
+        return next((g for g in groups if _text(g.get("name")) == group), {})
+
+    async def drained(self, stream: str, group: str) -> tuple[bool, dict[str, Any]]:
+        """Whether ``group`` has read everything in ``stream`` (lag 0) and acknowledged it (pending 0)."""
+        state = await self._group_state(stream, group)
+        if not state or int(state.get("pending") or 0):
+            return False, state
+        lag = state.get("lag")
+        if lag is not None:
+            return int(lag) == 0, state
+        info = await self.redis.xinfo_stream(stream)  # Redis < 7, or a lag it cannot tell
+        return _entry(state.get("last-delivered-id")) >= _entry(info.get("last-generated-id")), state
 
     async def wait_ingested(self, expected: int, baseline: dict[str, Any]) -> None:
         """Until the ltm group has read everything (lag 0) and acknowledged it (pending 0); a progress bar."""
@@ -284,22 +297,26 @@ class Drive:
         bar = tqdm(total=expected, desc="ingest", unit="update", disable=not self.options.progress)
         while True:
             self.procs.check()
-            group = await self._group_state()
+            done, group = await self.drained(self.names.memory_updates, self.names.ltm_group)
             pending = int(group.get("pending") or 0)
-            done = min(expected, max(0, int(group.get("entries-read") or 0) - start_read - pending))
-            bar.update(done - bar.n)
-            if group and pending == 0 and await self._caught_up(group):
+            bar.update(min(expected, max(0, int(group.get("entries-read") or 0) - start_read - pending)) - bar.n)
+            if done:
                 break
             await asyncio.sleep(0.5)
         bar.update(expected - bar.n)
         bar.close()
 
-    async def _caught_up(self, group: dict[str, Any]) -> bool:
-        lag = group.get("lag")
-        if lag is not None:
-            return int(lag) == 0
-        info = await self.redis.xinfo_stream(self.names.memory_updates)  # Redis < 7, or a lag it cannot tell
-        return _entry(group.get("last-delivered-id")) >= _entry(info.get("last-generated-id"))
+    async def settle(self, timeout: float = 120.0) -> None:
+        """Until memory has stored the questions and replies and ltm has ingested what memory published of them."""
+        n = self.names
+        deadline = time.monotonic() + timeout
+        for stream, group in ((n.user_input, n.memory_group), (n.ai_responses, n.memory_group),
+                              (n.memory_updates, n.ltm_group)):
+            while not (await self.drained(stream, group))[0]:
+                self.procs.check()
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"group {group} on {stream} still busy after {timeout:.0f}s")
+                await asyncio.sleep(0.2)
 
     # ------------------------------------------------------------------ questions
     async def ask_all(self) -> list[dict[str, Any]]:
@@ -349,6 +366,7 @@ class Drive:
         """Delete the run's users: long-term memory (delete_user) and their sessions in the conversation store."""
         from shared.contracts.memory_api import DeleteSessionRequest, SessionRef
 
+        await self.settle()  # what the questions set off (stored turns, their updates) must not come back after
         for q in self.questions:
             user = user_of(q, self.run_id)
             await self.guarded(self.client.ltm.call(
