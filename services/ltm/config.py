@@ -44,3 +44,8 @@ class LtmSettings(MeshSettings):
         "relevance gate: a memory with no query term in common needs this cosine to be returned, whatever the boosts"))
     ltm_candidates: int = Field(default=1000, ge=10, description=(
         "memories of the user re-ranked after the first stage (dense + BM25 fusion)"))
+    ltm_search_index_rows: int = Field(default=200_000, ge=0, description=(
+        "memories held in each ltm process's search index (the users searched lately: embedding, term counts and "
+        "row of each memory, about 3 kB); a user with more is searched in SQL; 0 = every search in SQL"))
+    ltm_query_cache: int = Field(default=4096, ge=0, description=(
+        "query embeddings kept per ltm process (the same text searched again is not embedded again)"))

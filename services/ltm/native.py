@@ -64,6 +64,8 @@ class NativeBackend:
         self.store, self.embedder = store, embedder
         settings = settings or LtmSettings()
         self.retrieval = RetrievalConfig.from_settings(settings)
+        self._queries: OrderedDict[str, np.ndarray] = OrderedDict()  # query text -> embedding (search)
+        self._query_cache = settings.ltm_query_cache
         self.extraction = extraction if extraction is not None else build_extraction(settings)
         lock_names = names or Names()
         self.lifecycle = Lifecycle(store.pool, lifecycle_config(settings), redis,
@@ -136,8 +138,20 @@ class NativeBackend:
         return out
 
     async def search(self, user_id: str, data: SearchData) -> list[Memory]:
-        vec = await self.embedder.embed(data.query)
-        return await self.store.search(user_id, data, vec, self.retrieval)
+        return await self.store.search(user_id, data, await self._query_vector(data.query), self.retrieval)
+
+    async def _query_vector(self, text: str) -> np.ndarray:
+        """The query's embedding, from a per-process LRU of LTM_QUERY_CACHE texts (retries, k=10 then k=20)."""
+        queries = self._queries
+        vec = queries.get(text)
+        if vec is None:
+            vec = await self.embedder.embed(text)
+            queries[text] = vec
+            while len(queries) > self._query_cache:
+                queries.popitem(last=False)
+        else:
+            queries.move_to_end(text)
+        return vec
 
     async def add(self, user_id: str, data: AddData) -> Memory:
         vec = await self.embedder.embed(data.content)

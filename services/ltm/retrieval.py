@@ -48,6 +48,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from services.ltm.config import LtmSettings
+from services.ltm.search_index import SearchIndex
 from shared.contracts import Memory, MemorySource
 from shared.contracts.messages import ContextTurn, SearchData
 
@@ -499,7 +500,7 @@ def _turn(row: dict[str, Any]) -> Turn:
 
 
 async def search(pool: AsyncConnectionPool, user_id: str, data: SearchData, embedding: np.ndarray,
-                 cfg: RetrievalConfig) -> list[Memory]:
+                 cfg: RetrievalConfig, index: SearchIndex | None = None) -> list[Memory]:
     filters, params = "", {
         "user_id": user_id, "query": data.query, "vec": embedding, "k1": cfg.bm25_k1, "b": cfg.bm25_b,
         "wd": cfg.profile.dense, "wk": cfg.profile.keyword, "candidates": cfg.candidates,
@@ -515,8 +516,11 @@ async def search(pool: AsyncConnectionPool, user_id: str, data: SearchData, embe
         params["exclude_session_id"] = data.exclude_session_id
     async with pool.connection() as conn:
         cur = conn.cursor(row_factory=dict_row)
-        await cur.execute(_CANDIDATES.format(filters=filters), params)
-        rows = await cur.fetchall()
+        # the same candidate rows from the process's index (services/ltm/search_index.py), else in SQL
+        rows = None if index is None else await index.candidates(conn, user_id, data, embedding, cfg)
+        if rows is None:
+            await cur.execute(_CANDIDATES.format(filters=filters), params)
+            rows = await cur.fetchall()
         ranked = rank(rows, data.query, cfg, data.threshold, data.now)
         heads = ranked.rows[: max(2 * data.limit, data.limit + 10)]
         if not heads:

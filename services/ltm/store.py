@@ -18,11 +18,14 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from services.ltm import retrieval
+from services.ltm.config import LtmSettings
 from services.ltm.retrieval import RetrievalConfig
+from services.ltm.search_index import SearchIndex
 from shared.contracts import Memory, MemorySource
 from shared.contracts.messages import SearchData
 
 _WS = re.compile(r"\s+")
+SEARCH_INDEX_ROWS = LtmSettings.model_fields["ltm_search_index_rows"].default
 
 
 def content_hash(text: str) -> str:
@@ -89,9 +92,12 @@ def _params(m: NewMemory) -> tuple[Any, ...]:
 
 
 class LtmStore:
-    def __init__(self, pool: AsyncConnectionPool) -> None:
+    def __init__(self, pool: AsyncConnectionPool, search_index_rows: int = SEARCH_INDEX_ROWS) -> None:
+        """``search_index_rows``: the capacity of this process's search index (services/ltm/search_index.py;
+        LTM_SEARCH_INDEX_ROWS, 0 = every search in SQL)."""
         self.pool = pool
         self._access: Counter[str] = Counter()
+        self.index = SearchIndex(pool, search_index_rows)
 
     async def ingest(self, user_id: str, message_id: str, memories: list[NewMemory],
                      then: Callable[[AsyncConnection], Awaitable[object]] | None = None) -> bool:
@@ -130,7 +136,7 @@ class LtmStore:
     async def search(self, user_id: str, data: SearchData, embedding: np.ndarray,
                      config: RetrievalConfig) -> list[Memory]:
         """The hybrid query path (services/ltm/retrieval.py); returned memories count as accessed."""
-        out = await retrieval.search(self.pool, user_id, data, embedding, config)
+        out = await retrieval.search(self.pool, user_id, data, embedding, config, self.index)
         self.record_access(m.memory_id for m in out)
         return out
 

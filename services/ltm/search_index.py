@@ -1,0 +1,377 @@
+"""The first stage of a search without a scan in SQL: each ltm process's in-memory index of recently searched users.
+
+The SQL candidate stage (``retrieval._CANDIDATES``) reads every memory of the user on every search: the cosine
+of each to the query, BM25 over the english tsvectors (document frequencies and lengths of the user's own
+memories) and the z-score statistics over all of them. This index computes the same numbers from a copy of what
+they depend on, held per user in this process: each memory's embedding (float32, as stored), its lexemes with
+their counts (PostgreSQL's own ``search_tsv``; the query's lexemes come from ``to_tsvector`` too), its type and
+session (for the filters). The embeddings of a 10k-memory user are a 15 MB matrix: one product with the query,
+about a millisecond, where the SQL stage reads and detoasts 10k rows.
+
+Kept in step with PostgreSQL (migration 004):
+
+- A user is loaded in the background on its first search (which, like any search of a user not indexed, runs
+  the SQL stage), in one REPEATABLE READ snapshot that also gives the oldest transaction still running
+  (``pg_snapshot_xmin``) and the user's deletion epoch.
+- Every search first runs one small statement (with the query's lexemes): the rows of the user whose ``txid``
+  (the writing transaction) is not older than the oldest transaction running at the previous read. A row
+  whose transaction commits late is therefore read on a later search, never missed; a row read twice counts
+  once. Ingest, in any process, is seen by the next search.
+- A row updated in place (uses, confidence, supersession...) gets a new ``txid`` (trigger): it is read again
+  like a new one. A deletion, or a change of embedding, content, type or session, gives the user a new epoch
+  (trigger): the user is loaded again.
+- At most ``capacity`` rows over all users; the least recently searched users are dropped first. A user larger
+  than the capacity (or ``capacity`` 0) is not indexed: :meth:`SearchIndex.candidates` returns None and the
+  caller runs the SQL stage.
+
+:meth:`SearchIndex.candidates` returns what the SQL stage's ranking columns hold: the best ``limit`` memory ids
+by ``wd * sim / sd(sim) + wk * bm25 / sd(bm25)``, in that order, with sim, bm25 and the statistics n, sim_mean,
+sim_sd, s1, s2 (equal to the SQL stage up to float32 rounding of the cosine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from array import array
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+import numpy as np
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+
+from shared.contracts.messages import SearchData
+from shared.runtime.logging import get_logger
+
+if TYPE_CHECKING:
+    from services.ltm.retrieval import RetrievalConfig
+
+log = get_logger(__name__)
+
+DIM = 384
+LOAD_CHUNK = 1000  # rows read and indexed between two turns of the event loop
+TOO_LARGE_S = 600.0  # a user too large for the index is searched in SQL; loading it is tried again after this
+_ROW_COST = 16  # per user, in rows: what an entry costs besides its memories (empty users count too)
+
+# The columns of a candidate row, as retrieval._CANDIDATES computes them (its ``base`` CTE: the same
+# expressions, so the same values); tests/integration/test_ltm_search_index.py compares the two paths.
+ROW_COLUMNS = """m.memory_id, m.type, m.source_message_id, m.source_session_id, m.source_timestamp, m.speaker,
+       m.entities, m.confidence, m.access_count, m.valid_to, m.superseded_by,
+       m.meta->>'role' AS role, (m.meta->>'question') = 'true' AS question,
+       extract(epoch FROM m.created_at)::float8 AS created_at,
+       extract(epoch FROM m.last_accessed)::float8 AS last_accessed"""
+KEYS = ("memory_id", "type", "source_message_id", "source_session_id", "source_timestamp", "speaker", "entities",
+        "confidence", "access_count", "valid_to", "superseded_by", "role", "question", "created_at", "last_accessed")
+_TYPE, _SESSION = KEYS.index("type"), KEYS.index("source_session_id")
+_SHARED = ("type", "source_session_id", "speaker", "role")
+
+# One memory as the index holds it: the row, the embedding (pgvector's binary send format: 4 header bytes, then
+# big-endian float32), and the lexemes of search_tsv with their counts (positions).
+_ROW = f"""
+SELECT {ROW_COLUMNS}, vector_send(m.embedding) AS vec, coalesce(t.lx, '{{}}') AS lx, coalesce(t.tf, '{{}}') AS tf
+FROM ltm_memories m CROSS JOIN LATERAL (
+    SELECT array_agg(u.lexeme) AS lx, array_agg(coalesce(array_length(u.positions, 1), 1)) AS tf
+    FROM unnest(m.search_tsv) AS u
+) AS t
+WHERE m.user_id = %(user_id)s"""
+
+_STATE = """
+SELECT pg_snapshot_xmin(pg_current_snapshot())::text AS horizon,
+       (SELECT epoch FROM ltm_search_epochs WHERE user_id = %(user_id)s) AS epoch,
+       (SELECT coalesce(array_agg(lexeme), '{}') FROM unnest(to_tsvector('english', %(query)s))) AS qlx"""
+
+# One statement, one snapshot: the state, then the rows written (or updated) since (LEFT JOIN: also without rows).
+_REFRESH = f"""
+SELECT s.horizon, s.epoch, s.qlx, r.*
+FROM ({_STATE}) AS s
+LEFT JOIN LATERAL ({_ROW} AND m.txid >= %(since)s::xid8) AS r ON true"""
+_HEAD = 3  # the state columns before the rows' in _REFRESH
+_VEC = len(KEYS)  # then vec, lx, tf
+
+
+@dataclass(slots=True)
+class _User:
+    """The indexed memories of one user (memory i = position i in every list and array)."""
+
+    horizon: int
+    epoch: int | None
+    rows: list[dict[str, Any]] = field(default_factory=list)  # the KEYS columns (copied for each search)
+    pos: dict[UUID, int] = field(default_factory=dict)
+    vecs: np.ndarray = field(default_factory=lambda: np.zeros((0, DIM), np.float32))
+    norms: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
+    dl: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
+    types: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    sessions: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    codes: dict[str, int] = field(default_factory=dict)  # type and session names -> small ints (-1 = NULL)
+    strings: dict[str, str] = field(default_factory=dict)  # one copy of each repeated value
+    postings: dict[str, tuple[array[int], array[int]]] = field(default_factory=dict)  # lexeme -> (rows, counts)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def n(self) -> int:
+        return len(self.rows)
+
+    def code(self, name: str | None) -> int:
+        if name is None:
+            return -1
+        return self.codes.setdefault(name, len(self.codes))
+
+    def add(self, rows: list[tuple[Any, ...]]) -> int:
+        """Take rows (KEYS, then vec, lx, tf): a memory held already gets its new values (what can change in
+        place: confidence, uses, supersession...); returns how many memories are new."""
+        fresh: dict[UUID, tuple[Any, ...]] = {}
+        for r in rows:
+            if r[0] is None:
+                continue
+            i = self.pos.get(r[0])
+            if i is None:
+                fresh[r[0]] = r
+            else:
+                self.rows[i] = self._row(r)
+        if not fresh:
+            return 0
+        start, k = self.n, len(fresh)
+        vecs = np.frombuffer(b"".join(bytes(r[_VEC])[4:] for r in fresh.values()), dtype=">f4").reshape(k, DIM)
+        vecs = vecs.astype(np.float32)
+        self.vecs = _grow(self.vecs, start + k)
+        self.vecs[start:start + k] = vecs
+        self.norms = _grow(self.norms, start + k)
+        self.norms[start:start + k] = np.sqrt(np.einsum("ij,ij->i", vecs, vecs, dtype=np.float64))
+        self.dl = _grow(self.dl, start + k)
+        self.types = _grow(self.types, start + k)
+        self.sessions = _grow(self.sessions, start + k)
+        for j, r in enumerate(fresh.values()):
+            i = start + j
+            self.rows.append(self._row(r))
+            self.pos[r[0]] = i
+            lexemes, counts = r[_VEC + 1], r[_VEC + 2]
+            self.dl[i] = len(lexemes)
+            self.types[i] = self.code("t:" + r[_TYPE])
+            self.sessions[i] = self.code(None if r[_SESSION] is None else "s:" + r[_SESSION])
+            for lexeme, tf in zip(lexemes, counts, strict=True):
+                post = self.postings.get(lexeme)
+                if post is None:
+                    post = self.postings[lexeme] = (array("i"), array("i"))
+                post[0].append(i)
+                post[1].append(tf)
+        return k
+
+    def _row(self, r: tuple[Any, ...]) -> dict[str, Any]:
+        """The KEYS columns of a row as a dict, its repeated strings shared (type, session, speaker, role)."""
+        row = dict(zip(KEYS, r, strict=False))
+        for key in _SHARED:
+            value = row[key]
+            if value is not None:
+                row[key] = self.strings.setdefault(value, value)
+        return row
+
+    def compact(self) -> None:
+        """Free the room kept for rows to come (after a load)."""
+        n = self.n
+        self.vecs, self.norms, self.dl = self.vecs[:n].copy(), self.norms[:n].copy(), self.dl[:n].copy()
+        self.types, self.sessions = self.types[:n].copy(), self.sessions[:n].copy()
+
+    def mask(self, types: list[str] | None, session: str | None, exclude_session: str | None) -> np.ndarray | None:
+        """Rows that pass the search's filters (None: all of them)."""
+        n = self.n
+        keep: np.ndarray | None = None
+        if types:
+            known = [self.codes[k] for k in ("t:" + t for t in types) if k in self.codes]
+            keep = np.isin(self.types[:n], known)
+        if session is not None:
+            code = self.codes.get("s:" + session, -2)
+            same = self.sessions[:n] == code
+            keep = same if keep is None else keep & same
+        if exclude_session is not None:
+            code = self.codes.get("s:" + exclude_session, -2)
+            other = self.sessions[:n] != code
+            keep = other if keep is None else keep & other
+        return keep
+
+
+def _grow(a: np.ndarray, size: int) -> np.ndarray:
+    """``a`` with room for ``size`` rows (a quarter more each time; the rows beyond the used ones are garbage)."""
+    if len(a) >= size:
+        return a
+    out = np.zeros((max(size, len(a) + len(a) // 4, 64), *a.shape[1:]), a.dtype)
+    out[: len(a)] = a
+    return out
+
+
+def _xid(text: str | None) -> int:
+    return int(text) if text else 0
+
+
+class SearchIndex:
+    """In-memory first stage of the native search for the users this process searched lately (module docstring)."""
+
+    def __init__(self, pool: AsyncConnectionPool, capacity: int) -> None:
+        self.pool = pool
+        self.capacity = capacity
+        self._users: OrderedDict[str, _User] = OrderedDict()
+        self._loads: dict[str, asyncio.Task[None]] = {}
+        self._too_large: dict[str, float] = {}  # user -> when it did not fit (tried again after TOO_LARGE_S)
+        self.rows = 0  # rows held over all users (plus _ROW_COST per user)
+
+    def __len__(self) -> int:
+        return len(self._users)
+
+    def __contains__(self, user_id: object) -> bool:
+        return user_id in self._users
+
+    def drop(self, user_id: str) -> None:
+        u = self._users.pop(user_id, None)
+        if u is not None:
+            self.rows -= u.n + _ROW_COST
+
+    async def settle(self) -> None:
+        """Wait for the loads under way (tests, and a clean shutdown)."""
+        while self._loads:
+            await asyncio.gather(*self._loads.values(), return_exceptions=True)
+
+    async def candidates(self, conn: AsyncConnection[Any], user_id: str, data: SearchData, embedding: np.ndarray,
+                         cfg: RetrievalConfig) -> list[dict[str, Any]] | None:
+        """The rows ``retrieval._CANDIDATES`` returns for this search (same keys, same values, same order), or None
+        when the user is not indexed: the caller runs the SQL stage, and the user is loaded in the background
+        (so a user's first search costs what it costs without the index)."""
+        if self.capacity <= 0:
+            return None
+        u = self._users.get(user_id)
+        if u is None:
+            self._load_later(user_id)
+            return None
+        async with u.lock:
+            # text results, as the SQL stage reads them (a real in binary would come back as float32 digits)
+            cur = conn.cursor()
+            await cur.execute(_REFRESH, {"user_id": user_id, "query": data.query, "since": str(u.horizon)})
+            rows = await cur.fetchall()
+            horizon, epoch, lexemes = rows[0][:_HEAD]
+            if epoch != u.epoch:  # something was deleted: load the user again
+                if self._users.get(user_id) is u:
+                    self.drop(user_id)
+                self._load_later(user_id)
+                return None
+            added = u.add([r[_HEAD:] for r in rows])
+            u.horizon = max(u.horizon, _xid(horizon))
+            if self._users.get(user_id) is u:  # (not dropped meanwhile to make room for another user)
+                self.rows += added
+                if u.n + _ROW_COST > self.capacity:
+                    self.drop(user_id)
+                    self._too_large[user_id] = time.monotonic()
+                    return None
+                self._users.move_to_end(user_id)
+                self._evict(keep=user_id)
+        # no await from here: the entry cannot change under the computation
+        keep = u.mask(list(data.types) if data.types else None, data.session_id or None,
+                      data.exclude_session_id or None)
+        return _first_stage(u, list(lexemes), embedding, keep, limit=cfg.candidates, wd=cfg.profile.dense,
+                            wk=cfg.profile.keyword, k1=cfg.bm25_k1, b=cfg.bm25_b)
+
+    def _load_later(self, user_id: str) -> None:
+        failed = self._too_large.get(user_id)
+        if user_id in self._loads or (failed is not None and time.monotonic() - failed < TOO_LARGE_S):
+            return
+        self._too_large.pop(user_id, None)
+        task = asyncio.create_task(self._load(user_id), name=f"ltm-index-load:{user_id}")
+        self._loads[user_id] = task
+        task.add_done_callback(lambda _: self._loads.pop(user_id, None))
+
+    async def _load(self, user_id: str) -> None:
+        try:
+            async with self.pool.connection() as conn:
+                u = await self._read(conn, user_id)
+        except Exception:  # searches go on in SQL; the next one tries again
+            log.warning("ltm.index_load_failed", exc_info=True)
+            return
+        if u is None:
+            self._too_large[user_id] = time.monotonic()
+            log.info("ltm.index_user_too_large", capacity=self.capacity)
+            return
+        self.drop(user_id)
+        self._users[user_id] = u
+        self.rows += u.n + _ROW_COST
+        self._evict(keep=user_id)
+
+    async def _read(self, conn: AsyncConnection[Any], user_id: str) -> _User | None:
+        """Every memory of the user in one snapshot, in chunks (other requests run in between); None: too many."""
+        params = {"user_id": user_id, "query": ""}
+        async with conn.transaction():
+            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            cur = await conn.execute(_STATE, params)
+            state = await cur.fetchone()
+            assert state is not None
+            u = _User(horizon=_xid(state[0]), epoch=state[1])
+            named = conn.cursor(f"ltm_index_load_{id(u)}")
+            await named.execute(_ROW, params)
+            while batch := await named.fetchmany(LOAD_CHUNK):
+                u.add(batch)
+                if u.n + _ROW_COST > self.capacity:
+                    await named.close()
+                    return None
+                await asyncio.sleep(0)
+            await named.close()
+        u.compact()
+        return u
+
+    def _evict(self, keep: str) -> None:
+        while self.rows > self.capacity and len(self._users) > 1:
+            oldest = next(iter(self._users))
+            if oldest == keep:
+                self._users.move_to_end(oldest)
+                continue
+            self.drop(oldest)
+
+
+def _first_stage(u: _User, lexemes: list[str], embedding: np.ndarray, keep: np.ndarray | None, *, limit: int,
+                 wd: float, wk: float, k1: float, b: float) -> list[dict[str, Any]]:
+    """The rows of ``retrieval._CANDIDATES`` from the memories of ``u`` that ``keep`` holds (all when None)."""
+    n_all = u.n
+    rows = None if keep is None else np.flatnonzero(keep)
+    n = n_all if rows is None else len(rows)
+    if n == 0:
+        return []
+    q = np.asarray(embedding, dtype=np.float32)
+    qnorm = math.sqrt(float(np.dot(q.astype(np.float64), q.astype(np.float64))))
+    dots = np.einsum("ij,j->i", u.vecs[:n_all], q)  # one thread (a BLAS product would start its thread pool)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sim_all = np.clip(dots.astype(np.float64) / (u.norms[:n_all] * qnorm), -1.0, 1.0)
+    sim = sim_all if rows is None else sim_all[rows]
+    sim_mean, sim_sd = float(sim.mean()), float(sim.std())
+    bm25_all = np.zeros(n_all)
+    if lexemes:
+        avgdl = max(float((u.dl[:n_all] if rows is None else u.dl[rows]).mean()), 1.0)
+        for lexeme in dict.fromkeys(lexemes):
+            post = u.postings.get(lexeme)
+            if post is None:
+                continue
+            idx = np.frombuffer(post[0], dtype=np.int32)
+            tf = np.frombuffer(post[1], dtype=np.int32).astype(np.float64)
+            if keep is not None:
+                inside = keep[idx]
+                idx, tf = idx[inside], tf[inside]
+            df = float(len(idx))
+            if not df:
+                continue
+            idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
+            bm25_all[idx] += idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * u.dl[idx] / avgdl))
+    bm25 = bm25_all if rows is None else bm25_all[rows]
+    s1, s2 = float(bm25.sum()), float(np.dot(bm25, bm25))
+    k_sd = math.sqrt(max(s2 / n - (s1 / n) ** 2, 0.0))
+    fused = wd * sim / max(sim_sd, 1e-9) + wk * bm25 / max(k_sd, 1e-9)
+    k = min(limit, n)
+    top = np.argpartition(-fused, k - 1)[:k] if k < n else np.arange(n)
+    top = top[np.lexsort((top, -fused[top]))]  # best first; ties in row order
+    chosen = top if rows is None else rows[top]
+    stats = {"n": float(n), "sim_mean": sim_mean, "sim_sd": sim_sd, "s1": s1, "s2": s2}
+    out = []
+    for i, sim_i, bm25_i in zip(chosen.tolist(), sim_all[chosen].tolist(), bm25_all[chosen].tolist(), strict=True):
+        row = u.rows[i].copy()
+        row["sim"] = sim_i
+        row["bm25"] = bm25_i
+        row.update(stats)
+        out.append(row)
+    return out

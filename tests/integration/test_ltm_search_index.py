@@ -1,0 +1,242 @@
+"""The search index of an ltm process (services/ltm/search_index.py) against the SQL first stage it replaces.
+
+Both paths run on the same real PostgreSQL rows: the index must give the candidate rows of
+``retrieval._CANDIDATES`` (same ids in the same order, same columns, same statistics), and see every
+change another connection commits: new rows (also one whose transaction commits late), deletions.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from services.ltm import retrieval
+from services.ltm.retrieval import RetrievalConfig, search
+from services.ltm.search_index import SearchIndex
+from services.ltm.store import INSERT, LtmStore, NewMemory, content_hash
+from shared.contracts.messages import SearchData
+from tests.helpers import Mesh
+
+CFG = RetrievalConfig()
+PEOPLE = ["Caroline", "Melanie", "Jon", "Gina"]
+THINGS = ["the adoption agency", "a pottery class", "the marathon", "our dog Rex", "the beach in Florida",
+          "a new job at the bakery", "the LGBTQ support group", "painting a sunset", "camping with the kids",
+          "the charity race", "her guitar lessons", "the museum trip", "a book about dancing"]
+VERBS = ["talked about", "loved", "signed up for", "was nervous about", "finally finished", "asked about"]
+QUERIES = ["What did Caroline research about adoption agencies?", "When did Melanie run the charity race?",
+           "the", "Which pets does Jon have? our dog", "What did you recommend about pottery?",
+           "Did Gina like painting sunsets in Florida?", "xylophone quantum zeppelin"]
+
+
+def sentences(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    out: list[str] = []
+    while len(out) < n:
+        text = f"{rng.choice(PEOPLE)}: I {rng.choice(VERBS)} {rng.choice(THINGS)}"
+        text += rng.choice(["", " yesterday", " last week", ", it was great!", " and then about " + rng.choice(THINGS)])
+        text += f" ({len(out)})"  # distinct contents
+        out.append(text + ("?" if rng.random() < 0.1 else ""))
+    return out
+
+
+async def seed(mesh: Mesh, user: str, n: int, seed_: int = 1) -> list[str]:
+    texts = sentences(n, seed_)
+    vecs = mesh.model.encode(texts)
+    rng = random.Random(seed_)
+    rows: list[tuple[Any, ...]] = []
+    for i, (text, vec) in enumerate(zip(texts, vecs, strict=True)):
+        kind = "episodic" if i % 4 else rng.choice(["fact", "preference", "entity"])
+        role = "ai" if rng.random() < 0.2 else "user"
+        rows.append((uuid.uuid4(), user, kind, text, content_hash(text), vec, 1.0, [], f"{user}:m{i}",
+                     f"{user}:s{i // 15}", 1_700_000_000.0 + i * 60, text.split(":")[0],
+                     Jsonb({"role": role, "question": text.endswith("?")})))
+    async with mesh.pool.connection() as conn, conn.cursor() as cur:
+        await cur.executemany(INSERT, rows)
+    return texts
+
+
+async def sql_rows(mesh: Mesh, user: str, data: SearchData, vec: np.ndarray, cfg: RetrievalConfig
+                   ) -> list[dict[str, Any]]:
+    """The SQL first stage, as retrieval.search runs it without an index."""
+    filters, params = "", {"user_id": user, "query": data.query, "vec": vec, "k1": cfg.bm25_k1, "b": cfg.bm25_b,
+                           "wd": cfg.profile.dense, "wk": cfg.profile.keyword, "candidates": cfg.candidates}
+    if data.types:
+        filters += " AND m.type = ANY(%(types)s)"
+        params["types"] = list(data.types)
+    if data.session_id:
+        filters += " AND m.source_session_id = %(session_id)s"
+        params["session_id"] = data.session_id
+    if data.exclude_session_id:
+        filters += " AND m.source_session_id IS DISTINCT FROM %(exclude_session_id)s"
+        params["exclude_session_id"] = data.exclude_session_id
+    async with mesh.pool.connection() as conn:
+        cur = conn.cursor(row_factory=dict_row)
+        await cur.execute(retrieval._CANDIDATES.format(filters=filters), params)
+        return await cur.fetchall()
+
+
+async def index_rows(mesh: Mesh, index: SearchIndex, user: str, data: SearchData, vec: np.ndarray,
+                     cfg: RetrievalConfig) -> list[dict[str, Any]] | None:
+    """The index's rows. A search of a user not indexed (first, or after a deletion) is not served (SQL runs it) and
+    loads the user in the background: then it is asked again."""
+    async with mesh.pool.connection() as conn:
+        rows = await index.candidates(conn, user, data, vec, cfg)
+        if rows is None:
+            await index.settle()
+            rows = await index.candidates(conn, user, data, vec, cfg)
+        return rows
+
+
+def assert_same_rows(ours: list[dict[str, Any]], theirs: list[dict[str, Any]], what: str) -> None:
+    assert [r["memory_id"] for r in ours] == [r["memory_id"] for r in theirs], what
+    for a, b in zip(ours, theirs, strict=True):
+        assert set(a) == set(b), what
+        for key, value in b.items():
+            if isinstance(value, float):
+                assert abs(a[key] - value) <= 1e-6 * max(1.0, abs(value)), (what, key, a[key], value)
+            else:
+                assert a[key] == value, (what, key)
+
+
+async def test_index_gives_the_rows_of_the_sql_stage(mesh: Mesh) -> None:
+    texts = await seed(mesh, "u1", 160)
+    await seed(mesh, "u2", 40, seed_=2)  # another user with the same kind of texts: never in u1's results
+    index = SearchIndex(mesh.pool, 10_000)
+    filters: list[dict[str, Any]] = [{}, {"types": ["episodic"]}, {"types": ["fact", "preference"]},
+                                     {"session_id": "u1:s3"}, {"exclude_session_id": "u1:s0"},
+                                     {"session_id": "nope"}, {"exclude_session_id": "nope"}]
+    compared = 0
+    for query in QUERIES:
+        vec = mesh.model.encode([query])[0]
+        for cfg in (CFG, replace(CFG, candidates=25)):  # all rows, and a top-N of them
+            for f in filters:
+                data = SearchData(query=query, **f)
+                theirs = await sql_rows(mesh, "u1", data, vec, cfg)
+                ours = await index_rows(mesh, index, "u1", data, vec, cfg)
+                assert ours is not None
+                assert_same_rows(ours, theirs, f"{query!r} {f} candidates={cfg.candidates}")
+                compared += len(theirs)
+    assert compared > 1000 and len(index) == 1
+    # values updated in place (uses, supersession, confidence) are read again, in every process's index
+    rows = await sql_rows(mesh, "u1", SearchData(query="dog"), mesh.model.encode(["dog"])[0], CFG)
+    first, second = rows[0]["memory_id"], rows[1]["memory_id"]
+    async with mesh.pool.connection() as conn:
+        await conn.execute("UPDATE ltm_memories SET access_count = 7, last_accessed = now(), confidence = 0.3"
+                           " WHERE memory_id = %s", (first,))
+        await conn.execute("UPDATE ltm_memories SET valid_to = 5.0, superseded_by = %s WHERE memory_id = %s",
+                           (first, second))
+        await conn.execute("UPDATE ltm_memories SET decay = 0.5 WHERE user_id = 'u1'")  # not held: no reread
+    for query in QUERIES[:3]:
+        vec = mesh.model.encode([query])[0]
+        data = SearchData(query=query)
+        assert_same_rows(await index_rows(mesh, index, "u1", data, vec, CFG) or [],
+                         await sql_rows(mesh, "u1", data, vec, CFG), query)
+    assert len(texts) == 160
+
+
+async def test_search_returns_the_same_memories_with_and_without_the_index(mesh: Mesh) -> None:
+    await seed(mesh, "u1", 120)
+    index = SearchIndex(mesh.pool, 10_000)
+    first = SearchData(query=QUERIES[0])
+    await search(mesh.pool, "u1", first, mesh.model.encode([first.query])[0], CFG, index)  # SQL; loads u1
+    await index.settle()
+    assert "u1" in index
+    for query in QUERIES:
+        vec = mesh.model.encode([query])[0]
+        for f in ({}, {"exclude_session_id": "u1:s2"}, {"limit": 3, "threshold": 0.3}):
+            data = SearchData(query=query, **f)  # type: ignore[arg-type]
+            plain = await search(mesh.pool, "u1", data, vec, CFG)
+            indexed = await search(mesh.pool, "u1", data, vec, CFG, index)
+            assert [m.memory_id for m in indexed] == [m.memory_id for m in plain], (query, f)
+            for a, b in zip(indexed, plain, strict=True):
+                assert abs(a.score - b.score) < 1e-6 and abs(a.similarity - b.similarity) < 1e-6
+                assert a.content == b.content and a.context == b.context and a.source == b.source
+
+
+async def test_index_sees_what_other_connections_commit(mesh: Mesh) -> None:
+    await seed(mesh, "u1", 30)
+    store = LtmStore(mesh.pool)
+    index = store.index
+    query = "Who plays the theremin in the garage band?"
+    vec = mesh.model.encode([query])[0]
+
+    async def ids() -> list[str]:
+        found = await store.search("u1", SearchData(query=query, limit=50), vec, CFG)
+        return [m.memory_id for m in found]
+
+    async def n() -> float:
+        rows = await index_rows(mesh, index, "u1", SearchData(query=query), vec, CFG)
+        assert rows
+        return float(rows[0]["n"])
+
+    assert await ids()
+    await index.settle()
+    assert len(index) == 1 and await n() == 30
+    text = "Jon: I play the theremin in our garage band."
+    added = await store.add(NewMemory(user_id="u1", type="episodic", content=text,
+                                      embedding=mesh.model.encode([text])[0], session_id="u1:s9", timestamp=1.0))
+    after = await ids()
+    assert after[0] == added.memory_id and await n() == 31
+    # a transaction that started before the index read the user and commits after it
+    late_text = "Gina: the theremin player in the garage band is my cousin."
+    async with mesh.pool.connection() as slow:
+        await slow.execute("BEGIN")
+        late = uuid.uuid4()
+        await slow.execute(INSERT, (late, "u1", "episodic", late_text, content_hash(late_text),
+                                    mesh.model.encode([late_text])[0], 1.0, [], None, "u1:s9", 2.0, "Gina",
+                                    Jsonb({})))
+        assert await n() == 31  # not committed: not seen
+        text2 = "Melanie: garage band practice moved to Sunday."
+        await store.add(NewMemory(user_id="u1", type="episodic", content=text2,
+                                  embedding=mesh.model.encode([text2])[0], session_id="u1:s9", timestamp=3.0))
+        assert await n() == 32  # a later transaction's row, committed first
+        await slow.execute("COMMIT")
+    assert await n() == 33 and str(late) in await ids()
+    # deletions (here and by any other process) give the user a new epoch: the index reloads it
+    assert await store.delete("u1", added.memory_id)
+    assert added.memory_id not in await ids() and await n() == 32
+    async with mesh.pool.connection() as conn:
+        await conn.execute("DELETE FROM ltm_memories WHERE user_id = 'u1' AND content LIKE 'Gina: the theremin%%'")
+    assert await n() == 31
+    await store.delete_user("u1")
+    assert await ids() == []
+
+
+async def test_capacity_bounds_the_index_and_larger_users_are_searched_in_sql(mesh: Mesh) -> None:
+    await seed(mesh, "small", 20)
+    await seed(mesh, "big", 60, seed_=3)
+    index = SearchIndex(mesh.pool, 100)  # rows over all users (each user also costs a few)
+    query = "What did Caroline say about the marathon?"
+    vec = mesh.model.encode([query])[0]
+    async with mesh.pool.connection() as conn:  # a user's first search is not served: it starts the user's load
+        assert await index.candidates(conn, "big", SearchData(query=query), vec, CFG) is None and "big" not in index
+    assert await index_rows(mesh, index, "big", SearchData(query=query), vec, CFG) is not None
+    assert await index_rows(mesh, index, "small", SearchData(query=query), vec, CFG) is not None
+    assert len(index) == 1 and index.rows <= index.capacity  # "big" was the least recently searched: dropped
+    assert await index_rows(mesh, index, "big", SearchData(query=query), vec, CFG) is not None
+    assert len(index) == 1
+    await seed(mesh, "huge", 120, seed_=4)
+    assert await index_rows(mesh, index, "huge", SearchData(query=query), vec, CFG) is None
+    plain = await search(mesh.pool, "huge", SearchData(query=query), vec, CFG)
+    assert [m.memory_id for m in await search(mesh.pool, "huge", SearchData(query=query), vec, CFG, index)] \
+        == [m.memory_id for m in plain] and plain
+    off = SearchIndex(mesh.pool, 0)
+    assert await index_rows(mesh, off, "small", SearchData(query=query), vec, CFG) is None and len(off) == 0
+
+
+async def test_an_unknown_user_is_empty_and_then_grows(mesh: Mesh) -> None:
+    store = LtmStore(mesh.pool)
+    vec = mesh.model.encode(["anything"])[0]
+    assert await store.search("nobody", SearchData(query="anything"), vec, CFG) == []
+    started = time.monotonic()
+    text = "Jon: anything goes at the karaoke night."
+    await store.add(NewMemory(user_id="nobody", type="episodic", content=text, embedding=mesh.model.encode([text])[0]))
+    found = await store.search("nobody", SearchData(query="anything"), vec, CFG)
+    assert [m.content for m in found] == [text] and time.monotonic() - started < 30
