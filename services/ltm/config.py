@@ -12,7 +12,7 @@ from shared.runtime.settings import MeshSettings
 class LtmSettings(MeshSettings):
     ltm_accept_pubsub: bool = False
     ltm_request_concurrency: int = 16
-    ltm_ingest_concurrency: int = 16
+    ltm_ingest_concurrency: int = 128
     ltm_ingest_batch: int = 64
     ltm_backend: Literal["native", "mem0"] = "native"
     ltm_maintenance_s: float = 5.0
@@ -49,3 +49,9 @@ class LtmSettings(MeshSettings):
         "row of each memory, about 3 kB); a user with more is searched in SQL; 0 = every search in SQL"))
     ltm_query_cache: int = Field(default=4096, ge=0, description=(
         "query embeddings kept per ltm process (the same text searched again is not embedded again)"))
+    # ingest (services/ltm/ingest.py): steps that let requests go first
+    ltm_ingest_step_tokens: int = Field(default=256, ge=16, le=16_384, description=(
+        "the most text (about 4 characters a token) one ingest step extracts or embeds in one call; requests in "
+        "flight go first between steps"))
+    ltm_ingest_yield_ms: int = Field(default=200, ge=0, le=10_000, description=(
+        "the longest an ingest step waits for the requests in flight to finish"))

@@ -1,7 +1,7 @@
 """The knowledge graph (the medium-term tier) and the write path of extracted memories.
 
-On ingest, in the same transaction as the turn's episodic memory and the idempotency record, :func:`write_knowledge`
-stores the typed memories extracted from the turn (a repeat of the same statement adds a mention and its
+On ingest, in the same transaction as the turns' episodic memories and idempotency records, :func:`write_knowledge`
+stores the typed memories extracted from a batch of turns (a repeat of the same statement adds a mention and its
 provenance instead of a row), upserts their entities (the speaker is one), the relations between them
 (speaker --likes/lives_in/works_at...--> object), and the links memory ↔ entity; then it re-resolves the
 supersession of every single-valued slot the turn touched (:func:`services.ltm.lifecycle.supersede`).
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from services.ltm.extraction import Extracted
 from services.ltm.lifecycle import KEEP_SOURCES, supersede
-from services.ltm.store import content_hash
+from services.ltm.store import MemoryKey, content_hash, values
 
 _WS = re.compile(r"\s+")
 _LEADING_DET = re.compile(r"^(?:the|a|an|my|his|her|their|our)\s+", re.I)
@@ -64,11 +65,11 @@ class TurnKnowledge:
 TYPED_INSERT = (
     "INSERT INTO ltm_memories (memory_id, user_id, type, content, content_hash, embedding, confidence, entities,"
     " source_message_id, source_session_id, source_timestamp, speaker, meta, subject, slot, slot_value,"
-    " valid_from, asserted_at, sources)"
-    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+    " valid_from, asserted_at, sources, mentions)"
+    " VALUES {values}"
     " ON CONFLICT (user_id, type, content_hash) DO UPDATE SET"
     " confidence = GREATEST(ltm_memories.confidence, EXCLUDED.confidence),"
-    " mentions = ltm_memories.mentions + 1,"
+    " mentions = ltm_memories.mentions + EXCLUDED.mentions,"
     " sources = jsonb_path_query_array(ltm_memories.sources || EXCLUDED.sources,"
     f" '$[last - {KEEP_SOURCES - 1} to last]'),"
     " valid_from = LEAST(ltm_memories.valid_from, EXCLUDED.valid_from),"
@@ -76,28 +77,31 @@ TYPED_INSERT = (
     " subject = COALESCE(ltm_memories.subject, EXCLUDED.subject),"
     " slot = COALESCE(ltm_memories.slot, EXCLUDED.slot),"
     " slot_value = COALESCE(ltm_memories.slot_value, EXCLUDED.slot_value)"
-    " RETURNING memory_id"
+    " RETURNING user_id, type, content_hash, memory_id"
 )
 
 ENTITY_UPSERT = (
-    "INSERT INTO ltm_entities (entity_id, user_id, name, name_norm, type, embedding, first_seen, last_seen)"
-    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
-    " ON CONFLICT (user_id, name_norm) DO UPDATE SET mentions = ltm_entities.mentions + 1,"
+    "INSERT INTO ltm_entities (entity_id, user_id, name, name_norm, type, embedding, first_seen, last_seen, mentions)"
+    " VALUES {values}"
+    " ON CONFLICT (user_id, name_norm) DO UPDATE SET mentions = ltm_entities.mentions + EXCLUDED.mentions,"
     " first_seen = LEAST(ltm_entities.first_seen, EXCLUDED.first_seen),"
     " last_seen = GREATEST(ltm_entities.last_seen, EXCLUDED.last_seen),"
     " type = CASE WHEN ltm_entities.type = 'thing' THEN EXCLUDED.type ELSE ltm_entities.type END"
-    " RETURNING entity_id"
+    " RETURNING user_id, name_norm, entity_id"
 )
 
 RELATION_UPSERT = (
     "INSERT INTO ltm_relations (relation_id, user_id, subject_id, predicate, object_id, strength, confidence,"
-    " valid_from, memory_id) VALUES (%s, %s, %s, %s, %s, 1.0, %s, %s, %s)"
+    " valid_from, memory_id) VALUES {values}"
     " ON CONFLICT (user_id, subject_id, predicate, object_id) DO UPDATE SET"
-    " strength = ltm_relations.strength + 1.0,"
+    " strength = ltm_relations.strength + EXCLUDED.strength,"
     " confidence = GREATEST(ltm_relations.confidence, EXCLUDED.confidence),"
     " valid_from = LEAST(ltm_relations.valid_from, EXCLUDED.valid_from),"
     " valid_to = NULL, memory_id = EXCLUDED.memory_id"
 )
+
+LINK_INSERT = ("INSERT INTO ltm_memory_entities (memory_id, entity_id, user_id, role) VALUES {values}"
+               " ON CONFLICT DO NOTHING")
 
 
 def slot_value(item: Extracted) -> str | None:
@@ -126,79 +130,130 @@ def entity_names(items: list[Extracted], subject: str) -> list[tuple[str, str]]:
     return list(seen.values())
 
 
-async def write_knowledge(conn: AsyncConnection, k: TurnKnowledge) -> list[str]:
-    """Store one turn's typed memories, entities, relations and links (inside the ingest transaction)."""
-    src = k.source
-    # a fixed order (by table, then key) so that concurrent ingests never wait on each other in a cycle
-    items = sorted(k.items, key=lambda x: (x[0].type, content_hash(x[0].content)))
-    memory_ids: list[uuid.UUID] = []
-    for item, vec in items:
-        meta = {**k.meta, "extraction": item.method}
-        if item.predicate:
-            meta["predicate"] = item.predicate
-        if item.object:
-            meta["object"] = item.object
-        if item.event_date:
-            meta["event_date"] = item.event_date
-        cur = await conn.execute(TYPED_INSERT, (
-            uuid.uuid4(), k.user_id, item.type, item.content, content_hash(item.content), vec, item.confidence,
-            [n for n, _ in item_entities(item)], src.message_id, src.session_id, src.timestamp, src.speaker,
-            Jsonb(meta), k.subject, item.slot, slot_value(item), src.timestamp, src.timestamp,
-            Jsonb([src.as_json()]),
-        ))
-        row = await cur.fetchone()
-        assert row is not None
-        memory_ids.append(row[0])
+async def write_knowledge(conn: AsyncConnection, turns: Sequence[TurnKnowledge],
+                          episodic_ids: Mapping[MemoryKey, uuid.UUID] | None = None) -> list[list[str]]:
+    """Store the typed memories, entities, relations and links of many turns (inside the ingest transaction), in
+    one statement per table; returns each turn's typed memory ids.
 
-    names = entity_names([i for i, _ in items], k.subject)
-    for name, kind in k.episodic_entities:
-        if norm_name(name) not in {norm_name(n) for n, _ in names}:
-            names.append((name, kind))
-    entity_ids: dict[str, uuid.UUID] = {}
-    for name, kind in sorted(names, key=lambda nk: norm_name(nk[0])):
-        key = norm_name(name)
-        if not key or key not in k.entity_vectors:
-            continue
-        cur = await conn.execute(ENTITY_UPSERT, (uuid.uuid4(), k.user_id, name, key, kind, k.entity_vectors[key],
-                                                 src.timestamp, src.timestamp))
-        row = await cur.fetchone()
-        assert row is not None
-        entity_ids[key] = row[0]
+    Many mentions of one row within the batch are merged first, as one upsert after another would leave it
+    (mentions and strengths add up, sources append, the first values stay), and every statement writes its rows
+    in key order (by table, then key), so that concurrent ingests never wait on each other in a cycle.
+    ``episodic_ids``: the memory id of each turn's episodic memory, by (user, "episodic", content hash).
+    """
+    memories = _merge_memories(turns)
+    ids = await _upsert(conn, TYPED_INSERT, 20, [row for _, row in sorted(memories.items())])
+    turn_mids = [[ids[(k.user_id, it.type, content_hash(it.content))] for it, _ in k.items] for k in turns]
 
-    links: set[tuple[uuid.UUID, uuid.UUID, str]] = set()
-    subject_id = entity_ids.get(norm_name(k.subject))
-    relations: list[tuple[uuid.UUID, str, uuid.UUID, float, uuid.UUID]] = []
-    for (item, _), mid in zip(items, memory_ids, strict=True):
-        obj_key = norm_name(item.object) if item.object else None
-        for name, _kind in item_entities(item):
-            eid = entity_ids.get(norm_name(name))
-            if eid is not None:
-                links.add((mid, eid, "object" if norm_name(name) == obj_key else "mention"))
-        if subject_id is not None and item.type != "entity":
-            links.add((mid, subject_id, "subject"))
-            if item.predicate and obj_key and obj_key in entity_ids:
-                relations.append((subject_id, item.predicate, entity_ids[obj_key], item.confidence, mid))
-    cur = await conn.execute(
-        "SELECT memory_id FROM ltm_memories WHERE user_id = %s AND type = 'episodic' AND content_hash = %s",
-        (k.user_id, k.episodic_hash))
-    episodic = await cur.fetchone()
-    if episodic is not None:
-        for name, _ in k.episodic_entities:
-            eid = entity_ids.get(norm_name(name))
-            if eid is not None:
-                links.add((episodic[0], eid, "mention"))
+    entities: dict[tuple[str, str], list[Any]] = {}
+    for k in turns:
+        names = entity_names([i for i, _ in k.items], k.subject)
+        keys = {norm_name(n) for n, _ in names}
+        for name, kind in k.episodic_entities:
+            if norm_name(name) not in keys:
+                keys.add(norm_name(name))
+                names.append((name, kind))
+        for name, kind in sorted(names, key=lambda nk: norm_name(nk[0])):
+            key = norm_name(name)
+            if not key or key not in k.entity_vectors:
+                continue
+            ts = k.source.timestamp
+            row = entities.get((k.user_id, key))
+            if row is None:
+                entities[(k.user_id, key)] = [uuid.uuid4(), k.user_id, name, key, kind, k.entity_vectors[key], ts, ts,
+                                              1]
+            else:
+                row[4] = kind if row[4] == "thing" else row[4]
+                row[6], row[7], row[8] = min(row[6], ts), max(row[7], ts), row[8] + 1
+    entity_ids: dict[str, dict[str, uuid.UUID]] = {}
+    upserted = await _upsert(conn, ENTITY_UPSERT, 9, [row for _, row in sorted(entities.items())])
+    for (user, key), entity_id in upserted.items():
+        entity_ids.setdefault(user, {})[key] = entity_id
+
+    links: dict[tuple[uuid.UUID, uuid.UUID], tuple[str, str]] = {}
+    relations: dict[tuple[str, uuid.UUID, str, uuid.UUID], list[Any]] = {}
+    for k, mids in zip(turns, turn_mids, strict=True):
+        eid_of = entity_ids.get(k.user_id, {})
+        turn_links: set[tuple[uuid.UUID, uuid.UUID, str]] = set()
+        subject_id = eid_of.get(norm_name(k.subject))
+        for (item, _), mid in zip(k.items, mids, strict=True):
+            obj_key = norm_name(item.object) if item.object else None
+            for name, _kind in item_entities(item):
+                eid = eid_of.get(norm_name(name))
+                if eid is not None:
+                    turn_links.add((mid, eid, "object" if norm_name(name) == obj_key else "mention"))
+            if subject_id is not None and item.type != "entity":
+                turn_links.add((mid, subject_id, "subject"))
+                if item.predicate and obj_key and obj_key in eid_of:
+                    rel = relations.get((k.user_id, subject_id, item.predicate, eid_of[obj_key]))
+                    if rel is None:
+                        relations[(k.user_id, subject_id, item.predicate, eid_of[obj_key])] = [
+                            uuid.uuid4(), k.user_id, subject_id, item.predicate, eid_of[obj_key], 1.0,
+                            item.confidence, k.source.timestamp, mid]
+                    else:
+                        rel[5] += 1.0
+                        rel[6], rel[7], rel[8] = max(rel[6], item.confidence), min(rel[7], k.source.timestamp), mid
+        episodic = (episodic_ids or {}).get((k.user_id, "episodic", k.episodic_hash))
+        if episodic is not None:
+            for name, _ in k.episodic_entities:
+                eid = eid_of.get(norm_name(name))
+                if eid is not None:
+                    turn_links.add((episodic, eid, "mention"))
+        for mid, eid, role in sorted(turn_links):
+            links.setdefault((mid, eid), (k.user_id, role))  # the first role stays (ON CONFLICT DO NOTHING)
     if links:
-        async with conn.cursor() as c:
-            await c.executemany(
-                "INSERT INTO ltm_memory_entities (memory_id, entity_id, user_id, role) VALUES (%s, %s, %s, %s)"
-                " ON CONFLICT DO NOTHING",
-                [(m, e, k.user_id, role) for m, e, role in sorted(links)])
-    for subj, pred, obj, conf, mid in sorted(relations, key=lambda r: (str(r[0]), r[1], str(r[2]))):
-        await conn.execute(RELATION_UPSERT, (uuid.uuid4(), k.user_id, subj, pred, obj, conf, src.timestamp, mid))
+        link_rows = [(m, e, user, role) for (m, e), (user, role) in sorted(links.items())]
+        await conn.execute(LINK_INSERT.format(values=values(len(link_rows), 4)), [p for r in link_rows for p in r])
+    if relations:
+        rel_rows = [r for _, r in sorted(relations.items(), key=lambda kv: (kv[0][0], str(kv[0][1]), kv[0][2],
+                                                                             str(kv[0][3])))]
+        await conn.execute(RELATION_UPSERT.format(values=values(len(rel_rows), 9)), [p for r in rel_rows for p in r])
 
-    for slot in sorted({item.slot for item, _ in items if item.slot}):
-        await supersede(conn, k.user_id, k.subject, slot)
-    return [str(m) for m in memory_ids]
+    for user_id, subject, slot in sorted({(k.user_id, k.subject, item.slot) for k in turns
+                                          for item, _ in k.items if item.slot}):
+        await supersede(conn, user_id, subject, slot)
+    return [[str(m) for m in mids] for mids in turn_mids]
+
+
+def _merge_memories(turns: Sequence[TurnKnowledge]) -> dict[MemoryKey, list[Any]]:
+    """One TYPED_INSERT row per (user, type, content hash) of the batch, its mentions merged in order."""
+    rows: dict[MemoryKey, list[Any]] = {}
+    for k in turns:
+        src = k.source
+        for item, vec in k.items:
+            key = (k.user_id, item.type, content_hash(item.content))
+            row = rows.get(key)
+            if row is not None:  # as ON CONFLICT DO UPDATE would leave it
+                row[6] = max(row[6], item.confidence)
+                for col, value in ((13, k.subject), (14, item.slot), (15, slot_value(item))):  # COALESCE
+                    row[col] = row[col] if row[col] is not None else value
+                row[16], row[17] = min(row[16], src.timestamp), max(row[17], src.timestamp)
+                row[18] = [*row[18], src.as_json()][-KEEP_SOURCES:]
+                row[19] += 1
+                continue
+            meta = {**k.meta, "extraction": item.method}
+            if item.predicate:
+                meta["predicate"] = item.predicate
+            if item.object:
+                meta["object"] = item.object
+            if item.event_date:
+                meta["event_date"] = item.event_date
+            rows[key] = [
+                uuid.uuid4(), k.user_id, item.type, item.content, key[2], vec, item.confidence,
+                [n for n, _ in item_entities(item)], src.message_id, src.session_id, src.timestamp, src.speaker,
+                Jsonb(meta), k.subject, item.slot, slot_value(item), src.timestamp, src.timestamp,
+                [src.as_json()], 1,
+            ]
+    for row in rows.values():
+        row[18] = Jsonb(row[18])
+    return rows
+
+
+async def _upsert(conn: AsyncConnection, sql: str, width: int, rows: list[list[Any]]) -> dict[Any, uuid.UUID]:
+    """One multi-row upsert; ``{key columns: id}`` from its RETURNING (all but the last column are the key)."""
+    if not rows:
+        return {}
+    cur = await conn.execute(sql.format(values=values(len(rows), width)), [p for r in rows for p in r])
+    return {tuple(r[:-1]): r[-1] for r in await cur.fetchall()}
 
 
 # --------------------------------------------------------------------------- search

@@ -8,24 +8,27 @@ from typing import Any
 
 import numpy as np
 import redis.asyncio as aioredis
+from psycopg import AsyncConnection
 
 from services.ltm.backend import NotFound, Unsupported
 from services.ltm.config import LtmSettings
-from services.ltm.extraction import Extracted, Extraction, LlmExtractor, RuleExtractor, Turn, ground_dates
+from services.ltm.extraction import Batcher, Extracted, Extraction, LlmExtractor, RuleExtractor, Turn, ground_dates
 from services.ltm.graph import Provenance, TurnKnowledge, entity_names, norm_name, search_entities, write_knowledge
+from services.ltm.ingest import RequestGate, VectorCache, embed_in_steps, from_cache, steps, tokens
 from services.ltm.lifecycle import Lifecycle, LifecycleConfig
 from services.ltm.profile import build_profile
 from services.ltm.retrieval import RetrievalConfig, is_question
-from services.ltm.store import LtmStore, NewMemory, content_hash
+from services.ltm.store import IngestWrite, LtmStore, MemoryKey, NewMemory, content_hash
 from shared.contracts import Memory, MemoryUpdate, Names
 from shared.contracts.messages import OFFLINE_REPLY_PREFIX, AddData, SearchData, SearchEntitiesData
 from shared.runtime.embedding import Embedder
+from shared.runtime.errors import is_transient
 from shared.runtime.llm import chat_model
-from shared.runtime.logging import content, get_logger
+from shared.runtime.logging import get_logger
 
 log = get_logger(__name__)
 
-ENTITY_VECTOR_CACHE = 20_000
+VECTOR_CACHE = 20_000
 
 
 def build_extraction(settings: LtmSettings) -> Extraction | None:
@@ -70,7 +73,13 @@ class NativeBackend:
         lock_names = names or Names()
         self.lifecycle = Lifecycle(store.pool, lifecycle_config(settings), redis,
                                    lambda user_id: lock_names.lock("ltm", "optimize", user_id))
-        self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.gate = RequestGate(settings.ltm_ingest_yield_ms / 1000)
+        self.step_tokens = settings.ltm_ingest_step_tokens
+        self._names = VectorCache(VECTOR_CACHE)  # entity name vectors, by normalised name
+        self._texts = VectorCache(VECTOR_CACHE)  # vectors of extracted memories' texts ("Caroline (person)"...)
+        self._prepare: Batcher[MemoryUpdate, IngestWrite | None] = Batcher(self._prepare_batch,
+                                                                           settings.ltm_ingest_batch)
+        self._write: Batcher[IngestWrite, bool | BaseException] = Batcher(self._write_batch, settings.ltm_ingest_batch)
 
     async def start(self) -> None:
         if self.extraction is not None:  # load spaCy now, not on the first message
@@ -80,39 +89,99 @@ class NativeBackend:
         await self.store.flush_access()
 
     async def ingest(self, update: MemoryUpdate) -> bool:
+        """Ingest one update; concurrent calls are prepared (extraction, embeddings) and written in batches."""
         if update.source == "ai" and update.content.lstrip().startswith(OFFLINE_REPLY_PREFIX):
             return False  # the offline responder only repeats memories: indexing it would echo them back
-        if await self.store.ingested(update.user_id, update.message_id):
-            return False  # a redelivery: skip extraction and embedding (the transaction below still guards races)
-        extra = dict(update.meta.model_extra or {})
-        named = str(extra.get("speaker") or "").strip()
+        prepared = await self._prepare.submit(update)
+        if prepared is None:
+            return False  # a redelivery: skipped before extraction and embedding
+        stored = await self._write.submit(prepared)
+        if isinstance(stored, BaseException):
+            raise stored
+        return stored
+
+    def _turn(self, update: MemoryUpdate) -> Turn:
+        named = str((update.meta.model_extra or {}).get("speaker") or "").strip()
         subject = named or ("User" if update.source == "user" else "Assistant")
-        speaker = named or update.source
-        items = await self._extract(Turn(update.content, update.timestamp, subject, update.source))
+        return Turn(update.content, update.timestamp, subject, update.source)
+
+    async def _prepare_batch(self, updates: list[MemoryUpdate]) -> list[IngestWrite | None]:
+        """Extraction and embeddings for many updates, in steps that let requests go first (services/ltm/ingest.py)."""
+        done = await self.store.ingested([(u.user_id, u.message_id) for u in updates])
+        todo = [u for u in updates if (u.user_id, u.message_id) not in done]
+        turns = [self._turn(u) for u in todo]
+        extracted: dict[int, list[Extracted]] = {}
+        for step in steps(list(enumerate(turns)), lambda it: tokens(it[1].text), self.step_tokens):
+            await self.gate.turn()
+            for (i, _), items in zip(step, await asyncio.gather(*(self._extract(t) for _, t in step)), strict=True):
+                extracted[i] = items
+        items_of = [extracted[i] for i in range(len(turns))]
+        mentioned_of = [[(n, k) for it in items if it.type == "entity" for n, k in it.entities] for items in items_of]
+        names_of = [{norm_name(n): n for n, _ in [*entity_names(items, t.speaker), *mentioned] if norm_name(n)}
+                    for items, t, mentioned in zip(items_of, turns, mentioned_of, strict=True)]
+        # cached vectors first (the same text always has the same vector), then one stepped pass over the rest
+        texts = from_cache(self._texts, {it.content: it.content for items in items_of for it in items})
+        names = from_cache(self._names, {key: name for ns in names_of for key, name in ns.items()})
+        vectors = await embed_in_steps(self.embedder, [*(u.content for u in todo), *texts.missing.values(),
+                                                       *names.missing.values()], self.step_tokens, self.gate)
+        texts.fill(self._texts, vectors)
+        names.fill(self._names, vectors)
+        by_id = {(u.user_id, u.message_id): self._write_of(u, t, items, mentioned, ns, vectors[u.content], texts.found,
+                                                           names.found)
+                 for u, t, items, mentioned, ns in zip(todo, turns, items_of, mentioned_of, names_of, strict=True)}
+        return [by_id.get((u.user_id, u.message_id)) for u in updates]
+
+    @staticmethod
+    def _write_of(update: MemoryUpdate, turn: Turn, items: list[Extracted], mentioned: list[tuple[str, str]],
+                  names: dict[str, str], vector: np.ndarray, text_vectors: dict[str, np.ndarray],
+                  name_vectors: dict[str, np.ndarray]) -> IngestWrite:
+        """The rows of one update: its episodic memory (``vector``) and its knowledge."""
+        extra = dict(update.meta.model_extra or {})
+        speaker = str(extra.get("speaker") or "").strip() or update.source
         refs = ground_dates(update.content, update.timestamp)
         meta = {**extra, "role": update.source, "question": is_question(update.content)}
         if refs:
             meta["dates"] = [{"text": r.phrase, "date": r.iso} for r in refs]
-        mentioned = [(n, k) for it in items if it.type == "entity" for n, k in it.entities]
-        vecs = await self.embedder.embed_many([update.content, *(it.content for it in items)])
         episodic = NewMemory(
-            user_id=update.user_id, type="episodic", content=update.content, embedding=vecs[0], confidence=1.0,
-            entities=[n for n, _ in mentioned], message_id=update.message_id, session_id=update.meta.session_id,
-            timestamp=update.timestamp, speaker=speaker, meta=meta,
+            user_id=update.user_id, type="episodic", content=update.content, embedding=vector,
+            confidence=1.0, entities=[n for n, _ in mentioned], message_id=update.message_id,
+            session_id=update.meta.session_id, timestamp=update.timestamp, speaker=speaker, meta=meta,
         )
         knowledge = TurnKnowledge(
-            user_id=update.user_id, subject=subject,
+            user_id=update.user_id, subject=turn.speaker,
             source=Provenance(update.message_id, update.meta.session_id, update.timestamp, speaker),
-            items=list(zip(items, vecs[1:], strict=True)),
-            entity_vectors=await self._entity_vectors([*entity_names(items, subject), *mentioned]),
+            items=[(it, text_vectors[it.content]) for it in items],
+            entity_vectors={key: name_vectors[key] for key in names},
             episodic_hash=content_hash(update.content), episodic_entities=mentioned, meta=extra,
         )
-        stored = await self.store.ingest(update.user_id, update.message_id, [episodic],
-                                         then=lambda conn: write_knowledge(conn, knowledge))
-        if stored:
-            await self.lifecycle.touch(update.user_id)
-        log.debug("ltm.ingested", stored=stored, extracted=len(items), content=content(update.content))
-        return stored
+        return IngestWrite(update.user_id, update.message_id, [episodic], knowledge)
+
+    async def _write_batch(self, writes: list[IngestWrite]) -> list[bool | BaseException]:
+        """One transaction for the batch; if it fails for a reason that is not passing, each update alone, so that
+        one bad update fails by itself (and is dead-lettered by itself)."""
+        results: list[bool | BaseException]
+        try:
+            results = list(await self._store_writes(writes))
+        except Exception as exc:
+            if is_transient(exc) or len(writes) == 1:
+                raise
+            log.warning("ltm.ingest_batch_failed", updates=len(writes), error=type(exc).__name__)
+            results = []
+            for w in writes:
+                try:
+                    results.extend(await self._store_writes([w]))
+                except Exception as one:  # noqa: BLE001 - handed to that update's caller
+                    results.append(one)
+        for user_id in sorted({w.user_id for w, ok in zip(writes, results, strict=True) if ok is True}):
+            await self.lifecycle.touch(user_id)
+        log.debug("ltm.ingested", updates=len(writes), stored=sum(r is True for r in results))
+        return results
+
+    async def _store_writes(self, writes: list[IngestWrite]) -> list[bool]:
+        async def knowledge(conn: AsyncConnection, fresh: list[IngestWrite], ids: dict[MemoryKey, Any]) -> None:
+            await write_knowledge(conn, [w.knowledge for w in fresh], ids)
+
+        return await self.store.ingest_many(writes, then=knowledge)
 
     async def _extract(self, turn: Turn) -> list[Extracted]:
         if self.extraction is None:
@@ -123,19 +192,6 @@ class NativeBackend:
             # the turn itself is still stored as an episodic memory: recall never depends on extraction
             log.warning("ltm.extraction_failed", exc_info=True)
             return []
-
-    async def _entity_vectors(self, names: list[tuple[str, str]]) -> dict[str, np.ndarray]:
-        keys = {norm_name(n): n for n, _ in names if norm_name(n)}
-        missing = [k for k in keys if k not in self._vectors]
-        for key, vec in zip(missing, await self.embedder.embed_many([keys[k] for k in missing]), strict=True):
-            self._vectors[key] = vec
-        out = {}
-        for key in keys:
-            self._vectors.move_to_end(key)
-            out[key] = self._vectors[key]
-        while len(self._vectors) > ENTITY_VECTOR_CACHE:
-            self._vectors.popitem(last=False)
-        return out
 
     async def search(self, user_id: str, data: SearchData) -> list[Memory]:
         return await self.store.search(user_id, data, await self._query_vector(data.query), self.retrieval)

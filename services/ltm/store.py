@@ -7,8 +7,8 @@ import re
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -61,6 +61,7 @@ INSERT = (
     " SET confidence = GREATEST(ltm_memories.confidence, EXCLUDED.confidence)"
 )
 INSERT_RETURNING = INSERT + " RETURNING " + COLUMNS
+INSERT_MANY = INSERT.replace("VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)", "VALUES {values}")
 
 
 def to_memory(row: dict[str, Any], similarity: float = 0.0, score: float | None = None) -> Memory:
@@ -84,6 +85,45 @@ def to_memory(row: dict[str, Any], similarity: float = 0.0, score: float | None 
     )
 
 
+MemoryKey = tuple[str, str, str]
+"""(user_id, type, content_hash): the unique key of a memory."""
+
+
+@dataclass(slots=True)
+class IngestWrite:
+    """One update's rows: its idempotency key, its memories, and what ``then`` writes for it."""
+
+    user_id: str
+    message_id: str
+    memories: list[NewMemory]
+    knowledge: Any = None
+
+
+def values(rows: int, width: int) -> str:
+    """``(%s, ...), (%s, ...)``: the placeholders of a multi-row VALUES list."""
+    one = "(" + ", ".join(["%s"] * width) + ")"
+    return ", ".join([one] * rows)
+
+
+async def insert_memories(conn: AsyncConnection, memories: Sequence[NewMemory]) -> dict[MemoryKey, uuid.UUID]:
+    """Insert memories in one statement (a repeat of a key keeps the first, as one insert after another would);
+    returns the id of each key, new or existing."""
+    first: dict[MemoryKey, NewMemory] = {}
+    for m in memories:
+        key = (m.user_id, m.type, content_hash(m.content))
+        if key in first:  # ON CONFLICT keeps the row and the higher confidence
+            first[key] = replace(first[key], confidence=max(first[key].confidence, m.confidence))
+        else:
+            first[key] = m
+    if not first:
+        return {}
+    ordered = sorted(first.items(), key=lambda kv: kv[0])
+    cur = await conn.execute(
+        INSERT_MANY.format(values=values(len(ordered), 13)) + " RETURNING user_id, type, content_hash, memory_id",
+        [p for _, m in ordered for p in _params(m)])
+    return {(r[0], r[1], r[2]): r[3] for r in await cur.fetchall()}
+
+
 def _params(m: NewMemory) -> tuple[Any, ...]:
     return (
         uuid.uuid4(), m.user_id, m.type, m.content, content_hash(m.content), m.embedding, m.confidence,
@@ -99,31 +139,46 @@ class LtmStore:
         self._access: Counter[str] = Counter()
         self.index = SearchIndex(pool, search_index_rows)
 
-    async def ingest(self, user_id: str, message_id: str, memories: list[NewMemory],
-                     then: Callable[[AsyncConnection], Awaitable[object]] | None = None) -> bool:
-        """Store the memories of one update, once: False when it was already ingested.
+    async def ingest_many(self, writes: Sequence[IngestWrite],
+                          then: Callable[[AsyncConnection, list[IngestWrite], dict[MemoryKey, uuid.UUID]],
+                                         Awaitable[object]] | None = None) -> list[bool]:
+        """Store the memories of many updates in one transaction, each update once: per write, False when its
+        update was already ingested (or is a repeat within ``writes``).
 
-        ``then(conn)`` runs in the same transaction after the memories are written (the extracted knowledge).
+        ``then(conn, fresh, ids)`` runs in the same transaction after the memories are written, with the writes
+        that were new and the memory id of every (user, type, content hash) written (the extracted knowledge).
+        Rows are written in key order, so that concurrent batches never wait on each other in a cycle.
         """
+        keys = [(w.user_id, w.message_id) for w in writes]
         async with self.pool.connection() as conn, conn.transaction():
             cur = await conn.execute(
-                "INSERT INTO ltm_ingested (user_id, message_id) VALUES (%s, %s) ON CONFLICT DO NOTHING",
-                (user_id, message_id),
-            )
-            if cur.rowcount == 0:
-                return False
-            async with conn.cursor() as c:
-                await c.executemany(INSERT, [_params(m) for m in memories])
-            if then is not None:
-                await then(conn)
-        return True
+                "INSERT INTO ltm_ingested (user_id, message_id) SELECT * FROM unnest(%s::text[], %s::text[])"
+                " ON CONFLICT DO NOTHING RETURNING user_id, message_id",
+                ([u for u, _ in keys], [m for _, m in keys]))
+            new = {(r[0], r[1]) for r in await cur.fetchall()}
+            stored, fresh = [], []
+            for key, w in zip(keys, writes, strict=True):
+                stored.append(key in new)
+                if key in new:
+                    new.discard(key)  # a repeat of the same update within the batch is a duplicate
+                    fresh.append(w)
+            ids = await insert_memories(conn, [m for w in fresh for m in w.memories])
+            if then is not None and fresh:
+                await then(conn, fresh, ids)
+        return stored
 
-    async def ingested(self, user_id: str, message_id: str) -> bool:
-        """Whether the update was ingested already (a cheap pre-check; :meth:`ingest` stays the guarantee)."""
+    async def ingested(self, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Which (user_id, message_id) were ingested already, in one query (a cheap pre-check; :meth:`ingest_many`
+        stays the guarantee)."""
+        if not keys:
+            return set()
         async with self.pool.connection() as conn:
-            cur = await conn.execute("SELECT 1 FROM ltm_ingested WHERE user_id = %s AND message_id = %s",
-                                     (user_id, message_id))
-            return await cur.fetchone() is not None
+            cur = await conn.execute(
+                "SELECT i.user_id, i.message_id FROM ltm_ingested i"
+                " JOIN unnest(%s::text[], %s::text[]) AS k(user_id, message_id)"
+                " ON i.user_id = k.user_id AND i.message_id = k.message_id",
+                ([u for u, _ in keys], [m for _, m in keys]))
+            return {(r[0], r[1]) for r in await cur.fetchall()}
 
     async def add(self, m: NewMemory) -> Memory:
         async with self.pool.connection() as conn:

@@ -1,0 +1,181 @@
+"""Batched ingest on real PostgreSQL: a batch leaves the tables as one update after another would, a bad update
+fails alone, and the ingest steps (embedding passes, the request gate) behave as services/ltm/ingest.py says."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import numpy as np
+
+from services.ltm.config import LtmSettings
+from services.ltm.ingest import RequestGate, embed_in_steps, steps, tokens
+from services.ltm.native import NativeBackend
+from services.ltm.store import LtmStore
+from shared.contracts import MemoryUpdate
+from shared.runtime.embedding import Embedder
+from tests.helpers import Mesh, common
+
+DAY = 86400.0
+
+# repeats on purpose: the same statement in several turns, the same turn text twice, a slot that changes
+TURNS = [
+    ("I love hiking. My sister Alice lives in Porto.", "user"),
+    ("I live in Lisbon and I work at Acme.", "user"),
+    ("Thanks!", "user"),
+    ("Alice came over yesterday. I love hiking.", "user"),
+    ("Alice from Acme recommended Porto to me.", "ai"),
+    ("I moved to Berlin last week.", "user"),
+    ("Thanks!", "user"),
+    ("I love hiking and I work at Acme.", "user"),
+]
+
+SNAPSHOT = {
+    "memories": "SELECT type, content, confidence, mentions, subject, slot, slot_value, valid_from, asserted_at,"
+                " valid_to IS NULL, superseded_by IS NULL, source_message_id, entities,"
+                " (SELECT array_agg(s ->> 'message_id' ORDER BY o) FROM jsonb_array_elements(sources)"
+                " WITH ORDINALITY AS x(s, o)) FROM ltm_memories WHERE user_id = %s ORDER BY type, content",
+    "entities": "SELECT name, name_norm, type, mentions, first_seen, last_seen FROM ltm_entities WHERE user_id = %s"
+                " ORDER BY name_norm",
+    "relations": "SELECT s.name_norm, r.predicate, o.name_norm, r.strength, r.confidence, r.valid_from,"
+                 " r.valid_to IS NULL, m.content FROM ltm_relations r JOIN ltm_entities s ON s.entity_id = r.subject_id"
+                 " JOIN ltm_entities o ON o.entity_id = r.object_id JOIN ltm_memories m ON m.memory_id = r.memory_id"
+                 " WHERE r.user_id = %s ORDER BY 1, 2, 3",
+    "links": "SELECT m.type, m.content, e.name_norm, l.role FROM ltm_memory_entities l"
+             " JOIN ltm_memories m ON m.memory_id = l.memory_id JOIN ltm_entities e ON e.entity_id = l.entity_id"
+             " WHERE l.user_id = %s ORDER BY 1, 2, 3, 4",
+}
+
+
+def backend(mesh: Mesh, **kw: Any) -> NativeBackend:
+    settings = LtmSettings(**{**common(mesh.redis_url, mesh.database_url), **kw})
+    return NativeBackend(LtmStore(mesh.pool), Embedder(mesh.model), settings=settings)
+
+
+def updates(user: str, t0: float) -> list[MemoryUpdate]:
+    # message ids shared by both users' runs, so that provenance compares equal
+    return [MemoryUpdate(user_id=user, content=text, source=source, timestamp=t0 + i * DAY,  # type: ignore[arg-type]
+                         meta={"session_id": "s1", "message_id": f"m{i}", "speaker": "Dana" if source == "user"
+                               else ""})
+            for i, (text, source) in enumerate(TURNS)]
+
+
+async def snapshot(mesh: Mesh, user: str) -> dict[str, list[tuple[Any, ...]]]:
+    out = {}
+    async with mesh.pool.connection() as conn:
+        for name, sql in SNAPSHOT.items():
+            cur = await conn.execute(sql, (user,))
+            out[name] = [tuple(r) for r in await cur.fetchall()]
+    return out
+
+
+async def test_a_batch_leaves_the_tables_as_one_update_after_another_would(mesh: Mesh) -> None:
+    t0 = time.time() - 30 * DAY
+    one_by_one = backend(mesh)
+    for u in updates("seq", t0):
+        assert await one_by_one.ingest(u) is True
+
+    batched = backend(mesh)
+    sizes: list[int] = []
+    ingest_many = batched.store.ingest_many
+
+    async def spy(writes: Any, then: Any = None) -> list[bool]:
+        sizes.append(len(writes))
+        return await ingest_many(writes, then)
+
+    batched.store.ingest_many = spy  # type: ignore[method-assign]
+    batch = updates("bat", t0)
+    results = await asyncio.gather(*(batched.ingest(u) for u in [*batch, batch[1]]))  # m1 delivered twice
+    assert results == [True] * len(batch) + [False]
+    assert max(sizes) > 1  # the updates were written together, not one by one
+
+    seq, bat = await snapshot(mesh, "seq"), await snapshot(mesh, "bat")
+    assert seq["memories"] and seq["entities"] and seq["relations"] and seq["links"]
+    assert bat == seq
+    # the merged rows are right in themselves, not only equal
+    hiking = next(r for r in bat["memories"] if r[1] == "Dana loves hiking")
+    assert hiking[3] == 3 and hiking[13] == ["m0", "m3", "m7"]
+    assert [r[1] for r in bat["memories"] if r[0] == "episodic"].count("Thanks!") == 1
+    acme = next(r for r in bat["entities"] if r[1] == "acme")
+    assert acme[3] >= 3 and acme[4] == t0 + DAY
+    lisbon = next(r for r in bat["memories"] if r[1] == "Dana lives in Lisbon")
+    assert lisbon[9] is False  # superseded by the move to Berlin
+    assert await mesh.count("SELECT count(*) FROM ltm_ingested WHERE user_id = 'bat'") == len(batch)
+
+
+async def test_a_bad_update_fails_alone_and_the_rest_of_its_batch_is_stored(mesh: Mesh) -> None:
+    b = backend(mesh)
+    ts = time.time()
+    good = [MemoryUpdate(user_id="u1", content=f"I love sport number {i}.", timestamp=ts + i,
+                         meta={"message_id": f"g{i}"}) for i in range(3)]
+    bad = MemoryUpdate(user_id="u1", content="I love tea\x00 very much.", timestamp=ts + 10, meta={"message_id": "bad"})
+    results = await asyncio.gather(*(b.ingest(u) for u in [good[0], bad, good[1], good[2]]), return_exceptions=True)
+    assert results[0] is True and results[2] is True and results[3] is True
+    assert isinstance(results[1], Exception)
+    assert await mesh.count("SELECT count(*) FROM ltm_ingested WHERE user_id = 'u1'") == 3
+    assert await mesh.count("SELECT count(*) FROM ltm_memories WHERE user_id = 'u1' AND type = 'episodic'") == 3
+    # a redelivery of the good ones is recognised before any work
+    assert await asyncio.gather(*(b.ingest(u) for u in good)) == [False, False, False]
+
+
+class CountingEmbedder(Embedder):
+    def __init__(self, model: Any) -> None:
+        super().__init__(model)
+        self.passes: list[list[str]] = []
+
+    async def embed_many(self, texts: list[str]) -> list[np.ndarray]:
+        self.passes.append(list(texts))
+        return await super().embed_many(texts)
+
+
+async def test_embedding_passes_stay_within_the_token_budget_and_give_the_models_vectors(mesh: Mesh) -> None:
+    embedder = CountingEmbedder(mesh.model)
+    texts = [f"short text {i}" for i in range(12)] + ["a longer text " * 30, "a longer text " * 30, "x" * 4000]
+    vectors = await embed_in_steps(embedder, texts, 64)
+    assert set(vectors) == set(texts) and sum(len(p) for p in embedder.passes) == len(set(texts))
+    for p in embedder.passes:
+        assert len(p) == 1 or len(p) * max(tokens(t) for t in p) <= 64
+    direct = mesh.model.encode(list(vectors))
+    for text, vec in zip(vectors, direct, strict=True):
+        assert float(np.dot(vectors[text], vec)) > 0.9999
+
+
+def test_steps_cut_a_sequence_by_budget() -> None:
+    assert list(steps([3, 3, 3, 9, 1], lambda n: n, 6)) == [[3, 3], [3], [9], [1]]
+    assert list(steps([], lambda n: n, 6)) == []
+
+
+async def test_the_gate_holds_ingest_while_a_request_runs_and_never_for_long() -> None:
+    gate = RequestGate(max_wait_s=5.0)
+    await asyncio.wait_for(gate.turn(), 0.1)  # idle: no wait
+    release = asyncio.Event()
+
+    async def request() -> None:
+        async with gate.request():
+            await release.wait()
+
+    task = asyncio.create_task(request())
+    await asyncio.sleep(0)
+    waiting = asyncio.create_task(gate.turn())
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    release.set()
+    await asyncio.wait_for(waiting, 1.0)
+    await task
+    # a request that never ends holds ingest back at most max_wait_s per step
+    short = RequestGate(max_wait_s=0.05)
+    forever = asyncio.Event()
+
+    async def stuck() -> None:
+        async with short.request():
+            await forever.wait()
+
+    stuck_task = asyncio.create_task(stuck())
+    await asyncio.sleep(0)
+    started = time.monotonic()
+    await short.turn()
+    assert 0.04 <= time.monotonic() - started < 1.0 and short.waited == 1
+    forever.set()
+    await stuck_task
+
