@@ -179,3 +179,26 @@ async def test_the_gate_holds_ingest_while_a_request_runs_and_never_for_long() -
     forever.set()
     await stuck_task
 
+
+
+def test_turns_no_rule_can_match_get_the_same_entities_through_the_ner_only_pipeline() -> None:
+    from services.ltm.extraction import RuleExtractor, Turn
+    from services.ltm.extraction.rules import needs_rules
+
+    rules = RuleExtractor()
+    nlp = rules.nlp
+    turns = [
+        Turn("Alice from Acme recommended Porto, and Google Maps shows the route via Coimbra.", 0.0, "Assistant", "ai"),
+        Turn("Melanie went to Paris with Caroline in May.", 0.0, "Dana", "user"),  # no cue: entities only
+        Turn("I love Paris and I work at Acme.", 0.0, "Dana", "user"),  # cues: the rules run
+        Turn("From now on use metric units.", 0.0, "Dana", "user"),
+    ]
+    assert [needs_rules(nlp.make_doc(t.text), t) for t in turns] == [False, False, True, True]
+    out = rules.extract_batch(turns)
+    for turn, items in zip(turns, out, strict=True):
+        expected = RuleExtractor._entities(nlp(turn.text), turn)  # the whole pipeline's entities
+        assert [it for it in items if it.type == "entity"] == expected
+    assert all(any(it.type == "entity" for it in items) for items in out[:3])
+    assert {it.type for it in out[0] + out[1]} == {"entity"}
+    assert {"preference", "fact"} <= {it.type for it in out[2]}
+    assert [it.type for it in out[3]] == ["instruction"]
