@@ -183,7 +183,8 @@ SELECT b.memory_id, b.type, b.source_message_id, b.source_session_id, b.source_t
        coalesce(k.bm25, 0)::float8 AS bm25, c.n, c.sim_mean, c.sim_sd, s.s1, s.s2
 FROM base b LEFT JOIN kw k USING (memory_id) CROSS JOIN coll c CROSS JOIN kstat s
 ORDER BY %(wd)s * b.sim / greatest(c.sim_sd, 1e-9)
-       + %(wk)s * coalesce(k.bm25, 0) / greatest(sqrt(greatest(s.s2 / c.n - (s.s1 / c.n) ^ 2, 0)), 1e-9) DESC
+       + %(wk)s * coalesce(k.bm25, 0) / greatest(sqrt(greatest(s.s2 / c.n - (s.s1 / c.n) ^ 2, 0)), 1e-9) DESC,
+       b.memory_id
 LIMIT %(candidates)s
 """
 

@@ -69,10 +69,11 @@ KEYS = ("memory_id", "type", "source_message_id", "source_session_id", "source_t
 _TYPE, _SESSION = KEYS.index("type"), KEYS.index("source_session_id")
 _SHARED = ("type", "source_session_id", "speaker", "role")
 
-# One memory as the index holds it: the row, the embedding (pgvector's binary send format: 4 header bytes, then
-# big-endian float32), and the lexemes of search_tsv with their counts (positions).
+# One memory as the index holds it: the row, the transaction that last wrote it, the embedding (pgvector's binary
+# send format: 4 header bytes, then big-endian float32), and the lexemes of search_tsv with their counts.
 _ROW = f"""
-SELECT {ROW_COLUMNS}, vector_send(m.embedding) AS vec, coalesce(t.lx, '{{}}') AS lx, coalesce(t.tf, '{{}}') AS tf
+SELECT {ROW_COLUMNS}, m.txid::text AS txid, vector_send(m.embedding) AS vec, coalesce(t.lx, '{{}}') AS lx,
+       coalesce(t.tf, '{{}}') AS tf
 FROM ltm_memories m CROSS JOIN LATERAL (
     SELECT array_agg(u.lexeme) AS lx, array_agg(coalesce(array_length(u.positions, 1), 1)) AS tf
     FROM unnest(m.search_tsv) AS u
@@ -84,13 +85,23 @@ SELECT pg_snapshot_xmin(pg_current_snapshot())::text AS horizon,
        (SELECT epoch FROM ltm_search_epochs WHERE user_id = %(user_id)s) AS epoch,
        (SELECT coalesce(array_agg(lexeme), '{}') FROM unnest(to_tsvector('english', %(query)s))) AS qlx"""
 
-# One statement, one snapshot: the state, then the rows written (or updated) since (LEFT JOIN: also without rows).
-_REFRESH = f"""
-SELECT s.horizon, s.epoch, s.qlx, r.*
+# Before each search, one statement (one snapshot): the state, then which rows were written since, and by which
+# transaction (LEFT JOIN: the state also when none was). Only the rows not held as they are now are then read
+# (_ROW ... AND memory_id = ANY): when a long transaction holds the horizon back, the same rows come back here
+# again, not their embeddings.
+_CHANGES = f"""
+SELECT s.horizon, s.epoch, s.qlx, r.memory_id, r.txid
 FROM ({_STATE}) AS s
-LEFT JOIN LATERAL ({_ROW} AND m.txid >= %(since)s::xid8) AS r ON true"""
-_HEAD = 3  # the state columns before the rows' in _REFRESH
-_VEC = len(KEYS)  # then vec, lx, tf
+LEFT JOIN LATERAL (
+    SELECT m.memory_id, m.txid::text AS txid FROM ltm_memories m
+    WHERE m.user_id = %(user_id)s AND m.txid >= %(since)s::xid8
+) AS r ON true"""
+_NEW = _ROW + " AND m.memory_id = ANY(%(ids)s)"
+# a memory held already, changed in place (uses, supersession...): its row only (embedding and terms cannot change)
+_UPDATED = f"SELECT {ROW_COLUMNS}, m.txid::text AS txid FROM ltm_memories m" \
+           " WHERE m.user_id = %(user_id)s AND m.memory_id = ANY(%(ids)s)"
+_TXID = len(KEYS)  # in a _ROW row: KEYS, then txid, vec, lx, tf
+_VEC = _TXID + 1
 
 
 @dataclass(slots=True)
@@ -109,6 +120,9 @@ class _User:
     codes: dict[str, int] = field(default_factory=dict)  # type and session names -> small ints (-1 = NULL)
     strings: dict[str, str] = field(default_factory=dict)  # one copy of each repeated value
     postings: dict[str, tuple[array[int], array[int]]] = field(default_factory=dict)  # lexeme -> (rows, counts)
+    txids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # -1: written before migration 004
+    id_hi: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))  # memory_id as two numbers: ties
+    id_lo: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))  # sort by it, as in SQL
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -120,18 +134,28 @@ class _User:
             return -1
         return self.codes.setdefault(name, len(self.codes))
 
+    def changed(self, pairs: list[tuple[UUID, str]]) -> tuple[list[UUID], list[UUID]]:
+        """Of (memory id, txid) pairs, the memories not held, and those held as an older version."""
+        new, updated = [], []
+        for memory_id, txid in pairs:
+            i = self.pos.get(memory_id)
+            if i is None:
+                new.append(memory_id)
+            elif self.txids[i] != _xid(txid):
+                updated.append(memory_id)
+        return new, updated
+
     def add(self, rows: list[tuple[Any, ...]]) -> int:
-        """Take rows (KEYS, then vec, lx, tf): a memory held already gets its new values (what can change in
-        place: confidence, uses, supersession...); returns how many memories are new."""
+        """Take _ROW (or, for memories held already, _UPDATED) rows: a memory held gets its new values (what can
+        change in place: confidence, uses, supersession...); returns how many memories are new."""
         fresh: dict[UUID, tuple[Any, ...]] = {}
         for r in rows:
-            if r[0] is None:
-                continue
             i = self.pos.get(r[0])
             if i is None:
                 fresh[r[0]] = r
             else:
                 self.rows[i] = self._row(r)
+                self.txids[i] = _xid(r[_TXID])
         if not fresh:
             return 0
         start, k = self.n, len(fresh)
@@ -144,9 +168,14 @@ class _User:
         self.dl = _grow(self.dl, start + k)
         self.types = _grow(self.types, start + k)
         self.sessions = _grow(self.sessions, start + k)
+        self.txids = _grow(self.txids, start + k)
+        self.id_hi = _grow(self.id_hi, start + k)
+        self.id_lo = _grow(self.id_lo, start + k)
         for j, r in enumerate(fresh.values()):
             i = start + j
             self.rows.append(self._row(r))
+            self.txids[i] = _xid(r[_TXID])
+            self.id_hi[i], self.id_lo[i] = divmod(r[0].int, 1 << 64)
             self.pos[r[0]] = i
             lexemes, counts = r[_VEC + 1], r[_VEC + 2]
             self.dl[i] = len(lexemes)
@@ -173,7 +202,8 @@ class _User:
         """Free the room kept for rows to come (after a load)."""
         n = self.n
         self.vecs, self.norms, self.dl = self.vecs[:n].copy(), self.norms[:n].copy(), self.dl[:n].copy()
-        self.types, self.sessions = self.types[:n].copy(), self.sessions[:n].copy()
+        self.types, self.sessions, self.txids = self.types[:n].copy(), self.sessions[:n].copy(), self.txids[:n].copy()
+        self.id_hi, self.id_lo = self.id_hi[:n].copy(), self.id_lo[:n].copy()
 
     def mask(self, types: list[str] | None, session: str | None, exclude_session: str | None) -> np.ndarray | None:
         """Rows that pass the search's filters (None: all of them)."""
@@ -203,7 +233,7 @@ def _grow(a: np.ndarray, size: int) -> np.ndarray:
 
 
 def _xid(text: str | None) -> int:
-    return int(text) if text else 0
+    return int(text) if text else -1
 
 
 class SearchIndex:
@@ -216,6 +246,7 @@ class SearchIndex:
         self._loads: dict[str, asyncio.Task[None]] = {}
         self._too_large: dict[str, float] = {}  # user -> when it did not fit (tried again after TOO_LARGE_S)
         self.rows = 0  # rows held over all users (plus _ROW_COST per user)
+        self.read = 0  # rows read again before searches since the start (new, or changed in place)
 
     def __len__(self) -> int:
         return len(self._users)
@@ -247,15 +278,22 @@ class SearchIndex:
         async with u.lock:
             # text results, as the SQL stage reads them (a real in binary would come back as float32 digits)
             cur = conn.cursor()
-            await cur.execute(_REFRESH, {"user_id": user_id, "query": data.query, "since": str(u.horizon)})
-            rows = await cur.fetchall()
-            horizon, epoch, lexemes = rows[0][:_HEAD]
+            await cur.execute(_CHANGES, {"user_id": user_id, "query": data.query, "since": str(max(u.horizon, 0))})
+            head = await cur.fetchall()
+            horizon, epoch, lexemes = head[0][:3]
             if epoch != u.epoch:  # something was deleted: load the user again
                 if self._users.get(user_id) is u:
                     self.drop(user_id)
                 self._load_later(user_id)
                 return None
-            added = u.add([r[_HEAD:] for r in rows])
+            new, updated = u.changed([(r[3], r[4]) for r in head if r[3] is not None])
+            added = 0
+            for sql, ids in ((_UPDATED, updated), (_NEW, new)):
+                if ids:
+                    await cur.execute(sql, {"user_id": user_id, "ids": ids})
+                    fetched = await cur.fetchall()
+                    self.read += len(fetched)
+                    added += u.add(fetched)
             u.horizon = max(u.horizon, _xid(horizon))
             if self._users.get(user_id) is u:  # (not dropped meanwhile to make room for another user)
                 self.rows += added
@@ -362,9 +400,17 @@ def _first_stage(u: _User, lexemes: list[str], embedding: np.ndarray, keep: np.n
     s1, s2 = float(bm25.sum()), float(np.dot(bm25, bm25))
     k_sd = math.sqrt(max(s2 / n - (s1 / n) ** 2, 0.0))
     fused = wd * sim / max(sim_sd, 1e-9) + wk * bm25 / max(k_sd, 1e-9)
+    # the best k by the fused score, ties by memory_id (the order of retrieval._CANDIDATES)
+    hi, lo = (u.id_hi[:n_all], u.id_lo[:n_all]) if rows is None else (u.id_hi[rows], u.id_lo[rows])
     k = min(limit, n)
-    top = np.argpartition(-fused, k - 1)[:k] if k < n else np.arange(n)
-    top = top[np.lexsort((top, -fused[top]))]  # best first; ties in row order
+    if k < n:
+        cut = fused[np.argpartition(-fused, k - 1)[k - 1]]
+        above, tied = np.flatnonzero(fused > cut), np.flatnonzero(fused == cut)
+        tied = tied[np.lexsort((lo[tied], hi[tied]))][: k - len(above)]
+        top = np.concatenate([above, tied])
+    else:
+        top = np.arange(n)
+    top = top[np.lexsort((lo[top], hi[top], -fused[top]))]
     chosen = top if rows is None else rows[top]
     stats = {"n": float(n), "sim_mean": sim_mean, "sim_sd": sim_sd, "s1": s1, "s2": s2}
     out = []

@@ -46,7 +46,7 @@ def sentences(n: int, seed: int) -> list[str]:
     return out
 
 
-async def seed(mesh: Mesh, user: str, n: int, seed_: int = 1) -> list[str]:
+async def seed(mesh: Mesh, user: str, n: int, seed_: int = 1, ties: bool = False) -> list[str]:
     texts = sentences(n, seed_)
     vecs = mesh.model.encode(texts)
     rng = random.Random(seed_)
@@ -57,6 +57,8 @@ async def seed(mesh: Mesh, user: str, n: int, seed_: int = 1) -> list[str]:
         rows.append((uuid.uuid4(), user, kind, text, content_hash(text), vec, 1.0, [], f"{user}:m{i}",
                      f"{user}:s{i // 15}", 1_700_000_000.0 + i * 60, text.split(":")[0],
                      Jsonb({"role": role, "question": text.endswith("?")})))
+    for r in rows[:: max(1, n // 8)] if ties else []:  # the same text and vector as another type: exact ties
+        rows.append((uuid.uuid4(), user, "commitment", *r[3:]))
     async with mesh.pool.connection() as conn, conn.cursor() as cur:
         await cur.executemany(INSERT, rows)
     return texts
@@ -106,7 +108,7 @@ def assert_same_rows(ours: list[dict[str, Any]], theirs: list[dict[str, Any]], w
 
 
 async def test_index_gives_the_rows_of_the_sql_stage(mesh: Mesh) -> None:
-    texts = await seed(mesh, "u1", 160)
+    texts = await seed(mesh, "u1", 160, ties=True)
     await seed(mesh, "u2", 40, seed_=2)  # another user with the same kind of texts: never in u1's results
     index = SearchIndex(mesh.pool, 10_000)
     filters: list[dict[str, Any]] = [{}, {"types": ["episodic"]}, {"types": ["fact", "preference"]},
@@ -142,7 +144,7 @@ async def test_index_gives_the_rows_of_the_sql_stage(mesh: Mesh) -> None:
 
 
 async def test_search_returns_the_same_memories_with_and_without_the_index(mesh: Mesh) -> None:
-    await seed(mesh, "u1", 120)
+    await seed(mesh, "u1", 120, ties=True)
     index = SearchIndex(mesh.pool, 10_000)
     first = SearchData(query=QUERIES[0])
     await search(mesh.pool, "u1", first, mesh.model.encode([first.query])[0], CFG, index)  # SQL; loads u1
@@ -207,6 +209,26 @@ async def test_index_sees_what_other_connections_commit(mesh: Mesh) -> None:
     assert await n() == 31
     await store.delete_user("u1")
     assert await ids() == []
+
+
+async def test_a_long_transaction_elsewhere_does_not_make_every_search_read_rows_again(mesh: Mesh) -> None:
+    await seed(mesh, "u1", 20)
+    store = LtmStore(mesh.pool)
+    query = "Who bakes bread at the bakery?"
+    vec = mesh.model.encode([query])[0]
+    await store.search("u1", SearchData(query=query), vec, CFG)
+    await store.index.settle()
+    async with mesh.pool.connection() as idle:  # holds the oldest running transaction back (pg_snapshot_xmin)
+        await idle.execute("BEGIN")
+        await idle.execute("SELECT pg_current_xact_id()")
+        text = "Gina: I bake sourdough bread at the bakery every morning."
+        await store.add(NewMemory(user_id="u1", type="episodic", content=text, embedding=mesh.model.encode([text])[0]))
+        read = store.index.read
+        for _ in range(3):
+            found = await store.search("u1", SearchData(query=query), vec, CFG)
+            assert found[0].content == text
+        assert store.index.read == read + 1  # the new row once, though it stays behind the held horizon
+        await idle.execute("ROLLBACK")
 
 
 async def test_capacity_bounds_the_index_and_larger_users_are_searched_in_sql(mesh: Mesh) -> None:
