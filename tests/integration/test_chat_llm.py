@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from services.chat_ai.prompt import MEMORY_HEADER
 from shared.runtime.llm import chat_model
 from tests.fake_llm import fake_llm
 from tests.helpers import Mesh, running, wait_until
@@ -24,7 +25,7 @@ async def test_configured_llm_gets_memories_and_recent_turns_in_its_prompt(mesh:
     assert reply.meta.ltm == "hit"
     prompt = seen[-1]["messages"]
     assert prompt[0]["role"] == "system"
-    assert any("remember" in m["content"] and "I live in Lisbon." in m["content"] for m in prompt)
+    assert any(m["content"].startswith(MEMORY_HEADER) and "I live in Lisbon." in m["content"] for m in prompt)
     assert prompt[-1] == {"role": "user", "content": "Where do I live?"}
 
 
