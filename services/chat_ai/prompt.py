@@ -20,33 +20,15 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import cache
-from typing import Any
 
 from shared.contracts import Memory
 from shared.runtime.stm import Stm
+from shared.runtime.tokens import count_tokens, wordpiece
 
 MEMORY_HEADER = "Memories from earlier conversations with this user (best match first; date, speaker: words):"
 CUT = " …"
 _WS = re.compile(r"\s+")
 _SENTENCE = re.compile(r"[^.!?\n]+[.!?]*")
-
-
-@cache
-def _tokenizer() -> Any:
-    from tokenizers import Tokenizer
-
-    from shared.runtime.embedding import model_dir
-
-    tok = Tokenizer.from_file(f"{model_dir()}/tokenizer.json")
-    tok.no_padding()
-    tok.no_truncation()
-    return tok
-
-
-def count_tokens(text: str) -> int:
-    """WordPiece tokens of all-MiniLM-L6-v2, no special tokens: the unit of ``LTM_PROMPT_TOKENS``."""
-    return len(_tokenizer().encode(text, add_special_tokens=False).ids) if text else 0
 
 
 def norm(text: str) -> str:
@@ -110,7 +92,7 @@ class MemoryBlock:
 
 def _truncate(text: str, tokens: int) -> str:
     """The longest head of ``text`` within ``tokens`` tokens, cut at a word boundary."""
-    enc = _tokenizer().encode(text, add_special_tokens=False)
+    enc = wordpiece().encode(text, add_special_tokens=False)
     if len(enc.ids) <= tokens:
         return text
     end = enc.offsets[max(tokens - 1, 0)][1]

@@ -40,7 +40,6 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from functools import cache
 from typing import Any
 
 import numpy as np
@@ -51,6 +50,7 @@ from services.ltm.config import LtmSettings
 from services.ltm.search_index import SearchIndex
 from shared.contracts import Memory, MemorySource
 from shared.contracts.messages import ContextTurn, SearchData
+from shared.runtime.tokens import wordpiece
 
 DAY = 86_400.0
 
@@ -107,18 +107,6 @@ class RetrievalConfig:
 
 
 # --------------------------------------------------------------------------- tokens
-@cache
-def _tokenizer() -> Any:
-    from tokenizers import Tokenizer
-
-    from shared.runtime.embedding import model_dir
-
-    tok = Tokenizer.from_file(f"{model_dir()}/tokenizer.json")
-    tok.no_padding()
-    tok.no_truncation()
-    return tok
-
-
 _TOKEN_CACHE: OrderedDict[str, int] = OrderedDict()
 TOKEN_CACHE_SIZE = 50_000
 
@@ -130,7 +118,7 @@ def count_tokens(texts: Sequence[str]) -> list[int]:
     """
     missing = [t for t in dict.fromkeys(texts) if t not in _TOKEN_CACHE]
     if missing:
-        for text, enc in zip(missing, _tokenizer().encode_batch(missing, add_special_tokens=False), strict=True):
+        for text, enc in zip(missing, wordpiece().encode_batch(missing, add_special_tokens=False), strict=True):
             _TOKEN_CACHE[text] = len(enc.ids)
     out = []
     for text in texts:
