@@ -49,9 +49,10 @@ class LtmSettings(MeshSettings):
         "row of each memory, about 3 kB); a user with more is searched in SQL; 0 = every search in SQL"))
     ltm_query_cache: int = Field(default=4096, ge=0, description=(
         "query embeddings kept per ltm process (the same text searched again is not embedded again)"))
-    # ingest (services/ltm/ingest.py): steps that let requests go first
+    # ingest (services/ltm/ingest.py)
     ltm_ingest_step_tokens: int = Field(default=256, ge=16, le=16_384, description=(
-        "the most text (about 4 characters a token) one ingest step extracts or embeds in one call; requests in "
-        "flight go first between steps"))
-    ltm_ingest_yield_ms: int = Field(default=200, ge=0, le=10_000, description=(
-        "the longest an ingest step waits for the requests in flight to finish"))
+        "the most text (about 4 characters a token) one ingest step extracts or embeds in one call: small "
+        "embedding passes cost less per token here and keep a search's embedding from waiting long"))
+    ltm_ingest_model: Literal["own", "shared"] = Field(default="own", description=(
+        "`own`: ingest embeds with a second copy of the model (about 90 MB), so that a search's embedding never "
+        "waits behind an ingest pass; `shared`: one model for both"))

@@ -1,30 +1,51 @@
-"""The ingest path's mechanics: requests ahead of ingest, embedding in small steps, vector caches.
+"""The ingest path's mechanics: embedding in small passes, ingest's own model, vector caches.
 
 Ingest works in steps (a spaCy call over a few turns, one embedding forward pass over a few hundred tokens).
-Before each step it lets the requests that are in flight go first (:class:`RequestGate`), so that a search never
-queues behind a backlog of ingest work in the same process; a step waits at most ``max_wait_s``, so ingest is
-never starved by a steady stream of requests.
-
 Embedding passes are kept small on purpose: on this kind of CPU (2 cores, no AVX-512, measured with the ONNX
-model) one forward pass over 64 texts costs more per text than passes over 4-8 texts (about 0.3 ms per token at
-8 short texts against 0.45 at 64), and a small pass also lets a search's embedding in between.
+model) one forward pass over 64 texts costs more per text than passes over 4-8 texts (about 0.22 ms per token at
+4-8 short texts against 0.4 at 64; for long turns 1-4 texts a pass), and a small pass waits little for padding.
+
+Searches do not wait for ingest's passes: with LTM_INGEST_MODEL=own (the default) ingest embeds with a second
+copy of the model (:class:`IngestModel`), whose passes run beside a search's embedding instead of before it
+(measured on LongMemEval turns, search p95 while ingesting against quiet: x1.3-1.6 with its own model, x1.5-2.9
+with one model shared). Letting in-flight requests go first between ingest steps (a gate) was tried and did not
+help once ingest has its own model.
 """
 
 from __future__ import annotations
 
-import asyncio
+import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numpy as np
 
-from shared.runtime.embedding import Embedder
+from shared.runtime.embedding import Embedder, SyncEmbedder
 
 T = TypeVar("T")
 MAX_TOKENS = 256  # all-MiniLM-L6-v2 sees no more of a text (sentence-transformers' max_seq_length)
+
+
+class IngestModel(SyncEmbedder):
+    """A second copy of the model for ingest (LTM_INGEST_MODEL=own): its passes hold a lock of their own, so a
+    search's embedding runs beside an ingest pass instead of after it (SyncEmbedder's lock is one per class)."""
+
+    _lock = threading.Lock()
+
+
+_ingest_model: IngestModel | None = None
+_ingest_model_lock = threading.Lock()
+
+
+def ingest_model() -> IngestModel:
+    """The process's one ingest model (loaded on first use, EMBEDDING_* settings)."""
+    global _ingest_model
+    with _ingest_model_lock:
+        if _ingest_model is None:
+            _ingest_model = IngestModel()
+    return _ingest_model
 
 
 def tokens(text: str) -> int:
@@ -45,38 +66,6 @@ def steps(items: Sequence[T], size: Callable[[T], int], budget: int) -> Iterable
         used += n
     if run:
         yield run
-
-
-class RequestGate:
-    """Requests first: ``async with gate.request()`` around a request's work; ingest ``await gate.turn()``
-    before each step, which returns once no request is in flight (or after ``max_wait_s``)."""
-
-    def __init__(self, max_wait_s: float = 0.2) -> None:
-        self.max_wait_s = max_wait_s
-        self.active = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self.waited = 0  # steps that waited for requests (for tests and metrics)
-
-    @asynccontextmanager
-    async def request(self) -> AsyncIterator[None]:
-        self.active += 1
-        self._idle.clear()
-        try:
-            yield
-        finally:
-            self.active -= 1
-            if self.active == 0:
-                self._idle.set()
-
-    async def turn(self) -> None:
-        if self.active == 0:
-            return
-        self.waited += 1
-        try:
-            await asyncio.wait_for(self._idle.wait(), self.max_wait_s)
-        except TimeoutError:
-            pass
 
 
 class VectorCache:
@@ -131,26 +120,23 @@ def from_cache(cache: VectorCache, wanted: dict[str, str]) -> Lookup:
     return out
 
 
-async def embed_in_steps(embedder: Embedder, texts: Sequence[str], budget_tokens: int,
-                         gate: RequestGate | None = None) -> dict[str, np.ndarray]:
+async def embed_in_steps(embedder: Embedder, texts: Sequence[str], budget_tokens: int) -> dict[str, np.ndarray]:
     """The vector of every distinct text, in forward passes of at most ``budget_tokens`` padded tokens (texts
-    sorted by length, so that a pass pads little), with the gate's turn before each pass."""
+    sorted by length, so that a pass pads little)."""
     distinct = sorted(set(texts), key=lambda t: (tokens(t), t))
     out: dict[str, np.ndarray] = {}
     run: list[str] = []
     for text in distinct:
         # sorted ascending: the padded size of a pass is its count times its last (longest) text
         if run and (len(run) + 1) * tokens(text) > budget_tokens:
-            await _pass(embedder, run, out, gate)
+            await _pass(embedder, run, out)
             run = []
         run.append(text)
     if run:
-        await _pass(embedder, run, out, gate)
+        await _pass(embedder, run, out)
     return out
 
 
-async def _pass(embedder: Embedder, run: list[str], out: dict[str, np.ndarray], gate: RequestGate | None) -> None:
-    if gate is not None:
-        await gate.turn()
+async def _pass(embedder: Embedder, run: list[str], out: dict[str, np.ndarray]) -> None:
     for text, vec in zip(run, await embedder.embed_many(run), strict=True):
         out[text] = vec

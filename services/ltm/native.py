@@ -14,7 +14,14 @@ from services.ltm.backend import NotFound, Unsupported
 from services.ltm.config import LtmSettings
 from services.ltm.extraction import Batcher, Extracted, Extraction, LlmExtractor, RuleExtractor, Turn, ground_dates
 from services.ltm.graph import Provenance, TurnKnowledge, entity_names, norm_name, search_entities, write_knowledge
-from services.ltm.ingest import RequestGate, VectorCache, embed_in_steps, from_cache, steps, tokens
+from services.ltm.ingest import (
+    VectorCache,
+    embed_in_steps,
+    from_cache,
+    ingest_model,
+    steps,
+    tokens,
+)
 from services.ltm.lifecycle import Lifecycle, LifecycleConfig
 from services.ltm.profile import build_profile
 from services.ltm.retrieval import RetrievalConfig, is_question
@@ -61,11 +68,14 @@ class NativeBackend:
 
     def __init__(self, store: LtmStore, embedder: Embedder, *, settings: LtmSettings | None = None,
                  redis: aioredis.Redis | None = None, names: Names | None = None,
-                 extraction: Extraction | None = None) -> None:
+                 extraction: Extraction | None = None, ingest_embedder: Embedder | None = None) -> None:
         """``redis`` and ``names`` give ``optimize`` and the periodic lifecycle job their lock; without them
         ``optimize`` is refused and the periodic job does not run."""
         self.store, self.embedder = store, embedder
         settings = settings or LtmSettings()
+        # LTM_INGEST_MODEL=own: ingest gets its own copy of the model in start(), so requests never wait for its passes
+        self.ingest_embedder = ingest_embedder or embedder
+        self._own_model = ingest_embedder is None and settings.ltm_ingest_model == "own"
         self.retrieval = RetrievalConfig.from_settings(settings)
         self._queries: OrderedDict[str, np.ndarray] = OrderedDict()  # query text -> embedding (search)
         self._query_cache = settings.ltm_query_cache
@@ -73,7 +83,6 @@ class NativeBackend:
         lock_names = names or Names()
         self.lifecycle = Lifecycle(store.pool, lifecycle_config(settings), redis,
                                    lambda user_id: lock_names.lock("ltm", "optimize", user_id))
-        self.gate = RequestGate(settings.ltm_ingest_yield_ms / 1000)
         self.step_tokens = settings.ltm_ingest_step_tokens
         self._names = VectorCache(VECTOR_CACHE)  # entity name vectors, by normalised name
         self._texts = VectorCache(VECTOR_CACHE)  # vectors of extracted memories' texts ("Caroline (person)"...)
@@ -82,8 +91,15 @@ class NativeBackend:
         self._write: Batcher[IngestWrite, bool | BaseException] = Batcher(self._write_batch, settings.ltm_ingest_batch)
 
     async def start(self) -> None:
-        if self.extraction is not None:  # load spaCy now, not on the first message
-            await asyncio.to_thread(lambda: self.extraction.rules.nlp if self.extraction else None)
+        """Load spaCy (now, not on the first message) and ingest's own model, side by side."""
+        loads = []
+        if self.extraction is not None:
+            loads.append(asyncio.to_thread(lambda: self.extraction.rules.nlp if self.extraction else None))
+        if self._own_model:
+            loads.append(asyncio.to_thread(ingest_model))
+        await asyncio.gather(*loads)
+        if self._own_model:
+            self.ingest_embedder = Embedder(ingest_model())
 
     async def close(self) -> None:
         await self.store.flush_access()
@@ -112,7 +128,6 @@ class NativeBackend:
         turns = [self._turn(u) for u in todo]
         extracted: dict[int, list[Extracted]] = {}
         for step in steps(list(enumerate(turns)), lambda it: tokens(it[1].text), self.step_tokens):
-            await self.gate.turn()
             for (i, _), items in zip(step, await asyncio.gather(*(self._extract(t) for _, t in step)), strict=True):
                 extracted[i] = items
         items_of = [extracted[i] for i in range(len(turns))]
@@ -122,8 +137,8 @@ class NativeBackend:
         # cached vectors first (the same text always has the same vector), then one stepped pass over the rest
         texts = from_cache(self._texts, {it.content: it.content for items in items_of for it in items})
         names = from_cache(self._names, {key: name for ns in names_of for key, name in ns.items()})
-        vectors = await embed_in_steps(self.embedder, [*(u.content for u in todo), *texts.missing.values(),
-                                                       *names.missing.values()], self.step_tokens, self.gate)
+        vectors = await embed_in_steps(self.ingest_embedder, [*(u.content for u in todo), *texts.missing.values(),
+                                                       *names.missing.values()], self.step_tokens)
         texts.fill(self._texts, vectors)
         names.fill(self._names, vectors)
         by_id = {(u.user_id, u.message_id): self._write_of(u, t, items, mentioned, ns, vectors[u.content], texts.found,

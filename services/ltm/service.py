@@ -11,7 +11,6 @@ import structlog
 
 from services.ltm.backend import LtmBackend, NotFound, Unsupported
 from services.ltm.config import LtmSettings
-from services.ltm.ingest import RequestGate
 from shared.contracts import (
     LTM_REQUEST,
     MEMORY_UPDATE,
@@ -53,8 +52,6 @@ class LtmService:
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()  # set once the backend is loaded and the loops run
         self.started_at = time.time()
-        # requests go first: the backend's ingest waits at its gate between steps while requests are in flight
-        self.gate: RequestGate = getattr(backend, "gate", None) or RequestGate()
         self.ingest = StreamConsumer(
             redis, stream=names.memory_updates, group=names.ltm_group, consumer=settings.consumer_name,
             handler=self._on_update_entry, metrics=self.metrics, concurrency=settings.ltm_ingest_concurrency,
@@ -145,8 +142,7 @@ class LtmService:
     async def handle_request(self, req: LTMRequest) -> LTMResponse:
         structlog.contextvars.bind_contextvars(request_id=req.request_id, user_id=req.user_id)
         try:
-            async with self.gate.request():  # ingest steps wait while requests are in flight
-                return await self._dispatch(req)
+            return await self._dispatch(req)
         except NotFound as exc:
             return LTMResponse.failure(req.request_id, ErrorInfo(code=ErrorCode.NOT_FOUND, message=str(exc)),
                                        req.user_id)

@@ -1,5 +1,5 @@
 """Batched ingest on real PostgreSQL: a batch leaves the tables as one update after another would, a bad update
-fails alone, and the ingest steps (embedding passes, the request gate) behave as services/ltm/ingest.py says."""
+fails alone, and embedding passes and the NER-only path behave as services/ltm/ingest.py says."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from services.ltm.config import LtmSettings
-from services.ltm.ingest import RequestGate, embed_in_steps, steps, tokens
+from services.ltm.ingest import embed_in_steps, steps, tokens
 from services.ltm.native import NativeBackend
 from services.ltm.store import LtmStore
 from shared.contracts import MemoryUpdate
@@ -146,41 +146,6 @@ def test_steps_cut_a_sequence_by_budget() -> None:
     assert list(steps([], lambda n: n, 6)) == []
 
 
-async def test_the_gate_holds_ingest_while_a_request_runs_and_never_for_long() -> None:
-    gate = RequestGate(max_wait_s=5.0)
-    await asyncio.wait_for(gate.turn(), 0.1)  # idle: no wait
-    release = asyncio.Event()
-
-    async def request() -> None:
-        async with gate.request():
-            await release.wait()
-
-    task = asyncio.create_task(request())
-    await asyncio.sleep(0)
-    waiting = asyncio.create_task(gate.turn())
-    await asyncio.sleep(0.05)
-    assert not waiting.done()
-    release.set()
-    await asyncio.wait_for(waiting, 1.0)
-    await task
-    # a request that never ends holds ingest back at most max_wait_s per step
-    short = RequestGate(max_wait_s=0.05)
-    forever = asyncio.Event()
-
-    async def stuck() -> None:
-        async with short.request():
-            await forever.wait()
-
-    stuck_task = asyncio.create_task(stuck())
-    await asyncio.sleep(0)
-    started = time.monotonic()
-    await short.turn()
-    assert 0.04 <= time.monotonic() - started < 1.0 and short.waited == 1
-    forever.set()
-    await stuck_task
-
-
-
 def test_turns_no_rule_can_match_get_the_same_entities_through_the_ner_only_pipeline() -> None:
     from services.ltm.extraction import RuleExtractor, Turn
     from services.ltm.extraction.rules import needs_rules
@@ -202,3 +167,19 @@ def test_turns_no_rule_can_match_get_the_same_entities_through_the_ner_only_pipe
     assert {it.type for it in out[0] + out[1]} == {"entity"}
     assert {"preference", "fact"} <= {it.type for it in out[2]}
     assert [it.type for it in out[3]] == ["instruction"]
+
+
+async def test_ingest_has_its_own_model_so_a_search_embedding_never_waits_for_an_ingest_pass(mesh: Mesh) -> None:
+    from services.ltm.ingest import IngestModel
+
+    b = backend(mesh)
+    await b.start()
+    assert isinstance(b.ingest_embedder.model, IngestModel) and b.ingest_embedder is not b.embedder
+    assert b.embedder.model is mesh.model
+    text = "Caroline went to the support group."
+    assert float(np.dot((await b.ingest_embedder.embed_many([text]))[0], mesh.model.encode([text])[0])) > 0.9999
+    with IngestModel._lock:  # an ingest pass that holds its model
+        await asyncio.wait_for(b.embedder.embed("what did Caroline do?"), 10)
+    shared = backend(mesh, ltm_ingest_model="shared")
+    await shared.start()
+    assert shared.ingest_embedder is shared.embedder
