@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -63,6 +64,15 @@ def lifecycle_config(settings: LtmSettings) -> LifecycleConfig:
     )
 
 
+@dataclass(slots=True)
+class Staged:
+    """An update between the extraction and the embedding stage of ingest."""
+
+    update: MemoryUpdate
+    turn: Turn
+    items: list[Extracted]
+
+
 class NativeBackend:
     name = "native"
 
@@ -86,8 +96,9 @@ class NativeBackend:
         self.step_tokens = settings.ltm_ingest_step_tokens
         self._names = VectorCache(VECTOR_CACHE)  # entity name vectors, by normalised name
         self._texts = VectorCache(VECTOR_CACHE)  # vectors of extracted memories' texts ("Caroline (person)"...)
-        self._prepare: Batcher[MemoryUpdate, IngestWrite | None] = Batcher(self._prepare_batch,
-                                                                           settings.ltm_ingest_batch)
+        self._extract_stage: Batcher[MemoryUpdate, Staged | None] = Batcher(self._extract_batch,
+                                                                             settings.ltm_ingest_batch)
+        self._embed_stage: Batcher[Staged, IngestWrite] = Batcher(self._embed_batch, settings.ltm_ingest_batch)
         self._write: Batcher[IngestWrite, bool | BaseException] = Batcher(self._write_batch, settings.ltm_ingest_batch)
 
     async def start(self) -> None:
@@ -105,13 +116,14 @@ class NativeBackend:
         await self.store.flush_access()
 
     async def ingest(self, update: MemoryUpdate) -> bool:
-        """Ingest one update; concurrent calls are prepared (extraction, embeddings) and written in batches."""
+        """Ingest one update. Concurrent calls go through three stages in batches, each stage working on its batch
+        while the next works on the one before: extraction (spaCy or the LLM), embeddings, the transaction."""
         if update.source == "ai" and update.content.lstrip().startswith(OFFLINE_REPLY_PREFIX):
             return False  # the offline responder only repeats memories: indexing it would echo them back
-        prepared = await self._prepare.submit(update)
-        if prepared is None:
+        extracted = await self._extract_stage.submit(update)
+        if extracted is None:
             return False  # a redelivery: skipped before extraction and embedding
-        stored = await self._write.submit(prepared)
+        stored = await self._write.submit(await self._embed_stage.submit(extracted))
         if isinstance(stored, BaseException):
             raise stored
         return stored
@@ -121,16 +133,21 @@ class NativeBackend:
         subject = named or ("User" if update.source == "user" else "Assistant")
         return Turn(update.content, update.timestamp, subject, update.source)
 
-    async def _prepare_batch(self, updates: list[MemoryUpdate]) -> list[IngestWrite | None]:
-        """Extraction and embeddings for many updates, in steps that let requests go first (services/ltm/ingest.py)."""
+    async def _extract_batch(self, updates: list[MemoryUpdate]) -> list[Staged | None]:
+        """The updates not ingested yet (one query), extracted in steps of LTM_INGEST_STEP_TOKENS."""
         done = await self.store.ingested([(u.user_id, u.message_id) for u in updates])
         todo = [u for u in updates if (u.user_id, u.message_id) not in done]
-        turns = [self._turn(u) for u in todo]
-        extracted: dict[int, list[Extracted]] = {}
-        for step in steps(list(enumerate(turns)), lambda it: tokens(it[1].text), self.step_tokens):
-            for (i, _), items in zip(step, await asyncio.gather(*(self._extract(t) for _, t in step)), strict=True):
-                extracted[i] = items
-        items_of = [extracted[i] for i in range(len(turns))]
+        out: dict[tuple[str, str], Staged] = {}
+        for step in steps([(u, self._turn(u)) for u in todo], lambda ut: tokens(ut[0].content), self.step_tokens):
+            for (u, turn), items in zip(step, await asyncio.gather(*(self._extract(t) for _, t in step)), strict=True):
+                out[(u.user_id, u.message_id)] = Staged(u, turn, items)
+        return [out.get((u.user_id, u.message_id)) for u in updates]
+
+    async def _embed_batch(self, staged: list[Staged]) -> list[IngestWrite]:
+        """Every vector the updates need in passes of LTM_INGEST_STEP_TOKENS, and their rows."""
+        todo = [s.update for s in staged]
+        turns = [s.turn for s in staged]
+        items_of = [s.items for s in staged]
         mentioned_of = [[(n, k) for it in items if it.type == "entity" for n, k in it.entities] for items in items_of]
         names_of = [{norm_name(n): n for n, _ in [*entity_names(items, t.speaker), *mentioned] if norm_name(n)}
                     for items, t, mentioned in zip(items_of, turns, mentioned_of, strict=True)]
@@ -141,10 +158,8 @@ class NativeBackend:
                                                        *names.missing.values()], self.step_tokens)
         texts.fill(self._texts, vectors)
         names.fill(self._names, vectors)
-        by_id = {(u.user_id, u.message_id): self._write_of(u, t, items, mentioned, ns, vectors[u.content], texts.found,
-                                                           names.found)
-                 for u, t, items, mentioned, ns in zip(todo, turns, items_of, mentioned_of, names_of, strict=True)}
-        return [by_id.get((u.user_id, u.message_id)) for u in updates]
+        return [self._write_of(u, t, items, mentioned, ns, vectors[u.content], texts.found, names.found)
+                for u, t, items, mentioned, ns in zip(todo, turns, items_of, mentioned_of, names_of, strict=True)]
 
     @staticmethod
     def _write_of(update: MemoryUpdate, turn: Turn, items: list[Extracted], mentioned: list[tuple[str, str]],
