@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 from pydantic import TypeAdapter
 from redis.exceptions import ResponseError
 
+from mesh.procs import killpg, spawn, stop_groups
 from shared.contracts import Names, PingRequest, new_id
 from shared.contracts.messages import Message
 from shared.runtime.metrics import Metrics
@@ -63,12 +64,6 @@ def latency(samples_s: list[float]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- processes
-def _parent_death_hook() -> Any:
-    from mesh.stack import _parent_death_hook as hook  # one copy of the mechanism: the stack's
-
-    return hook()
-
-
 def service_env(redis_url: str, database_url: str, prefix: str, consumer: str, data_dir: Path,
                 extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
@@ -94,13 +89,9 @@ class ServiceProcess:
     started_at: float = 0.0
 
     def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log_file:
-            self.started_at = time.monotonic()
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", MODULES[self.service]], env=self.env, cwd=ROOT, stdin=subprocess.DEVNULL,
-                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-                preexec_fn=_parent_death_hook())  # the bench is single-threaded when it spawns
+        self.started_at = time.monotonic()
+        self.proc, handle = spawn(MODULES[self.service], self.env, self.log_path)
+        handle.close()  # the child holds its own copy of the descriptor
         say(f"started {self.label} (pid {self.proc.pid}, log {self.log_path})")
 
     @property
@@ -121,22 +112,9 @@ class ServiceProcess:
         """SIGTERM its process group, SIGKILL after ``grace`` seconds."""
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            _killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                say(f"{self.label} ignored SIGTERM for {grace:.0f}s, killing it")
-                _killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        if stop_groups([self.proc], grace):
+            say(f"{self.label} ignored SIGTERM for {grace:.0f}s, killed")
         self.proc = None
-
-
-def _killpg(pid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 @dataclass
@@ -162,7 +140,7 @@ class Processes:
     def stop(self, procs: Iterable[ServiceProcess]) -> None:
         for p in list(procs):
             if p.proc is not None and p.proc.poll() is None:
-                _killpg(p.proc.pid, signal.SIGTERM)  # all at once; then wait for each
+                killpg(p.proc.pid, signal.SIGTERM)  # all at once; then wait for each
         for p in list(procs):
             p.stop()
             if p in self.running:

@@ -1,5 +1,8 @@
 """Service processes for a run: ``python -m services.<name>``, each with its own environment and log file.
 
+:func:`spawn` and :func:`stop_groups` are the one way mesh tooling starts and stops services (evaluations here,
+the bench in mesh/bench_procs.py); :class:`ServiceProcesses` is the evaluations' group of them.
+
 Unlike the stack's supervisor (mesh/stack.py), nothing is restarted: a service that exits during an
 evaluation is an error the caller reports (with the end of that service's log). Every child runs in a
 process group of its own and gets SIGTERM if this process dies; :meth:`ServiceProcesses.stop` sends SIGTERM
@@ -38,16 +41,8 @@ class ServiceProcesses:
 
     def start(self, name: str, module: str, env: dict[str, str]) -> Child:
         """Start ``python -m module`` as ``name`` (its stdout and stderr go to ``<log_dir>/<name>.log``)."""
-        self.log_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_dir / f"{name}.log"
-        handle = log.open("ab")
-        try:
-            proc = subprocess.Popen([sys.executable, "-m", module], env=env, cwd=self.cwd, stdin=subprocess.DEVNULL,
-                                    stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
-                                    preexec_fn=_parent_death_hook())
-        except BaseException:
-            handle.close()
-            raise
+        proc, handle = spawn(module, env, log, self.cwd)
         child = Child(name, log, proc, handle)
         self.children.append(child)
         return child
@@ -70,17 +65,8 @@ class ServiceProcesses:
                 signal.signal(signal.SIGINT, previous)
 
     def _stop(self, grace: float) -> None:
-        running = [c for c in self.children if c.proc.poll() is None]
-        for child in running:
-            _signal(child, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while running and time.monotonic() < deadline:
-            running = [c for c in running if c.proc.poll() is None]
-            time.sleep(0.1)
-        for child in running:
-            _signal(child, signal.SIGKILL)
+        stop_groups([c.proc for c in self.children], grace)
         for child in self.children:
-            child.proc.wait()
             child.handle.close()
         self.children.clear()
 
@@ -98,8 +84,42 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _signal(child: Child, sig: signal.Signals) -> None:
+def spawn(module: str, env: dict[str, str], log: Path, cwd: Path = ROOT) -> tuple[subprocess.Popen[bytes], IO[bytes]]:
+    """``python -m module`` in a process group of its own, output appended to ``log``, SIGTERM if we die.
+
+    The one way mesh tooling (evaluations, the bench) starts a service; the caller closes the handle after
+    the process ended (:func:`stop_groups`).
+    """
+    log.parent.mkdir(parents=True, exist_ok=True)
+    handle = log.open("ab")
     try:
-        os.killpg(child.proc.pid, sig)
+        proc = subprocess.Popen([sys.executable, "-m", module], env=env, cwd=cwd, stdin=subprocess.DEVNULL,
+                                stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_parent_death_hook())
+    except BaseException:
+        handle.close()
+        raise
+    return proc, handle
+
+
+def stop_groups(procs: list[subprocess.Popen[bytes]], grace: float) -> list[subprocess.Popen[bytes]]:
+    """SIGTERM each process group at once, SIGKILL what is left after ``grace`` seconds; returns those killed."""
+    running = [p for p in procs if p.poll() is None]
+    for proc in running:
+        killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while running and time.monotonic() < deadline:
+        running = [p for p in running if p.poll() is None]
+        time.sleep(0.1)
+    for proc in running:
+        killpg(proc.pid, signal.SIGKILL)
+    for proc in procs:
+        proc.wait()
+    return running
+
+
+def killpg(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass

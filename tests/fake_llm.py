@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from mesh.recorder import completion
+
 Responder = Callable[[dict[str, Any]], str]
 
 
@@ -24,12 +26,7 @@ def fake_llm(respond: Responder, status: int = 200) -> Iterator[tuple[str, list[
             if status != 200:
                 payload: dict[str, Any] = {"error": {"message": "boom", "type": "server_error"}}
             else:
-                payload = {
-                    "id": "cmpl-1", "object": "chat.completion", "created": 0, "model": body.get("model", "fake"),
-                    "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": respond(body)}}],
-                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-                }
+                payload = completion(body, respond(body))  # the recording server's own reply shape
             data = json.dumps(payload).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")

@@ -28,17 +28,10 @@ from shared.runtime.tokens import count_tokens, wordpiece
 MEMORY_HEADER = "Memories from earlier conversations with this user (best match first; date, speaker: words):"
 CUT = " …"
 _WS = re.compile(r"\s+")
-_SENTENCE = re.compile(r"[^.!?\n]+[.!?]*")
 
 
 def norm(text: str) -> str:
     return _WS.sub(" ", text).strip().lower()
-
-
-def is_question(text: str) -> bool:
-    """A turn that only asks (every sentence ends with '?'): it tells nothing about the user."""
-    sentences = [s.strip() for s in _SENTENCE.findall(text) if s.strip()]
-    return bool(sentences) and all(s.endswith("?") for s in sentences)
 
 
 def speaker_label(speaker: str | None) -> str:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from services.chat_ai.prompt import BlockTurn, MemoryBlock, date_label, is_question
+from services.chat_ai.prompt import BlockTurn, MemoryBlock, date_label
 from shared.contracts.messages import OFFLINE_MODEL, OFFLINE_REPLY_PREFIX
 from shared.runtime.llm import ChatModel
 from shared.runtime.stm import Stm
+from shared.runtime.text import is_question
 
 OFFLINE_PREFIX = f"{OFFLINE_REPLY_PREFIX} no language model is configured; I can only repeat what I remember]"
 _WORD = re.compile(r"[a-z0-9']+")

@@ -25,7 +25,7 @@ from services.ltm.ingest import (
 )
 from services.ltm.lifecycle import Lifecycle, LifecycleConfig
 from services.ltm.profile import build_profile
-from services.ltm.retrieval import RetrievalConfig, is_question
+from services.ltm.retrieval import RetrievalConfig
 from services.ltm.store import IngestWrite, LtmStore, MemoryKey, NewMemory, content_hash
 from shared.contracts import Memory, MemoryUpdate, Names
 from shared.contracts.messages import OFFLINE_REPLY_PREFIX, AddData, SearchData, SearchEntitiesData
@@ -33,6 +33,7 @@ from shared.runtime.embedding import Embedder
 from shared.runtime.errors import is_transient
 from shared.runtime.llm import chat_model
 from shared.runtime.logging import get_logger
+from shared.runtime.text import is_question
 
 log = get_logger(__name__)
 

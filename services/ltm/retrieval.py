@@ -318,12 +318,6 @@ def about_assistant(query: str) -> bool:
     return _ABOUT_ASSISTANT.search(query) is not None
 
 
-def is_question(text: str) -> bool:
-    """A turn that only asks: every sentence ends with '?'."""
-    sentences = [t.strip() for t in re.findall(r"[^.!?\n]+[.!?]*", text) if t.strip()]
-    return bool(sentences) and all(t.endswith("?") for t in sentences)
-
-
 def relevance(rows: list[dict[str, Any]], query: str, cfg: RetrievalConfig, now: float | None = None) -> np.ndarray:
     """Fused relevance of the candidate rows (see the module docstring, step 2)."""
     p = cfg.profile

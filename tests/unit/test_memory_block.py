@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from services.chat_ai.prompt import MEMORY_HEADER, contains_turn, count_tokens, is_question, memory_block
+from services.chat_ai.prompt import MEMORY_HEADER, contains_turn, count_tokens, memory_block
 from services.chat_ai.responder import offline_reply, pick_quotes
 from shared.contracts import Memory, MemorySource
 from shared.contracts.messages import ContextTurn
 from shared.runtime.stm import Stm
+from shared.runtime.text import is_question
 
 T0 = 1_684_000_000.0  # 2023-05-13
 
