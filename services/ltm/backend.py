@@ -7,6 +7,7 @@ by ``user_id``; none may return another user's data.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from shared.contracts import Memory, MemoryUpdate
@@ -40,6 +41,10 @@ class LtmBackend(Protocol):
     async def stats(self, user_id: str) -> dict[str, Any]: ...
     async def optimize(self, user_id: str) -> dict[str, Any]: ...
     async def search_entities(self, user_id: str, data: SearchEntitiesData) -> list[dict[str, Any]]: ...
+    def warm(self, user_ids: Sequence[str]) -> None:
+        """A hint: these users have new memories and will likely search soon (get ready in the background)."""
+        ...
+
     async def maintenance(self) -> None:
         """Periodic background work (access-statistics flush, lifecycle jobs); called every few seconds."""
         ...

@@ -47,6 +47,10 @@ class LtmSettings(MeshSettings):
     ltm_search_index_rows: int = Field(default=200_000, ge=0, description=(
         "memories held in each ltm process's search index (the users searched lately: embedding, term counts and "
         "row of each memory, about 3 kB); a user with more is searched in SQL; 0 = every search in SQL"))
+    ltm_search_index_warm_rows: int = Field(default=50_000, ge=0, description=(
+        "at start, the search index is filled in the background with the users active last, up to this many "
+        "memories (a returning user's first search is then not a cold one); after ingest every ltm process "
+        "brings the users it was told about into free room; 0 = no warming at start"))
     ltm_query_cache: int = Field(default=4096, ge=0, description=(
         "query embeddings kept per ltm process (the same text searched again is not embedded again)"))
     # ingest (services/ltm/ingest.py)

@@ -36,7 +36,7 @@ import os
 import sqlite3
 import sys
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
@@ -374,6 +374,9 @@ class Mem0Backend:
 
     async def search_entities(self, user_id: str, data: SearchEntitiesData) -> list[dict[str, Any]]:
         raise Unsupported("the mem0 backend has no search_entities")
+
+    def warm(self, user_ids: Sequence[str]) -> None:
+        return None  # mem0 keeps no per-process index
 
     async def maintenance(self) -> None:
         return None

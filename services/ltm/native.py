@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +91,8 @@ class NativeBackend:
         self.retrieval = RetrievalConfig.from_settings(settings)
         self._queries: OrderedDict[str, np.ndarray] = OrderedDict()  # query text -> embedding (search)
         self._query_cache = settings.ltm_query_cache
+        self._warm_rows = settings.ltm_search_index_warm_rows
+        self._warm_task: asyncio.Task[None] | None = None
         self.extraction = extraction if extraction is not None else build_extraction(settings)
         lock_names = names or Names()
         self.lifecycle = Lifecycle(store.pool, lifecycle_config(settings), redis,
@@ -112,8 +115,23 @@ class NativeBackend:
         await asyncio.gather(*loads)
         if self._own_model:
             self.ingest_embedder = Embedder(ingest_model())
+        if self._warm_rows:
+            self._warm_task = asyncio.create_task(self._warm_recent(), name="ltm.index_warm")
+
+    async def _warm_recent(self) -> None:
+        try:
+            await self.store.index.warm_recent(self._warm_rows)
+        except Exception:  # only a head start: searches load their users anyway
+            log.warning("ltm.index_warm_failed", exc_info=True)
+
+    def warm(self, user_ids: Sequence[str]) -> None:
+        for user_id in user_ids:
+            self.store.index.warm(user_id)
 
     async def close(self) -> None:
+        if self._warm_task is not None:
+            self._warm_task.cancel()
+            await asyncio.gather(self._warm_task, return_exceptions=True)
         await self.store.flush_access()
 
     async def ingest(self, update: MemoryUpdate) -> bool:

@@ -36,6 +36,7 @@ import math
 import time
 from array import array
 from collections import OrderedDict
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -275,10 +276,22 @@ class SearchIndex:
         if u is None:
             self._load_later(user_id)
             return None
+        lexemes = await self._catch_up(conn, user_id, u, data.query)
+        if lexemes is None:
+            return None
+        # no await from here: the entry cannot change under the computation
+        keep = u.mask(list(data.types) if data.types else None, data.session_id or None,
+                      data.exclude_session_id or None)
+        return _first_stage(u, list(lexemes), embedding, keep, limit=cfg.candidates, wd=cfg.profile.dense,
+                            wk=cfg.profile.keyword, k1=cfg.bm25_k1, b=cfg.bm25_b)
+
+    async def _catch_up(self, conn: AsyncConnection[Any], user_id: str, u: _User, query: str) -> list[str] | None:
+        """Read what was written for the user since the last read (module docstring); the query's lexemes, or
+        None when the entry is no longer usable (deleted rows: loaded again in the background; too large)."""
         async with u.lock:
             # text results, as the SQL stage reads them (a real in binary would come back as float32 digits)
             cur = conn.cursor()
-            await cur.execute(_CHANGES, {"user_id": user_id, "query": data.query, "since": str(max(u.horizon, 0))})
+            await cur.execute(_CHANGES, {"user_id": user_id, "query": query, "since": str(max(u.horizon, 0))})
             head = await cur.fetchall()
             horizon, epoch, lexemes = head[0][:3]
             if epoch != u.epoch:  # something was deleted: load the user again
@@ -303,22 +316,74 @@ class SearchIndex:
                     return None
                 self._users.move_to_end(user_id)
                 self._evict(keep=user_id)
-        # no await from here: the entry cannot change under the computation
-        keep = u.mask(list(data.types) if data.types else None, data.session_id or None,
-                      data.exclude_session_id or None)
-        return _first_stage(u, list(lexemes), embedding, keep, limit=cfg.candidates, wd=cfg.profile.dense,
-                            wk=cfg.profile.keyword, k1=cfg.bm25_k1, b=cfg.bm25_b)
+        return list(lexemes)
 
-    def _load_later(self, user_id: str) -> None:
+    def warm(self, user_id: str) -> None:
+        """Get the user ready for a fast first search, in the background: read what was written since the last
+        read when indexed, else load it, but only into free room (warming never evicts a user searched before).
+
+        Called after ingest (in every ltm process: services/ltm/service.py) and at start for the users active
+        last, so that a user's first search after new memories, or after a restart, is not a cold one.
+        """
+        if self.capacity <= 0 or user_id in self._loads:
+            return
+        if user_id in self._users:
+            self._spawn(user_id, self._refresh(user_id), "refresh")
+        elif self.rows + _ROW_COST < self.capacity:
+            self._load_later(user_id, evict=False)
+
+    async def warm_recent(self, rows: int) -> int:
+        """At start: load the users active last (``ltm_user_state``), most recent first, while they fit in
+        ``rows`` (and the capacity); the number of users loaded. Searches run meanwhile (loads yield often)."""
+        target = min(rows, self.capacity)
+        if target <= 0:
+            return 0
+        async with self.pool.connection() as conn:
+            cur = await conn.execute("SELECT user_id FROM ltm_user_state ORDER BY last_active_at DESC LIMIT 10000")
+            users = [r[0] for r in await cur.fetchall()]
+        loaded = 0
+        for user_id in users:
+            if self.rows >= target:
+                break
+            if user_id in self._users or user_id in self._loads:
+                continue
+            self._load_later(user_id, evict=False)
+            task = self._loads.get(user_id)
+            if task is not None:
+                await asyncio.gather(task, return_exceptions=True)
+            if user_id not in self._users:
+                break  # did not fit: the index is as full as warming may make it
+            loaded += 1
+        log.info("ltm.index_warmed", users=loaded, rows=self.rows)
+        return loaded
+
+    async def _refresh(self, user_id: str) -> None:
+        u = self._users.get(user_id)
+        if u is None:
+            return
+        try:
+            async with self.pool.connection() as conn:
+                usable = await self._catch_up(conn, user_id, u, "") is not None
+        except Exception:  # the next search reads the same rows
+            log.warning("ltm.index_refresh_failed", exc_info=True)
+            return
+        if not usable and user_id not in self._users:  # rows were deleted: load it again (this task is ending)
+            self._loads.pop(user_id, None)
+            self._load_later(user_id, evict=False)
+
+    def _spawn(self, user_id: str, work: Coroutine[Any, Any, None], kind: str) -> None:
+        task = asyncio.create_task(work, name=f"ltm-index-{kind}:{user_id}")
+        self._loads[user_id] = task
+        task.add_done_callback(lambda t: self._loads.pop(user_id) if self._loads.get(user_id) is t else None)
+
+    def _load_later(self, user_id: str, *, evict: bool = True) -> None:
         failed = self._too_large.get(user_id)
         if user_id in self._loads or (failed is not None and time.monotonic() - failed < TOO_LARGE_S):
             return
         self._too_large.pop(user_id, None)
-        task = asyncio.create_task(self._load(user_id), name=f"ltm-index-load:{user_id}")
-        self._loads[user_id] = task
-        task.add_done_callback(lambda _: self._loads.pop(user_id, None))
+        self._spawn(user_id, self._load(user_id, evict), "load")
 
-    async def _load(self, user_id: str) -> None:
+    async def _load(self, user_id: str, evict: bool = True) -> None:
         try:
             async with self.pool.connection() as conn:
                 u = await self._read(conn, user_id)
@@ -329,6 +394,8 @@ class SearchIndex:
             self._too_large[user_id] = time.monotonic()
             log.info("ltm.index_user_too_large", capacity=self.capacity)
             return
+        if not evict and self.rows + u.n + _ROW_COST > self.capacity and user_id not in self._users:
+            return  # warming: no room without evicting a user searched before
         self.drop(user_id)
         self._users[user_id] = u
         self.rows += u.n + _ROW_COST

@@ -7,12 +7,14 @@ import time
 from typing import Any
 
 import redis.asyncio as aioredis
+import redis.exceptions
 import structlog
 
 from services.ltm.backend import LtmBackend, NotFound, Unsupported
 from services.ltm.config import LtmSettings
 from shared.contracts import (
     LTM_REQUEST,
+    LTM_WARM,
     MEMORY_UPDATE,
     AddRequest,
     DecodeError,
@@ -22,6 +24,7 @@ from shared.contracts import (
     ErrorInfo,
     LTMRequest,
     LTMResponse,
+    LtmWarm,
     MemoryUpdate,
     Names,
     OptimizeRequest,
@@ -32,6 +35,7 @@ from shared.contracts import (
     SearchRequest,
     StatsRequest,
     decode,
+    encode,
 )
 from shared.contracts.ping import PingInfo
 from shared.runtime.deadletter import dead_letter
@@ -43,6 +47,8 @@ from shared.runtime.streams import StreamConsumer
 
 log = get_logger(__name__)
 
+WARM_EVERY_S = 0.2  # ltm_index_warm: one message per this much ingest, not one per update
+
 
 class LtmService:
     def __init__(self, settings: LtmSettings, names: Names, redis: aioredis.Redis, backend: LtmBackend,
@@ -50,6 +56,8 @@ class LtmService:
         self.settings, self.names, self.redis, self.backend = settings, names, redis, backend
         self.metrics = metrics or Metrics(redis, names.metrics("ltm"))
         self._stop = asyncio.Event()
+        self._stored_users: set[str] = set()  # announced on ltm_index_warm (see _warm_announce)
+        self._stored = asyncio.Event()
         self.ready = asyncio.Event()  # set once the backend is loaded and the loops run
         self.started_at = time.time()
         self.ingest = StreamConsumer(
@@ -75,6 +83,9 @@ class LtmService:
         ]
         if self.settings.ltm_accept_pubsub:
             tasks.append(asyncio.create_task(self._pubsub_ingest(), name="ltm.pubsub"))
+        if self.settings.ltm_search_index_rows:
+            tasks.append(asyncio.create_task(self._warm_listen(), name="ltm.warm_listen"))
+            tasks.append(asyncio.create_task(self._warm_announce(), name="ltm.warm_announce"))
         self.ready.set()
         log.info("ltm.ready", backend=self.backend.name)
         try:
@@ -110,9 +121,45 @@ class LtmService:
         try:
             stored = await self.backend.ingest(update)
             self.metrics.incr("ingested" if stored else "ingest_duplicates")
+            if stored:
+                self._stored_users.add(update.user_id)
+                self._stored.set()
             return stored
         finally:
             structlog.contextvars.unbind_contextvars("user_id", "message_id")
+
+    # ------------------------------------------------------------------ search index warming
+    async def _warm_announce(self) -> None:
+        """Tell every ltm process (this one too) which users just got memories, at most every WARM_EVERY_S."""
+        while not self._stop.is_set():
+            stored = asyncio.create_task(self._stored.wait())
+            stop = asyncio.create_task(self._stop.wait())
+            await asyncio.wait({stored, stop}, return_when=asyncio.FIRST_COMPLETED)
+            stored.cancel()
+            stop.cancel()
+            if self._stop.is_set():
+                return
+            await asyncio.sleep(WARM_EVERY_S)  # one message for a burst of ingest
+            users, self._stored_users = sorted(self._stored_users), set()
+            self._stored.clear()
+            for i in range(0, len(users), 1000):
+                try:
+                    await self.redis.publish(self.names.ltm_warm, encode(LtmWarm(users=users[i:i + 1000])))
+                except redis.exceptions.RedisError as exc:  # a hint only: the next search loads the user itself
+                    self.metrics.incr("warm.publish_failed")
+                    log.warning("ltm.warm_publish_failed", error=str(exc))
+
+    async def _warm_listen(self) -> None:
+        await listen(self.redis, self.names.ltm_warm, self._on_warm, self._stop, metrics=self.metrics)
+
+    async def _on_warm(self, raw: bytes) -> None:
+        try:
+            msg = decode(LTM_WARM, raw, max_content_bytes=self.settings.max_content_bytes)
+        except DecodeError as err:
+            self.metrics.incr(f"warm.rejected.{err.reason.value}")
+            await dead_letter(self.redis, self.names.ltm_warm, raw, err.reason.value, err.message)
+            return
+        self.backend.warm(msg.users)
 
     async def _pubsub_ingest(self) -> None:
         """LTM_ACCEPT_PUBSUB: also ingest updates that publishers send only on the channel."""

@@ -4,6 +4,7 @@ from shared.contracts.codec import (
     AI_RESPONSE,
     LTM_REQUEST,
     LTM_RESPONSE,
+    LTM_WARM,
     MEMORY_UPDATE,
     STREAM_FIELD,
     USER_INPUT,
@@ -21,6 +22,7 @@ from shared.contracts.messages import (
     DeleteUserRequest,
     LTMRequest,
     LTMResponse,
+    LtmWarm,
     Memory,
     MemorySource,
     MemoryUpdate,
@@ -46,4 +48,5 @@ __all__ = [
     "new_id", "payload_limit",
 ]
 # memory_requests: shared/contracts/memory_api.py holds the per-type models
+__all__ += ["LTM_WARM", "LtmWarm"]
 __all__ += ["MEMORY_REQUEST", "MEMORY_RESPONSE", "MemoryRequest", "MemoryResponse"]

@@ -13,6 +13,7 @@ from shared.contracts.messages import (
     AIResponse,
     LTMRequest,
     LTMResponse,
+    LtmWarm,
     MemoryUpdate,
     UserInput,
 )
@@ -27,6 +28,7 @@ AI_RESPONSE: TypeAdapter[AIResponse] = TypeAdapter(AIResponse)
 MEMORY_UPDATE: TypeAdapter[MemoryUpdate] = TypeAdapter(MemoryUpdate)
 LTM_REQUEST: TypeAdapter[LTMRequest] = TypeAdapter(LTMRequest)
 LTM_RESPONSE: TypeAdapter[LTMResponse] = TypeAdapter(LTMResponse)
+LTM_WARM: TypeAdapter[LtmWarm] = TypeAdapter(LtmWarm)
 
 
 def payload_limit(max_content_bytes: int) -> int:

@@ -101,6 +101,12 @@ class AIResponse(Message):
 
 
 # ----------------------------------------------------------------- memory updates
+class LtmWarm(Message):
+    """On ``ltm_index_warm``: users ltm just stored memories for (their next search should find them indexed)."""
+
+    users: list[Id] = Field(min_length=1, max_length=1000)
+
+
 class MemoryUpdateMeta(Message):
     model_config = ConfigDict(extra="allow")
 

@@ -37,6 +37,10 @@ docs/contract-memory.md), the same way as ``ltm_requests``/``ltm_responses``.
 
 ``chat_requests`` (list) / ``chat_responses`` (channel) reach chat_ai the same way; it serves only
 ``ping`` (shared/contracts/ping.py), which is how ``mesh up`` and ``mesh status`` know it is ready.
+
+``ltm_index_warm`` (channel) is ltm's own: after ingest, a process publishes the ids of the users it stored
+memories for (a JSON list, ``LtmWarm``), and every ltm process brings those users into its search index
+before their next search (services/ltm/search_index.py). Only a hint: a lost message costs one slower search.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ class Names:
     memory_responses_channel: str = "memory_responses"
     chat_requests_queue: str = "chat_requests"
     chat_responses_channel: str = "chat_responses"
+    ltm_warm_channel: str = "ltm_index_warm"
     # consumer groups
     memory_group: str = "memory"
     chat_group: str = "chat-ai"
@@ -87,6 +92,7 @@ class Names:
         "MEMORY_RESPONSES_CHANNEL": "memory_responses_channel",
         "CHAT_REQUESTS_QUEUE": "chat_requests_queue",
         "CHAT_RESPONSES_CHANNEL": "chat_responses_channel",
+        "LTM_WARM_CHANNEL": "ltm_warm_channel",
         "MEMORY_GROUP": "memory_group",
         "CHAT_AI_GROUP": "chat_group",
         "LTM_GROUP": "ltm_group",
@@ -120,6 +126,10 @@ class Names:
     @property
     def memory_updates_pubsub(self) -> str:
         return self._p(self.memory_updates_channel)
+
+    @property
+    def ltm_warm(self) -> str:
+        return self._p(self.ltm_warm_channel)
 
     @property
     def ltm_requests(self) -> str:

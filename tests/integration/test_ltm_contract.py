@@ -395,3 +395,30 @@ async def test_mem0_redelivery_after_a_crash_before_the_record_stores_nothing(
     assert await service.ingest_update(update("u-crash", "I booked the cabin for August.", "m-next")) is True
     stats = (await client.ok("stats", "u-crash")).data
     assert stats is not None and stats["memories"] == 2
+
+
+async def test_every_ltm_process_indexes_a_user_as_soon_as_its_memories_are_stored(mesh: Mesh) -> None:
+    """ltm_index_warm: whichever process ingests, every process has the user in its search index before the
+    user's first search (no cold first search on the process that happens to take it)."""
+    from services.ltm.native import NativeBackend
+
+    first, second = mesh.ltm(), mesh.ltm()
+    second.ingest.stop()  # only `first` ingests
+    indexes = [b.store.index for b in (first.backend, second.backend) if isinstance(b, NativeBackend)]
+    assert len(indexes) == 2
+    async with running(first), running(second):
+        for i in range(3):
+            await publish(mesh, update("u-warm", f"My cat Miso likes tuna number {i}.", f"m-warm-{i}"))
+        await consumed(mesh, 3)
+        await wait_until(lambda: all("u-warm" in index for index in indexes), timeout=20,
+                         message="u-warm in both processes' search index")
+        # a malformed hint is dead-lettered (by each listener) and hurts nothing
+        await mesh.redis.publish(mesh.names.ltm_warm, b'{"users": []}')
+        await wait_until(lambda: mesh.dead(mesh.names.ltm_warm), message="the bad hint dead-lettered")
+        client = Client(mesh)
+        await client.start()
+        try:
+            found = (await client.ok("search", "u-warm", {"query": "What does Miso like?"})).memories
+        finally:
+            await client.close()
+        assert any("Miso" in m.content for m in found)

@@ -262,3 +262,47 @@ async def test_an_unknown_user_is_empty_and_then_grows(mesh: Mesh) -> None:
     await store.add(NewMemory(user_id="nobody", type="episodic", content=text, embedding=mesh.model.encode([text])[0]))
     found = await store.search("nobody", SearchData(query="anything"), vec, CFG)
     assert [m.content for m in found] == [text] and time.monotonic() - started < 30
+
+
+async def test_warming_gets_a_user_ready_before_the_first_search_and_never_evicts(mesh: Mesh) -> None:
+    await seed(mesh, "warm_a", 30)
+    await seed(mesh, "warm_b", 40, seed_=2)
+    index = SearchIndex(mesh.pool, 100)
+    query = "What did Melanie say about the pottery class?"
+    vec = mesh.model.encode([query])[0]
+    index.warm("warm_a")  # what ltm does for the users it was told got memories (ltm_index_warm)
+    await index.settle()
+    assert "warm_a" in index
+    async with mesh.pool.connection() as conn:  # the first search is served by the index: no cold SQL stage
+        rows = await index.candidates(conn, "warm_a", SearchData(query=query), vec, CFG)
+    assert rows is not None
+    assert_same_rows(rows, await sql_rows(mesh, "warm_a", SearchData(query=query), vec, CFG), "warmed")
+    # rows written later are read by the next warm-up of an indexed user, not by the search after it
+    await seed(mesh, "warm_a", 10, seed_=5)
+    before = index.read
+    index.warm("warm_a")
+    await index.settle()
+    assert index.read > before
+    after = index.read
+    async with mesh.pool.connection() as conn:
+        rows = await index.candidates(conn, "warm_a", SearchData(query=query), vec, CFG)
+    assert rows is not None and index.read == after
+    assert_same_rows(rows, await sql_rows(mesh, "warm_a", SearchData(query=query), vec, CFG), "refreshed")
+    # warming never evicts a user searched before: "warm_b" does not fit beside "warm_a"
+    index.warm("warm_b")
+    await index.settle()
+    assert "warm_b" not in index and "warm_a" in index
+
+
+async def test_warm_recent_loads_the_users_active_last_within_its_rows(mesh: Mesh) -> None:
+    await seed(mesh, "old_user", 30)
+    await seed(mesh, "new_user", 40, seed_=2)
+    async with mesh.pool.connection() as conn:
+        await conn.execute("INSERT INTO ltm_user_state (user_id, last_active_at) VALUES"
+                           " ('old_user', now() - interval '1 day'), ('new_user', now())")
+    index = SearchIndex(mesh.pool, 1000)
+    assert await index.warm_recent(50) == 1  # the newest user alone fills 50 rows
+    assert "new_user" in index and "old_user" not in index
+    assert await SearchIndex(mesh.pool, 1000).warm_recent(0) == 0
+    both = SearchIndex(mesh.pool, 1000)
+    assert await both.warm_recent(500) == 2 and "old_user" in both
