@@ -83,9 +83,26 @@ class MemoryBlock:
         return [t for e in self.entries for t in e.turns]
 
 
+HEAD_CHARS_PER_TOKEN = 6  # a long text is first tokenized only this far (English averages 4-5 per token)
+
+
 def _truncate(text: str, tokens: int) -> str:
-    """The longest head of ``text`` within ``tokens`` tokens, cut at a word boundary."""
-    enc = wordpiece().encode(text, add_special_tokens=False)
+    """The longest head of ``text`` within ``tokens`` tokens, cut at a word boundary.
+
+    A long text is tokenized only as far as its head of ``HEAD_CHARS_PER_TOKEN * tokens`` characters, ended at a
+    space (the tokenizer splits words at spaces, so the head's tokens are the text's first tokens): the whole text
+    only when that head is short of ``tokens``. Long assistant turns cost their head, not their length.
+    """
+    enc = None
+    limit = HEAD_CHARS_PER_TOKEN * max(tokens, 1)
+    if len(text) > limit:
+        space = text.rfind(" ", 0, limit)
+        if space > 0:
+            head_enc = wordpiece().encode(text[:space], add_special_tokens=False)
+            if len(head_enc.ids) > tokens:
+                enc = head_enc
+    if enc is None:
+        enc = wordpiece().encode(text, add_special_tokens=False)
     if len(enc.ids) <= tokens:
         return text
     end = enc.offsets[max(tokens - 1, 0)][1]
