@@ -25,7 +25,8 @@ it builds is captured.
 With ``OPENAI_API_KEY`` or ``OPENAI_BASE_URL`` set (and no ``--no-llm``), the recorder forwards each request to
 that model and the answers are graded with LongMemEval's judge prompts (mesh/longmemeval_judge.py) by
 ``--judge-model`` (default ``LLM_MODEL``): ``qa_accuracy`` is reported too. ``--questions N`` takes N questions
-round-robin over the question types, in file order (the first of each type, then the second of each, ...).
+round-robin over the question types, in file order (the first of each type, then the second of each, ...);
+``--types T...`` keeps only questions of those types.
 The report is JSON; beside it go a PNG chart (``OUT`` with ``.png``) and every captured prompt
 (``OUT`` with ``.prompts.jsonl``). Service logs are kept in ``--run-dir``.
 """
@@ -130,8 +131,16 @@ def load(path: Path) -> list[Question]:
     return out
 
 
-def select(questions: list[Question], n: int | None) -> list[Question]:
-    """The first ``n`` questions round-robin over the types (in file order); all of them when n is None."""
+def select(questions: list[Question], n: int | None, types: list[str] | None = None) -> list[Question]:
+    """The first ``n`` questions round-robin over the types (in file order); all of them when n is None.
+
+    ``types`` keeps only questions of those types (ValueError for a type the file does not have).
+    """
+    if types:
+        unknown = sorted(set(types) - {q.question_type for q in questions})
+        if unknown:
+            raise ValueError(f"no questions of type {', '.join(unknown)}")
+        questions = [q for q in questions if q.question_type in types]
     if n is None or n >= len(questions):
         return list(questions)
     by_type: dict[str, list[Question]] = defaultdict(list)
@@ -266,6 +275,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--backend", choices=("native", "mem0"), default="native", help="LTM_BACKEND of the ltm workers")
     p.add_argument("--ltm-workers", type=int, default=2, help="ltm processes (ingest is the slow part; default 2)")
     p.add_argument("--questions", type=int, help="only N questions, round-robin over the question types")
+    p.add_argument("--types", nargs="+", metavar="TYPE", help="only questions of these types "
+                                                            "(e.g. single-session-preference)")
     p.add_argument("--run-dir", type=Path, help="service logs (default .data/eval-longmemeval/<run id>)")
     p.add_argument("--run-id", help="names the run's users and bus prefix (default: random); with --keep, a "
                                     "second run with the same id reuses what was imported")
@@ -287,7 +298,7 @@ def run(args: argparse.Namespace) -> int:
     if args.ltm_workers < 1:
         raise SystemExit("--ltm-workers must be at least 1")
     try:
-        questions = select(load(args.data), args.questions)
+        questions = select(load(args.data), args.questions, args.types)
     except (ValueError, json.JSONDecodeError) as exc:
         raise SystemExit(f"cannot read {args.data}: {exc}") from None
     args.out.parent.mkdir(parents=True, exist_ok=True)

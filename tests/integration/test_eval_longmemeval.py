@@ -96,6 +96,9 @@ def test_load_dates_sessions_and_round_robin_selection(tmp_path: Path) -> None:
     # round-robin over the types, in file order: one of each type first
     assert [q.question_id for q in select(questions, 3)] == ["q_tortoise", "q_assistant", "q_multi"]
     assert [q.question_id for q in select(questions, 4)] == ["q_tortoise", "q_assistant", "q_multi", "q_second_user"]
+    assert [q.question_id for q in select(questions, None, ["multi-session"])] == ["q_multi"]
+    with pytest.raises(ValueError, match="no questions of type temporal"):
+        select(questions, None, ["temporal"])
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"question_id": "x"}]))
     with pytest.raises(ValueError, match="no question, haystack_sessions"):
