@@ -39,7 +39,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -47,6 +46,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from services.ltm.config import LtmSettings
+from services.ltm.periods import in_period, query_periods
 from services.ltm.search_index import SearchIndex
 from shared.contracts import Memory, MemorySource
 from shared.contracts.messages import ContextTurn, SearchData
@@ -217,85 +217,6 @@ WHERE h.user_id = %(user_id)s AND h.memory_id = ANY(%(ids)s)
 # --------------------------------------------------------------------------- ranking (pure)
 def _z(values: np.ndarray, mean: float, sd: float) -> np.ndarray:
     return (values - mean) / sd if sd > 1e-9 else np.zeros_like(values)
-
-
-_MONTHS = {m: i for i, name in enumerate(
-    ("january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
-     "november", "december"), start=1) for m in (name, name[:3], "sept" if i == 9 else name[:3])}
-_MONTH = r"(?P<month>" + "|".join(sorted(_MONTHS, key=len, reverse=True)) + r")\.?"
-_DAY = r"(?P<day>[0-3]?\d)(?:st|nd|rd|th)?"
-_YEAR = r"(?P<year>(?:19|20)\d\d)"
-_DATES = [re.compile(rf"\b{p}\b", re.IGNORECASE) for p in (
-    rf"{_MONTH}\s+{_DAY},?\s+{_YEAR}",  # October 13, 2023
-    rf"{_DAY}\s+(?:of\s+)?{_MONTH},?\s+{_YEAR}",  # 8th December, 2023
-    rf"{_MONTH},?\s+{_YEAR}",  # May 2022
-    rf"(?:in|during|since|by|of)\s+{_MONTH}",  # in August (any year)
-    rf"(?:in|during|since|by|of)\s+{_YEAR}",  # in 2022
-)]
-
-
-Period = tuple[int | None, int | None, int | None]
-
-
-def _iso_period(iso: str) -> Period | None:
-    parts = [int(x) for x in iso.split("-") if x.isdigit()]
-    if not parts:
-        return None
-    return (parts[0], parts[1] if len(parts) > 1 else None, parts[2] if len(parts) > 2 else None)
-
-
-def query_periods(query: str, now: float | None = None) -> list[Period]:
-    """Dates the query names, as (year, month, day) with None for the parts it leaves open.
-
-    With ``now``, relative phrases ("last month", "two weeks ago", "yesterday") are resolved against it
-    (the same rules that ground dates at ingest, services/ltm/extraction.py); a named week counts as its
-    middle day, +-2 days.
-    """
-    found: list[Period] = []
-    taken: list[tuple[int, int]] = []
-    if now is not None:
-        from services.ltm.extraction import ground_dates
-
-        for ref in ground_dates(query, now):
-            period = _iso_period(ref.iso)
-            if period is None:
-                continue
-            if "week" in ref.text and period[2] is not None:
-                mid = datetime(period[0] or 1970, period[1] or 1, period[2], tzinfo=UTC).timestamp() + 3 * DAY
-                when = datetime.fromtimestamp(mid, UTC)
-                period = (when.year, when.month, when.day)
-            found.append(period)
-            taken.append((ref.start, ref.end))
-    for pattern in _DATES:
-        for m in pattern.finditer(query):
-            if any(a < m.end() and m.start() < b for a, b in taken):
-                continue
-            parts = m.groupdict()
-            day = int(parts["day"]) if parts.get("day") else None
-            if day is not None and not 1 <= day <= 31:
-                continue
-            month = _MONTHS[parts["month"].lower()] if parts.get("month") else None
-            found.append((int(parts["year"]) if parts.get("year") else None, month, day))
-            taken.append(m.span())
-    return found
-
-
-def in_period(ts: float | None, periods: Sequence[tuple[int | None, int | None, int | None]]) -> bool:
-    """Whether a memory's time (UTC) falls in a named period; a named day allows one day either side."""
-    if ts is None:
-        return False
-    when = datetime.fromtimestamp(ts, UTC)
-    for year, month, day in periods:
-        if day is not None and year is not None and month is not None:
-            try:
-                named = datetime(year, month, day, tzinfo=UTC)
-            except ValueError:
-                continue
-            if abs((when - named).total_seconds()) <= 2 * DAY:
-                return True
-        elif (year is None or when.year == year) and (month is None or when.month == month):
-            return True
-    return False
 
 
 @dataclass(slots=True)
