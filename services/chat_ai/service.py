@@ -134,6 +134,11 @@ class ChatService:
     async def load_stm(self, msg: UserInput) -> Stm:
         """The session's STM from Redis; if Redis has none, memory's rebuild (bounded wait, never fails the turn)."""
         stm = await read_stm(self.redis, self.names, msg.session_id)
+        if not stm.readable_by(msg.user_id):
+            # another user's session (or an input without a user naming one): answer as if it were new
+            self.metrics.incr("stm.foreign_session")
+            log.warning("chat_ai.foreign_session")
+            return Stm()
         if stm.exists or not msg.user_id or not self.settings.memory_stm_timeout_ms:
             return stm
         request = GetStmRequest(request_id=new_id(), type="get_stm", user_id=msg.user_id,
@@ -151,7 +156,9 @@ class ChatService:
                    summary=info.summary, summary_kind=info.summary_kind, exists=True)
 
     async def answer(self, msg: UserInput) -> None:
-        done_key = self.names.dedup("chat", msg.message_id)
+        # per user: another user's input reusing a message id is a different turn (answered, never taken for a
+        # redelivery of the first); the reply's id is derived the same way
+        done_key = self.names.dedup("chat", msg.user_id or "", msg.message_id)
         if await self.redis.exists(done_key):
             self.metrics.incr("duplicate_inputs")
             return
@@ -162,7 +169,7 @@ class ChatService:
         block = memory_block(memories, self.settings.ltm_prompt_tokens, self.settings.ltm_turn_tokens)
         reply = await self._generate(msg, block, stm)
         response = AIResponse(
-            message_id=derive_id("reply", msg.message_id), in_reply_to=msg.message_id, user_id=msg.user_id,
+            message_id=derive_id("reply", msg.user_id or "", msg.message_id), in_reply_to=msg.message_id, user_id=msg.user_id,
             session_id=msg.session_id, content=reply.text,
             meta=AIResponseMeta(ltm=status, memories_used=len(block.entries), model=reply.model,
                                 latency_ms=round((time.perf_counter() - started) * 1000, 2)),

@@ -184,7 +184,8 @@ class ConversationStore:
         One statement, so one round trip and one commit: the session is upserted (created on first
         sight, owned by the message's user) and its row locked, which serialises the message_index
         of concurrent writers; the insert trigger then counts the message and moves last_activity
-        (migration 002). A message for a session another user owns raises :class:`SessionOwnershipError`.
+        (migration 002). A message for a session another user owns raises :class:`SessionOwnershipError`, and so
+        does a message without a user_id for a session that has one.
         """
         async with self.pool.connection() as conn:
             cur = await conn.execute(
@@ -199,18 +200,22 @@ class ConversationStore:
                 "  message_index, parent_message_id, metadata, is_context_message, token_count, timestamp)"
                 " SELECT %(mid)s, %(sid)s, %(uid)s, %(role)s, %(content)s, %(mtype)s, s.message_count, %(parent)s,"
                 "  %(meta)s, %(ctx)s, %(tokens)s, to_timestamp(%(ts)s) FROM s"
-                " WHERE %(uid)s::text IS NULL OR s.user_id = %(uid)s"
+                " WHERE s.user_id IS NOT DISTINCT FROM %(uid)s::text"
                 " ON CONFLICT (message_id) DO NOTHING RETURNING 1)"
-                " SELECT s.user_id, (SELECT count(*) FROM ins) FROM s",
+                " SELECT s.user_id, (SELECT count(*) FROM ins),"
+                "  (SELECT m.user_id FROM conversation_messages m WHERE m.message_id = %(mid)s) FROM s",
                 {"sid": m.session_id, "uid": m.user_id, "ts": m.timestamp, "mid": m.message_id, "role": m.role,
                  "content": m.content, "mtype": m.message_type, "parent": m.parent_message_id,
                  "meta": Jsonb(m.metadata), "ctx": m.is_context_message, "tokens": m.token_count},
             )
             row = await cur.fetchone()
         assert row is not None
-        owner, inserted = row
-        if m.user_id is not None and owner != m.user_id:
+        owner, inserted, holder = row
+        if owner != m.user_id:  # (a message without a user_id cannot go into a user's session either)
             raise SessionOwnershipError("session belongs to another user")
+        if not inserted and holder is not None and holder != m.user_id:
+            # not a redelivery: another user's message has this id (never overwritten, never silently dropped)
+            raise SessionOwnershipError("message_id belongs to another user's message")
         return bool(inserted)
 
     async def get_message(self, user_id: str, message_id: str) -> MessageInfo:

@@ -36,14 +36,20 @@ class Stm:
     summary: str = ""
     summary_kind: str = ""
     exists: bool = False
+    owner: str | None = None  # the meta's user_id ("" for a session without one); None when there is no meta
+
+    def readable_by(self, user_id: str | None) -> bool:
+        """Whether a turn of ``user_id`` may see this STM: only the session's own user (a session id is not a
+        secret: another user's input naming it must not read it, nor an input with no user_id)."""
+        return self.owner is None or self.owner == (user_id or "")
 
 
 async def read_stm(redis: aioredis.Redis, names: Names, session_id: str) -> Stm:
     async with redis.pipeline(transaction=False) as pipe:
         pipe.zrange(names.stm_turns(session_id), 0, -1)
         pipe.hmget(names.stm_summary(session_id), ["text", "kind"])
-        pipe.exists(names.stm_meta(session_id))
-        members, (text, kind), meta = await pipe.execute()
+        pipe.hmget(names.stm_meta(session_id), ["user_id"])
+        members, (text, kind), (owner,) = await pipe.execute()
     turns: list[Turn] = []
     seen: set[str] = set()
     for m in members:
@@ -55,4 +61,5 @@ async def read_stm(redis: aioredis.Redis, names: Names, session_id: str) -> Stm:
             seen.add(turn.message_id)
             turns.append(turn)
     decode = lambda v: v.decode() if isinstance(v, bytes) else (v or "")  # noqa: E731
-    return Stm(turns=turns, summary=decode(text), summary_kind=decode(kind), exists=bool(meta) or bool(turns))
+    return Stm(turns=turns, summary=decode(text), summary_kind=decode(kind), exists=owner is not None or bool(turns),
+               owner=None if owner is None else decode(owner))

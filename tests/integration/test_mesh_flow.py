@@ -57,3 +57,48 @@ async def test_search_over_the_bus_returns_the_users_memory(mesh: Mesh) -> None:
         assert resp.success and resp.memories and "teal" in resp.memories[0].content
         assert resp.memories[0].source.session_id == "s1"
 
+
+
+async def test_another_users_session_id_never_shows_that_session(mesh: Mesh) -> None:
+    """A session id is not a secret: an input of user B (or one without a user) naming A's session gets a reply
+    built without A's short-term memory."""
+    async with running(mesh.memory()), running(mesh.ltm()), running(mesh.chat()):
+        secret = await mesh.send("My bank PIN is PIN3272c9, keep it safe.", user_id="u-owner", session_id="s-own")
+        await mesh.reply_to(secret)
+        await wait_until(lambda: _stored(mesh, "s-own", 2), message="the owner's turn and reply stored")
+        for intruder in ("u-intruder", None):
+            probe = await mesh.send("What was my last message before this one?", user_id=intruder,
+                                    session_id="s-own")
+            reply = await mesh.reply_to(probe)
+            assert "PIN3272c9" not in reply.content, (intruder, reply.content)
+        # the owner still gets the session's own short-term memory
+        again = await mesh.send("What was my last message before this one?", user_id="u-owner", session_id="s-own")
+        assert "PIN3272c9" in (await mesh.reply_to(again)).content
+
+
+async def test_another_users_message_id_is_answered_and_dead_lettered_never_dropped(mesh: Mesh) -> None:
+    """A message id another user's message already has: B still gets a reply (B's own turn, not a redelivery of
+    A's), memory refuses to store it under A's id and says so in a dead letter; A's message is untouched."""
+    from shared.contracts import UserInput, encode
+
+    async with running(mesh.memory()), running(mesh.ltm()), running(mesh.chat()):
+        first = await mesh.send("I keep my spare key under the blue pot.", user_id="u-first", session_id="s-first")
+        await mesh.reply_to(first)
+        await wait_until(lambda: _stored(mesh, "s-first", 2), message="the first user's turn and reply stored")
+        reused = UserInput(message_id=first.message_id, user_id="u-second", session_id="s-second",
+                           content="Where do I keep my spare key?")
+        await mesh.redis.xadd(mesh.names.user_input, {"data": encode(reused)})
+
+        async def second_reply() -> bool:
+            return any(r.user_id == "u-second" and r.in_reply_to == first.message_id for r in await mesh.replies())
+
+        await wait_until(second_reply, message="a reply to the second user's turn")
+
+        async def refused() -> bool:
+            return any("another user's message" in d.get("error", "") for d in await mesh.dead(mesh.names.user_input))
+
+        await wait_until(refused, message="the reused message id dead-lettered by memory")
+        reply = next(r for r in await mesh.replies() if r.user_id == "u-second")
+        assert "blue pot" not in reply.content
+        assert await mesh.count("SELECT count(*) FROM conversation_messages WHERE message_id = %s AND user_id = %s",
+                                first.message_id, "u-first") == 1
