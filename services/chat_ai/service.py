@@ -169,8 +169,8 @@ class ChatService:
         block = memory_block(memories, self.settings.ltm_prompt_tokens, self.settings.ltm_turn_tokens)
         reply = await self._generate(msg, block, stm)
         response = AIResponse(
-            message_id=derive_id("reply", msg.user_id or "", msg.message_id), in_reply_to=msg.message_id, user_id=msg.user_id,
-            session_id=msg.session_id, content=reply.text,
+            message_id=derive_id("reply", msg.user_id or "", msg.message_id), in_reply_to=msg.message_id,
+            user_id=msg.user_id, session_id=msg.session_id, content=reply.text,
             meta=AIResponseMeta(ltm=status, memories_used=len(block.entries), model=reply.model,
                                 latency_ms=round((time.perf_counter() - started) * 1000, 2)),
         )

@@ -37,6 +37,7 @@ import redis.asyncio as aioredis
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
+from shared.runtime.errors import is_transient
 from shared.runtime.logging import get_logger
 
 log = get_logger(__name__)
@@ -137,11 +138,13 @@ ARCHIVE = (
     " ON CONFLICT (user_id, memory_id) DO NOTHING"
 )
 
+# decay is a real (float4): past 100 half-lives (a memory dated decades back, or at -1) the factor stays at
+# 0.5^100 ~ 8e-31 instead of underflowing the column ("value out of range") and failing the user's optimize
 DECAY = (
     "UPDATE ltm_memories SET decay = LEAST(1.0, GREATEST(0.0,"
-    " (0.5 + 0.5 * confidence) * power(0.5, GREATEST(0.0, %(now)s - GREATEST("
+    " (0.5 + 0.5 * confidence) * power(0.5, LEAST(100.0, GREATEST(0.0, %(now)s - GREATEST("
     "   COALESCE(extract(epoch FROM last_accessed), 0), COALESCE(asserted_at, source_timestamp,"
-    "   extract(epoch FROM created_at)))) / 86400.0 / %(half_life)s)"
+    "   extract(epoch FROM created_at)))) / 86400.0 / %(half_life)s))"
     " + 0.1 * ln(1 + access_count) + 0.05 * ln(GREATEST(mentions, 1))))"
     " * CASE WHEN valid_to IS NULL THEN 1.0 ELSE 0.5 END"
     " WHERE user_id = %(u)s"
@@ -296,4 +299,17 @@ class Lifecycle:
         if self.redis is None or now < self._next_periodic:
             return []
         self._next_periodic = now + self.config.optimize_interval_s / 10
-        return [await self.optimize(user_id, only_if_due=True) for user_id in await self.due_users()]
+        out = []
+        for user_id in await self.due_users():
+            try:
+                out.append(await self.optimize(user_id, only_if_due=True))
+            except Exception as exc:  # one user's failure must not stop the round for everyone else
+                if is_transient(exc):
+                    raise
+                log.warning("ltm.optimize_failed", user_id=user_id, error=type(exc).__name__, exc_info=True)
+                out.append({"user_id": user_id, "status": "failed", "error": type(exc).__name__})
+                async with self.pool.connection() as conn:  # retried after the interval, not every round
+                    await conn.execute(
+                        "INSERT INTO ltm_user_state (user_id, last_optimized_at) VALUES (%s, now())"
+                        " ON CONFLICT (user_id) DO UPDATE SET last_optimized_at = now()", (user_id,))
+        return out

@@ -38,6 +38,13 @@ from shared.runtime.text import is_question
 
 log = get_logger(__name__)
 
+MAX_SPEAKER_CHARS = 200  # a speaker is a name: a longer one is cut (it becomes an entity, and index keys are bounded)
+
+
+def speaker_of(update: MemoryUpdate) -> str:
+    """``meta.speaker``, trimmed and cut to MAX_SPEAKER_CHARS ("" when absent)."""
+    return str((update.meta.model_extra or {}).get("speaker") or "").strip()[:MAX_SPEAKER_CHARS].strip()
+
 VECTOR_CACHE = 20_000
 
 
@@ -148,7 +155,7 @@ class NativeBackend:
         return stored
 
     def _turn(self, update: MemoryUpdate) -> Turn:
-        named = str((update.meta.model_extra or {}).get("speaker") or "").strip()
+        named = speaker_of(update)
         subject = named or ("User" if update.source == "user" else "Assistant")
         return Turn(update.content, update.timestamp, subject, update.source)
 
@@ -186,7 +193,7 @@ class NativeBackend:
                   name_vectors: dict[str, np.ndarray]) -> IngestWrite:
         """The rows of one update: its episodic memory (``vector``) and its knowledge."""
         extra = dict(update.meta.model_extra or {})
-        speaker = str(extra.get("speaker") or "").strip() or update.source
+        speaker = speaker_of(update) or update.source
         refs = ground_dates(update.content, update.timestamp)
         meta = {**extra, "role": update.source, "question": is_question(update.content)}
         if refs:

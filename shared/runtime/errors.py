@@ -22,4 +22,9 @@ TRANSIENT: tuple[type[BaseException], ...] = (
 
 
 def is_transient(exc: BaseException) -> bool:
+    """A failure that will pass. PostgreSQL's "program limit exceeded" (SQLSTATE class 54: an index row or a
+    statement too large for the server) is an OperationalError to psycopg, but the same message fails the same way
+    every time: it is the message's own fault, not an outage."""
+    if isinstance(exc, psycopg.Error) and (exc.sqlstate or "").startswith("54"):
+        return False
     return isinstance(exc, TRANSIENT)

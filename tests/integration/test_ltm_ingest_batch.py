@@ -183,3 +183,32 @@ async def test_ingest_has_its_own_model_so_a_search_embedding_never_waits_for_an
     shared = backend(mesh, ltm_ingest_model="shared")
     await shared.start()
     assert shared.ingest_embedder is shared.embedder
+
+
+async def test_a_huge_speaker_name_is_cut_and_the_update_stored(mesh: Mesh) -> None:
+    """A 6,000-character meta.speaker once exceeded the entities' btree row limit and was retried forever."""
+    b = backend(mesh)
+    huge = "Zed" + "".join(chr(0x4E00 + (i * 7919) % 20000) for i in range(6000))  # not compressible
+    update = MemoryUpdate(user_id="u-huge", content="I adopted a parrot named Kiwi.", timestamp=time.time(),
+                          meta={"message_id": "m-huge", "speaker": huge})
+    assert await b.ingest(update) is True
+    speakers = await mesh.count("SELECT max(length(speaker)) FROM ltm_memories WHERE user_id = 'u-huge'")
+    assert 0 < speakers <= 200
+
+
+async def test_a_program_limit_error_is_the_messages_fault_not_an_outage(mesh: Mesh) -> None:
+    import psycopg
+
+    from shared.runtime.errors import is_transient
+
+    async with mesh.pool.connection() as conn:
+        await conn.execute("CREATE TEMP TABLE too_big (k text PRIMARY KEY)")
+        try:
+            await conn.execute("INSERT INTO too_big SELECT string_agg(md5(i::text), '') FROM generate_series(1, 400) i")
+        except psycopg.Error as exc:
+            error: psycopg.Error = exc
+        else:
+            raise AssertionError("PostgreSQL took an index row over its limit")
+    assert isinstance(error, psycopg.OperationalError) and error.sqlstate == "54000"
+    assert not is_transient(error)
+    assert is_transient(psycopg.OperationalError("connection refused"))

@@ -261,3 +261,31 @@ async def test_optimize_needs_the_lock(mesh: Mesh) -> None:
     async with running(service(mesh, backend)):
         resp = await ask(mesh, "optimize", "u1")
     assert not resp.success and resp.error is not None and resp.error.code == "unknown_type"
+
+
+async def test_a_memory_dated_decades_back_decays_without_failing_the_optimize(mesh: Mesh) -> None:
+    backend = native(mesh)
+    for i, ts in enumerate((1_262_304_000.0, -1.0, 0.0)):  # 2010-01-01, and the epoch's edge
+        assert await backend.ingest(update("u-old", f"I planted an oak tree number {i}.", ts))
+    resp = await backend.optimize("u-old")
+    assert resp["status"] == "done"
+    decays = [r[0] for r in await rows(mesh, "SELECT decay FROM ltm_memories WHERE user_id = 'u-old'")]
+    assert decays and all(d is not None and 0.0 <= d <= 1.0 for d in decays)
+
+
+async def test_one_users_failed_optimize_does_not_stop_the_round_for_the_others(mesh: Mesh) -> None:
+    backend = native(mesh, ltm_optimize_interval_s=0.5)
+    for user in ("u-bad", "u-good"):
+        assert await backend.ingest(update(user, "I love jazz.", time.time()))
+        await backend.lifecycle.touch(user)
+    real = backend.lifecycle.consolidate
+
+    async def consolidate(user_id: str) -> int:  # a fault injected for one user: any non-passing error
+        if user_id == "u-bad":
+            raise ValueError("broken for this user")
+        return await real(user_id)
+
+    backend.lifecycle.consolidate = consolidate  # type: ignore[method-assign]
+    results = {r["user_id"]: r["status"] for r in await backend.lifecycle.periodic()}
+    assert results == {"u-bad": "failed", "u-good": "done"}
+    assert await backend.lifecycle.due_users() == []  # the failed one waits for the interval, like the others
