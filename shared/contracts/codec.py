@@ -46,8 +46,36 @@ def _describe(err: ValidationError) -> str:
 
 
 def _str_or_none(obj: dict[str, Any], key: str) -> str | None:
+    """An id to answer with, if it can be sent back at all (a lone surrogate cannot be encoded)."""
     value = obj.get(key)
-    return value if isinstance(value, str) and value else None
+    if not isinstance(value, str) or not value or "\x00" in value:
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return value
+
+
+def _bad_text(obj: Any) -> str | None:
+    """Why a string in the message cannot be stored or sent on (NUL: PostgreSQL text refuses it; a lone UTF-16
+    surrogate: not UTF-8), keys included; None when every string is fine."""
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            if "\x00" in item:
+                return "text contains NUL (U+0000)"
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return "text contains a lone UTF-16 surrogate (not UTF-8)"
+    return None
 
 
 def decode(
@@ -71,6 +99,8 @@ def decode(
     oversize = size > limit
     try:
         obj = json.loads(raw) if size <= 8 * limit else None
+    except RecursionError:
+        raise DecodeError(DeadLetterReason.INVALID_JSON, "message is nested too deeply") from None
     except (ValueError, UnicodeDecodeError):
         raise DecodeError(DeadLetterReason.INVALID_JSON, "message is not valid UTF-8 JSON") from None
     ids: dict[str, str | None] = {}
@@ -80,6 +110,9 @@ def decode(
         raise DecodeError(DeadLetterReason.TOO_LARGE, f"message is {size} bytes, over the limit of {limit}", **ids)
     if not isinstance(obj, dict):
         raise DecodeError(DeadLetterReason.INVALID, "message must be a JSON object")
+    bad = _bad_text(obj)
+    if bad:
+        raise DecodeError(DeadLetterReason.INVALID, bad, **ids)
     try:
         return adapter.validate_python(obj, context={"max_content_bytes": max_content_bytes, "entry_id": entry_id})
     except ValidationError as err:

@@ -252,6 +252,32 @@ async def test_unknown_and_bad_requests_get_error_replies(ltm: tuple[LtmService,
     assert not unknown.success and unknown.error is not None and unknown.error.code == "unknown_type"
     bad = await client.call("search", "u-x", {"limit": 5})  # no query
     assert not bad.success and bad.error is not None and bad.error.code == "bad_request"
+    # text PostgreSQL cannot hold, or that is not UTF-8 at all: a clear bad_request, never "internal"
+    for query, what in (("tea\x00 time", "NUL"), ("tea \udc00 time", "surrogate")):
+        resp = await client.send_raw({"request_id": new_id(), "type": "search", "user_id": "u-x",
+                                      "data": {"query": query}})
+        assert not resp.success and resp.error is not None and resp.error.code == "bad_request", what
+        assert what in resp.error.message
+
+
+async def test_requests_that_cannot_be_answered_are_dead_lettered(ltm: tuple[LtmService, Client],
+                                                                  mesh: Mesh) -> None:
+    """No id to answer with (nested past the parser's depth, an id with a lone surrogate): a dead letter each,
+    and the next request is served."""
+    _, client = ltm
+    queue = mesh.names.ltm_requests
+    nested = '{"request_id": "r-deep", "type": "search", "data": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    await mesh.redis.rpush(queue, nested)
+    await mesh.redis.rpush(queue, json.dumps({"request_id": "r\ud800", "type": "search", "user_id": "u-x",
+                                              "reply_to": client.channel, "data": {"query": "x"}}))
+
+    async def both() -> list[dict[str, str]] | None:
+        dead = await mesh.dead(queue)
+        return dead if len(dead) >= 2 else None
+
+    dead = await wait_until(both, message="two dead letters on ltm_requests")
+    assert {d["reason"] for d in dead} == {"invalid_json", "invalid"}
+    assert (await client.call("ping", None)).success
 
 
 async def test_every_user_finds_their_own_memory_among_many(ltm: tuple[LtmService, Client]) -> None:
