@@ -60,6 +60,7 @@ class ChatService:
             redis, stream=names.user_input, group=names.chat_group, consumer=settings.consumer_name,
             handler=self._on_user_input, metrics=self.metrics, concurrency=settings.chat_concurrency,
             claim_idle_ms=settings.claim_idle_ms, max_deliveries=settings.max_deliveries,
+            retention_s=settings.stream_retention_s or None,
         )
         # chat_requests: only ``ping``, served once the reply subscriptions are up (mesh up waits for it)
         self.requests: RequestServer[ChatRequest] = RequestServer(

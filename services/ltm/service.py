@@ -64,7 +64,7 @@ class LtmService:
             redis, stream=names.memory_updates, group=names.ltm_group, consumer=settings.consumer_name,
             handler=self._on_update_entry, metrics=self.metrics, concurrency=settings.ltm_ingest_concurrency,
             batch=settings.ltm_ingest_batch, claim_idle_ms=settings.claim_idle_ms,
-            max_deliveries=settings.max_deliveries,
+            max_deliveries=settings.max_deliveries, retention_s=settings.stream_retention_s or None,
         )
         self.requests: RequestServer[LTMRequest] = RequestServer(
             redis, queue=names.ltm_requests, reply_channel=names.ltm_responses, adapter=LTM_REQUEST,

@@ -75,7 +75,7 @@ class MemoryService:
         self._stop = asyncio.Event()
         common = dict(group=names.memory_group, consumer=settings.consumer_name, metrics=self.metrics,
                       concurrency=settings.memory_concurrency, claim_idle_ms=settings.claim_idle_ms,
-                      max_deliveries=settings.max_deliveries)
+                      max_deliveries=settings.max_deliveries, retention_s=settings.stream_retention_s or None)
         self.consumers = [
             StreamConsumer(redis, stream=names.user_input, handler=self._on_user_input, **common),  # type: ignore[arg-type]
             StreamConsumer(redis, stream=names.ai_responses, handler=self._on_ai_response, **common),  # type: ignore[arg-type]

@@ -25,6 +25,9 @@ class MeshSettings(EmbeddingSettings, BaseSettings):
     max_content_bytes: int = DEFAULT_MAX_CONTENT_BYTES
     claim_idle_ms: int = 15_000
     max_deliveries: int = 5
+    stream_retention_s: float = Field(default=3600.0, ge=0, description=(
+        "stream entries older than this that every consumer group has read and acknowledged are trimmed by the "
+        "consumers (the streams hold message text: they are a queue, not an archive); 0 = never trim"))
     consumer_name: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     metrics_flush_s: float = 2.0
     # OpenAI-compatible LLM (OpenAI, vLLM, Ollama); absent = offline

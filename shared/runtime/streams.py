@@ -34,12 +34,19 @@ from shared.runtime.metrics import Metrics
 
 log = get_logger(__name__)
 
+TRIM_EVERY_S = 30.0  # how often a consumer trims its stream (when it has a retention)
+
 Handler = Callable[[str, bytes | str | None], Awaitable[None]]
 """``handler(entry_id, raw_json)``: decode, do the work durably, return. Raise to fail."""
 
 
 def _s(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _id(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def _field(fields: dict[Any, Any]) -> bytes | str | None:
@@ -62,7 +69,10 @@ class StreamConsumer:
         block_ms: int = 1000,
         claim_idle_ms: int = 15_000,
         max_deliveries: int = 5,
+        retention_s: float | None = None,
     ) -> None:
+        """``retention_s``: entries older than this that every group of the stream has read and acknowledged
+        are trimmed (XTRIM MINID, checked every TRIM_EVERY_S); None keeps everything."""
         self.redis = redis
         self.stream, self.group, self.consumer = stream, group, consumer
         self.handler = handler
@@ -76,6 +86,8 @@ class StreamConsumer:
         self._stop = asyncio.Event()
         self._group_ready = False
         self._last_claim = 0.0
+        self.retention_s = retention_s
+        self._last_trim = time.monotonic()
         self.name = f"{stream}/{group}"
 
     # ------------------------------------------------------------------ lifecycle
@@ -91,6 +103,9 @@ class StreamConsumer:
                 if time.monotonic() - self._last_claim >= max(self.claim_idle_ms / 2000, 0.05):
                     self._last_claim = time.monotonic()
                     await self._claim()
+                if self.retention_s is not None and time.monotonic() - self._last_trim >= TRIM_EVERY_S:
+                    self._last_trim = time.monotonic()
+                    await self._trim()
                 await self._read()
                 backoff.reset()
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
@@ -178,6 +193,26 @@ class StreamConsumer:
                 await self._dispatch(entry_id, fields)
             if start == "0-0":
                 break
+
+    async def _trim(self) -> None:
+        """Drop what no group needs any more: older than the retention and, for every group, delivered and
+        acknowledged (below its oldest pending entry and not after its last delivered one). A group created
+        later starts at 0 and finds what is younger than the retention."""
+        assert self.retention_s is not None
+        floor = (int((time.time() - self.retention_s) * 1000), 0)
+        groups: Any = await self.redis.xinfo_groups(self.stream)
+        for g in groups:
+            name = _s(g["name"])
+            last = _id(_s(g["last-delivered-id"]))
+            floor = min(floor, (last[0], last[1] + 1))
+            if int(g.get("pending") or 0):
+                summary: Any = await self.redis.xpending(self.stream, name)
+                if summary and summary.get("min"):
+                    floor = min(floor, _id(_s(summary["min"])))
+        if floor > (0, 0):
+            removed = await self.redis.xtrim(self.stream, minid=f"{floor[0]}-{floor[1]}", approximate=False)
+            if removed:
+                self.metrics.incr("trimmed", int(removed))
 
     def _free_slots(self) -> int:
         return max(0, self.concurrency - len(self._inflight))

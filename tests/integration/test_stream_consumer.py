@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import redis.asyncio as aioredis
 
 from shared.contracts import Names
@@ -75,3 +76,43 @@ async def test_a_passing_failure_is_retried_in_place_not_dead_lettered(redis: ai
         await wait_until(lambda: c.metrics.get("processed") == 1, message="processed after retries")
     assert len(attempts) == 4 and c.metrics.get("transient_errors") == 3
     assert await redis.xlen(Names.dead(stream)) == 0
+
+
+async def test_old_entries_every_group_has_acknowledged_are_trimmed(
+        redis: aioredis.Redis, names: Names, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The streams hold message text: an entry leaves once it is older than the retention and every group has
+    read and acknowledged it; an entry another group has not read yet (or holds pending) stays."""
+    import shared.runtime.streams as streams
+
+    monkeypatch.setattr(streams, "TRIM_EVERY_S", 0.05)
+    stream = names.user_input
+    await redis.xgroup_create(stream, "slow-group", id="0", mkstream=True)  # a second group, behind
+    ids = [await redis.xadd(stream, {"data": f"m{i}"}) for i in range(6)]
+    done: list[str] = []
+
+    async def handle(entry_id: str, raw: bytes | str | None) -> None:
+        done.append(entry_id)
+
+    fast = consumer(redis, stream, "fast", handle, retention_s=0.0)
+    async with running(fast):
+        await wait_until(lambda: len(done) == 6, message="the fast group handled all six")
+        # the slow group has read (and acknowledged) the first three, and holds the fourth pending
+        await redis.xreadgroup("slow-group", "c", {stream: ">"}, count=4)
+        await redis.xack(stream, "slow-group", *ids[:3])
+
+        async def trimmed() -> bool:
+            return await redis.xlen(stream) == 3
+
+        await wait_until(trimmed, message="the three entries both groups acknowledged trimmed")
+        left = [entry_id for entry_id, _ in await redis.xrange(stream)]
+        assert left == ids[3:]
+        assert fast.metrics.get("trimmed") == 3
+    # with the retention, nothing young is trimmed whatever the groups did
+    await redis.xreadgroup("slow-group", "c", {stream: ">"})
+    await redis.xack(stream, "slow-group", *ids[3:])
+    keep = consumer(redis, stream, "keeper", handle, retention_s=3600.0)
+    started = keep._last_trim
+    async with running(keep):
+        await wait_until(lambda: keep._last_trim > started, message="a trim pass of the keeper")
+        await wait_until(lambda: keep._last_trim > started + 0.1, message="a second trim pass")
+    assert await redis.xlen(stream) == 3
