@@ -1,8 +1,9 @@
 """``python -m mesh eval locomo --data PATH --out FILE [--backend native|mem0]``: LoCoMo retrieval recall.
 
 Everything goes through the real bus. Redis and PostgreSQL are reused when ``REDIS_URL`` and
-``DATABASE_URL`` are set or a ``mesh up`` stack is running, else started for the run (and removed
-after). An ltm worker with the chosen backend runs in this process on bus names of its own (a key
+``DATABASE_URL`` are set (that very database) or a ``mesh up`` stack is running (its servers, with a
+database of the run's own, ``mesh_locomo_<run>``, dropped after unless ``--keep``), else started for
+the run (and removed after). An ltm worker with the chosen backend runs in this process on bus names of its own (a key
 prefix per run), so a running stack's workers never take the evaluation's messages.
 
 1. Each conversation is one user. Every turn is a MemoryUpdate ``XADD``-ed to ``memory_updates``:
@@ -192,9 +193,16 @@ def chart(result: dict[str, Any], path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- the run
-def stores() -> Any:
-    """A context manager yielding (REDIS_URL, DATABASE_URL): reused, or started for this run."""
+def stores(database: str | None = None, keep: bool = False) -> Any:
+    """A context manager yielding (REDIS_URL, DATABASE_URL): reused, or started for this run.
+
+    ``REDIS_URL`` and ``DATABASE_URL`` from the environment are used as they are. A running ``mesh up`` stack's
+    servers are reused, but with ``database`` the run gets a database of its own on that server (created, and
+    dropped afterwards unless ``keep``): the stack's own services never see the run's data (its memory service
+    would otherwise embed every imported message, competing with the run for the CPU).
+    """
     import os
+    import re
     import tempfile
     from contextlib import ExitStack, contextmanager
 
@@ -205,6 +213,7 @@ def stores() -> Any:
     def cm() -> Any:
         env = dict(os.environ)
         paths = StackPaths.from_arg(None)
+        explicit = bool(env.get("DATABASE_URL"))
         if not (env.get("REDIS_URL") and env.get("DATABASE_URL")) and running_stack_pid(paths):
             env = {**read_env_file(paths.env), **{k: v for k, v in env.items() if k in ("REDIS_URL", "DATABASE_URL")}}
         with ExitStack() as stack:
@@ -218,9 +227,40 @@ def stores() -> Any:
                 pg = PostgresServer(tmp / "pg", fast=True, ephemeral=True)
                 database_url = pg.start()
                 stack.callback(pg.stop)
+            elif database and not explicit:
+                name = re.sub(r"[^a-z0-9_]", "_", database.lower())[:60]
+                database_url = _own_database(database_url, name)
+                if not keep:
+                    stack.callback(_drop_database, database_url)
             yield redis_url, database_url
 
     return cm()
+
+
+def _own_database(server_url: str, name: str) -> str:
+    """The URL of database ``name`` on the server of ``server_url``, created if it does not exist."""
+    import psycopg
+    from psycopg import sql
+
+    from mesh.bench_seed import database_url
+
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return database_url(server_url, name)
+
+
+def _drop_database(url: str) -> None:
+    from urllib.parse import urlsplit
+
+    import psycopg
+    from psycopg import sql
+
+    from mesh.bench_seed import database_url
+
+    name = urlsplit(url).path.lstrip("/")
+    with psycopg.connect(database_url(url, "postgres"), autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 async def evaluate(data: Path, backend_name: str, *, conversations: int | None = None,
@@ -253,7 +293,7 @@ async def evaluate(data: Path, backend_name: str, *, conversations: int | None =
     users = {c.sample_id: f"locomo-{c.sample_id}-{run}" for c in convs}
     dia_of = {t.message_id: t.dia_id for c in convs for t in c.turns}
     by_content = {t.content: t.dia_id for c in convs for t in c.turns}
-    with stores() as (redis_url, database_url):
+    with stores(f"mesh_locomo_{run}", keep) as (redis_url, database_url):
         settings = LtmSettings(redis_url=redis_url, database_url=database_url, ltm_backend=backend_name,
                                log_level="WARNING")
         configure_logging("ltm", settings.log_level, "console", False)

@@ -2,8 +2,9 @@
 
 The mesh runs as it is deployed: memory, ``--ltm-workers`` copies of ltm and chat_ai, each its own process
 (``python -m services.<name>``), on bus names of their own (``MESH_KEY_PREFIX=lme:<run>:``). Redis and
-PostgreSQL are reused when ``REDIS_URL`` and ``DATABASE_URL`` are set or a ``mesh up`` stack is running, else
-started for the run and removed after. memory and ltm run offline (no ``OPENAI_*``); chat_ai talks to a
+PostgreSQL are reused when ``REDIS_URL`` and ``DATABASE_URL`` are set (that very database) or a ``mesh up`` stack
+is running (its servers, with a database of the run's own, ``mesh_lme_<run>``, dropped after unless ``--keep``),
+else started for the run and removed after. memory and ltm run offline (no ``OPENAI_*``); chat_ai talks to a
 recording server (mesh/recorder.py) that this command starts, so chat_ai takes its LLM path and the exact prompt
 it builds is captured.
 

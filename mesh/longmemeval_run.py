@@ -100,7 +100,8 @@ def evaluate(questions: list[Question], options: RunOptions) -> tuple[list[dict[
         "import_batch": _import_batch(),
         "token_unit": "all-MiniLM-L6-v2 WordPiece",
     }
-    with stores() as (redis_url, database_url), RecordingServer(upstream, llm_env.get("OPENAI_API_KEY")) as rec:
+    with stores(f"mesh_lme_{run_id}", options.keep) as (redis_url, database_url), \
+            RecordingServer(upstream, llm_env.get("OPENAI_API_KEY")) as rec:
         config["redis_url"], config["database_url"] = redact_url(redis_url), redact_url(database_url)
         envs = service_envs(redis_url, database_url, prefix, rec.url, run_dir, options)
         procs = ServiceProcesses(run_dir)

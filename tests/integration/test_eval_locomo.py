@@ -108,3 +108,19 @@ def test_eval_command_end_to_end(tmp_path: Path, redis_url: str, database_url: s
     assert set(result["per_category"]) == {"1", "2", "3", "4"}
     assert result["latency_ms"]["p50"] > 0 and result["latency_ms"]["p95"] >= result["latency_ms"]["p50"]
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_run_on_a_stacks_server_gets_a_database_of_its_own(pg_admin_url: str) -> None:
+    """Reusing a running stack's PostgreSQL, an evaluation works in its own database (created once, dropped
+    after unless kept), so the stack's services never see, embed or optimise the run's data."""
+    import psycopg
+
+    from mesh.eval_locomo import _drop_database, _own_database
+
+    url = _own_database(pg_admin_url, "mesh_eval_test_own")
+    assert url.endswith("/mesh_eval_test_own") and _own_database(pg_admin_url, "mesh_eval_test_own") == url
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT current_database()").fetchone() == ("mesh_eval_test_own",)
+    _drop_database(url)
+    with psycopg.connect(pg_admin_url) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_database WHERE datname = 'mesh_eval_test_own'").fetchone() == (0,)
