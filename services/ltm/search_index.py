@@ -240,9 +240,12 @@ def _xid(text: str | None) -> int:
 class SearchIndex:
     """In-memory first stage of the native search for the users this process searched lately (module docstring)."""
 
-    def __init__(self, pool: AsyncConnectionPool, capacity: int) -> None:
+    def __init__(self, pool: AsyncConnectionPool, capacity: int, load_wait_s: float = 0.0) -> None:
+        """``load_wait_s``: how long a search of a user not held waits for the user's load before it runs in SQL
+        (a small user loads in less than the SQL stage takes; 0 = never wait)."""
         self.pool = pool
         self.capacity = capacity
+        self.load_wait_s = load_wait_s
         self._users: OrderedDict[str, _User] = OrderedDict()
         self._loads: dict[str, asyncio.Task[None]] = {}
         self._too_large: dict[str, float] = {}  # user -> when it did not fit (tried again after TOO_LARGE_S)
@@ -269,13 +272,15 @@ class SearchIndex:
                          cfg: RetrievalConfig) -> list[dict[str, Any]] | None:
         """The rows ``retrieval._CANDIDATES`` returns for this search (same keys, same values, same order), or None
         when the user is not indexed: the caller runs the SQL stage, and the user is loaded in the background
-        (so a user's first search costs what it costs without the index)."""
+        (a first search waits up to ``load_wait_s`` for that load, then runs in SQL: it costs at most what it
+        costs without the index, plus that wait)."""
         if self.capacity <= 0:
             return None
         u = self._users.get(user_id)
         if u is None:
-            self._load_later(user_id)
-            return None
+            u = await self._load_now(user_id)
+            if u is None:
+                return None
         lexemes = await self._catch_up(conn, user_id, u, data.query)
         if lexemes is None:
             return None
@@ -284,6 +289,19 @@ class SearchIndex:
                       data.exclude_session_id or None)
         return _first_stage(u, list(lexemes), embedding, keep, limit=cfg.candidates, wd=cfg.profile.dense,
                             wk=cfg.profile.keyword, k1=cfg.bm25_k1, b=cfg.bm25_b)
+
+    async def _load_now(self, user_id: str) -> _User | None:
+        """Start (or join) the user's load and wait for it at most ``load_wait_s``; the entry, or None (the search
+        then runs in SQL while the load goes on)."""
+        self._load_later(user_id)
+        task = self._loads.get(user_id)
+        if task is None or self.load_wait_s <= 0:
+            return None
+        try:
+            await asyncio.wait_for(asyncio.shield(task), self.load_wait_s)
+        except TimeoutError:
+            return None
+        return self._users.get(user_id)
 
     async def _catch_up(self, conn: AsyncConnection[Any], user_id: str, u: _User, query: str) -> list[str] | None:
         """Read what was written for the user since the last read (module docstring); the query's lexemes, or

@@ -239,8 +239,8 @@ def build_backend(settings: LtmSettings, pool: Any, model: Any, redis: aioredis.
     from services.ltm.store import LtmStore
     from shared.runtime.embedding import Embedder
 
-    return NativeBackend(LtmStore(pool, settings.ltm_search_index_rows), Embedder(model), settings=settings,
-                         redis=redis, names=names)
+    store = LtmStore(pool, settings.ltm_search_index_rows, settings.ltm_index_load_wait_ms / 1000)
+    return NativeBackend(store, Embedder(model), settings=settings, redis=redis, names=names)
 
 
 async def main(stop: asyncio.Event) -> None:

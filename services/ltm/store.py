@@ -132,12 +132,13 @@ def _params(m: NewMemory) -> tuple[Any, ...]:
 
 
 class LtmStore:
-    def __init__(self, pool: AsyncConnectionPool, search_index_rows: int = SEARCH_INDEX_ROWS) -> None:
+    def __init__(self, pool: AsyncConnectionPool, search_index_rows: int = SEARCH_INDEX_ROWS,
+                 index_load_wait_s: float = 0.0) -> None:
         """``search_index_rows``: the capacity of this process's search index (services/ltm/search_index.py;
-        LTM_SEARCH_INDEX_ROWS, 0 = every search in SQL)."""
+        LTM_SEARCH_INDEX_ROWS, 0 = every search in SQL); ``index_load_wait_s``: LTM_INDEX_LOAD_WAIT_MS."""
         self.pool = pool
         self._access: Counter[str] = Counter()
-        self.index = SearchIndex(pool, search_index_rows)
+        self.index = SearchIndex(pool, search_index_rows, index_load_wait_s)
 
     async def ingest_many(self, writes: Sequence[IngestWrite],
                           then: Callable[[AsyncConnection, list[IngestWrite], dict[MemoryKey, uuid.UUID]],

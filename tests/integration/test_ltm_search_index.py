@@ -306,3 +306,19 @@ async def test_warm_recent_loads_the_users_active_last_within_its_rows(mesh: Mes
     assert await SearchIndex(mesh.pool, 1000).warm_recent(0) == 0
     both = SearchIndex(mesh.pool, 1000)
     assert await both.warm_recent(500) == 2 and "old_user" in both
+
+
+async def test_a_first_search_waits_a_little_for_the_load_instead_of_running_in_sql(mesh: Mesh) -> None:
+    await seed(mesh, "first", 40)
+    query = "What did Jon say about the marathon?"
+    vec = mesh.model.encode([query])[0]
+    index = SearchIndex(mesh.pool, 1000, load_wait_s=30.0)
+    async with mesh.pool.connection() as conn:
+        rows = await index.candidates(conn, "first", SearchData(query=query), vec, CFG)
+    assert rows is not None and "first" in index  # served by the index on the first search
+    assert_same_rows(rows, await sql_rows(mesh, "first", SearchData(query=query), vec, CFG), "first search")
+    never = SearchIndex(mesh.pool, 1000, load_wait_s=0.0)
+    async with mesh.pool.connection() as conn:
+        assert await never.candidates(conn, "first", SearchData(query=query), vec, CFG) is None
+    await never.settle()
+    assert "first" in never  # loaded in the background all the same
