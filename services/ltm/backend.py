@@ -45,6 +45,7 @@ class LtmBackend(Protocol):
         """A hint: these users have new memories and will likely search soon (get ready in the background)."""
         ...
 
-    async def maintenance(self) -> None:
-        """Periodic background work (access-statistics flush, lifecycle jobs); called every few seconds."""
+    async def maintenance(self) -> list[str]:
+        """Periodic background work (access-statistics flush, lifecycle jobs); called every few seconds. Returns
+        the users whose memories it changed (consolidated, archived: their search index entries are stale)."""
         ...

@@ -378,6 +378,6 @@ class Mem0Backend:
     def warm(self, user_ids: Sequence[str]) -> None:
         return None  # mem0 keeps no per-process index
 
-    async def maintenance(self) -> None:
-        return None
+    async def maintenance(self) -> list[str]:
+        return []
 

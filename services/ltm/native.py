@@ -297,6 +297,6 @@ class NativeBackend:
         vec = await self.embedder.embed(data.query)
         return await search_entities(self.store.pool, user_id, data.query, vec, data.limit, data.types)
 
-    async def maintenance(self) -> None:
+    async def maintenance(self) -> list[str]:
         await self.store.flush_access()
-        await self.lifecycle.periodic()
+        return [r["user_id"] for r in await self.lifecycle.periodic() if r.get("status") == "done"]

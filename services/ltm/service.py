@@ -106,7 +106,7 @@ class LtmService:
             except TimeoutError:
                 pass
             try:
-                await self.backend.maintenance()
+                self._announce(await self.backend.maintenance())
             except Exception:
                 self.metrics.incr("maintenance_failed")
                 log.warning("ltm.maintenance_failed", exc_info=True)
@@ -122,13 +122,18 @@ class LtmService:
             stored = await self.backend.ingest(update)
             self.metrics.incr("ingested" if stored else "ingest_duplicates")
             if stored:
-                self._stored_users.add(update.user_id)
-                self._stored.set()
+                self._announce([update.user_id])
             return stored
         finally:
             structlog.contextvars.unbind_contextvars("user_id", "message_id")
 
     # ------------------------------------------------------------------ search index warming
+    def _announce(self, user_ids: list[str]) -> None:
+        """These users' memories changed here (ingest, optimize): every ltm process is told (_warm_announce)."""
+        if user_ids:
+            self._stored_users.update(user_ids)
+            self._stored.set()
+
     async def _warm_announce(self) -> None:
         """Tell every ltm process (this one too) which users just got memories, at most every WARM_EVERY_S."""
         while not self._stop.is_set():
@@ -221,7 +226,9 @@ class LtmService:
             case StatsRequest():
                 return LTMResponse(**ok, data={"backend": b.name, **await b.stats(req.user_id)})
             case OptimizeRequest():
-                return LTMResponse(**ok, data=await b.optimize(req.user_id))
+                result = await b.optimize(req.user_id)
+                self._announce([req.user_id])
+                return LTMResponse(**ok, data=result)
             case SearchEntitiesRequest(data=d):
                 return LTMResponse(**ok, data={"entities": await b.search_entities(req.user_id, d)})
             case PingRequest():  # served only after backend.start(): models loaded, ingest running

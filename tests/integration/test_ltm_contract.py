@@ -445,6 +445,19 @@ async def test_every_ltm_process_indexes_a_user_as_soon_as_its_memories_are_stor
         await client.start()
         try:
             found = (await client.ok("search", "u-warm", {"query": "What does Miso like?"})).memories
+            assert any("Miso" in m.content for m in found)
+            # an optimize changes the user's rows (consolidation deletes): the processes are told again
+            pubsub = mesh.redis.pubsub()
+            await pubsub.subscribe(mesh.names.ltm_warm)
+            try:
+                await client.ok("optimize", "u-warm")
+
+                async def told() -> bool:
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2)
+                    return msg is not None and "u-warm" in json.loads(msg["data"])["users"]
+
+                await wait_until(told, message="u-warm announced on ltm_index_warm after its optimize")
+            finally:
+                await pubsub.aclose()
         finally:
             await client.close()
-        assert any("Miso" in m.content for m in found)
