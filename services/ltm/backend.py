@@ -45,6 +45,11 @@ class LtmBackend(Protocol):
         """A hint: these users have new memories and will likely search soon (get ready in the background)."""
         ...
 
+    def forget(self, user_ids: Sequence[str]) -> None:
+        """These users were deleted (by this process or another): drop whatever this process still holds of them
+        in memory (search index entries, caches keyed by text)."""
+        ...
+
     async def maintenance(self) -> list[str]:
         """Periodic background work (access-statistics flush, lifecycle jobs); called every few seconds. Returns
         the users whose memories it changed (consolidated, archived: their search index entries are stale)."""

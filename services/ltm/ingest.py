@@ -90,6 +90,9 @@ class VectorCache:
     def __contains__(self, key: str) -> bool:
         return key in self._data
 
+    def clear(self) -> None:
+        self._data.clear()
+
     def __len__(self) -> int:
         return len(self._data)
 

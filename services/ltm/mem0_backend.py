@@ -378,6 +378,9 @@ class Mem0Backend:
     def warm(self, user_ids: Sequence[str]) -> None:
         return None  # mem0 keeps no per-process index
 
+    def forget(self, user_ids: Sequence[str]) -> None:
+        return None  # nor caches of users' texts
+
     async def maintenance(self) -> list[str]:
         return []
 

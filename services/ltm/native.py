@@ -26,7 +26,7 @@ from services.ltm.ingest import (
 )
 from services.ltm.lifecycle import Lifecycle, LifecycleConfig
 from services.ltm.profile import build_profile
-from services.ltm.retrieval import RetrievalConfig
+from services.ltm.retrieval import RetrievalConfig, clear_token_cache
 from services.ltm.store import IngestWrite, LtmStore, MemoryKey, NewMemory, content_hash
 from shared.contracts import Memory, MemoryUpdate, Names
 from shared.contracts.messages import OFFLINE_REPLY_PREFIX, AddData, SearchData, SearchEntitiesData
@@ -134,6 +134,16 @@ class NativeBackend:
     def warm(self, user_ids: Sequence[str]) -> None:
         for user_id in user_ids:
             self.store.index.warm(user_id)
+
+    def forget(self, user_ids: Sequence[str]) -> None:
+        """Drop the users' index entries; the caches keyed by text (query vectors, extracted texts and entity names,
+        token counts) cannot tell whose a text was, so they are emptied (they refill as searches and ingest run)."""
+        for user_id in user_ids:
+            self.store.index.drop(user_id)
+        self._queries.clear()
+        self._names.clear()
+        self._texts.clear()
+        clear_token_cache()
 
     async def close(self) -> None:
         if self._warm_task is not None:

@@ -112,6 +112,10 @@ _TOKEN_CACHE: OrderedDict[str, int] = OrderedDict()
 TOKEN_CACHE_SIZE = 50_000
 
 
+def clear_token_cache() -> None:
+    _TOKEN_CACHE.clear()
+
+
 def count_tokens(texts: Sequence[str]) -> list[int]:
     """WordPiece tokens of the embedding model (no special tokens): the unit of ``max_tokens``.
 

@@ -37,8 +37,10 @@ from shared.contracts import (
     decode,
     encode,
 )
+from shared.contracts.messages import UserDeletion
 from shared.contracts.ping import PingInfo
 from shared.runtime.deadletter import dead_letter
+from shared.runtime.erase import erase_entries, mesh_streams
 from shared.runtime.logging import get_logger
 from shared.runtime.metrics import Metrics
 from shared.runtime.pubsub import listen
@@ -164,7 +166,10 @@ class LtmService:
             self.metrics.incr(f"warm.rejected.{err.reason.value}")
             await dead_letter(self.redis, self.names.ltm_warm, raw, err.reason.value, err.message)
             return
-        self.backend.warm(msg.users)
+        if msg.forget:
+            self.backend.forget(msg.forget)
+        if msg.users:
+            self.backend.warm(msg.users)
 
     async def _pubsub_ingest(self) -> None:
         """LTM_ACCEPT_PUBSUB: also ingest updates that publishers send only on the channel."""
@@ -184,6 +189,24 @@ class LtmService:
         except Exception:
             self.metrics.incr("pubsub.failed")
             log.exception("ltm.pubsub_ingest_failed")
+
+    # ------------------------------------------------------------------ deletion
+    async def delete_user(self, user_id: str) -> dict[str, Any]:
+        """The backend's rows, then every stream entry of the user; every ltm process forgets the user's index
+        entry and text caches (``forget`` on ltm_index_warm, this one included)."""
+        rows = await self.backend.delete_user(user_id)
+        self.backend.forget([user_id])
+        entries = await erase_entries(self.redis, mesh_streams(self.names), user_id)
+        try:
+            await self.redis.publish(self.names.ltm_warm, encode(LtmWarm(forget=[user_id])))
+        except redis.exceptions.RedisError as exc:  # the rows are gone; an index entry of another process
+            self.metrics.incr("warm.publish_failed")  # is dropped at its next catch-up (epoch changed)
+            log.warning("ltm.forget_publish_failed", error=str(exc))
+        self.metrics.incr("users_deleted")
+        counts = {k: int(v) for k, v in rows.items() if isinstance(v, int)}
+        deletion = UserDeletion(rows=counts, stream_entries=entries)
+        log.info("ltm.user_deleted", rows=sum(counts.values()), stream_entries=sum(entries.values()))
+        return {"deleted": rows, "deletion": deletion.model_dump()}
 
     # ------------------------------------------------------------------ requests
     def ping_info(self) -> PingInfo:
@@ -222,7 +245,7 @@ class LtmService:
                 await b.delete(req.user_id, d.memory_id)
                 return LTMResponse(**ok, data={"deleted": d.memory_id})
             case DeleteUserRequest():
-                return LTMResponse(**ok, data={"deleted": await b.delete_user(req.user_id)})
+                return LTMResponse(**ok, data=await self.delete_user(req.user_id))
             case StatsRequest():
                 return LTMResponse(**ok, data={"backend": b.name, **await b.stats(req.user_id)})
             case OptimizeRequest():

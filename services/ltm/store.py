@@ -23,8 +23,12 @@ from services.ltm.retrieval import RetrievalConfig
 from services.ltm.search_index import SearchIndex
 from shared.contracts import Memory, MemorySource
 from shared.contracts.messages import SearchData
+from shared.runtime.erase import user_hash
 
 _WS = re.compile(r"\s+")
+# every table with a user's rows, in deletion order (ltm_search_epochs last: deleting memories writes it)
+USER_TABLES = ("ltm_memory_entities", "ltm_relations", "ltm_memories", "ltm_entities", "ltm_ingested",
+               "ltm_profiles", "ltm_archive", "ltm_user_state", "ltm_search_epochs")
 SEARCH_INDEX_ROWS = LtmSettings.model_fields["ltm_search_index_rows"].default
 
 
@@ -246,12 +250,16 @@ class LtmStore:
             return cur.rowcount > 0
 
     async def delete_user(self, user_id: str) -> dict[str, int]:
+        """Every row of the user in every ltm table, in one transaction, logged in ``user_deletions`` without
+        content; the process's index entry goes too (the other processes drop theirs on ``ltm_index_warm``)."""
         counts: dict[str, int] = {}
         async with self.pool.connection() as conn, conn.transaction():
-            for table in ("ltm_memories", "ltm_ingested", "ltm_profiles", "ltm_relations", "ltm_entities",
-                          "ltm_archive", "ltm_user_state"):
+            for table in USER_TABLES:
                 cur = await conn.execute(f"DELETE FROM {table} WHERE user_id = %s", (user_id,))
                 counts[table] = cur.rowcount
+            await conn.execute("INSERT INTO user_deletions (user_hash, service, counts) VALUES (%s, 'ltm', %s)",
+                               (user_hash(user_id), Jsonb(counts)))
+        self.index.drop(user_id)
         return counts
 
     async def stats(self, user_id: str) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any
 import structlog
 from redis.asyncio.client import Pipeline
 
+from services.memory import erase
 from services.memory.cache import SessionCache
 from services.memory.importer import HistoryImporter
 from services.memory.stm import StmWriter
@@ -40,6 +41,7 @@ from shared.contracts.memory_api import (
     ImportMessagesRequest,
     ImportResult,
     LinkSessionsRequest,
+    MemoryDeleteUserRequest,
     MemoryPingRequest,
     MemoryRequest,
     MemoryResponse,
@@ -55,6 +57,7 @@ from shared.contracts.memory_api import (
     SummaryInfo,
     UpdateSessionActivityRequest,
 )
+from shared.contracts.messages import UserDeletion
 from shared.runtime.embedding import Embedder
 from shared.runtime.logging import get_logger
 from shared.runtime.metrics import Metrics
@@ -136,6 +139,12 @@ class MemoryApi:
         await self.store.delete_session(user_id, session_id)
         await self.stm.forget_session(session_id)
         await self.cache.invalidate(session_id, user_id)
+
+    async def delete_user(self, user_id: str) -> UserDeletion:
+        """Everything of the user here: conversation rows, STM, cache and dedup keys, stream entries."""
+        deletion = await erase.delete_user(self.store.pool, self.stm.redis, self.stm.names, user_id)
+        self.metrics.incr("users_deleted")
+        return deletion
 
     async def get_session_summary(self, user_id: str, session_id: str) -> SummaryInfo:
         async def load() -> dict[str, Any]:
@@ -278,6 +287,8 @@ class MemoryApi:
                 return {"stm": (await self.get_stm(req.user_id, d.session_id)).model_dump()}
             case ImportMessagesRequest(data=d):
                 return (await self.import_messages(req.user_id, d.messages)).model_dump()
+            case MemoryDeleteUserRequest():
+                return {"deletion": (await self.delete_user(req.user_id)).model_dump()}
             case MemoryPingRequest():
                 return self._ping() if self._ping else {"pong": True}
         raise AssertionError(f"unhandled request type {req.type}")  # pragma: no cover

@@ -227,6 +227,14 @@ class GetStmRequest(_MemoryRequest):
     data: SessionRef
 
 
+class MemoryDeleteUserRequest(_MemoryRequest):
+    """Everything of the user in the conversation store and Redis (services/memory/erase.py); ``data.deletion`` is
+    a :class:`UserDeletion`. ltm's ``delete_user`` does the same for long-term memory."""
+
+    type: Literal["delete_user"]
+    data: EmptyData = Field(default_factory=EmptyData)
+
+
 class ImportMessagesRequest(_MemoryRequest):
     """A batch of one user's past turns: stored with their own timestamps, STM rebuilt, MemoryUpdates emitted."""
 
@@ -255,6 +263,7 @@ MemoryRequest = Annotated[
     | SetPreferenceRequest
     | GetStmRequest
     | ImportMessagesRequest
+    | MemoryDeleteUserRequest
     | MemoryPingRequest,
     Field(discriminator="type"),
 ]

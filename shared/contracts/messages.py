@@ -102,9 +102,18 @@ class AIResponse(Message):
 
 # ----------------------------------------------------------------- memory updates
 class LtmWarm(Message):
-    """On ``ltm_index_warm``: users ltm just stored memories for (their next search should find them indexed)."""
+    """On ``ltm_index_warm``: users ltm just stored memories for (their next search should find them indexed), and
+    users just deleted (``forget``: every ltm process drops them from its search index and clears its text caches).
+    At least one of the two lists is not empty."""
 
-    users: list[Id] = Field(min_length=1, max_length=1000)
+    users: list[Id] = Field(default_factory=list, max_length=1000)
+    forget: list[Id] = Field(default_factory=list, max_length=1000)
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> LtmWarm:
+        if not self.users and not self.forget:
+            raise ValueError("users or forget must name at least one user")
+        return self
 
 
 class MemoryUpdateMeta(Message):
@@ -227,6 +236,20 @@ class DeleteRequest(_UserRequest):
 class DeleteUserRequest(_UserRequest):
     type: Literal["delete_user"]
     data: EmptyData = Field(default_factory=EmptyData)
+
+
+class UserDeletion(Message):
+    """``data.deletion`` of a ``delete_user`` reply (memory and ltm): what went, by table and stream. Zero
+    everywhere when the user had nothing left (a second deletion)."""
+
+    rows: dict[str, int] = Field(default_factory=dict)  # table -> rows deleted
+    sessions: int = 0  # sessions the user wrote in (memory)
+    keys: int = 0  # Redis keys deleted (STM, cache, dedup)
+    stream_entries: dict[str, int] = Field(default_factory=dict)  # stream -> entries XDELed
+
+    @property
+    def total(self) -> int:
+        return sum(self.rows.values()) + self.keys + sum(self.stream_entries.values())
 
 
 class StatsRequest(_UserRequest):

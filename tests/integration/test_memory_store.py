@@ -42,13 +42,14 @@ async def test_migrations_are_recorded_and_safe_to_run_again(mesh: Mesh, databas
     assert await migrate(database_url, "memory", MIGRATIONS) == []  # the template applied them already
     versions = await row(mesh, "SELECT array_agg(version ORDER BY version) FROM schema_migrations"
                                " WHERE component = 'memory'")
-    assert versions[0] == [1, 2]
+    assert versions[0] == [1, 2, 3]
     # Every file is idempotent on its own, not only because schema_migrations skips it.
     with psycopg.connect(database_url, autocommit=True) as conn:
         for path in sorted(MIGRATIONS.glob("*.sql")):
             conn.execute(path.read_text().encode())
             conn.execute(path.read_text().encode())
-    for table in ("conversation_context", "user_preferences", "session_relationships", "session_summary"):
+    for table in ("conversation_context", "user_preferences", "session_relationships", "session_summary",
+                  "user_deletions"):
         assert await mesh.count("SELECT count(*) FROM information_schema.tables WHERE table_name = %s", table) == 1
 
 

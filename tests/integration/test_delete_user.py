@@ -1,0 +1,159 @@
+"""One deletion that reaches everything (issue "Never loses, never leaks", part 3).
+
+A user chats in two sessions through the three services, sets a sensitive preference, context and a session
+link, searches long-term memory and sends one malformed input (dead-lettered with its raw text); another user
+chats too. ``mesh delete-user``'s entry point (mesh/forget.py) then deletes the first user, and the test scans
+every table of the database and the whole Redis keyspace (key names and values of every type, streams and
+dead letters included) for the user's id and for a phrase only that user said: nothing is found. The other user
+keeps everything; deleting again is harmless and counts zero; the deletion log names no one.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from cryptography.fernet import Fernet
+
+from mesh.forget import forget_user
+from shared.contracts import MEMORY_RESPONSE, MemoryResponse, decode, new_id
+from shared.contracts.memory_api import MEMORY_REQUEST
+from shared.runtime.erase import user_hash
+from shared.runtime.metrics import Metrics
+from shared.runtime.requests import RpcClient
+from tests.helpers import Mesh, ask_ltm, ltm_request, running, wait_until
+
+SECRET = "quokka marmalade 4417"  # said only by the deleted user
+KEPT = "walrus lantern 9032"  # said only by the other user
+
+
+async def _memory_call(rpc: RpcClient[MemoryResponse], type_: str, user_id: str, **data: Any) -> dict[str, Any]:
+    body = {"request_id": new_id(), "type": type_, "user_id": user_id, "data": data}
+    resp = await rpc.call(decode(MEMORY_REQUEST, json.dumps(body)), timeout=20)  # type: ignore[arg-type]
+    assert resp.success, resp.error
+    return resp.data or {}
+
+
+async def scan_database(mesh: Mesh, needles: list[str]) -> dict[str, int]:
+    """Rows of every table (as text, all columns) that contain one of ``needles``."""
+    hits: dict[str, int] = {}
+    async with mesh.pool.connection() as conn:
+        cur = await conn.execute("SELECT table_name FROM information_schema.tables"
+                                 " WHERE table_schema = 'public' AND table_type = 'BASE TABLE'")
+        tables = [r[0] for r in await cur.fetchall()]
+        assert "conversation_messages" in tables and "ltm_memories" in tables
+        for table in tables:
+            for needle in needles:
+                cur = await conn.execute(f'SELECT count(*) FROM "{table}" t WHERE strpos(t::text, %s) > 0',
+                                         (needle,))
+                row = await cur.fetchone()
+                if row and row[0]:
+                    hits[f"{table}: {needle}"] = int(row[0])
+    return hits
+
+
+async def _values(mesh: Mesh, key: bytes) -> list[bytes]:
+    r = mesh.redis
+    kind = (await r.type(key)).decode()
+    if kind == "string":
+        return [await r.get(key) or b""]
+    if kind == "hash":
+        return [x for kv in (await r.hgetall(key)).items() for x in kv]
+    if kind == "list":
+        return list(await r.lrange(key, 0, -1))
+    if kind == "set":
+        return list(await r.smembers(key))
+    if kind == "zset":
+        return list(await r.zrange(key, 0, -1))
+    if kind == "stream":
+        return [x for _, fields in await r.xrange(key) for kv in fields.items() for x in kv]
+    return []
+
+
+async def scan_redis(mesh: Mesh, needles: list[str]) -> dict[str, int]:
+    """Keys of the whole keyspace whose name or any value contains one of ``needles``."""
+    hits: dict[str, int] = {}
+    raw = [n.encode() for n in needles]
+    async for key in mesh.redis.scan_iter(count=1000):
+        texts = [key, *await _values(mesh, key)]
+        found = sum(1 for t in texts for n in raw if n in t)
+        if found:
+            hits[key.decode("utf-8", "replace")] = found
+    return hits
+
+
+async def test_delete_user_leaves_nothing_of_the_user_in_any_table_or_key(mesh: Mesh) -> None:
+    user, other = f"u-del-{new_id()[:8]}", f"u-keep-{new_id()[:8]}"
+    rpc: RpcClient[MemoryResponse] = RpcClient(
+        mesh.redis, queue=mesh.names.memory_requests,
+        reply_channel=mesh.names.reply_channel(mesh.names.memory_responses, "test-del"),
+        adapter=MEMORY_RESPONSE, metrics=Metrics())
+    await rpc.start()
+    try:
+        async with running(mesh.memory(memory_encryption_key=Fernet.generate_key().decode())), \
+                running(mesh.ltm()), running(mesh.chat()):
+            turns = 0
+            for s in ("a", "b"):
+                for text in (f"My locker code is {SECRET} and I keep it at the gym.",
+                             f"Remind me: the phrase is {SECRET}, for the {s} project."):
+                    await mesh.reply_to(await mesh.send(text, user_id=user, session_id=f"{user}-{s}"), timeout=30)
+                    turns += 1
+            await mesh.reply_to(await mesh.send(f"I collect {KEPT} postcards.", user_id=other,
+                                                session_id=f"{other}-x"), timeout=30)
+            await _memory_call(rpc, "set_preference", user, key="ssn", value=f"ssn {SECRET}", sensitive=True)
+            await _memory_call(rpc, "set_preference", user, key="colour", value=f"teal {SECRET}")
+            await _memory_call(rpc, "store_context", user, session_id=f"{user}-a", context_type="project",
+                               key="gym", value={"note": SECRET})
+            await _memory_call(rpc, "link_sessions", user, source_session_id=f"{user}-a",
+                               target_session_id=f"{user}-b", relation_type="continues")
+            # a malformed input of the user: dead-lettered with its raw text by memory and chat_ai
+            await mesh.redis.xadd(mesh.names.user_input, {"data": json.dumps(
+                {"message_id": new_id(), "user_id": user, "session_id": f"{user}-a", "content": 5,
+                 "note": SECRET})})
+            found = await ask_ltm(mesh, ltm_request("search", user, {"query": f"what is my locker code {SECRET}"}))
+            assert found.success and found.memories, found.error
+
+            async def stored_and_ingested() -> tuple[int, int] | None:
+                seen = (await mesh.count("SELECT count(*) FROM conversation_messages WHERE user_id = %s", user),
+                        await mesh.count("SELECT count(*) FROM ltm_ingested WHERE user_id = %s", user))
+                return seen if seen[0] >= 2 * turns and seen[1] >= turns else None
+
+            await wait_until(stored_and_ingested, timeout=60, message="the user's turns stored and ingested")
+
+            async def dead_lettered() -> bool:
+                return bool(await mesh.dead(mesh.names.user_input))
+
+            await wait_until(dead_lettered, timeout=20, message="the malformed input dead-lettered")
+            assert await scan_database(mesh, [user, SECRET]), "the scan finds nothing even before the deletion"
+            assert await scan_redis(mesh, [user, SECRET]), "the scan finds nothing even before the deletion"
+
+            result = await forget_user(mesh.redis, mesh.names, user)
+            assert result["memory"]["rows"]["conversation_messages"] >= 2 * turns
+            assert result["memory"]["rows"]["user_preferences"] == 2
+            assert result["ltm"]["rows"]["ltm_memories"] >= turns
+            assert sum(result["memory"]["stream_entries"].values()) >= turns, result
+
+            db_hits = await scan_database(mesh, [user, SECRET])
+            redis_hits = await scan_redis(mesh, [user, SECRET])
+            print(f"deletion: {json.dumps(result)}\ndatabase hits after: {db_hits}\nredis hits after: {redis_hits}")
+            assert db_hits == {}, f"rows of the deleted user remain: {db_hits}"
+            assert redis_hits == {}, f"keys or entries of the deleted user remain: {redis_hits}"
+
+            # the other user keeps everything
+            assert await mesh.count("SELECT count(*) FROM conversation_messages WHERE user_id = %s", other) == 2
+            assert await scan_database(mesh, [KEPT])
+            assert await scan_redis(mesh, [KEPT])
+
+            again = await forget_user(mesh.redis, mesh.names, user)
+            assert again["total"] == 0, again
+            assert await scan_database(mesh, [user, SECRET]) == {}
+
+            # the log: who (a hash), when, counts; two calls of two passes, each by memory and ltm
+            async with mesh.pool.connection() as conn:
+                cur = await conn.execute("SELECT service, counts::text FROM user_deletions WHERE user_hash = %s",
+                                         (user_hash(user),))
+                log = await cur.fetchall()
+            assert sorted(s for s, _ in log) == ["ltm"] * 4 + ["memory"] * 4
+            assert not any(user in c or SECRET in c for _, c in log)
+    finally:
+        await rpc.close()
