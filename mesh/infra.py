@@ -287,6 +287,10 @@ class RedisServer:
     def logfile(self) -> Path:
         return self.data_dir / "redis.log"
 
+    def keep_port(self) -> None:
+        """From now on start on the port it has (a restart keeps the URL the services were given)."""
+        self._requested_port = self.port or None
+
     def is_running(self) -> bool:
         if self._proc is not None:
             return self._proc.poll() is None
@@ -343,6 +347,11 @@ class RedisServer:
         ]  # fmt: skip
 
     def _spawn(self, executable: str) -> None:
+        # the append-only file holds every message: the directory and what Redis writes in it are the owner's only
+        os.chmod(self.data_dir, 0o700)
+        for existing in self.data_dir.rglob("*"):
+            if existing.is_file():
+                existing.chmod(0o600)
         with self.logfile.open("ab") as early_output:  # errors before the log file is opened
             self._proc = subprocess.Popen(
                 self._argv(executable),
@@ -351,6 +360,7 @@ class RedisServer:
                 stdout=early_output,
                 stderr=early_output,
                 start_new_session=True,  # a terminal's Ctrl-C must not reach it before the services
+                umask=0o077,
             )
 
     def _kill_child(self, timeout: float = 10.0) -> None:
@@ -533,6 +543,10 @@ class PostgresServer:
     @property
     def logfile(self) -> Path:
         return self.pgdata / "postgres.log"
+
+    def keep_port(self) -> None:
+        """From now on start on the port it has (a restart keeps the URL the services were given)."""
+        self._requested_port = self.port or None
 
     def is_running(self) -> bool:
         pid = read_pid(self.pgdata / "postmaster.pid")

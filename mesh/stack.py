@@ -404,11 +404,47 @@ def _service_env(redis_url: str, database_url: str) -> dict[str, str]:
     return env
 
 
-def _supervise(names: list[str], env: dict[str, str], stop: StopFlag, log_dir: Path) -> None:
+class StoreGuard:
+    """An embedded store (Redis, PostgreSQL) that dies is restarted on the port it had, so the services, which
+    reconnect on their own, find it at the URL they were given; each death and return is logged as an error /
+    warning in the stack's log, and a failed restart is retried with back-off (capped)."""
+
+    def __init__(self, name: str, server: RedisServer | PostgresServer) -> None:
+        self.name, self.server = name, server
+        self.restarts, self.backoff, self.retry_at = 0, MIN_BACKOFF, 0.0
+        self.down_since: float | None = None
+        server.keep_port()
+
+    def poll(self, now: float) -> None:
+        if self.server.is_running():
+            return
+        if self.down_since is None:
+            self.down_since = now
+            log.error("%s at %s is down (exited or killed); restarting it on the same port", self.name,
+                      redact_url(self.server.url))
+        if now < self.retry_at:
+            return
+        try:
+            self.server.start()
+        except (RuntimeError, TimeoutError) as exc:
+            self.retry_at = now + self.backoff
+            self.backoff = min(self.backoff * 2, MAX_BACKOFF)
+            log.error("%s could not be restarted (retry in %.0fs): %s", self.name, self.retry_at - now, exc)
+            return
+        self.restarts += 1
+        log.warning("%s is back at %s after %.1fs down (restart #%d)", self.name, redact_url(self.server.url),
+                    time.monotonic() - self.down_since, self.restarts)
+        self.down_since, self.backoff, self.retry_at = None, MIN_BACKOFF, 0.0
+
+
+def _supervise(names: list[str], env: dict[str, str], stop: StopFlag, log_dir: Path,
+               stores: list[StoreGuard] | None = None) -> None:
     supervisor = Supervisor([Service(name, [sys.executable, "-m", SERVICES[name]]) for name in names], env, Path.cwd(),
                             log_dir=log_dir)
     try:
         while not stop.is_set():
+            for store in stores or ():
+                store.poll(time.monotonic())
             supervisor.poll()
             stop.wait(0.5)
     finally:
@@ -440,7 +476,9 @@ def run_stack(args: argparse.Namespace) -> int:
             names = [] if args.no_services else args.services
             if names:
                 log.info("service logs: %s", ", ".join(str(paths.service_log(name)) for name in names))
-            _supervise(names, _service_env(redis_url, database_url), stop, paths.logs)
+            guards = [StoreGuard("redis-server" if isinstance(server, RedisServer) else "PostgreSQL", server)
+                      for server in started if isinstance(server, RedisServer | PostgresServer)]
+            _supervise(names, _service_env(redis_url, database_url), stop, paths.logs, guards)
         except (RuntimeError, TimeoutError) as exc:
             log.error("%s", exc)
             return 1

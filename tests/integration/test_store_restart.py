@@ -1,0 +1,76 @@
+"""The local stack restarts its own Redis when it dies (issue "Never loses", faults): on the same port, with the
+data of its append-only file, and says so in its log; a mesh that reconnects finds it where it was. Redis's
+files are its owner's only."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import redis.asyncio as aioredis
+
+from mesh.infra import read_pid
+from mesh.stack import read_env_file
+from tests.conftest import ROOT
+from tests.helpers import wait_until
+
+
+async def test_a_killed_redis_is_restarted_on_its_port_with_its_data(tmp_path: Path, database_url: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "MESH_DATA_DIR")}
+    env["DATABASE_URL"] = database_url
+    data = tmp_path / "stack"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mesh", "stack", "--no-services", "--data-dir", str(data), cwd=ROOT, env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    errors: list[str] = []
+
+    async def read_log() -> None:
+        assert proc.stderr is not None
+        async for line in proc.stderr:
+            errors.append(line.decode(errors="replace"))
+
+    reader = asyncio.create_task(read_log())
+    try:
+        async def url() -> str | None:
+            return read_env_file(data / "stack.env").get("REDIS_URL") if (data / "stack.env").exists() else None
+
+        redis_url = await wait_until(url, timeout=60, message=f"stack.env (log: {''.join(errors)[-2000:]})")
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            await client.set("survives", "yes", ex=600)
+            await client.execute_command("BGREWRITEAOF")  # what was acknowledged is on disk, not just in the buffer
+
+            async def rewritten() -> bool:
+                return int((await client.info("persistence"))["aof_rewrite_in_progress"]) == 0
+
+            await wait_until(rewritten, timeout=20, message="AOF rewrite done")
+            old_pid = read_pid(data / "redis" / "redis.pid")
+            assert old_pid
+            os.kill(old_pid, signal.SIGKILL)
+
+            async def back() -> bool:
+                try:
+                    pid = read_pid(data / "redis" / "redis.pid")
+                    return pid not in (None, old_pid) and bool(await client.ping())
+                except (aioredis.ConnectionError, OSError):
+                    return False
+
+            await wait_until(back, timeout=30, interval=0.2,
+                             message=f"redis back on {redis_url} (log: {''.join(errors)[-2000:]})")
+            assert await client.get("survives") == b"yes"
+            # the append-only file holds every message: nothing under the data directory is readable by others
+            exposed = [f"{p} {oct(p.stat().st_mode & 0o777)}" for p in [data / "redis", *(data / "redis").rglob("*")]
+                       if p.stat().st_mode & 0o077]
+            assert not exposed, exposed
+            log = "".join(errors)
+            assert "is down" in log and "is back at" in log, log[-2000:]
+        finally:
+            await client.aclose()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 60)
+        reader.cancel()
+    assert proc.returncode == 0
