@@ -42,13 +42,14 @@ define with_stack
 	$(PYTHON) -m mesh up && $(1)
 endef
 
-.PHONY: help install ensure-redis run up down demo test lint bench bench-quick eval-locomo eval-longmemeval clean
+.PHONY: help install ensure-redis run up down demo test chaos lint bench bench-quick eval-locomo eval-longmemeval clean
 
 help:
 	@echo "make run          set up, start the mesh in the background, chat; stops it on exit"
 	@echo "make up | down    start | stop the mesh in the background (URLs in .data/stack.env)"
 	@echo "make demo         up, scripted demo, down"
 	@echo "make test         set up, run pytest"
+	@echo "make chaos        fault and bad-input tests at full counts (FUZZ_MESSAGES=100000): .data/chaos-report.json"
 	@echo "make lint         ruff check . and mypy"
 	@echo "make bench        the full benchmark, services as processes over Redis: bench/results/latest.json"
 	@echo "make bench-quick  the same at small sizes, a few minutes: bench/results/quick.json"
@@ -103,6 +104,13 @@ down:
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+# The fault and bad-input tests at full counts (make test runs them reduced); counts in .data/chaos-report.json
+FUZZ_MESSAGES ?= 100000
+chaos: $(STAMP)
+	FUZZ_MESSAGES=$(FUZZ_MESSAGES) $(PYTHON) -m pytest -q -p no:cacheprovider --timeout 0 \
+		tests/integration/test_fuzz.py tests/integration/test_store_restart.py tests/integration/test_restarts.py \
+		tests/integration/test_delete_user.py tests/integration/test_mesh_resilience.py $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

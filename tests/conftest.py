@@ -119,3 +119,23 @@ async def mesh(names: Names, redis: aioredis.Redis, redis_url: str, database_url
 
     async with mesh_for(names, redis, redis_url, database_url, sync_embedder) as m:
         yield m
+    unbounded = await unbounded_keys(redis, names)
+    assert not unbounded, f"keys left without a TTL or a bound: {unbounded}"
+
+
+async def unbounded_keys(redis: aioredis.Redis, names: Names) -> list[str]:
+    """The test's keys (its prefix) that have no TTL and are not bounded by design: the streams (MAXLEN on every
+    XADD of the mesh's producers, and trimmed by the consumers after STREAM_RETENTION_S), the request lists
+    (drained by their servers), the metrics hashes (a fixed set of counters). Anything else must expire."""
+    from shared.runtime.erase import glob_escape, mesh_streams
+
+    bounded = {*mesh_streams(names), names.ltm_requests, names.memory_requests, names.chat_requests}
+    metrics = names.metrics("")
+    found = []
+    async for raw in redis.scan_iter(match=glob_escape(names.prefix) + "*", count=1000):
+        key = raw.decode() if isinstance(raw, bytes) else raw
+        if key in bounded or key.startswith(metrics):
+            continue
+        if await redis.ttl(key) == -1:
+            found.append(f"{key} ({(await redis.type(key)).decode()})")
+    return sorted(found)

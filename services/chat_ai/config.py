@@ -26,4 +26,6 @@ class ChatSettings(MeshSettings):
     chat_concurrency: int = Field(default=16, ge=1)
     system_prompt: str = SYSTEM_PROMPT
     reply_dedup_ttl_s: int = 24 * 3600
+    ai_responses_maxlen: int = Field(default=1_000_000, ge=1000, description=(
+        "bound of the ai_responses stream (approximate MAXLEN on every reply; consumers also trim by age)"))
     llm_max_tokens: int = 512

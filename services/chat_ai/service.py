@@ -176,7 +176,8 @@ class ChatService:
                                 latency_ms=round((time.perf_counter() - started) * 1000, 2)),
         )
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.names.ai_responses, {"data": encode(response)})
+            pipe.xadd(self.names.ai_responses, {"data": encode(response)}, maxlen=self.settings.ai_responses_maxlen,
+                      approximate=True)
             pipe.set(done_key, response.message_id, ex=self.settings.reply_dedup_ttl_s)
             await pipe.execute()
         self.metrics.incr(f"replies.ltm_{status}")

@@ -34,6 +34,7 @@ from shared.runtime.metrics import Metrics
 
 log = get_logger(__name__)
 
+CONSUMER_IDLE_S = 24 * 3600  # a consumer of a group idle this long, with nothing pending, is removed
 TRIM_EVERY_S = 30.0  # how often a consumer trims its stream (when it has a retention)
 
 Handler = Callable[[str, bytes | str | None], Awaitable[None]]
@@ -213,6 +214,20 @@ class StreamConsumer:
             removed = await self.redis.xtrim(self.stream, minid=f"{floor[0]}-{floor[1]}", approximate=False)
             if removed:
                 self.metrics.incr("trimmed", int(removed))
+        await self._reap_consumers()
+
+    async def _reap_consumers(self) -> None:
+        """Remove this group's consumers idle longer than CONSUMER_IDLE_S with nothing pending (copies that
+        stopped or were killed: their names would stay in the group for good). One with entries pending is
+        kept: _claim takes its entries over first."""
+        consumers: Any = await self.redis.xinfo_consumers(self.stream, self.group)
+        for c in consumers:
+            name = _s(c["name"])
+            if name != self.consumer and int(c.get("pending") or 0) == 0 \
+                    and int(c.get("idle") or 0) > CONSUMER_IDLE_S * 1000:
+                await self.redis.xgroup_delconsumer(self.stream, self.group, name)
+                self.metrics.incr("consumers_reaped")
+                log.info("consumer.reaped", stream=self.stream, group=self.group, consumer=name)
 
     def _free_slots(self) -> int:
         return max(0, self.concurrency - len(self._inflight))

@@ -178,6 +178,7 @@ async def test_chat_ai_gets_the_rebuilt_stm_after_flushall(mesh: Mesh) -> None:
     assert "Summary of the conversation so far:\nExtractive summary of" in prompt
     assert "Lisbon" in prompt  # from the summary: turn 0 left the window long ago
     assert turn_text(11) in prompt  # the newest stored turn, from the rebuilt window
+    await mesh.redis.delete(server.names.user_input)  # the renamed stream is this test's own (no bound)
 
 
 async def test_stm_without_a_session_owner_is_not_served(mesh: Mesh) -> None:

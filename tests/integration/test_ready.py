@@ -135,6 +135,13 @@ async def test_up_returns_ready_services_and_status_reports_them(
         human = await mesh_cli(env, "status", "--data-dir", str(data))
         assert human.code == 0 and "chat_ai" in human.out and "lag" in human.out
 
+        # content stays out of the services' logs (LOG_CONTENT is false): they log each turn by ids and sizes
+        logs = {p.name: p.read_text(errors="replace") for p in (data / "logs").glob("*.log")}
+        assert set(logs) >= {"memory.log", "ltm.log", "chat_ai.log"}
+        assert "u-ready" in logs["chat_ai.log"] and "u-ready" in logs["memory.log"], "no per-turn log lines"
+        leaked = [name for name, text in logs.items() for word in ("Porto", "Maria") if word in text]
+        assert not leaked, f"message content in the logs: {leaked}"
+
 
 async def test_up_fails_naming_the_service_that_does_not_come_up_and_its_log(
         tmp_path: Path, redis: aioredis.Redis, redis_url: str, database_url: str, names: Names) -> None:

@@ -116,3 +116,26 @@ async def test_old_entries_every_group_has_acknowledged_are_trimmed(
         await wait_until(lambda: keep._last_trim > started, message="a trim pass of the keeper")
         await wait_until(lambda: keep._last_trim > started + 0.1, message="a second trim pass")
     assert await redis.xlen(stream) == 3
+
+
+async def test_consumers_idle_long_with_nothing_pending_leave_the_group(
+        redis: aioredis.Redis, names: Names, monkeypatch: pytest.MonkeyPatch) -> None:
+    from shared.runtime import streams
+
+    stream = names.user_input
+    await redis.xgroup_create(stream, "g", id="0", mkstream=True)
+    await redis.xgroup_createconsumer(stream, "g", "ghost")  # a copy that stopped long ago
+    await redis.xadd(stream, {"data": "x"})
+    await redis.xreadgroup("g", "holder", {stream: ">"}, count=1)  # a killed copy with an entry pending
+    monkeypatch.setattr(streams, "CONSUMER_IDLE_S", 0.05)
+
+    async def idle_enough() -> bool:
+        return all(int(c["idle"]) > 60 for c in await redis.xinfo_consumers(stream, "g"))
+
+    await wait_until(idle_enough, message="both consumers idle")
+    me = consumer(redis, stream, "me", lambda *_: asyncio.sleep(0))
+    await redis.xgroup_createconsumer(stream, "g", "me")
+    await me._reap_consumers()
+    left = {c["name"].decode() for c in await redis.xinfo_consumers(stream, "g")}
+    assert left == {"holder", "me"}, left  # the ghost went; the one with a pending entry stays for _claim
+    assert me.metrics.get("consumers_reaped") == 1
