@@ -11,15 +11,9 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from shared.contracts import Memory, MemoryUpdate
+from shared.contracts.errors import NotFound as NotFound  # replied as not_found by the request server
+from shared.contracts.errors import Unsupported as Unsupported  # replied as unknown_type
 from shared.contracts.messages import AddData, SearchData, SearchEntitiesData
-
-
-class NotFound(Exception):
-    """The named object does not exist for this user (replied as ``not_found``)."""
-
-
-class Unsupported(Exception):
-    """This backend does not offer the request type (replied as ``unknown_type``)."""
 
 
 class LtmBackend(Protocol):

@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
 
-from services.ltm.backend import LtmBackend, NotFound, Unsupported
+from services.ltm.backend import LtmBackend
 from services.ltm.config import LtmSettings
 from shared.contracts import (
     LTM_REQUEST,
@@ -20,8 +20,6 @@ from shared.contracts import (
     DecodeError,
     DeleteRequest,
     DeleteUserRequest,
-    ErrorCode,
-    ErrorInfo,
     LTMRequest,
     LTMResponse,
     LtmWarm,
@@ -217,13 +215,7 @@ class LtmService:
     async def handle_request(self, req: LTMRequest) -> LTMResponse:
         structlog.contextvars.bind_contextvars(request_id=req.request_id, user_id=req.user_id)
         try:
-            return await self._dispatch(req)
-        except NotFound as exc:
-            return LTMResponse.failure(req.request_id, ErrorInfo(code=ErrorCode.NOT_FOUND, message=str(exc)),
-                                       req.user_id)
-        except Unsupported as exc:
-            return LTMResponse.failure(req.request_id, ErrorInfo(code=ErrorCode.UNKNOWN_TYPE, message=str(exc)),
-                                       req.user_id)
+            return await self._dispatch(req)  # a MeshError (not_found, unknown_type, ...) is the request server's
         finally:
             structlog.contextvars.unbind_contextvars("request_id", "user_id")
 

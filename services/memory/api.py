@@ -2,8 +2,9 @@
 
 :class:`MemoryApi` is what both entry points use. The stream consumers call :meth:`MemoryApi.record`
 for every user input and AI reply; ``memory_requests`` is decoded and dispatched by
-:meth:`MemoryApi.handle`, which turns the store's :class:`NotFound`/:class:`Conflict` into the
-contract's error codes. Every method takes the caller's ``user_id`` and never shows another user's
+:meth:`MemoryApi.handle`; the store's errors are the mesh's one error type (:class:`MeshError`:
+``NotFound``, ``Conflict`` = bad_request), which the request server turns into the error reply and the stream
+consumer into a dead letter. Every method takes the caller's ``user_id`` and never shows another user's
 data. Writes keep the three copies in step: PostgreSQL first (durable), then the STM window and
 summary in Redis, then the session cache's generation.
 """
@@ -25,7 +26,7 @@ from services.memory.stm import StmWriter
 from services.memory.store import Conflict, ConversationStore, NotFound, StoredMessage
 from services.memory.tokens import TokenCounter
 from services.memory.updates import Publish, memory_update
-from shared.contracts import ErrorCode, ErrorInfo, new_id
+from shared.contracts import new_id
 from shared.contracts.memory_api import (
     CleanupExpiredRequest,
     CreateSessionRequest,
@@ -217,16 +218,10 @@ class MemoryApi:
     # ------------------------------------------------------------------ dispatch of memory_requests
     async def handle(self, req: MemoryRequest) -> MemoryResponse:
         structlog.contextvars.bind_contextvars(request_id=req.request_id, user_id=req.user_id)
-        try:
+        try:  # a MeshError (not_found, bad_request, ...) is answered by the request server, in one place
             data = await self._dispatch(req)
             self.metrics.incr(f"requests.{req.type}")
             return MemoryResponse(request_id=req.request_id, user_id=req.user_id, data=data)
-        except NotFound as exc:
-            return MemoryResponse.failure(req.request_id, ErrorInfo(code=ErrorCode.NOT_FOUND, message=str(exc)),
-                                          req.user_id)
-        except (Conflict, ValueError) as exc:
-            return MemoryResponse.failure(req.request_id, ErrorInfo(code=ErrorCode.BAD_REQUEST, message=str(exc)),
-                                          req.user_id)
         finally:
             structlog.contextvars.unbind_contextvars("request_id", "user_id")
 

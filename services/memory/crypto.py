@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
+from shared.contracts.errors import MeshError
 from shared.runtime.logging import get_logger
 
 log = get_logger(__name__)
@@ -46,7 +47,7 @@ class PreferenceCipher:
         try:
             return json.loads(self._fernet.decrypt(token))
         except InvalidToken:
-            raise ValueError("a sensitive preference cannot be decrypted with the configured keys") from None
+            raise MeshError("a sensitive preference cannot be decrypted with the configured keys") from None
 
 
 def load_cipher(keys: str | None, key_file: str | Path | None = None) -> PreferenceCipher:

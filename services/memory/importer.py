@@ -35,6 +35,7 @@ from services.memory.stm import StmWriter
 from services.memory.store import ConversationStore, NotFound, StoredMessage
 from services.memory.tokens import TokenCounter
 from services.memory.updates import Publish, memory_update
+from shared.contracts.errors import BadRequest
 from shared.contracts.memory_api import ImportMessage, ImportResult, import_message_id
 from shared.runtime.logging import get_logger
 from shared.runtime.metrics import Metrics
@@ -71,7 +72,7 @@ class HistoryImporter:
 
     async def import_messages(self, user_id: str, messages: Sequence[ImportMessage]) -> ImportResult:
         if len(messages) > self.max_batch:
-            raise ValueError(f"import_messages takes at most {self.max_batch} messages per request "
+            raise BadRequest(f"import_messages takes at most {self.max_batch} messages per request "
                              f"(MEMORY_IMPORT_MAX_BATCH); this one has {len(messages)}: send smaller batches")
         started = time.perf_counter()
         batch: dict[str, StoredMessage] = {}

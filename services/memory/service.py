@@ -19,15 +19,13 @@ from services.memory.cache import SessionCache
 from services.memory.config import MemorySettings
 from services.memory.crypto import LazyCipher
 from services.memory.stm import StmWriter
-from services.memory.store import ConversationStore, SessionOwnershipError, StoredMessage
+from services.memory.store import ConversationStore, StoredMessage
 from services.memory.summary import ExtractiveSummariser, LlmSummariser, Summariser
 from services.memory.tokens import TokenCounter, default_counter
 from shared.contracts import (
     AI_RESPONSE,
     MEMORY_REQUEST,
     USER_INPUT,
-    DeadLetterReason,
-    DecodeError,
     MemoryRequest,
     MemoryResponse,
     MemoryUpdate,
@@ -153,10 +151,7 @@ class MemoryService:
         ))
 
     async def record(self, m: StoredMessage) -> None:
-        try:
-            await self.api.record(m)
-        except SessionOwnershipError as exc:
-            raise DecodeError(DeadLetterReason.INVALID, str(exc)) from None
+        await self.api.record(m)  # another user's session or message id: a BadRequest, dead-lettered by the consumer
 
     def queue_update(self, pipe: Pipeline, update: MemoryUpdate) -> None:
         """The MemoryUpdate goes to the stream (for ltm, durable) and the channel (observers)."""

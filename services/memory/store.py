@@ -20,20 +20,17 @@ from psycopg_pool import AsyncConnectionPool
 
 from services.memory.crypto import Cipher
 from services.memory.summary import SummaryState
+from shared.contracts.errors import BadRequest, NotFound
 from shared.contracts.memory_api import ContextItem, MessageInfo, SessionInfo, SessionLink, SummaryInfo
 from shared.runtime.stm import Turn
 
 
-class NotFound(Exception):
-    """The session (or message) does not exist for this user."""
-
-
-class Conflict(Exception):
+class Conflict(BadRequest):
     """The request cannot be applied as asked (e.g. a session id another user already holds)."""
 
 
-class SessionOwnershipError(Exception):
-    """A message names a session that belongs to another user."""
+class SessionOwnershipError(BadRequest):
+    """A message names a session (or a message id) that belongs to another user."""
 
 
 @dataclass(slots=True)

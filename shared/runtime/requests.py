@@ -19,6 +19,7 @@ import redis.exceptions
 from pydantic import BaseModel, TypeAdapter
 
 from shared.contracts import DecodeError, ErrorCode, ErrorInfo, decode, encode
+from shared.contracts.errors import MeshError
 from shared.contracts.messages import RequestEnvelope
 from shared.runtime.backoff import Backoff
 from shared.runtime.deadletter import dead_letter
@@ -115,6 +116,10 @@ class RequestServer(Generic[Req]):
         try:
             response = await self.handler(request)
             self.metrics.incr("served")
+        except MeshError as exc:  # the one place a request's error becomes its reply
+            self.metrics.incr(f"failed.{exc.code.value}")
+            log.info("requests.refused", request_id=envelope.request_id, code=exc.code.value, error=exc.message)
+            response = self.error_reply(envelope.request_id, exc.info(), getattr(envelope, "user_id", None))
         except Exception as exc:
             transient = is_transient(exc)
             code = ErrorCode.UNAVAILABLE if transient else ErrorCode.INTERNAL

@@ -4,7 +4,7 @@ The loop: short blocking XREADGROUP reads (so shutdown is prompt), handlers run
 with bounded concurrency, XACK only after the handler returned (its work is
 durable). Failures are sorted three ways:
 
-* bad input (:class:`DecodeError`): dead-lettered with its reason and acked at once;
+* bad input (:class:`DecodeError`) or any :class:`MeshError`: dead-lettered with its reason and acked at once;
 * passing failures (a store is down, see :mod:`shared.runtime.errors`): retried in
   place with back-off until it works or the worker stops (then left pending);
 * anything else: left pending; it is claimed again after ``claim_idle_ms``
@@ -24,7 +24,8 @@ from typing import Any
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from shared.contracts import STREAM_FIELD, DeadLetterReason, DecodeError
+from shared.contracts import STREAM_FIELD, DeadLetterReason
+from shared.contracts.errors import MeshError
 from shared.contracts.names import Names
 from shared.runtime.backoff import Backoff
 from shared.runtime.deadletter import dead_letter_fields
@@ -252,7 +253,7 @@ class StreamConsumer:
         while True:
             try:
                 await self.handler(entry_id, raw)
-            except DecodeError as err:
+            except MeshError as err:  # DecodeError included: this entry fails the same way every time
                 reason, message = err.reason, err.message
                 self.metrics.incr(f"rejected.{reason.value}")
                 log.warning("consumer.rejected", stream=self.stream, entry_id=entry_id,

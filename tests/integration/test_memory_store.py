@@ -11,6 +11,7 @@ from cryptography.fernet import Fernet
 
 from services.memory.api import MemoryApi
 from services.memory.store import Conflict, NotFound, StoredMessage
+from shared.contracts.errors import MeshError
 from shared.contracts.memory_api import StoreMessageData
 from shared.runtime.db import migrate
 from tests.helpers import Mesh
@@ -202,7 +203,7 @@ async def test_links_and_preferences(mesh: Mesh) -> None:
     # another key cannot read it
     other = api_of(mesh).store
     other.cipher = type(api.store.cipher)(Fernet.generate_key().decode(), None)  # type: ignore[call-arg,misc]
-    with pytest.raises(ValueError):
+    with pytest.raises(MeshError, match="cannot be decrypted"):  # answered as internal, with this message
         await other.get_preferences("u1")
 
 

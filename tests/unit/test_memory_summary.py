@@ -18,6 +18,7 @@ from services.memory.summary import (
 )
 from services.memory.tokens import RegexCounter, WordPieceCounter, default_counter
 from shared.contracts import DecodeError, decode
+from shared.contracts.errors import MeshError
 from shared.contracts.memory_api import MEMORY_REQUEST, StoreMessageRequest
 from shared.runtime.stm import Turn
 
@@ -111,7 +112,7 @@ def test_preference_cipher_round_trip_rotation_and_dev_key(tmp_path) -> None:  #
     rotated = load_cipher(f"{new},{old}")
     assert rotated.decrypt(token) == {"card": "1234"}  # the old key still decrypts
     assert load_cipher(new).decrypt(rotated.encrypt("x")) == "x"  # the new key encrypts
-    with pytest.raises(ValueError):
+    with pytest.raises(MeshError, match="cannot be decrypted"):  # answered as internal, with this message
         load_cipher(new).decrypt(token)
     key_file = tmp_path / "keys" / "dev.key"
     lazy = LazyCipher(None, key_file)
