@@ -94,6 +94,9 @@ class RequestServer(Generic[Req]):
     def _done(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
         self._sem.release()
+        if not task.cancelled() and task.exception() is not None:  # never dropped unseen
+            self.metrics.incr("task_errors")
+            log.error("requests.task_failed", queue=self.queue, exc_info=task.exception())
 
     async def _serve(self, raw: bytes | str) -> None:
         started = time.perf_counter()

@@ -244,6 +244,9 @@ class StreamConsumer:
             self._inflight.discard(t)
             self._inflight_ids.discard(entry_id)
             self._sem.release()
+            if not t.cancelled() and t.exception() is not None:  # never dropped unseen; the entry stays pending
+                self.metrics.incr("task_errors")
+                log.error("consumer.task_failed", stream=self.stream, entry_id=entry_id, exc_info=t.exception())
 
         task.add_done_callback(_done)
 

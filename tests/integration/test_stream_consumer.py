@@ -139,3 +139,22 @@ async def test_consumers_idle_long_with_nothing_pending_leave_the_group(
     left = {c["name"].decode() for c in await redis.xinfo_consumers(stream, "g")}
     assert left == {"holder", "me"}, left  # the ghost went; the one with a pending entry stays for _claim
     assert me.metrics.get("consumers_reaped") == 1
+
+
+async def test_a_task_that_fails_outside_its_handler_is_counted_and_logged(
+        redis: aioredis.Redis, names: Names) -> None:
+    stream = names.user_input
+
+    async def ok(entry_id: str, raw: bytes | str | None) -> None:
+        return None
+
+    c = consumer(redis, stream, "a", ok)
+
+    async def broken_ack(op) -> None:  # type: ignore[no-untyped-def]
+        raise RuntimeError("the ack path broke")
+
+    c._retry_redis = broken_ack  # type: ignore[method-assign]
+    await redis.xadd(stream, {"data": "x"})
+    async with running(c):
+        await wait_until(lambda: c.metrics.get("task_errors") == 1, message="the failed task seen")
+    assert int((await redis.xpending(stream, "g"))["pending"]) == 1  # not acked: claimed again later
