@@ -110,7 +110,7 @@ FUZZ_MESSAGES ?= 100000
 chaos: $(STAMP)
 	FUZZ_MESSAGES=$(FUZZ_MESSAGES) $(PYTHON) -m pytest -q -p no:cacheprovider --timeout 0 \
 		tests/integration/test_fuzz.py tests/integration/test_store_restart.py tests/integration/test_restarts.py \
-		tests/integration/test_delete_user.py tests/integration/test_mesh_resilience.py $(PYTEST_ARGS)
+		tests/integration/test_delete_user.py tests/integration/test_mesh_resilience.py tests/integration/test_isolation.py $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
