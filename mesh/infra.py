@@ -267,17 +267,26 @@ class RedisServer:
         persist: bool = True,
         *,
         executable: str | None = None,
+        acl_file: Path | None = None,
+        admin: tuple[str, str] | None = None,
     ) -> None:
+        """``acl_file``: Redis's users (mesh/acl.py); ``admin`` (user, password) is then how ``url`` logs in."""
         self.data_dir = Path(data_dir).absolute()
         self.persist = persist
         self.port = port or 0
         self._requested_port = port
         self._executable = executable
+        self.acl_file = acl_file
+        self.admin = admin
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://{LOCALHOST}:{self.port}/0"
+        auth = f"{self.admin[0]}:{self.admin[1]}@" if self.admin else ""
+        return f"redis://{auth}{LOCALHOST}:{self.port}/0"
+
+    def url_as(self, user: str, password: str) -> str:
+        return f"redis://{user}:{password}@{LOCALHOST}:{self.port}/0"
 
     @property
     def pidfile(self) -> Path:
@@ -311,7 +320,7 @@ class RedisServer:
             try:
                 self._spawn(executable)
                 wait_for_redis(self.url, timeout, alive=lambda: self._proc is not None and self._proc.poll() is None)
-                log.info("redis-server %s ready at %s (data %s)", executable, self.url, self.data_dir)
+                log.info("redis-server %s ready at %s (data %s)", executable, redact_url(self.url), self.data_dir)
                 return self.url
             except (RuntimeError, TimeoutError) as exc:
                 self._kill_child()
@@ -344,6 +353,7 @@ class RedisServer:
             "--daemonize", "no",
             "--logfile", str(self.logfile),
             "--pidfile", str(self.pidfile),
+            *(["--aclfile", str(self.acl_file)] if self.acl_file else []),
         ]  # fmt: skip
 
     def _spawn(self, executable: str) -> None:

@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import BinaryIO, Protocol
@@ -117,8 +117,11 @@ def read_env_file(path: Path) -> dict[str, str]:
 
 
 def write_env_file(path: Path, values: dict[str, str]) -> None:
-    """Write ``KEY=value`` lines atomically (readers never see half a file)."""
+    """Write ``KEY=value`` lines atomically (readers never see half a file); the owner's only (the URLs carry
+    the Redis admin's password)."""
     staging = path.with_name(f".{path.name}.tmp")
+    staging.touch(mode=0o600)
+    staging.chmod(0o600)
     staging.write_text("".join(f"{key}={value}\n" for key, value in values.items()))
     os.replace(staging, path)
 
@@ -186,6 +189,7 @@ class Service:
 
     name: str
     argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)  # over the supervisor's (e.g. the service's own REDIS_URL)
     proc: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
     restart_at: float = 0.0
@@ -241,7 +245,7 @@ class Supervisor:
             try:
                 service.proc = subprocess.Popen(
                     service.argv,
-                    env=self._env,
+                    env={**self._env, **service.env},
                     cwd=self._cwd,
                     stdin=subprocess.DEVNULL,
                     stdout=output,
@@ -367,16 +371,38 @@ def _start_embedded(
     return server.start(), server
 
 
-def start_stores(paths: StackPaths, started: list[Stoppable]) -> tuple[str, str]:
-    """Return (REDIS_URL, DATABASE_URL); start embedded servers where none is given."""
+def _redis_users(paths: StackPaths) -> tuple[Path, dict[str, str]]:
+    """The stack's own Redis gets a user per service (mesh/acl.py), with new random passwords each start; the file
+    and the URLs that carry them are the owner's only."""
+    from mesh.acl import acl_file, random_passwords
+    from shared.contracts.names import Names
+
+    passwords = random_passwords()
+    path = paths.root / "redis-users.acl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_text(acl_file(Names.from_env(), passwords))
+    return path, passwords
+
+
+def start_stores(paths: StackPaths, started: list[Stoppable]) -> tuple[str, str, dict[str, str]]:
+    """Return (REDIS_URL, DATABASE_URL, each service's REDIS_URL); start embedded servers where none is given. An
+    embedded Redis runs with ACLs (REDIS_URL is then its admin user); a given REDIS_URL is used by every service."""
     previous = read_env_file(paths.env)
     redis_url = os.environ.get("REDIS_URL")
+    service_urls: dict[str, str] = {}
     if redis_url:
         log.info("using REDIS_URL from the environment: %s", redact_url(redis_url))
         wait_for_redis(redis_url, 15)
     else:
-        redis_url, redis = _start_embedded(lambda port: RedisServer(paths.redis, port=port), previous.get("REDIS_URL"))
+        acl, passwords = _redis_users(paths)
+        redis_url, redis = _start_embedded(
+            lambda port: RedisServer(paths.redis, port=port, acl_file=acl, admin=("admin", passwords["admin"])),
+            previous.get("REDIS_URL"))
         started.append(redis)
+        assert isinstance(redis, RedisServer)
+        service_urls = {name: redis.url_as(name, passwords[name]) for name in SERVICES}
     database_url = os.environ.get("DATABASE_URL")
     if database_url:
         log.info("using DATABASE_URL from the environment: %s", redact_url(database_url))
@@ -386,7 +412,7 @@ def start_stores(paths: StackPaths, started: list[Stoppable]) -> tuple[str, str]
             lambda port: PostgresServer(paths.pg, port=port), previous.get("DATABASE_URL")
         )
         started.append(pg)
-    return redis_url, database_url
+    return redis_url, database_url, service_urls
 
 
 def parse_services(spec: str) -> list[str]:
@@ -438,9 +464,12 @@ class StoreGuard:
 
 
 def _supervise(names: list[str], env: dict[str, str], stop: StopFlag, log_dir: Path,
-               stores: list[StoreGuard] | None = None) -> None:
-    supervisor = Supervisor([Service(name, [sys.executable, "-m", SERVICES[name]]) for name in names], env, Path.cwd(),
-                            log_dir=log_dir)
+               stores: list[StoreGuard] | None = None, redis_urls: dict[str, str] | None = None) -> None:
+    """``redis_urls``: each service's own REDIS_URL (its Redis user, mesh/acl.py), when the stack's Redis has ACLs."""
+    urls = redis_urls or {}
+    supervisor = Supervisor([Service(name, [sys.executable, "-m", SERVICES[name]],
+                                     {"REDIS_URL": urls[name]} if name in urls else {}) for name in names],
+                            env, Path.cwd(), log_dir=log_dir)
     try:
         while not stop.is_set():
             for store in stores or ():
@@ -467,7 +496,7 @@ def run_stack(args: argparse.Namespace) -> int:
         paths.pid.write_text(f"{os.getpid()}\n")
         started: list[Stoppable] = []
         try:
-            redis_url, database_url = start_stores(paths, started)
+            redis_url, database_url, service_urls = start_stores(paths, started)
             write_env_file(paths.env, {"REDIS_URL": redis_url, "DATABASE_URL": database_url})
             print(
                 f"{READY_PREFIX} REDIS_URL={redact_url(redis_url)} DATABASE_URL={redact_url(database_url)}", flush=True
@@ -478,7 +507,7 @@ def run_stack(args: argparse.Namespace) -> int:
                 log.info("service logs: %s", ", ".join(str(paths.service_log(name)) for name in names))
             guards = [StoreGuard("redis-server" if isinstance(server, RedisServer) else "PostgreSQL", server)
                       for server in started if isinstance(server, RedisServer | PostgresServer)]
-            _supervise(names, _service_env(redis_url, database_url), stop, paths.logs, guards)
+            _supervise(names, _service_env(redis_url, database_url), stop, paths.logs, guards, service_urls)
         except (RuntimeError, TimeoutError) as exc:
             log.error("%s", exc)
             return 1
@@ -510,8 +539,10 @@ def _tail(path: Path, lines: int = 30) -> str:
 
 
 def _print_urls(paths: StackPaths) -> None:
+    """The URLs without their passwords (they are in the env file, the owner's only)."""
     for key, value in read_env_file(paths.env).items():
-        print(f"{key}={value}")
+        print(f"{key}={redact_url(value)}")
+    print(f'with the passwords: set -a; . {paths.env}; redis-cli -u "$REDIS_URL"')
 
 
 def _log_has_ready_line(path: Path) -> bool:

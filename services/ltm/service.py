@@ -38,7 +38,7 @@ from shared.contracts import (
 from shared.contracts.messages import UserDeletion
 from shared.contracts.ping import PingInfo
 from shared.runtime.deadletter import dead_letter
-from shared.runtime.erase import erase_entries, mesh_streams
+from shared.runtime.erase import erase_entries, ltm_streams
 from shared.runtime.logging import get_logger
 from shared.runtime.metrics import Metrics
 from shared.runtime.pubsub import listen
@@ -190,11 +190,12 @@ class LtmService:
 
     # ------------------------------------------------------------------ deletion
     async def delete_user(self, user_id: str) -> dict[str, Any]:
-        """The backend's rows, then every stream entry of the user; every ltm process forgets the user's index
-        entry and text caches (``forget`` on ltm_index_warm, this one included)."""
+        """The backend's rows, then the user's entries in the streams ltm writes (memory's delete_user sweeps the
+        others); every ltm process forgets the user's index entry and text caches (``forget`` on ltm_index_warm,
+        this one included)."""
         rows = await self.backend.delete_user(user_id)
         self.backend.forget([user_id])
-        entries = await erase_entries(self.redis, mesh_streams(self.names), user_id)
+        entries = await erase_entries(self.redis, ltm_streams(self.names), user_id)  # memory's do the rest
         try:
             await self.redis.publish(self.names.ltm_warm, encode(LtmWarm(forget=[user_id])))
         except redis.exceptions.RedisError as exc:  # the rows are gone; an index entry of another process

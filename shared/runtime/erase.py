@@ -46,6 +46,11 @@ def mesh_streams(names: Names) -> list[str]:
     return streams + [Names.dead(n) for n in (*names.all_bus_names(), names.ltm_warm)]
 
 
+def ltm_streams(names: Names) -> list[str]:
+    """The streams ltm may write (its Redis user's rights, mesh/acl.py): memory_updates and ltm's dead letters."""
+    return [names.memory_updates, *(Names.dead(n) for n in (names.memory_updates, names.ltm_requests, names.ltm_warm))]
+
+
 class _Matcher:
     def __init__(self, user_id: str, sessions: Collection[str]) -> None:
         self.user_id, self.sessions = user_id, set(sessions)
@@ -111,4 +116,4 @@ async def delete_matching(redis: aioredis.Redis, pattern: str) -> int:
     return n
 
 
-__all__ = ["delete_matching", "erase_entries", "glob_escape", "mesh_streams", "user_hash"]
+__all__ = ["delete_matching", "erase_entries", "glob_escape", "ltm_streams", "mesh_streams", "user_hash"]

@@ -35,3 +35,22 @@ def test_compose_names_every_service_and_every_variable_the_code_reads() -> None
         assert not missing, f"{name} reads {sorted(missing)} but docker-compose.yml does not pass them"
     for store in ("redis", "postgres"):
         assert "healthcheck" in services[store]
+
+
+def test_compose_runs_redis_with_one_user_per_service() -> None:
+    """The committed ACL file is what `mesh acl` generates (development passwords), compose mounts it, and each
+    service logs in as its own user (the admin is the CLI's)."""
+    from mesh.acl import USERS, acl_file, dev_password
+    from shared.contracts.names import Names
+
+    committed = (ROOT / "deploy" / "redis" / "users.acl").read_text()
+    assert committed == acl_file(Names(), {u: dev_password(u) for u in USERS}), \
+        "deploy/redis/users.acl is stale: python -m mesh acl --out deploy/redis/users.acl"
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert "--aclfile" in services["redis"]["command"]
+    assert any(v.endswith("users.acl:/etc/redis/users.acl:ro") for v in services["redis"]["volumes"])
+    for name in (*SERVICES, "cli"):
+        user = "admin" if name == "cli" else name
+        assert f"redis://{user}:${{REDIS_PASSWORD_{user.upper()}:-{user}-dev-password}}@redis" in \
+            services[name]["environment"]["REDIS_URL"]
