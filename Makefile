@@ -107,10 +107,15 @@ test: $(STAMP)
 
 # The fault and bad-input tests at full counts (make test runs them reduced); counts in .data/chaos-report.json
 FUZZ_MESSAGES ?= 100000
+KILL9_UPDATES ?= 3000
+KILL9_INPUTS ?= 1000
 chaos: $(STAMP)
-	FUZZ_MESSAGES=$(FUZZ_MESSAGES) $(PYTHON) -m pytest -q -p no:cacheprovider --timeout 0 \
-		tests/integration/test_fuzz.py tests/integration/test_store_restart.py tests/integration/test_restarts.py \
-		tests/integration/test_delete_user.py tests/integration/test_mesh_resilience.py tests/integration/test_isolation.py $(PYTEST_ARGS)
+	FUZZ_MESSAGES=$(FUZZ_MESSAGES) KILL9_UPDATES=$(KILL9_UPDATES) KILL9_INPUTS=$(KILL9_INPUTS) \
+		$(PYTHON) -m pytest -q -p no:cacheprovider --timeout 0 \
+		tests/integration/test_fuzz.py tests/integration/test_kill9.py tests/integration/test_store_restart.py \
+		tests/integration/test_restarts.py tests/integration/test_delete_user.py tests/integration/test_mesh_resilience.py \
+		tests/integration/test_isolation.py tests/integration/test_acl.py $(PYTEST_ARGS)
+	$(PYTHON) -m mesh chaos-report
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
