@@ -198,3 +198,36 @@ async def test_another_users_search_never_returns_this_users_memory(mesh: Mesh) 
     for table in ("ltm_memories", "ltm_ingested"):
         assert await mesh.count(f"SELECT count(*) FROM {table} WHERE user_id = %s", "alice") == 0
 
+
+
+async def test_a_slow_ltm_never_delays_a_reply_and_its_late_replies_are_dropped(mesh: Mesh) -> None:
+    """An ltm that answers after LTM_TIMEOUT_MS: every turn is answered on time without memory, each late reply
+    is counted and dropped, and chat_ai's pending map is empty afterwards (nothing accumulates)."""
+    import asyncio
+
+    from shared.contracts import LTM_REQUEST, LTMResponse
+    from shared.runtime.metrics import Metrics
+    from shared.runtime.requests import RequestServer
+
+    timeout_ms, delay_s, turns = 200, 0.6, 12
+    answered: list[str] = []
+
+    async def slow(req) -> LTMResponse:  # type: ignore[no-untyped-def]
+        await asyncio.sleep(delay_s)
+        answered.append(req.request_id)
+        return LTMResponse(request_id=req.request_id, user_id=getattr(req, "user_id", None), memories=[])
+
+    server = RequestServer(mesh.redis, queue=mesh.names.ltm_requests, reply_channel=mesh.names.ltm_responses,
+                           adapter=LTM_REQUEST, handler=slow, error_reply=LTMResponse.failure, metrics=Metrics(),
+                           max_content_bytes=32768, concurrency=32)
+    chat = mesh.chat(ltm_timeout_ms=timeout_ms)
+    async with running(mesh.memory()), running(server), running(chat):
+        msgs = [await mesh.send(f"Turn {i}: I like plums.", user_id="u-slow", session_id=f"slow-{i}")
+                for i in range(turns)]
+        replies = [await mesh.reply_to(m, timeout=20) for m in msgs]
+        assert all(r.meta.ltm == "timeout" for r in replies), [r.meta.ltm for r in replies]
+        assert max(r.meta.latency_ms for r in replies) < timeout_ms + 250, [r.meta.latency_ms for r in replies]
+        await wait_until(lambda: len(answered) >= turns, timeout=30, message="the slow ltm answered every search")
+        await wait_until(lambda: chat.ltm.metrics.get("rpc.late_reply") >= turns, timeout=10,
+                         message="every late reply seen and dropped")
+        assert chat.ltm._pending == {}, f"{len(chat.ltm._pending)} entries left in the pending map"
