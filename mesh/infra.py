@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 log = logging.getLogger(__name__)
 
@@ -493,6 +493,11 @@ def _selftest_vectors() -> tuple[list[float], list[float], float, float]:
     return a, b, 1.0 - dot / norm, l2
 
 
+def _literal(text: str) -> str:
+    """``text`` as an SQL string literal (ALTER ROLE ... PASSWORD takes no parameter)."""
+    return "'" + text.replace("'", "''") + "'"
+
+
 def _vector_literal(values: list[float]) -> str:
     return "[" + ",".join(f"{v:.6f}" for v in values) + "]"
 
@@ -521,9 +526,13 @@ class PostgresServer:
         ephemeral: bool = False,
         settings: Mapping[str, str] | None = None,
         os_user: str | None = None,
+        password: str | None = None,
     ) -> None:
+        """``password``: the role's password, required over TCP (scram-sha-256 in pg_hba.conf) from the first start
+        on, also for a cluster an earlier run made with ``trust``; the URLs then carry it."""
         self.data_dir = Path(data_dir).absolute()
         self.dbname = dbname
+        self.password = password
         self.user = PG_SUPERUSER
         self.port = port or 0
         self.fast = fast
@@ -538,12 +547,16 @@ class PostgresServer:
     # -- public ------------------------------------------------------------------------
 
     @property
+    def _auth(self) -> str:
+        return f"{self.user}:{quote(self.password, safe='')}" if self.password else self.user
+
+    @property
     def url(self) -> str:
-        return f"postgresql://{self.user}@{LOCALHOST}:{self.port}/{self.dbname}"
+        return f"postgresql://{self._auth}@{LOCALHOST}:{self.port}/{self.dbname}"
 
     @property
     def admin_url(self) -> str:
-        return f"postgresql://{self.user}@{LOCALHOST}:{self.port}/postgres"
+        return f"postgresql://{self._auth}@{LOCALHOST}:{self.port}/postgres"
 
     @property
     def pgdata(self) -> Path:
@@ -576,13 +589,15 @@ class PostgresServer:
         self._start_postmaster(deadline)
         try:
             wait_for_postgres(self.admin_url, max(1.0, deadline - time.monotonic()), alive=self.is_running)
+            if self.password:
+                self._require_password()
             self._ensure_database()
             self._ensure_vector()
         except Exception as exc:
             message = self._diagnose(exc)
             self.stop()
             raise RuntimeError(message) from exc
-        log.info("PostgreSQL ready at %s (data %s)", self.url, self._pgdata)
+        log.info("PostgreSQL ready at %s (data %s)", redact_url(self.url), self._pgdata)
         return self.url
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -815,6 +830,24 @@ class PostgresServer:
         terminate_pid(pid, 5.0)
 
     # -- checks -------------------------------------------------------------------------
+
+    def _require_password(self) -> None:
+        """Set the role's password and make TCP logins need it (pg_hba.conf: scram-sha-256), then reload."""
+        import psycopg
+
+        assert self._pgdata is not None and self.password
+        with psycopg.connect(self.admin_url, autocommit=True, connect_timeout=5) as conn:
+            conn.execute("SET password_encryption = 'scram-sha-256'")
+            conn.execute(f"ALTER ROLE {PG_SUPERUSER} PASSWORD {_literal(self.password)}")
+            hba = self._pgdata / "pg_hba.conf"
+            wanted = ("# memory mesh: TCP on loopback only, with a password\n"
+                      "host all all 127.0.0.1/32 scram-sha-256\nhost all all ::1/128 scram-sha-256\n")
+            if hba.read_text() != wanted:
+                hba.write_text(wanted)
+                hba.chmod(0o600)
+                if self._os_user is not None:
+                    os.chown(hba, self._os_user.uid, self._os_user.gid)
+                conn.execute("SELECT pg_reload_conf()")
 
     def _ensure_database(self) -> None:
         import psycopg

@@ -386,6 +386,19 @@ def _redis_users(paths: StackPaths) -> tuple[Path, dict[str, str]]:
     return path, passwords
 
 
+def _pg_password(paths: StackPaths) -> str:
+    """The local PostgreSQL's password: made once, kept in ``<data>/pg-password`` (the owner's only)."""
+    import secrets
+
+    path = paths.root / "pg-password"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_urlsafe(24))
+    path.chmod(0o600)
+    return path.read_text().strip()
+
+
 def start_stores(paths: StackPaths, started: list[Stoppable]) -> tuple[str, str, dict[str, str]]:
     """Return (REDIS_URL, DATABASE_URL, each service's REDIS_URL); start embedded servers where none is given. An
     embedded Redis runs with ACLs (REDIS_URL is then its admin user); a given REDIS_URL is used by every service."""
@@ -409,7 +422,7 @@ def start_stores(paths: StackPaths, started: list[Stoppable]) -> tuple[str, str,
         wait_for_postgres(database_url, 30)
     else:
         database_url, pg = _start_embedded(
-            lambda port: PostgresServer(paths.pg, port=port), previous.get("DATABASE_URL")
+            lambda port: PostgresServer(paths.pg, port=port, password=_pg_password(paths)), previous.get("DATABASE_URL")
         )
         started.append(pg)
     return redis_url, database_url, service_urls

@@ -10,6 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
+import pytest
 import redis.asyncio as aioredis
 
 from mesh.infra import read_pid
@@ -74,3 +75,27 @@ async def test_a_killed_redis_is_restarted_on_its_port_with_its_data(tmp_path: P
         await asyncio.wait_for(proc.wait(), 60)
         reader.cancel()
     assert proc.returncode == 0
+
+
+def test_the_local_postgresql_needs_its_password(tmp_path: Path) -> None:
+    """The stack's own PostgreSQL takes TCP logins with the role's password only (scram-sha-256), also after a
+    restart, and even when its cluster was made by an earlier run with trust."""
+    import psycopg
+
+    from mesh.infra import PostgresServer
+
+    trusting = PostgresServer(tmp_path / "pg", fast=True)
+    trusting.start()  # an earlier run's cluster: trust
+    trusting.stop()
+    server = PostgresServer(tmp_path / "pg", fast=True, password="p@ss w'rd/1")
+    try:
+        for start in ("converts the trust cluster", "finds it converted"):
+            server.start()
+            with psycopg.connect(server.url, connect_timeout=5) as conn:
+                assert conn.execute("SELECT 1").fetchone() == (1,), start
+            without = f"postgresql://mesh@127.0.0.1:{server.port}/mesh"
+            with pytest.raises(psycopg.OperationalError, match="password"):
+                psycopg.connect(without, connect_timeout=5)
+            server.stop()
+    finally:
+        server.stop()
