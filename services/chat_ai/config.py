@@ -23,7 +23,7 @@ class ChatSettings(MeshSettings):
         "token budget of the prompt's memory block, labels included (all-MiniLM-L6-v2 WordPiece tokens)"))
     ltm_turn_tokens: int = Field(default=200, ge=20, le=32_000, description=(
         "longest a single remembered turn may be in the memory block; longer turns are cut at a word boundary"))
-    chat_concurrency: int = Field(default=16, ge=1)
+    chat_concurrency: int = Field(default=64, ge=1)
     system_prompt: str = SYSTEM_PROMPT
     reply_dedup_ttl_s: int = 24 * 3600
     ai_responses_maxlen: int = Field(default=1_000_000, ge=1000, description=(

@@ -58,6 +58,9 @@ class LtmSettings(MeshSettings):
     ltm_query_cache: int = Field(default=4096, ge=0, description=(
         "query embeddings kept per ltm process (the same text searched again is not embedded again)"))
     # ingest (services/ltm/ingest.py)
+    ltm_ingest_yield_ms: int = Field(default=250, ge=0, le=10_000, description=(
+        "ingest steps aside while searches are in flight, between its small steps, at most this long per step "
+        "(requests first; 0 = off)"))
     ltm_ingest_step_tokens: int = Field(default=256, ge=16, le=16_384, description=(
         "the most text (about 4 characters a token) one ingest step extracts or embeds in one call: small "
         "embedding passes cost less per token here and keep a search's embedding from waiting long"))

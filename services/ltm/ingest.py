@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -123,19 +123,24 @@ def from_cache(cache: VectorCache, wanted: dict[str, str]) -> Lookup:
     return out
 
 
-async def embed_in_steps(embedder: Embedder, texts: Sequence[str], budget_tokens: int) -> dict[str, np.ndarray]:
+async def embed_in_steps(embedder: Embedder, texts: Sequence[str], budget_tokens: int,
+                         turn: Callable[[], Awaitable[None]] | None = None) -> dict[str, np.ndarray]:
     """The vector of every distinct text, in forward passes of at most ``budget_tokens`` padded tokens (texts
-    sorted by length, so that a pass pads little)."""
+    sorted by length, so that a pass pads little); ``turn`` is awaited before each pass (requests first)."""
     distinct = sorted(set(texts), key=lambda t: (tokens(t), t))
     out: dict[str, np.ndarray] = {}
     run: list[str] = []
     for text in distinct:
         # sorted ascending: the padded size of a pass is its count times its last (longest) text
         if run and (len(run) + 1) * tokens(text) > budget_tokens:
+            if turn is not None:
+                await turn()
             await _pass(embedder, run, out)
             run = []
         run.append(text)
     if run:
+        if turn is not None:
+            await turn()
         await _pass(embedder, run, out)
     return out
 

@@ -34,6 +34,7 @@ from shared.runtime.embedding import Embedder
 from shared.runtime.errors import is_transient
 from shared.runtime.llm import chat_model
 from shared.runtime.logging import get_logger
+from shared.runtime.priority import Foreground
 from shared.runtime.text import is_question
 
 log = get_logger(__name__)
@@ -105,6 +106,8 @@ class NativeBackend:
         self.lifecycle = Lifecycle(store.pool, lifecycle_config(settings), redis,
                                    lambda user_id: lock_names.lock("ltm", "optimize", user_id))
         self.step_tokens = settings.ltm_ingest_step_tokens
+        # requests first: LtmService's request server marks what it serves, ingest steps aside between its steps
+        self.foreground = Foreground(settings.ltm_ingest_yield_ms / 1000)
         self._names = VectorCache(VECTOR_CACHE)  # entity name vectors, by normalised name
         self._texts = VectorCache(VECTOR_CACHE)  # vectors of extracted memories' texts ("Caroline (person)"...)
         self._extract_stage: Batcher[MemoryUpdate, Staged | None] = Batcher(self._extract_batch,
@@ -175,6 +178,7 @@ class NativeBackend:
         todo = [u for u in updates if (u.user_id, u.message_id) not in done]
         out: dict[tuple[str, str], Staged] = {}
         for step in steps([(u, self._turn(u)) for u in todo], lambda ut: tokens(ut[0].content), self.step_tokens):
+            await self.foreground.turn()  # requests first
             for (u, turn), items in zip(step, await asyncio.gather(*(self._extract(t) for _, t in step)), strict=True):
                 out[(u.user_id, u.message_id)] = Staged(u, turn, items)
         return [out.get((u.user_id, u.message_id)) for u in updates]
@@ -191,7 +195,8 @@ class NativeBackend:
         texts = from_cache(self._texts, {it.content: it.content for items in items_of for it in items})
         names = from_cache(self._names, {key: name for ns in names_of for key, name in ns.items()})
         vectors = await embed_in_steps(self.ingest_embedder, [*(u.content for u in todo), *texts.missing.values(),
-                                                       *names.missing.values()], self.step_tokens)
+                                                       *names.missing.values()], self.step_tokens,
+                                     self.foreground.turn)
         texts.fill(self._texts, vectors)
         names.fill(self._names, vectors)
         return [self._write_of(u, t, items, mentioned, ns, vectors[u.content], texts.found, names.found)
@@ -226,6 +231,7 @@ class NativeBackend:
         """One transaction for the batch; if it fails for a reason that is not passing, each update alone, so that
         one bad update fails by itself (and is dead-lettered by itself)."""
         results: list[bool | BaseException]
+        await self.foreground.turn()
         try:
             results = list(await self._store_writes(writes))
         except Exception as exc:

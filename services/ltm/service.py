@@ -70,6 +70,7 @@ class LtmService:
             redis, queue=names.ltm_requests, reply_channel=names.ltm_responses, adapter=LTM_REQUEST,
             handler=self.handle_request, error_reply=LTMResponse.failure, metrics=self.metrics,
             max_content_bytes=settings.max_content_bytes, concurrency=settings.ltm_request_concurrency,
+            foreground=getattr(backend, "foreground", None),  # the native backend's ingest steps aside for requests
         )
 
     # ------------------------------------------------------------------ lifecycle

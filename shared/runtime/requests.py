@@ -26,6 +26,7 @@ from shared.runtime.deadletter import dead_letter
 from shared.runtime.errors import is_transient
 from shared.runtime.logging import get_logger
 from shared.runtime.metrics import Metrics
+from shared.runtime.priority import Foreground
 from shared.runtime.pubsub import listen
 
 log = get_logger(__name__)
@@ -52,11 +53,13 @@ class RequestServer(Generic[Req]):
         concurrency: int = 8,
         block_s: float = 1.0,
         max_payload_bytes: int | None = None,  # whole-request limit when batches need more than payload_limit()
+        foreground: Foreground | None = None,  # marks each request served (background work steps aside)
     ) -> None:
         self.redis, self.queue, self.reply_channel = redis, queue, reply_channel
         self.adapter, self.handler, self.error_reply = adapter, handler, error_reply
         self.metrics, self.max_content_bytes = metrics, max_content_bytes
         self.max_payload_bytes = max_payload_bytes
+        self.foreground = foreground
         self.block_s = block_s
         self._sem = asyncio.Semaphore(concurrency)
         self._inflight: set[asyncio.Task[None]] = set()
@@ -117,7 +120,11 @@ class RequestServer(Generic[Req]):
             log.info("requests.expired", queue=self.queue, request_id=envelope.request_id)
             return
         try:
-            response = await self.handler(request)
+            if self.foreground is not None:
+                with self.foreground.serving():
+                    response = await self.handler(request)
+            else:
+                response = await self.handler(request)
             self.metrics.incr("served")
         except MeshError as exc:  # the one place a request's error becomes its reply
             self.metrics.incr(f"failed.{exc.code.value}")
