@@ -109,8 +109,10 @@ test: $(STAMP)
 FUZZ_MESSAGES ?= 100000
 KILL9_UPDATES ?= 3000
 KILL9_INPUTS ?= 1000
+ISOLATION_READS ?= 10000
 chaos: $(STAMP)
 	FUZZ_MESSAGES=$(FUZZ_MESSAGES) KILL9_UPDATES=$(KILL9_UPDATES) KILL9_INPUTS=$(KILL9_INPUTS) \
+		ISOLATION_READS=$(ISOLATION_READS) \
 		$(PYTHON) -m pytest -q -p no:cacheprovider --timeout 0 \
 		tests/integration/test_fuzz.py tests/integration/test_kill9.py tests/integration/test_store_restart.py \
 		tests/integration/test_restarts.py tests/integration/test_delete_user.py tests/integration/test_mesh_resilience.py \
