@@ -98,6 +98,7 @@ class NativeBackend:
         self._own_model = ingest_embedder is None and settings.ltm_ingest_model == "own"
         self.retrieval = RetrievalConfig.from_settings(settings)
         self._queries: OrderedDict[str, np.ndarray] = OrderedDict()  # query text -> embedding (search)
+        self.reused_query_vectors = 0  # ingested turns whose vector came from the query cache
         self._query_cache = settings.ltm_query_cache
         self._warm_rows = settings.ltm_search_index_warm_rows
         self._warm_task: asyncio.Task[None] | None = None
@@ -194,9 +195,15 @@ class NativeBackend:
         # cached vectors first (the same text always has the same vector), then one stepped pass over the rest
         texts = from_cache(self._texts, {it.content: it.content for items in items_of for it in items})
         names = from_cache(self._names, {key: name for ns in names_of for key, name in ns.items()})
-        vectors = await embed_in_steps(self.ingest_embedder, [*(u.content for u in todo), *texts.missing.values(),
-                                                       *names.missing.values()], self.step_tokens,
-                                     self.foreground.turn)
+        # a user's turn was usually searched for a moment ago (chat_ai's query is the turn itself): its vector is
+        # in the query cache, and embedding it again would cost the most expensive step of ingest once more
+        searched = {u.content: vec for u in todo if (vec := self._queries.get(u.content)) is not None}
+        vectors = await embed_in_steps(self.ingest_embedder, [*(u.content for u in todo if u.content not in searched),
+                                                              *texts.missing.values(), *names.missing.values()],
+                                       self.step_tokens, self.foreground.turn)
+        vectors.update(searched)
+        if searched:
+            self.reused_query_vectors += len(searched)
         texts.fill(self._texts, vectors)
         names.fill(self._names, vectors)
         return [self._write_of(u, t, items, mentioned, ns, vectors[u.content], texts.found, names.found)

@@ -212,3 +212,26 @@ async def test_a_program_limit_error_is_the_messages_fault_not_an_outage(mesh: M
     assert isinstance(error, psycopg.OperationalError) and error.sqlstate == "54000"
     assert not is_transient(error)
     assert is_transient(psycopg.OperationalError("connection refused"))
+
+
+async def test_a_turn_just_searched_for_is_ingested_with_the_searchs_vector(mesh: Mesh) -> None:
+    """chat_ai searches with the turn's own text; ingesting that turn moments later reuses the query's vector
+    instead of embedding it again (the same vector: the same model)."""
+    from shared.contracts.messages import SearchData
+
+    b = backend(mesh)
+    text = "My neighbour Priya keeps three beehives on her roof."
+    await b.search("u-reuse", SearchData(query=text, limit=5))
+    update = MemoryUpdate(user_id="u-reuse", content=text, timestamp=time.time(), meta={"message_id": "m-reuse"})
+    assert await b.ingest(update) is True
+    assert b.reused_query_vectors == 1
+    other = MemoryUpdate(user_id="u-reuse", content="A turn nobody searched for.", timestamp=time.time(),
+                         meta={"message_id": "m-other"})
+    assert await b.ingest(other) is True
+    assert b.reused_query_vectors == 1  # embedded as before
+    async with mesh.pool.connection() as conn:
+        cur = await conn.execute("SELECT embedding FROM ltm_memories WHERE user_id = 'u-reuse'"
+                                 " AND source_message_id = 'm-reuse' AND type = 'episodic'")
+        row = await cur.fetchone()
+    stored = row[0].to_numpy() if hasattr(row[0], "to_numpy") else np.asarray(row[0])
+    assert float(np.dot(stored, mesh.model.encode([text])[0])) > 0.9999
