@@ -52,6 +52,7 @@ from services.ltm.config import LtmSettings
 from shared.contracts import Memory, MemorySource, MemoryUpdate
 from shared.contracts.messages import AddData, MemoryType, SearchData, SearchEntitiesData
 from shared.runtime.embedding import DIM, SyncEmbedder
+from shared.runtime.erase import user_hash
 from shared.runtime.logging import content, get_logger
 
 log = get_logger(__name__)
@@ -348,6 +349,8 @@ class Mem0Backend:
                 cur = await conn.execute(sql.SQL("DELETE FROM {} WHERE user_id = %s").format(sql.Identifier(table)),
                                          (user_id,))
                 counts[key] = cur.rowcount
+            await conn.execute("INSERT INTO user_deletions (user_hash, service, counts) VALUES (%s, 'ltm-mem0', %s)",
+                               (user_hash(user_id), Jsonb(counts)))
         await asyncio.to_thread(self._purge_history, ids, user_id)
         return counts
 

@@ -244,6 +244,10 @@ async def test_delete_user_removes_everything_of_that_user_only(ltm: tuple[LtmSe
     kept = (await client.ok("search", "u-kept", {"query": "bank"})).memories
     assert any("Oslo" in m.content for m in kept)
     assert ((await client.ok("profile_get", "u-kept")).user_profile or {}).get("name") == "Kept"
+    from shared.runtime.erase import user_hash
+
+    logged = await mesh.count("SELECT count(*) FROM user_deletions WHERE user_hash = %s", user_hash("u-gone"))
+    assert logged == 1, "the deletion is logged (a hash of the id, counts) by either backend"
 
 
 async def test_unknown_and_bad_requests_get_error_replies(ltm: tuple[LtmService, Client]) -> None:
