@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
 import redis.asyncio as aioredis
@@ -199,3 +200,14 @@ def ltm_request(type_: str, user_id: str | None, data: dict[str, Any] | None = N
         body["user_id"] = user_id
     return json.dumps(body)
 
+
+def record_chaos(section: str, counts: dict[str, Any]) -> None:
+    """Merge ``counts`` into .data/chaos-report.json (what `make chaos` and `make test` tried, and what was lost)."""
+    path = Path(__file__).resolve().parent.parent / ".data" / "chaos-report.json"
+    path.parent.mkdir(exist_ok=True)
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        report = {}
+    report[section] = counts
+    path.write_text(json.dumps(report, indent=1) + "\n")

@@ -39,7 +39,7 @@ from shared.contracts import (
     new_id,
 )
 from shared.contracts.memory_api import MEMORY_REQUEST
-from tests.helpers import Mesh, Replies, ltm_request, running, wait_until
+from tests.helpers import Mesh, Replies, ltm_request, record_chaos, running, wait_until
 
 N = int(os.environ.get("FUZZ_MESSAGES", "400"))
 HOSTILE = [
@@ -146,20 +146,6 @@ def corpus(n: int) -> list[tuple[str, bytes | str]]:
     collect()
     random.Random(7).shuffle(out)
     return out[:n]
-
-
-def record_chaos(section: str, counts: dict[str, Any]) -> None:
-    """Merge ``counts`` into .data/chaos-report.json (what `make chaos` and `make test` tried, and what was lost)."""
-    from tests.conftest import ROOT
-
-    path = ROOT / ".data" / "chaos-report.json"
-    path.parent.mkdir(exist_ok=True)
-    try:
-        report = json.loads(path.read_text())
-    except (OSError, ValueError):
-        report = {}
-    report[section] = counts
-    path.write_text(json.dumps(report, indent=1) + "\n")
 
 
 def _wire(raw: bytes | str) -> bytes:

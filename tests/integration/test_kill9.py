@@ -13,15 +13,13 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
-from typing import Any
 
 import redis.asyncio as aioredis
 
-from mesh.procs import ServiceProcesses
+from mesh.procs import Child, ServiceProcesses
 from shared.contracts import MemoryUpdate, Names, UserInput, encode, new_id
 from shared.contracts.messages import MemoryUpdateMeta
-from tests.helpers import Mesh, wait_until
-from tests.integration.test_fuzz import record_chaos
+from tests.helpers import Mesh, record_chaos, wait_until
 
 UPDATES = int(os.environ.get("KILL9_UPDATES", "300"))
 INPUTS = int(os.environ.get("KILL9_INPUTS", "120"))
@@ -41,8 +39,21 @@ async def _pending(redis: aioredis.Redis, stream: str, group: str) -> int:
     return -1
 
 
-async def _count(mesh: Mesh, sql: str, *args: Any) -> int:
-    return await mesh.count(sql, *args)
+async def kill_9_midway(mesh: Mesh, procs: ServiceProcesses, child: Child, module: str, done_sql: str,
+                        enough: int, what: str) -> int:
+    """Once ``done_sql`` counts ``enough``, SIGKILL ``child`` and start ``module`` again; the count at the kill."""
+    async def some() -> int | None:
+        procs.check()
+        got = await mesh.count(done_sql)
+        return got if got >= enough else None
+
+    before: int = await wait_until(some, timeout=120, message=what)
+    os.killpg(child.proc.pid, signal.SIGKILL)
+    child.proc.wait()
+    procs.children.remove(child)
+    child.handle.close()
+    procs.start(f"{child.name}-again", module, env_for(mesh, child.name))
+    return before
 
 
 async def test_kill_9_of_ltm_while_ingesting_loses_nothing_and_ingests_once(mesh: Mesh, tmp_path: Path) -> None:
@@ -54,26 +65,18 @@ async def test_kill_9_of_ltm_while_ingesting_loses_nothing_and_ingests_once(mesh
                                   source="user", meta=MemoryUpdateMeta(session_id=f"k9-s{i % 5}", message_id=f"k9-{i}"))
             await mesh.redis.xadd(n.memory_updates, {"data": encode(update)})
 
-        async def some() -> int | None:
-            got = await _count(mesh, "SELECT count(*) FROM ltm_ingested WHERE user_id LIKE 'k9-%%'")
-            procs.check()
-            return got if got >= UPDATES // 4 else None
-
-        before = await wait_until(some, timeout=120, message="ltm started ingesting")
-        os.killpg(ltm.proc.pid, signal.SIGKILL)
-        ltm.proc.wait()
-        procs.children.remove(ltm)
-        ltm.handle.close()
-        procs.start("ltm-again", "services.ltm", env_for(mesh, "ltm"))
+        before = await kill_9_midway(mesh, procs, ltm, "services.ltm",
+                                     "SELECT count(*) FROM ltm_ingested WHERE user_id LIKE 'k9-%%'", UPDATES // 4,
+                                     "ltm started ingesting")
 
         async def all_in() -> bool:
             procs.check()
-            return await _count(mesh, "SELECT count(*) FROM ltm_ingested WHERE user_id LIKE 'k9-%%'") == UPDATES \
+            return await mesh.count("SELECT count(*) FROM ltm_ingested WHERE user_id LIKE 'k9-%%'") == UPDATES \
                 and await _pending(mesh.redis, n.memory_updates, n.ltm_group) == 0
 
         await wait_until(all_in, timeout=240, interval=0.5, message=f"all {UPDATES} updates ingested after kill -9")
-    ingested = await _count(mesh, "SELECT count(DISTINCT message_id) FROM ltm_ingested WHERE user_id LIKE 'k9-%%'")
-    episodic = await _count(mesh, "SELECT count(*) FROM ltm_memories WHERE user_id LIKE 'k9-%%' AND type = 'episodic'")
+    ingested = await mesh.count("SELECT count(DISTINCT message_id) FROM ltm_ingested WHERE user_id LIKE 'k9-%%'")
+    episodic = await mesh.count("SELECT count(*) FROM ltm_memories WHERE user_id LIKE 'k9-%%' AND type = 'episodic'")
     dead = int(await mesh.redis.xlen(Names.dead(n.memory_updates)))
     record_chaos("kill9_ltm", {"updates": UPDATES, "ingested_before_kill": before, "ingested_once": ingested,
                                "episodic_memories": episodic, "lost": UPDATES - ingested,
@@ -93,33 +96,25 @@ async def test_kill_9_of_memory_while_storing_loses_nothing_and_stores_once(mesh
             await mesh.redis.xadd(n.user_input, {"data": encode(msg)})
             sent.append(msg.message_id)
 
-        async def some() -> int | None:
-            procs.check()
-            got = await _count(mesh, "SELECT count(*) FROM conversation_messages WHERE user_id LIKE 'k9m-%%'")
-            return got if got >= INPUTS // 4 else None
-
-        before = await wait_until(some, timeout=120, message="memory started storing")
-        os.killpg(memory.proc.pid, signal.SIGKILL)
-        memory.proc.wait()
-        procs.children.remove(memory)
-        memory.handle.close()
-        procs.start("memory-again", "services.memory", env_for(mesh, "memory"))
+        before = await kill_9_midway(mesh, procs, memory, "services.memory",
+                                     "SELECT count(*) FROM conversation_messages WHERE user_id LIKE 'k9m-%%'",
+                                     INPUTS // 4, "memory started storing")
 
         async def all_in() -> bool:
             procs.check()
-            stored = await _count(mesh, "SELECT count(*) FROM conversation_messages WHERE user_id LIKE 'k9m-%%'")
+            stored = await mesh.count("SELECT count(*) FROM conversation_messages WHERE user_id LIKE 'k9m-%%'")
             return stored == 2 * INPUTS and await _pending(mesh.redis, n.user_input, n.memory_group) == 0 \
                 and await _pending(mesh.redis, n.ai_responses, n.memory_group) == 0
 
         await wait_until(all_in, timeout=240, interval=0.5, message=f"{INPUTS} inputs and replies stored")
-    rows = await _count(mesh, "SELECT count(*) FROM conversation_messages WHERE user_id LIKE 'k9m-%%'")
-    distinct = await _count(mesh, "SELECT count(DISTINCT message_id) FROM conversation_messages"
+    rows = await mesh.count("SELECT count(*) FROM conversation_messages WHERE user_id LIKE 'k9m-%%'")
+    distinct = await mesh.count("SELECT count(DISTINCT message_id) FROM conversation_messages"
                                   " WHERE user_id LIKE 'k9m-%%'")
-    inputs = await _count(mesh, "SELECT count(*) FROM conversation_messages WHERE user_id LIKE 'k9m-%%'"
+    inputs = await mesh.count("SELECT count(*) FROM conversation_messages WHERE user_id LIKE 'k9m-%%'"
                                 " AND role = 'human' AND message_id = ANY(%s)", sent)
-    replies = await _count(mesh, "SELECT count(*) FROM conversation_messages WHERE user_id LIKE 'k9m-%%'"
+    replies = await mesh.count("SELECT count(*) FROM conversation_messages WHERE user_id LIKE 'k9m-%%'"
                                  " AND role = 'ai'")
-    per_input = await _count(mesh, "SELECT count(*) FROM (SELECT parent_message_id FROM conversation_messages"
+    per_input = await mesh.count("SELECT count(*) FROM (SELECT parent_message_id FROM conversation_messages"
                                    " WHERE role = 'ai' AND user_id LIKE 'k9m-%%' GROUP BY parent_message_id"
                                    " HAVING count(*) > 1) d")
     dead = int(await mesh.redis.xlen(Names.dead(n.user_input))) + int(await mesh.redis.xlen(Names.dead(n.ai_responses)))
