@@ -65,6 +65,8 @@ COMMANDS: dict[str, Command] = {
                      _lazy("mesh.bench", "configure"), _lazy_run("mesh.bench")),
     "import": Command("load one user's chat history (JSON / JSON Lines) through memory_requests: `import FILE`",
                       _lazy("mesh.importer", "configure"), _lazy_run("mesh.importer")),
+    "schema": Command("check (or --write) docs/schema/: the JSON Schema of every bus message, from the models",
+                      _lazy("mesh.schemadoc", "configure"), _lazy_run("mesh.schemadoc")),
     "chaos-report": Command("the fault and bad-input tests' counts (.data/chaos-report.json) as docs/chaos.md",
                             _lazy("mesh.chaos_report", "configure"), _lazy_run("mesh.chaos_report")),
     "acl": Command("print (or --out) the Redis ACL file: one least-privilege user per service, and an admin",

@@ -5,18 +5,25 @@
   ``memory_requests``, ``chat_requests``; for a chat_ai without that list: until it answers a turn sent
   at its start). Repeated ``ready_reps`` times.
 - ``chat``: on the mesh just started, ``chat_sessions`` sessions at once (users holding 1k memories each),
-  each sending ``chat_turns`` turns one after another; a turn is timed from its ``XADD`` to
-  ``user_input_queue`` until its AIResponse arrives on ``ai_responses``. Offline responder, default
-  ``LTM_TIMEOUT_MS``; turns whose ``meta.ltm`` is not ``hit`` were answered without memory. Before the
-  timed turns, three warm-up turns and one ltm search per user (returning users: nothing a user's first
-  search loads is in their turns). What the turns added to the seeded users (memories of the bench's
-  sessions) is removed afterwards.
+  each sending ``chat_turns`` turns one after another with no pause: a closed loop that keeps 50 turns
+  always in flight, i.e. a stress test of how far the mesh falls behind when offered more than two cores
+  can serve. A turn is timed from its ``XADD`` to ``user_input_queue`` until its AIResponse arrives on
+  ``ai_responses``. Offline responder, default ``LTM_TIMEOUT_MS``; turns whose ``meta.ltm`` is not
+  ``hit`` were answered without memory. Before the timed turns, three warm-up turns and one ltm search
+  per user (returning users: nothing a user's first search loads is in their turns).
+- ``chat_paced``: the same 50 sessions as people chat: each session starts at a random moment within
+  ``chat_think_s`` and pauses 0.5-1.5 x ``chat_think_s`` (seeded) between its turns, which offers about
+  ``chat_sessions / chat_think_s`` turns per second. Started once ltm has ingested the saturated run's
+  backlog (``memory_updates`` lag and pending 0), so it measures the steady state, ingest of its own
+  turns included. What the turns added to the seeded users (memories of the bench's sessions) is
+  removed afterwards.
 - ``memory``: mesh/bench_memory.py on the same mesh's memory process, through ``memory_requests``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections import Counter
 from typing import Any
@@ -84,6 +91,9 @@ async def mesh_workload(ctx: Ctx) -> dict[str, Any]:
                             "max_s": round(max(samples[s]), 3), "probe": probes[s]} for s in SERVICES}
         if "chat" in spec.workloads:
             out["chat"] = await chat_turns(ctx, names, running)
+            if spec.chat_think_s > 0:
+                out["chat_paced_backlog_s"] = await backlog_drained(ctx, names)
+                out["chat_paced"] = await chat_turns(ctx, names, running, think_s=spec.chat_think_s)
         if "memory" in spec.workloads:
             from mesh.bench_memory import memory_requests
 
@@ -118,8 +128,25 @@ async def warm_users(ctx: Ctx, names: Names, users: list[str]) -> None:
         await client.close()
 
 
-async def chat_turns(ctx: Ctx, names: Names, procs: list[ServiceProcess]) -> dict[str, Any]:
+async def backlog_drained(ctx: Ctx, names: Names, timeout: float = 300.0) -> float:
+    """Seconds until ltm's group on ``memory_updates`` has nothing unread and nothing pending."""
+    started = time.monotonic()
+    last: Any = None
+    while time.monotonic() - started < timeout:
+        groups: Any = await ctx.redis.xinfo_groups(names.memory_updates)
+        last = [{k: g.get(k) for k in ("name", "lag", "pending")} for g in groups]
+        ltm = [g for g in groups if g.get("name") in (names.ltm_group, names.ltm_group.encode())]
+        if ltm and all(g.get("lag") == 0 and g.get("pending") == 0 for g in ltm):
+            return round(time.monotonic() - started, 2)
+        await asyncio.sleep(0.5)
+    raise TimeoutError(f"ltm did not catch up with memory_updates in {timeout:.0f}s; last seen {last}")
+
+
+async def chat_turns(ctx: Ctx, names: Names, procs: list[ServiceProcess], think_s: float = 0.0) -> dict[str, Any]:
+    """``think_s`` 0: every session sends its next turn as soon as the last is answered; otherwise each
+    pauses 0.5-1.5 x ``think_s`` between turns and starts within ``think_s``."""
     spec = ctx.spec
+    tag = "paced-" if think_s > 0 else ""
     waiting: dict[str, asyncio.Future[AIResponse]] = {}
     stop = asyncio.Event()
 
@@ -142,8 +169,8 @@ async def chat_turns(ctx: Ctx, names: Names, procs: list[ServiceProcess]) -> dic
 
     async def turn(session: int, n: int, record: bool) -> None:
         nonlocal lost
-        msg = UserInput(message_id=f"bench-chat-{ctx.run_id}-{session}-{n}", user_id=_chat_user(ctx, session),
-                        session_id=f"bench-chat-{ctx.run_id}-{session}", content=ctx.queries.next())
+        msg = UserInput(message_id=f"bench-chat-{ctx.run_id}-{tag}{session}-{n}", user_id=_chat_user(ctx, session),
+                        session_id=f"bench-chat-{ctx.run_id}-{tag}{session}", content=ctx.queries.next())
         fut: asyncio.Future[AIResponse] = asyncio.get_running_loop().create_future()
         waiting[msg.message_id] = fut
         started = time.perf_counter()
@@ -160,15 +187,22 @@ async def chat_turns(ctx: Ctx, names: Names, procs: list[ServiceProcess]) -> dic
             status[reply.meta.ltm] += 1
 
     async def session(s: int) -> None:
+        pause = random.Random(f"{ctx.run_id}-{s}")
+        if think_s > 0:
+            await asyncio.sleep(pause.uniform(0, think_s))
         for n in range(spec.chat_turns):
+            if n and think_s > 0:
+                await asyncio.sleep(pause.uniform(0.5, 1.5) * think_s)
             await turn(s, n, True)
 
     reader = asyncio.create_task(read_replies())
     try:
-        for n in range(3):  # warm: the first turns load what every later turn finds ready
-            await turn(spec.chat_sessions, n, False)
-        await warm_users(ctx, names, sorted({_chat_user(ctx, s) for s in range(spec.chat_sessions)}))
-        say(f"chat: {spec.chat_sessions} sessions at once, {spec.chat_turns} turns each")
+        if not think_s:
+            for n in range(3):  # warm: the first turns load what every later turn finds ready
+                await turn(spec.chat_sessions, n, False)
+            await warm_users(ctx, names, sorted({_chat_user(ctx, s) for s in range(spec.chat_sessions)}))
+        say(f"chat: {spec.chat_sessions} sessions at once, {spec.chat_turns} turns each"
+            + (f", pausing 0.5-1.5 x {think_s:g}s between turns" if think_s else ", no pause"))
         started = time.perf_counter()
         await asyncio.gather(*(session(s) for s in range(spec.chat_sessions)))
         wall = time.perf_counter() - started
@@ -178,7 +212,8 @@ async def chat_turns(ctx: Ctx, names: Names, procs: list[ServiceProcess]) -> dic
     for p in procs:
         p.check()
     without = sum(n for s, n in status.items() if s != "hit") + lost
-    r: dict[str, Any] = {"sessions": spec.chat_sessions, "turns_per_session": spec.chat_turns, "turn": latency(samples),
+    r: dict[str, Any] = {"sessions": spec.chat_sessions, "turns_per_session": spec.chat_turns, "think_s": think_s,
+         "turn": latency(samples),
          "chat_ai_latency": latency(server_ms), "by_ltm_status": dict(status), "no_reply": lost,
          "without_memory": without, "turns_per_s": round(len(samples) / wall, 2), "seconds": round(wall, 2)}
     say(f"  turn p50 {r['turn']['p50_ms']} ms, p95 {r['turn']['p95_ms']} ms; without memory {without} of "

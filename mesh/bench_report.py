@@ -44,6 +44,8 @@ def figures(results: dict[str, Any]) -> dict[str, Any]:
     v["search_p95_ratio_ingesting"] = _get(search, "ingesting", "p95_ratio")
     v["chat_p95_ms_50"] = _get(results, "mesh", "chat", "turn", "p95_ms")
     v["chat_without_memory_50"] = _get(results, "mesh", "chat", "without_memory")
+    v["chat_p95_ms_50_paced"] = _get(results, "mesh", "chat_paced", "turn", "p95_ms")
+    v["chat_without_memory_50_paced"] = _get(results, "mesh", "chat_paced", "without_memory")
     v["ingest_per_s_1"] = _get(ingest, "short", "1", "per_s")
     v["ingest_per_s_1_long"] = _get(ingest, "long", "1", "per_s")
     v["ingest_scale_2"] = _get(ingest, "short", "scale_2")

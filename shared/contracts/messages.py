@@ -1,4 +1,4 @@
-"""One pydantic model per message of the wire contract (../shared/CONTRACT.md).
+"""One pydantic model per message of the wire contract (docs/contract.md; JSON Schema in docs/schema/).
 
 Unknown fields are ignored, missing required fields are errors, text fields are
 limited in UTF-8 bytes (``max_content_bytes`` in the validation context, 32 KiB
