@@ -42,7 +42,7 @@ define with_stack
 	$(PYTHON) -m mesh up && $(1)
 endef
 
-.PHONY: help install ensure-redis run up down demo test chaos lint bench bench-quick eval-locomo eval-longmemeval clean
+.PHONY: help install ensure-redis ensure-pg-ssl run up down demo test chaos lint bench bench-quick eval-locomo eval-longmemeval clean
 
 help:
 	@echo "make run          set up, start the mesh in the background, chat; stops it on exit"
@@ -90,6 +90,21 @@ ensure-redis:
 	  exit 1; \
 	fi
 
+# PostgreSQL built with SSL, for the TLS test only (the embedded server has none): Debian's binaries.
+# No cluster is created or started by the package (create_main_cluster = false); the test runs its own.
+ensure-pg-ssl:
+	@if ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then \
+	  :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "no PostgreSQL with SSL for the TLS test; installing Debian's postgresql with apt-get"; \
+	  mkdir -p /etc/postgresql-common && echo "create_main_cluster = false" >> /etc/postgresql-common/createcluster.conf; \
+	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql; \
+	else \
+	  echo "error: tests/integration/test_tls.py needs PostgreSQL binaries with SSL under /usr/lib/postgresql" \
+	       "(Debian/Ubuntu: sudo apt-get install -y postgresql)" >&2; \
+	  exit 1; \
+	fi
+
 run: $(STAMP)
 	$(call with_stack,$(PYTHON) -m mesh chat)
 
@@ -102,7 +117,7 @@ up: $(STAMP)
 down:
 	@if [ -x $(PYTHON) ]; then $(PYTHON) -m mesh down; fi
 
-test: $(STAMP)
+test: $(STAMP) ensure-pg-ssl
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
 
 # The fault and bad-input tests at full counts (make test runs them reduced); counts in .data/chaos-report.json
