@@ -60,13 +60,13 @@ class ChatService:
             redis, stream=names.user_input, group=names.chat_group, consumer=settings.consumer_name,
             handler=self._on_user_input, metrics=self.metrics, concurrency=settings.chat_concurrency,
             claim_idle_ms=settings.claim_idle_ms, max_deliveries=settings.max_deliveries,
-            retention_s=settings.stream_retention_s or None,
+            retention_s=settings.stream_retention_s or None, drain_s=settings.shutdown_grace_s,
         )
         # chat_requests: only ``ping``, served once the reply subscriptions are up (mesh up waits for it)
         self.requests: RequestServer[ChatRequest] = RequestServer(
             redis, queue=names.chat_requests, reply_channel=names.chat_responses, adapter=CHAT_REQUEST,
             handler=self._ping, error_reply=PingResponse.failure, metrics=self.metrics,
-            max_content_bytes=settings.max_content_bytes, concurrency=2,
+            max_content_bytes=settings.max_content_bytes, concurrency=2, drain_s=settings.shutdown_grace_s,
         )
         self.started_at = time.time()
         self._stop = asyncio.Event()

@@ -65,12 +65,14 @@ class LtmService:
             handler=self._on_update_entry, metrics=self.metrics, concurrency=settings.ltm_ingest_concurrency,
             batch=settings.ltm_ingest_batch, claim_idle_ms=settings.claim_idle_ms,
             max_deliveries=settings.max_deliveries, retention_s=settings.stream_retention_s or None,
+            drain_s=settings.shutdown_grace_s,
         )
         self.requests: RequestServer[LTMRequest] = RequestServer(
             redis, queue=names.ltm_requests, reply_channel=names.ltm_responses, adapter=LTM_REQUEST,
             handler=self.handle_request, error_reply=LTMResponse.failure, metrics=self.metrics,
             max_content_bytes=settings.max_content_bytes, concurrency=settings.ltm_request_concurrency,
             foreground=getattr(backend, "foreground", None),  # the native backend's ingest steps aside for requests
+            drain_s=settings.shutdown_grace_s,
         )
 
     # ------------------------------------------------------------------ lifecycle

@@ -73,7 +73,8 @@ class MemoryService:
         self._stop = asyncio.Event()
         common = dict(group=names.memory_group, consumer=settings.consumer_name, metrics=self.metrics,
                       concurrency=settings.memory_concurrency, claim_idle_ms=settings.claim_idle_ms,
-                      max_deliveries=settings.max_deliveries, retention_s=settings.stream_retention_s or None)
+                      max_deliveries=settings.max_deliveries, retention_s=settings.stream_retention_s or None,
+                      drain_s=settings.shutdown_grace_s)
         self.consumers = [
             StreamConsumer(redis, stream=names.user_input, handler=self._on_user_input, **common),  # type: ignore[arg-type]
             StreamConsumer(redis, stream=names.ai_responses, handler=self._on_ai_response, **common),  # type: ignore[arg-type]
@@ -82,7 +83,7 @@ class MemoryService:
             redis, queue=names.memory_requests, reply_channel=names.memory_responses, adapter=MEMORY_REQUEST,
             handler=self.api.handle, error_reply=MemoryResponse.failure, metrics=self.metrics,
             max_content_bytes=settings.max_content_bytes, concurrency=settings.memory_request_concurrency,
-            max_payload_bytes=settings.memory_import_max_bytes,
+            max_payload_bytes=settings.memory_import_max_bytes, drain_s=settings.shutdown_grace_s,
         )
 
     async def run(self) -> None:

@@ -23,6 +23,7 @@ from shared.contracts.errors import MeshError
 from shared.contracts.messages import RequestEnvelope
 from shared.runtime.backoff import Backoff
 from shared.runtime.deadletter import dead_letter
+from shared.runtime.drain import drain_within
 from shared.runtime.errors import is_transient
 from shared.runtime.logging import get_logger
 from shared.runtime.metrics import Metrics
@@ -54,6 +55,7 @@ class RequestServer(Generic[Req]):
         block_s: float = 1.0,
         max_payload_bytes: int | None = None,  # whole-request limit when batches need more than payload_limit()
         foreground: Foreground | None = None,  # marks each request served (background work steps aside)
+        drain_s: float = 10.0,  # on stop, requests still running after this long get an `unavailable` reply
     ) -> None:
         self.redis, self.queue, self.reply_channel = redis, queue, reply_channel
         self.adapter, self.handler, self.error_reply = adapter, handler, error_reply
@@ -61,6 +63,7 @@ class RequestServer(Generic[Req]):
         self.max_payload_bytes = max_payload_bytes
         self.foreground = foreground
         self.block_s = block_s
+        self.drain_s = drain_s
         self._sem = asyncio.Semaphore(concurrency)
         self._inflight: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
@@ -90,8 +93,7 @@ class RequestServer(Generic[Req]):
                 self.metrics.incr("redis_reconnects")
                 log.warning("requests.redis_unavailable", queue=self.queue, error=str(exc))
                 await backoff.sleep(self._stop)
-        if self._inflight:
-            await asyncio.gather(*self._inflight, return_exceptions=True)
+        await drain_within(self._inflight, self.drain_s, what=self.queue, metrics=self.metrics)
         log.info("requests.stopped", queue=self.queue)
 
     def _done(self, task: asyncio.Task[None]) -> None:
@@ -126,6 +128,11 @@ class RequestServer(Generic[Req]):
             else:
                 response = await self.handler(request)
             self.metrics.incr("served")
+        except asyncio.CancelledError:  # shutdown ran out of grace: say so rather than leave the requester waiting
+            info = ErrorInfo(code=ErrorCode.UNAVAILABLE, message="the worker shut down before finishing; try again")
+            await self._reply(envelope.reply_to, self.error_reply(envelope.request_id, info,
+                                                                  getattr(envelope, "user_id", None)))
+            raise
         except MeshError as exc:  # the one place a request's error becomes its reply
             self.metrics.incr(f"failed.{exc.code.value}")
             log.info("requests.refused", request_id=envelope.request_id, code=exc.code.value, error=exc.message)

@@ -28,6 +28,9 @@ class MeshSettings(EmbeddingSettings, BaseSettings):
     stream_retention_s: float = Field(default=3600.0, ge=0, description=(
         "stream entries older than this that every consumer group has read and acknowledged are trimmed by the "
         "consumers (the streams hold message text: they are a queue, not an archive); 0 = never trim"))
+    shutdown_grace_s: float = Field(default=10.0, ge=0, description=(
+        "on SIGTERM, in-flight work gets this long to finish; stream entries still being handled are then left "
+        "pending for another consumer, requests still running get an `unavailable` reply"))
     consumer_name: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     metrics_flush_s: float = 2.0
     # OpenAI-compatible LLM (OpenAI, vLLM, Ollama); absent = offline

@@ -29,6 +29,7 @@ from shared.contracts.errors import MeshError
 from shared.contracts.names import Names
 from shared.runtime.backoff import Backoff
 from shared.runtime.deadletter import dead_letter_fields
+from shared.runtime.drain import drain_within
 from shared.runtime.errors import is_transient
 from shared.runtime.logging import get_logger
 from shared.runtime.metrics import Metrics
@@ -72,9 +73,11 @@ class StreamConsumer:
         claim_idle_ms: int = 15_000,
         max_deliveries: int = 5,
         retention_s: float | None = None,
+        drain_s: float = 10.0,
     ) -> None:
         """``retention_s``: entries older than this that every group of the stream has read and acknowledged
-        are trimmed (XTRIM MINID, checked every TRIM_EVERY_S); None keeps everything."""
+        are trimmed (XTRIM MINID, checked every TRIM_EVERY_S); None keeps everything. ``drain_s``: on stop,
+        handlers still running after this long are cancelled, their entries left pending for another consumer."""
         self.redis = redis
         self.stream, self.group, self.consumer = stream, group, consumer
         self.handler = handler
@@ -89,6 +92,7 @@ class StreamConsumer:
         self._group_ready = False
         self._last_claim = 0.0
         self.retention_s = retention_s
+        self.drain_s = drain_s
         self._last_trim = time.monotonic()
         self.name = f"{stream}/{group}"
 
@@ -125,9 +129,8 @@ class StreamConsumer:
         log.info("consumer.stopped", stream=self.stream, group=self.group)
 
     async def drain(self) -> None:
-        """Wait for in-flight handlers (their acks) before returning."""
-        if self._inflight:
-            await asyncio.gather(*self._inflight, return_exceptions=True)
+        """Wait for in-flight handlers (their acks), at most ``drain_s``; the rest are cancelled, unacknowledged."""
+        await drain_within(self._inflight, self.drain_s, what=self.name, metrics=self.metrics)
 
     # ------------------------------------------------------------------ reading
     async def _ensure_group(self) -> None:
