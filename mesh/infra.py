@@ -269,8 +269,11 @@ class RedisServer:
         executable: str | None = None,
         acl_file: Path | None = None,
         admin: tuple[str, str] | None = None,
+        os_user: OsUser | None = None,
     ) -> None:
-        """``acl_file``: Redis's users (mesh/acl.py); ``admin`` (user, password) is then how ``url`` logs in."""
+        """``acl_file``: Redis's users (mesh/acl.py); ``admin`` (user, password) is then how ``url`` logs in.
+        ``os_user``: run redis-server as this account (when root; see :func:`redis_os_user`), its data directory
+        and ACL file handed to it."""
         self.data_dir = Path(data_dir).absolute()
         self.persist = persist
         self.port = port or 0
@@ -278,6 +281,7 @@ class RedisServer:
         self._executable = executable
         self.acl_file = acl_file
         self.admin = admin
+        self.os_user = os_user
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -362,6 +366,13 @@ class RedisServer:
         for existing in self.data_dir.rglob("*"):
             if existing.is_file():
                 existing.chmod(0o600)
+        extra: dict[str, Any] = {}
+        if self.os_user is not None:  # not root: the server gets only its own directory and ACL file
+            self.logfile.touch(mode=0o600)
+            _chown_tree(self.data_dir, self.os_user.uid, self.os_user.gid)
+            if self.acl_file is not None:
+                os.chown(self.acl_file, self.os_user.uid, self.os_user.gid)
+            extra = self.os_user.popen_kwargs()
         with self.logfile.open("ab") as early_output:  # errors before the log file is opened
             self._proc = subprocess.Popen(
                 self._argv(executable),
@@ -371,6 +382,7 @@ class RedisServer:
                 stderr=early_output,
                 start_new_session=True,  # a terminal's Ctrl-C must not reach it before the services
                 umask=0o077,
+                **extra,
             )
 
     def _kill_child(self, timeout: float = 10.0) -> None:
@@ -457,6 +469,24 @@ def postgres_os_user(preferred: str | None = None) -> OsUser | None:
         "(PostgreSQL refuses to run as root). Run as a normal user, or create a system user "
         "`postgres` yourself."
     )
+
+
+def redis_os_user(data_dir: Path, name: str = "redis") -> OsUser | None:
+    """The account to run a local redis-server as when this process is root: ``redis`` (Debian's package
+    makes it), if it exists and can reach ``data_dir`` (every parent searchable by others); else None (the
+    server then runs as the caller, and the stack says so)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        user = OsUser.lookup(name)
+    except KeyError:
+        log.warning("running as root and no user %s exists: redis-server runs as root", name)
+        return None
+    for parent in Path(data_dir).absolute().parents:
+        if not parent.stat().st_mode & stat.S_IXOTH:
+            log.warning("user %s cannot reach %s (%s is private): redis-server runs as root", name, data_dir, parent)
+            return None
+    return user
 
 
 def _check_private_dir(path: Path, allowed_uids: set[int]) -> None:

@@ -37,6 +37,7 @@ from mesh.infra import (
     port_is_free,
     read_pid,
     redact_url,
+    redis_os_user,
     url_port,
     wait_for_postgres,
     wait_for_redis,
@@ -411,7 +412,8 @@ def start_stores(paths: StackPaths, started: list[Stoppable]) -> tuple[str, str,
     else:
         acl, passwords = _redis_users(paths)
         redis_url, redis = _start_embedded(
-            lambda port: RedisServer(paths.redis, port=port, acl_file=acl, admin=("admin", passwords["admin"])),
+            lambda port: RedisServer(paths.redis, port=port, acl_file=acl, admin=("admin", passwords["admin"]),
+                                     os_user=redis_os_user(paths.redis)),
             previous.get("REDIS_URL"))
         started.append(redis)
         assert isinstance(redis, RedisServer)

@@ -1,13 +1,16 @@
 """The local stack restarts its own Redis when it dies (issue "Never loses", faults): on the same port, with the
 data of its append-only file, and says so in its log; a mesh that reconnects finds it where it was. Redis's
-files are its owner's only."""
+files are its owner's only, and when the stack runs as root Redis does not: it runs as the `redis` account."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import pwd
+import shutil
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,10 +22,35 @@ from tests.conftest import ROOT
 from tests.helpers import wait_until
 
 
-async def test_a_killed_redis_is_restarted_on_its_port_with_its_data(tmp_path: Path, database_url: str) -> None:
+def _uid_of(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Uid line for pid {pid}")
+
+
+def _expected_redis_uid() -> int:
+    if os.geteuid() != 0:
+        return os.geteuid()
+    try:
+        return pwd.getpwnam("redis").pw_uid
+    except KeyError:
+        pytest.fail("running as root and no `redis` account (Debian's redis-server package makes it)")
+
+
+async def test_a_killed_redis_is_restarted_on_its_port_with_its_data(database_url: str) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "MESH_DATA_DIR")}
     env["DATABASE_URL"] = database_url
-    data = tmp_path / "stack"
+    top = Path(tempfile.mkdtemp(prefix="mesh-stack-"))  # reachable by the redis account (pytest's tmp is private)
+    top.chmod(0o755)
+    data = top / "stack"
+    try:
+        await _kill_and_check(env, data)
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+async def _kill_and_check(env: dict[str, str], data: Path) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "mesh", "stack", "--no-services", "--data-dir", str(data), cwd=ROOT, env=env,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
@@ -50,6 +78,7 @@ async def test_a_killed_redis_is_restarted_on_its_port_with_its_data(tmp_path: P
             await wait_until(rewritten, timeout=20, message="AOF rewrite done")
             old_pid = read_pid(data / "redis" / "redis.pid")
             assert old_pid
+            assert _uid_of(old_pid) == _expected_redis_uid()
             os.kill(old_pid, signal.SIGKILL)
 
             async def back() -> bool:
@@ -62,6 +91,8 @@ async def test_a_killed_redis_is_restarted_on_its_port_with_its_data(tmp_path: P
             await wait_until(back, timeout=30, interval=0.2,
                              message=f"redis back on {redis_url} (log: {''.join(errors)[-2000:]})")
             assert await client.get("survives") == b"yes"
+            new_pid = read_pid(data / "redis" / "redis.pid")
+            assert new_pid and _uid_of(new_pid) == _expected_redis_uid()  # the restart too
             # the append-only file holds every message: nothing under the data directory is readable by others
             exposed = [f"{p} {oct(p.stat().st_mode & 0o777)}" for p in [data / "redis", *(data / "redis").rglob("*")]
                        if p.stat().st_mode & 0o077]
