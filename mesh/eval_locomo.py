@@ -215,7 +215,11 @@ def stores(database: str | None = None, keep: bool = False) -> Any:
         paths = StackPaths.from_arg(None)
         explicit = bool(env.get("DATABASE_URL"))
         if not (env.get("REDIS_URL") and env.get("DATABASE_URL")) and running_stack_pid(paths):
-            env = {**read_env_file(paths.env), **{k: v for k, v in env.items() if k in ("REDIS_URL", "DATABASE_URL")}}
+            given = {k: v for k, v in env.items() if k in ("REDIS_URL", "DATABASE_URL")}
+            env = read_env_file(paths.env)
+            if env.get("DATABASE_ADMIN_URL"):  # the evaluation makes its own database: the stack's superuser
+                env["DATABASE_URL"] = env["DATABASE_ADMIN_URL"]
+            env.update(given)
         with ExitStack() as stack:
             redis_url, database_url = env.get("REDIS_URL"), env.get("DATABASE_URL")
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mesh-eval-")))

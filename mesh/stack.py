@@ -42,6 +42,7 @@ from mesh.infra import (
     wait_for_postgres,
     wait_for_redis,
 )
+from mesh.pg_roles import APP_ROLE, ensure_app_role
 
 log = logging.getLogger(__name__)
 
@@ -387,11 +388,12 @@ def _redis_users(paths: StackPaths) -> tuple[Path, dict[str, str]]:
     return path, passwords
 
 
-def _pg_password(paths: StackPaths) -> str:
-    """The local PostgreSQL's password: made once, kept in ``<data>/pg-password`` (the owner's only)."""
+def _pg_password(paths: StackPaths, name: str = "pg-password") -> str:
+    """A local PostgreSQL password: made once, kept in ``<data>/<name>`` (the owner's only); ``pg-password`` is the
+    superuser's, ``pg-app-password`` the services' role's (mesh/pg_roles.py)."""
     import secrets
 
-    path = paths.root / "pg-password"
+    path = paths.root / name
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch(mode=0o600)
@@ -427,6 +429,10 @@ def start_stores(paths: StackPaths, started: list[Stoppable]) -> tuple[str, str,
             lambda port: PostgresServer(paths.pg, port=port, password=_pg_password(paths)), previous.get("DATABASE_URL")
         )
         started.append(pg)
+        assert isinstance(pg, PostgresServer)
+        # the services (and stack.env) get a role that owns the mesh's database and nothing more
+        database_url = ensure_app_role(database_url, pg.dbname, _pg_password(paths, "pg-app-password"))
+        log.info("services log in to PostgreSQL as %s (not a superuser)", APP_ROLE)
     return redis_url, database_url, service_urls
 
 
@@ -512,7 +518,10 @@ def run_stack(args: argparse.Namespace) -> int:
         started: list[Stoppable] = []
         try:
             redis_url, database_url, service_urls = start_stores(paths, started)
-            write_env_file(paths.env, {"REDIS_URL": redis_url, "DATABASE_URL": database_url})
+            pg = [server.url for server in started if isinstance(server, PostgresServer)]
+            # DATABASE_URL: the services' role; DATABASE_ADMIN_URL: the superuser, for tools that create databases
+            write_env_file(paths.env, {"REDIS_URL": redis_url, "DATABASE_URL": database_url,
+                                       **({"DATABASE_ADMIN_URL": pg[0]} if pg else {})})
             print(
                 f"{READY_PREFIX} REDIS_URL={redact_url(redis_url)} DATABASE_URL={redact_url(database_url)}", flush=True
             )

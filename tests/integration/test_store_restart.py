@@ -42,7 +42,7 @@ async def test_a_killed_redis_is_restarted_on_its_port_with_its_data(database_ur
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "MESH_DATA_DIR")}
     env["DATABASE_URL"] = database_url
     top = Path(tempfile.mkdtemp(prefix="mesh-stack-"))  # reachable by the redis account (pytest's tmp is private)
-    top.chmod(0o755)
+    os.chmod(top, 0o755)
     data = top / "stack"
     try:
         await _kill_and_check(env, data)
