@@ -42,10 +42,11 @@ define with_stack
 	$(PYTHON) -m mesh up && $(1)
 endef
 
-.PHONY: help install ensure-redis ensure-pg-ssl run up down demo test chaos lint bench bench-quick eval-locomo eval-longmemeval clean
+.PHONY: help install ensure-redis ensure-pg-ssl audit run up down demo test chaos lint bench bench-quick eval-locomo eval-longmemeval clean
 
 help:
 	@echo "make run          set up, start the mesh in the background, chat; stops it on exit"
+	@echo "make audit        pip-audit of the pinned dependencies (needs the network)"
 	@echo "make up | down    start | stop the mesh in the background (URLs in .data/stack.env)"
 	@echo "make demo         up, scripted demo, down"
 	@echo "make test         set up, run pytest"
@@ -104,6 +105,13 @@ ensure-pg-ssl:
 	       "(Debian/Ubuntu: sudo apt-get install -y postgresql)" >&2; \
 	  exit 1; \
 	fi
+
+# Known vulnerabilities of every pinned dependency (constraints.txt), from PyPI's advisory service: needs the
+# network, so it is not part of `make test` (which must run offline); pip-audit lives in its own venv.
+AUDIT_VENV := .data/audit-venv
+audit:
+	@test -x $(AUDIT_VENV)/bin/pip-audit || { $(PY) -m venv $(AUDIT_VENV) && $(AUDIT_VENV)/bin/pip install -q pip-audit==2.10.1; }
+	$(AUDIT_VENV)/bin/pip-audit --strict --disable-pip --no-deps -r constraints.txt  # --strict: a package it could not audit fails the run
 
 run: $(STAMP)
 	$(call with_stack,$(PYTHON) -m mesh chat)
