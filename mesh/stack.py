@@ -18,6 +18,7 @@ import ctypes
 import fcntl
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -33,6 +34,7 @@ from typing import BinaryIO, Protocol
 from mesh.infra import (
     PostgresServer,
     RedisServer,
+    free_port,
     pid_alive,
     port_is_free,
     read_pid,
@@ -105,7 +107,7 @@ class StackPaths:
 
 
 def read_env_file(path: Path) -> dict[str, str]:
-    """``KEY=value`` lines (no quoting) as a dict; {} if the file is missing."""
+    """``KEY=value`` lines as a dict (a value with spaces is shell-quoted, see write_env_file); {} if missing."""
     values: dict[str, str] = {}
     try:
         text = path.read_text()
@@ -114,7 +116,7 @@ def read_env_file(path: Path) -> dict[str, str]:
     for line in text.splitlines():
         key, sep, value = line.strip().partition("=")
         if sep and key and not key.startswith("#"):
-            values[key] = value
+            values[key] = " ".join(shlex.split(value)) if value[:1] in ("'", '"') else value
     return values
 
 
@@ -124,7 +126,8 @@ def write_env_file(path: Path, values: dict[str, str]) -> None:
     staging = path.with_name(f".{path.name}.tmp")
     staging.touch(mode=0o600)
     staging.chmod(0o600)
-    staging.write_text("".join(f"{key}={value}\n" for key, value in values.items()))
+    staging.write_text("".join(f"{key}={shlex.quote(value) if ' ' in value else value}\n"  # `. stack.env` in sh
+                               for key, value in values.items()))
     os.replace(staging, path)
 
 
@@ -485,11 +488,17 @@ class StoreGuard:
 
 
 def _supervise(names: list[str], env: dict[str, str], stop: StopFlag, log_dir: Path,
-               stores: list[StoreGuard] | None = None, redis_urls: dict[str, str] | None = None) -> None:
-    """``redis_urls``: each service's own REDIS_URL (its Redis user, mesh/acl.py), when the stack's Redis has ACLs."""
-    urls = redis_urls or {}
-    supervisor = Supervisor([Service(name, [sys.executable, "-m", SERVICES[name]],
-                                     {"REDIS_URL": urls[name]} if name in urls else {}) for name in names],
+               stores: list[StoreGuard] | None = None, redis_urls: dict[str, str] | None = None,
+               metrics_ports: dict[str, int] | None = None) -> None:
+    """``redis_urls``: each service's own REDIS_URL (its Redis user, mesh/acl.py), when the stack's Redis has ACLs;
+    ``metrics_ports``: each service's METRICS_PORT (its Prometheus /metrics)."""
+    urls, ports = redis_urls or {}, metrics_ports or {}
+
+    def own_env(name: str) -> dict[str, str]:
+        return {**({"REDIS_URL": urls[name]} if name in urls else {}),
+                **({"METRICS_PORT": str(ports[name])} if name in ports else {})}
+
+    supervisor = Supervisor([Service(name, [sys.executable, "-m", SERVICES[name]], own_env(name)) for name in names],
                             env, Path.cwd(), log_dir=log_dir)
     try:
         while not stop.is_set():
@@ -519,19 +528,23 @@ def run_stack(args: argparse.Namespace) -> int:
         try:
             redis_url, database_url, service_urls = start_stores(paths, started)
             pg = [server.url for server in started if isinstance(server, PostgresServer)]
+            names = [] if args.no_services else args.services
+            metrics_ports = {name: free_port() for name in names}  # each service's Prometheus /metrics
             # DATABASE_URL: the services' role; DATABASE_ADMIN_URL: the superuser, for tools that create databases
             write_env_file(paths.env, {"REDIS_URL": redis_url, "DATABASE_URL": database_url,
-                                       **({"DATABASE_ADMIN_URL": pg[0]} if pg else {})})
+                                       **({"DATABASE_ADMIN_URL": pg[0]} if pg else {}),
+                                       "METRICS_URLS": " ".join(f"http://127.0.0.1:{p}/metrics"
+                                                                for p in metrics_ports.values())})
             print(
                 f"{READY_PREFIX} REDIS_URL={redact_url(redis_url)} DATABASE_URL={redact_url(database_url)}", flush=True
             )
             log.info('attach with: set -a; . %s; redis-cli -u "$REDIS_URL"; psql "$DATABASE_URL"', paths.env)
-            names = [] if args.no_services else args.services
             if names:
                 log.info("service logs: %s", ", ".join(str(paths.service_log(name)) for name in names))
             guards = [StoreGuard("redis-server" if isinstance(server, RedisServer) else "PostgreSQL", server)
                       for server in started if isinstance(server, RedisServer | PostgresServer)]
-            _supervise(names, _service_env(redis_url, database_url), stop, paths.logs, guards, service_urls)
+            _supervise(names, _service_env(redis_url, database_url), stop, paths.logs, guards, service_urls,
+                       metrics_ports)
         except (RuntimeError, TimeoutError) as exc:
             log.error("%s", exc)
             return 1

@@ -30,6 +30,7 @@ from shared.contracts import (
 from shared.contracts.memory_api import MEMORY_RESPONSE, GetStmRequest, MemoryResponse, SessionRef, StmInfo
 from shared.contracts.messages import LtmStatus, PingRequest, SearchData
 from shared.contracts.ping import CHAT_REQUEST, ChatRequest, PingInfo, PingResponse
+from shared.runtime import prom
 from shared.runtime.llm import ChatModel, chat_model
 from shared.runtime.logging import content, get_logger
 from shared.runtime.metrics import Metrics
@@ -60,7 +61,7 @@ class ChatService:
             redis, stream=names.user_input, group=names.chat_group, consumer=settings.consumer_name,
             handler=self._on_user_input, metrics=self.metrics, concurrency=settings.chat_concurrency,
             claim_idle_ms=settings.claim_idle_ms, max_deliveries=settings.max_deliveries,
-            retention_s=settings.stream_retention_s or None, drain_s=settings.shutdown_grace_s,
+            retention_s=settings.stream_retention_s or None, drain_s=settings.shutdown_grace_s, operation="reply",
         )
         # chat_requests: only ``ping``, served once the reply subscriptions are up (mesh up waits for it)
         self.requests: RequestServer[ChatRequest] = RequestServer(
@@ -166,6 +167,8 @@ class ChatService:
         started = time.perf_counter()
         stm_task = asyncio.create_task(self.load_stm(msg))
         memories, status = await self.recall(msg)
+        if status != "disabled":  # the wait for long-term memory, as the turn sees it
+            prom.RETRIEVAL_MS.labels("chat_ai", status).observe((time.perf_counter() - started) * 1000)
         stm = await stm_task
         block = memory_block(memories, self.settings.ltm_prompt_tokens, self.settings.ltm_turn_tokens)
         reply = await self._generate(msg, block, stm)
@@ -205,9 +208,11 @@ async def main(stop: asyncio.Event) -> None:
     configure_logging("chat_ai", settings.log_level, settings.log_format, settings.log_content)
     names = Names.from_env()
     redis = redis_client(settings.redis_url)
-    llm = chat_model(settings.openai_api_key, settings.openai_base_url, settings.llm_model, settings.llm_timeout_s)
+    llm = chat_model(settings.openai_api_key, settings.openai_base_url, settings.llm_model, settings.llm_timeout_s,
+                     service="chat_ai")
     try:
         service = ChatService(settings, names, redis, llm)
-        await serve_until(stop, service.run(), service.stop)
+        with prom.metrics_endpoint(settings.metrics_port, settings.metrics_host, settings.redis_url, names):
+            await serve_until(stop, service.run(), service.stop)
     finally:
         await redis.aclose()

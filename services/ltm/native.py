@@ -57,7 +57,7 @@ def build_extraction(settings: LtmSettings) -> Extraction | None:
     llm = None
     if settings.ltm_extraction in ("auto", "llm"):
         model = chat_model(settings.openai_api_key, settings.openai_base_url, settings.llm_model,
-                           settings.llm_timeout_s)
+                           settings.llm_timeout_s, service="ltm")
         if model is not None:
             llm = LlmExtractor(model, rules, retries=settings.ltm_llm_retries)
         elif settings.ltm_extraction == "llm":

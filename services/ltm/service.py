@@ -37,6 +37,7 @@ from shared.contracts import (
 )
 from shared.contracts.messages import UserDeletion
 from shared.contracts.ping import PingInfo
+from shared.runtime import prom
 from shared.runtime.deadletter import dead_letter
 from shared.runtime.erase import erase_entries, ltm_streams
 from shared.runtime.logging import get_logger
@@ -65,7 +66,7 @@ class LtmService:
             handler=self._on_update_entry, metrics=self.metrics, concurrency=settings.ltm_ingest_concurrency,
             batch=settings.ltm_ingest_batch, claim_idle_ms=settings.claim_idle_ms,
             max_deliveries=settings.max_deliveries, retention_s=settings.stream_retention_s or None,
-            drain_s=settings.shutdown_grace_s,
+            drain_s=settings.shutdown_grace_s, operation="ingest",
         )
         self.requests: RequestServer[LTMRequest] = RequestServer(
             redis, queue=names.ltm_requests, reply_channel=names.ltm_responses, adapter=LTM_REQUEST,
@@ -228,8 +229,11 @@ class LtmService:
         b = self.backend
         match req:
             case SearchRequest(data=d):
+                started = time.perf_counter()
                 memories = await b.search(req.user_id, d)
                 self.metrics.incr("search.hit" if memories else "search.miss")
+                prom.RETRIEVAL_MS.labels("ltm", "hit" if memories else "miss").observe(
+                    (time.perf_counter() - started) * 1000)
                 return LTMResponse(**ok, memories=memories)
             case AddRequest(data=d):
                 return LTMResponse(**ok, memories=[await b.add(req.user_id, d)])
@@ -286,7 +290,8 @@ async def main(stop: asyncio.Event) -> None:
     redis = redis_client(settings.redis_url)
     try:
         service = LtmService(settings, names, redis, build_backend(settings, pool, model, redis, names))
-        await serve_until(stop, service.run(), service.stop)
+        with prom.metrics_endpoint(settings.metrics_port, settings.metrics_host, settings.redis_url, names):
+            await serve_until(stop, service.run(), service.stop)
     finally:
         await redis.aclose()
         await pool.close()

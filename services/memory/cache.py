@@ -21,6 +21,7 @@ import redis.exceptions
 from redis.asyncio.client import Pipeline
 
 from shared.contracts import Names
+from shared.runtime import prom
 from shared.runtime.logging import get_logger
 from shared.runtime.metrics import Metrics
 
@@ -61,8 +62,10 @@ class SessionCache:
             return await load()  # the cache is an optimisation: PostgreSQL answers without it
         if raw is not None:
             self.metrics.incr("cache.hit")
+            prom.CACHE_HITS.labels(self.metrics.service, "session_reads").inc()
             return json.loads(raw)
         self.metrics.incr("cache.miss")
+        prom.CACHE_MISSES.labels(self.metrics.service, "session_reads").inc()
         value = await load()
         try:
             await self.redis.set(key, json.dumps(value, separators=(",", ":")), ex=self.ttl_s)

@@ -34,6 +34,7 @@ from shared.contracts import (
     encode,
 )
 from shared.contracts.ping import PingInfo
+from shared.runtime import prom
 from shared.runtime.embedding import Embedder, shared_model
 from shared.runtime.llm import ChatModel, chat_model
 from shared.runtime.logging import get_logger
@@ -76,8 +77,10 @@ class MemoryService:
                       max_deliveries=settings.max_deliveries, retention_s=settings.stream_retention_s or None,
                       drain_s=settings.shutdown_grace_s)
         self.consumers = [
-            StreamConsumer(redis, stream=names.user_input, handler=self._on_user_input, **common),  # type: ignore[arg-type]
-            StreamConsumer(redis, stream=names.ai_responses, handler=self._on_ai_response, **common),  # type: ignore[arg-type]
+            StreamConsumer(redis, stream=names.user_input, handler=self._on_user_input, operation="store_input",
+                           **common),  # type: ignore[arg-type]
+            StreamConsumer(redis, stream=names.ai_responses, handler=self._on_ai_response, operation="store_reply",
+                           **common),  # type: ignore[arg-type]
         ]
         self.requests: RequestServer[MemoryRequest] = RequestServer(
             redis, queue=names.memory_requests, reply_channel=names.memory_responses, adapter=MEMORY_REQUEST,
@@ -174,10 +177,12 @@ async def main(stop: asyncio.Event) -> None:
     await migrate(settings.database_url, "memory", Path(__file__).parent / "migrations")
     pool = await open_pool(settings.database_url, max_size=settings.db_pool_max, name="memory")
     redis = redis_client(settings.redis_url)
-    llm = chat_model(settings.openai_api_key, settings.openai_base_url, settings.llm_model, settings.llm_timeout_s)
+    llm = chat_model(settings.openai_api_key, settings.openai_base_url, settings.llm_model, settings.llm_timeout_s,
+                     service="memory")
     try:
         service = MemoryService(settings, names, redis, ConversationStore(pool), llm=llm)
-        await serve_until(stop, service.run(), service.stop)
+        with prom.metrics_endpoint(settings.metrics_port, settings.metrics_host, settings.redis_url, names):
+            await serve_until(stop, service.run(), service.stop)
     finally:
         await redis.aclose()
         await pool.close()

@@ -19,11 +19,16 @@ log = get_logger(__name__)
 
 
 class Metrics:
-    def __init__(self, redis: aioredis.Redis | None = None, key: str | None = None) -> None:
+    def __init__(self, redis: aioredis.Redis | None = None, key: str | None = None, service: str | None = None) -> None:
+        """``service``: the label of its Prometheus series (default: the last part of ``key``, metrics:<service>)."""
+        from shared.runtime.prom import EVENTS
+
         self.totals: Counter[str] = Counter()
         self._pending: Counter[str] = Counter()
         self._redis = redis
         self._key = key
+        self.service = service or (key.rsplit(":", 1)[-1] if key else "local")
+        EVENTS.add(self)  # mesh_events_total on /metrics
 
     def incr(self, name: str, n: int = 1) -> None:
         self.totals[name] += n

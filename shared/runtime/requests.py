@@ -21,6 +21,7 @@ from pydantic import BaseModel, TypeAdapter
 from shared.contracts import DecodeError, ErrorCode, ErrorInfo, decode, encode
 from shared.contracts.errors import MeshError
 from shared.contracts.messages import RequestEnvelope
+from shared.runtime import prom
 from shared.runtime.backoff import Backoff
 from shared.runtime.deadletter import dead_letter
 from shared.runtime.drain import drain_within
@@ -105,6 +106,19 @@ class RequestServer(Generic[Req]):
 
     async def _serve(self, raw: bytes | str) -> None:
         started = time.perf_counter()
+        kind, outcome = "unknown", "unfinished"  # if it raises (cancelled at shutdown)
+        try:
+            kind, outcome = await self._serve_one(raw)
+        finally:
+            service = self.metrics.service
+            prom.API_REQUESTS.labels(service, kind, outcome).inc()
+            prom.API_DURATION.labels(service, kind).observe(time.perf_counter() - started)
+            if outcome == "ok":
+                prom.OPERATIONS.labels(service, kind).inc()
+
+    async def _serve_one(self, raw: bytes | str) -> tuple[str, str]:
+        """Serve one request; returns its type and outcome (``ok`` or the reply's error code) for the metrics."""
+        started = time.perf_counter()
         try:
             request = decode(self.adapter, raw, max_content_bytes=self.max_content_bytes,
                              max_payload_bytes=self.max_payload_bytes)
@@ -115,12 +129,14 @@ class RequestServer(Generic[Req]):
             await self._safe(dead_letter(self.redis, self.queue, raw, err.reason.value, err.message))
             if err.request_id:
                 await self._reply(err.reply_to, self.error_reply(err.request_id, err.info(), err.user_id))
-            return
+            return "invalid", err.info().code.value
         envelope: RequestEnvelope = request  # type: ignore[assignment]  # every member of the union is one
+        kind = str(getattr(envelope, "type", "unknown"))
         if envelope.expired():
             self.metrics.incr("expired")
             log.info("requests.expired", queue=self.queue, request_id=envelope.request_id)
-            return
+            return kind, "expired"
+        outcome = "ok"
         try:
             if self.foreground is not None:
                 with self.foreground.serving():
@@ -134,12 +150,14 @@ class RequestServer(Generic[Req]):
                                                                   getattr(envelope, "user_id", None)))
             raise
         except MeshError as exc:  # the one place a request's error becomes its reply
+            outcome = exc.code.value
             self.metrics.incr(f"failed.{exc.code.value}")
             log.info("requests.refused", request_id=envelope.request_id, code=exc.code.value, error=exc.message)
             response = self.error_reply(envelope.request_id, exc.info(), getattr(envelope, "user_id", None))
         except Exception as exc:
             transient = is_transient(exc)
             code = ErrorCode.UNAVAILABLE if transient else ErrorCode.INTERNAL
+            outcome = code.value
             self.metrics.incr(f"failed.{code.value}")
             if transient:
                 log.warning("requests.unavailable", request_id=envelope.request_id, error=str(exc))
@@ -150,6 +168,7 @@ class RequestServer(Generic[Req]):
                                         getattr(envelope, "user_id", None))
         await self._reply(envelope.reply_to, response)
         self.metrics.incr("latency_ms_total", int((time.perf_counter() - started) * 1000))
+        return kind, outcome
 
     async def _reply(self, reply_to: str | None, response: BaseModel) -> None:
         await self._safe(self.redis.publish(reply_to or self.reply_channel, encode(response)))

@@ -33,6 +33,10 @@ class MeshSettings(EmbeddingSettings, BaseSettings):
         "pending for another consumer, requests still running get an `unavailable` reply"))
     consumer_name: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     metrics_flush_s: float = 2.0
+    metrics_port: int = Field(default=0, ge=0, le=65535, description=(
+        "serve Prometheus `/metrics` on this port (0: off; the local stack gives each service a free one and "
+        "lists them in METRICS_URLS)"))
+    metrics_host: str = Field(default="127.0.0.1", description="address `/metrics` listens on (0.0.0.0 in compose)")
     # OpenAI-compatible LLM (OpenAI, vLLM, Ollama); absent = offline
     openai_api_key: str | None = None
     openai_base_url: str | None = None

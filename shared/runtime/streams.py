@@ -27,6 +27,7 @@ import redis.exceptions
 from shared.contracts import STREAM_FIELD, DeadLetterReason
 from shared.contracts.errors import MeshError
 from shared.contracts.names import Names
+from shared.runtime import prom
 from shared.runtime.backoff import Backoff
 from shared.runtime.deadletter import dead_letter_fields
 from shared.runtime.drain import drain_within
@@ -74,6 +75,7 @@ class StreamConsumer:
         max_deliveries: int = 5,
         retention_s: float | None = None,
         drain_s: float = 10.0,
+        operation: str | None = None,
     ) -> None:
         """``retention_s``: entries older than this that every group of the stream has read and acknowledged
         are trimmed (XTRIM MINID, checked every TRIM_EVERY_S); None keeps everything. ``drain_s``: on stop,
@@ -93,6 +95,7 @@ class StreamConsumer:
         self._last_claim = 0.0
         self.retention_s = retention_s
         self.drain_s = drain_s
+        self.operation = operation or "consume"  # memory_operations_total{operation} of each entry handled
         self._last_trim = time.monotonic()
         self.name = f"{stream}/{group}"
 
@@ -279,6 +282,7 @@ class StreamConsumer:
                 return  # left pending: claimed again later, dead-lettered after max_deliveries
             else:
                 self.metrics.incr("processed")
+                prom.OPERATIONS.labels(self.metrics.service, self.operation).inc()
                 await self._retry_redis(lambda: self.redis.xack(self.stream, self.group, entry_id))
                 return
 

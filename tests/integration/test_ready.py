@@ -82,6 +82,63 @@ async def ingested(database_url: str, user_id: str) -> int:
     return int(row[0]) if row else 0
 
 
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a /metrics page: (name, sorted labels) -> value."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=10) as resp:  # a local URL of the stack
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        text = resp.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def total(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    return sum(v for (n, ls), v in samples.items() if n == name and labels.items() <= dict(ls).items())
+
+
+async def check_metrics(redis: aioredis.Redis, names: Names, data: Path) -> None:
+    """Each service's Prometheus /metrics (METRICS_URLS in stack.env), after the traffic of the test above."""
+    from mesh.stack import read_env_file
+    from shared.contracts.ping import PING_RESPONSE
+    from tests.helpers import Replies
+
+    async with Replies(redis, names.memory_responses, PING_RESPONSE) as replies:  # a cached read: miss, then hit
+        for _ in range(2):
+            rid = new_id()
+            await redis.rpush(names.memory_requests, json.dumps(
+                {"request_id": rid, "type": "get_session", "user_id": "u-ready", "data": {"session_id": "s1"}}))
+            assert (await replies.get(rid)).success
+    urls = read_env_file(data / "stack.env")["METRICS_URLS"].split()
+    assert len(urls) == 3, urls
+    pages = {}
+    for url in urls:
+        samples = await asyncio.to_thread(scrape, url)
+        service = {dict(ls).get("service") for (n, ls), _ in samples.items() if n == "memory_api_requests_total"}
+        assert len(service) == 1, service
+        pages[service.pop()] = samples
+    assert set(pages) == {"memory", "ltm", "chat_ai"}
+    for service, samples in pages.items():  # `mesh up` pinged each; each sees the bus
+        assert total(samples, "memory_api_requests_total", type="ping", outcome="ok") >= 1, service
+        assert total(samples, "memory_api_request_duration_seconds_count", type="ping") >= 1, service
+        assert total(samples, "mesh_group_lag", stream=names.user_input) == 0, service
+        assert ("mesh_dead_letters", (("name", Names.dead(names.user_input)),)) in samples, service
+        assert total(samples, "mesh_events_total", event="processed") >= 1, service
+    chat, ltm, memory = pages["chat_ai"], pages["ltm"], pages["memory"]
+    assert total(chat, "memory_operations_total", operation="reply") >= 2
+    assert total(chat, "memory_retrieval_duration_ms_count", service="chat_ai") >= 2
+    assert total(chat, "memory_retrieval_duration_ms_count", outcome="hit") >= 1
+    assert total(ltm, "memory_operations_total", operation="ingest") >= 2
+    assert total(ltm, "memory_operations_total", operation="search") >= 2
+    assert total(ltm, "memory_retrieval_duration_ms_count", service="ltm") >= 2
+    assert total(memory, "memory_operations_total", operation="store_input") >= 2
+    assert total(memory, "memory_operations_total", operation="store_reply") >= 2
+    assert total(memory, "cache_misses_total", cache="session_reads") >= 1
+    assert total(memory, "cache_hits_total", cache="session_reads") >= 1
+
+
 def test_the_ping_contract_version_is_the_package_version() -> None:
     assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"] == MESH_VERSION
 
@@ -134,6 +191,8 @@ async def test_up_returns_ready_services_and_status_reports_them(
 
         human = await mesh_cli(env, "status", "--data-dir", str(data))
         assert human.code == 0 and "chat_ai" in human.out and "lag" in human.out
+
+        await check_metrics(redis, names, data)
 
         # content stays out of the services' logs (LOG_CONTENT is false): they log each turn by ids and sizes
         logs = {p.name: p.read_text(errors="replace") for p in (data / "logs").glob("*.log")}
