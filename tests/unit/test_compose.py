@@ -54,3 +54,55 @@ def test_compose_runs_redis_with_one_user_per_service() -> None:
         user = "admin" if name == "cli" else name
         assert f"redis://{user}:${{REDIS_PASSWORD_{user.upper()}:-{user}-dev-password}}@redis" in \
             services[name]["environment"]["REDIS_URL"]
+
+
+def _exposed_sample_names() -> set[str]:
+    """Every sample name /metrics can carry: the registry's families and the bus collector's."""
+    from shared.runtime import prom
+
+    families = list(prom.REGISTRY.collect()) + list(prom.BusCollector("redis://127.0.0.1:1/0", [], []).collect())
+    names = set()
+    for family in families:
+        suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"]}.get(family.type, [""])
+        names |= {family.name + s for s in suffixes}
+    return names
+
+
+def test_monitoring_profile_prometheus_and_grafana_fit_the_services() -> None:
+    """Prometheus scrapes each service where compose serves /metrics; Grafana's provisioning finds the datasource
+    and the dashboard where compose mounts them; every query of the dashboard names a metric the code exposes."""
+    import json
+    import re
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    for name in ("prometheus", "grafana"):
+        assert services[name]["profiles"] == ["monitoring"]
+    port = compose["x-mesh-environment"]["METRICS_PORT"].split(":-")[1].rstrip("}")
+    assert compose["x-mesh-environment"]["METRICS_HOST"] == "0.0.0.0"
+    scrape = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    targets = [t for job in scrape["scrape_configs"] for cfg in job["static_configs"] for t in cfg["targets"]]
+    assert sorted(targets) == sorted(f"{s}:{port}" for s in SERVICES)
+    assert any(v.startswith("./deploy/prometheus.yml:/etc/prometheus/prometheus.yml") for v in
+               services["prometheus"]["volumes"])
+
+    grafana = ROOT / "deploy" / "grafana"
+    datasource = yaml.safe_load((grafana / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    [ds] = datasource["datasources"]
+    assert ds["type"] == "prometheus" and ds["url"] == "http://prometheus:9090"
+    provider = yaml.safe_load((grafana / "provisioning" / "dashboards" / "mesh.yml").read_text())
+    path = provider["providers"][0]["options"]["path"]
+    assert f"./deploy/grafana/dashboards:{path}:ro" in services["grafana"]["volumes"]
+    assert "./deploy/grafana/provisioning:/etc/grafana/provisioning:ro" in services["grafana"]["volumes"]
+
+    dashboard = json.loads((grafana / "dashboards" / "memory-mesh.json").read_text())
+    assert dashboard["uid"] and dashboard["panels"]
+    exposed = _exposed_sample_names()
+    for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] == ds["uid"], panel["title"]
+        for target in panel["targets"]:
+            used = set(re.findall(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\s*[{\[]", target["expr"]))
+            assert used and used <= exposed, f"{panel['title']}: {sorted(used - exposed)} are not exposed"
+    assert {"memory_api_requests_total", "memory_api_request_duration_seconds_bucket",
+            "memory_retrieval_duration_ms_bucket", "memory_operations_total", "llm_call_duration_seconds_bucket",
+            "llm_tokens_used_total", "cache_hits_total", "cache_misses_total"} <= exposed
