@@ -39,6 +39,7 @@ from shared.contracts.messages import UserDeletion
 from shared.contracts.ping import PingInfo
 from shared.runtime import prom
 from shared.runtime.deadletter import dead_letter
+from shared.runtime.drain import run_service
 from shared.runtime.erase import erase_entries, ltm_streams
 from shared.runtime.logging import get_logger
 from shared.runtime.metrics import Metrics
@@ -79,21 +80,24 @@ class LtmService:
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
         await self.backend.start()
-        tasks = [
+        core = [
             asyncio.create_task(self.ingest.run(), name="ltm.ingest"),
             asyncio.create_task(self.requests.run(), name="ltm.requests"),
+        ]
+        background = [
             asyncio.create_task(self.metrics.run(self._stop, self.settings.metrics_flush_s), name="ltm.metrics"),
             asyncio.create_task(self._maintenance_loop(), name="ltm.maintenance"),
         ]
         if self.settings.ltm_accept_pubsub:
-            tasks.append(asyncio.create_task(self._pubsub_ingest(), name="ltm.pubsub"))
+            core.append(asyncio.create_task(self._pubsub_ingest(), name="ltm.pubsub"))
         if self.settings.ltm_search_index_rows:
-            tasks.append(asyncio.create_task(self._warm_listen(), name="ltm.warm_listen"))
-            tasks.append(asyncio.create_task(self._warm_announce(), name="ltm.warm_announce"))
+            background.append(asyncio.create_task(self._warm_listen(), name="ltm.warm_listen"))
+            background.append(asyncio.create_task(self._warm_announce(), name="ltm.warm_announce"))
         self.ready.set()
         log.info("ltm.ready", backend=self.backend.name)
         try:
-            await asyncio.gather(*tasks)
+            await run_service(core, background, self._stop, self.settings.shutdown_grace_s, what="ltm",
+                              metrics=self.metrics)
         finally:
             await self.backend.close()
             await self.metrics.flush()

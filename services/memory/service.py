@@ -35,6 +35,7 @@ from shared.contracts import (
 )
 from shared.contracts.ping import PingInfo
 from shared.runtime import prom
+from shared.runtime.drain import run_service
 from shared.runtime.embedding import Embedder, shared_model
 from shared.runtime.llm import ChatModel, chat_model
 from shared.runtime.logging import get_logger
@@ -90,18 +91,22 @@ class MemoryService:
         )
 
     async def run(self) -> None:
-        tasks = [asyncio.create_task(c.run()) for c in self.consumers]
-        tasks.append(asyncio.create_task(self.requests.run()))
-        tasks.append(asyncio.create_task(self.metrics.run(self._stop, self.settings.metrics_flush_s)))
-        tasks.append(asyncio.create_task(self._every(self.settings.memory_cleanup_interval_s, self._cleanup)))
+        core = [asyncio.create_task(c.run(), name=f"memory.{c.name}") for c in self.consumers]
+        core.append(asyncio.create_task(self.requests.run(), name="memory.requests"))
+        background = [
+            asyncio.create_task(self.metrics.run(self._stop, self.settings.metrics_flush_s), name="memory.metrics"),
+            asyncio.create_task(self._every(self.settings.memory_cleanup_interval_s, self._cleanup),
+                                name="memory.cleanup"),
+            asyncio.create_task(self.stm.drain_forever(self._stop), name="memory.stm_catchups"),
+        ]
         if self.settings.memory_embed_messages:
-            tasks.append(asyncio.create_task(self._every(self.settings.memory_embed_interval_s,
-                                                         self.api.embed_pending)))
+            background.append(asyncio.create_task(self._every(self.settings.memory_embed_interval_s,
+                                                              self.api.embed_pending), name="memory.embed"))
         log.info("memory.ready")
         try:
-            await asyncio.gather(*tasks)
+            await run_service(core, background, self._stop, self.settings.shutdown_grace_s, what="memory",
+                              metrics=self.metrics)
         finally:
-            await self.stm.drain()
             await self.metrics.flush()
 
     def stop(self) -> None:

@@ -140,6 +140,12 @@ class StmWriter:
         while self._tasks:
             await asyncio.gather(*list(self._tasks.values()), return_exceptions=True)
 
+    async def drain_forever(self, stop: asyncio.Event) -> None:
+        """A service's background task: once ``stop`` is set, wait for the catch-ups in flight (the service's
+        shutdown grace bounds it; a catch-up cut short leaves the summary to be rebuilt from PostgreSQL)."""
+        await stop.wait()
+        await self.drain()
+
     async def _forget(self, session_id: str) -> None:
         """After a failed catch-up: drop the meta key, so the next access rebuilds from PostgreSQL (nothing is lost)."""
         try:

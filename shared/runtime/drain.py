@@ -31,3 +31,19 @@ async def drain_within(tasks: set[asyncio.Task[Any]], grace_s: float, *, what: s
     metrics.incr("drain_cancelled", len(left))
     log.warning("shutdown.drain_timeout", what=what, cancelled=len(left), grace_s=grace_s)
     return len(left)
+
+
+async def run_service(core: list[asyncio.Task[Any]], background: list[asyncio.Task[Any]], stop: asyncio.Event,
+                      grace_s: float, *, what: str, metrics: Metrics) -> None:
+    """Run a service's tasks: ``core`` (consumers, request servers: each drains itself within the grace once
+    stopped) until they end, then ``background`` (metrics flush, maintenance, cleanup) gets ``grace_s`` to
+    notice ``stop`` and finish a pass it is in, and is cancelled after that. A core task's exception is raised
+    once the rest are stopped; a background task's is logged (it never decides the service's fate)."""
+    try:
+        await asyncio.gather(*core)
+    finally:
+        stop.set()
+        await drain_within(set(background), grace_s, what=f"{what} background", metrics=metrics)
+        for task in background:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                log.error("shutdown.background_failed", what=what, task=task.get_name(), exc_info=task.exception())
