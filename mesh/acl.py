@@ -78,7 +78,7 @@ def rules(names: Names) -> dict[str, str]:
         "resetkeys resetchannels -@all", CONNECT, "+publish +subscribe +unsubscribe",
         _c(f"{n.ltm_responses}:*", f"{n.memory_responses}:*", f"{n.chat_responses}*"),
         _sel(stm, "+zrange +get +hgetall +hmget"),  # the STM, read only
-        _sel([n.dedup("chat", "*")], "+exists +set"),
+        _sel([n.dedup("chat", "*")], "+exists +set +get +del"),
         _sel([n.metrics("chat_ai")], METRICS),
         _sel([n.user_input], CONSUME),
         _sel([n.ai_responses], "+xadd +xrevrange +xlen"),

@@ -161,9 +161,39 @@ class ChatService:
         # per user: another user's input reusing a message id is a different turn (answered, never taken for a
         # redelivery of the first); the reply's id is derived the same way
         done_key = self.names.dedup("chat", msg.user_id or "", msg.message_id)
-        if await self.redis.exists(done_key):
+        claim = await self._claim_turn(done_key, msg)
+        if claim is None:
             self.metrics.incr("duplicate_inputs")
             return
+        try:
+            await self._answer(msg, done_key)
+        finally:  # answered (the others see the reply), or failed (another delivery may answer it now)
+            await self._release_turn(claim)
+
+    async def _claim_turn(self, done_key: str, msg: UserInput) -> tuple[str, str] | None:
+        """The right to answer this input, or None when it was answered already. Two deliveries of one input at
+        once (a client that sent it twice, a replayed dead letter, in one process or two) must give one reply:
+        the first takes ``answering`` with SET NX; the other waits until the reply exists (then skips) or the
+        claim is gone (its holder failed: then it answers). The claim expires on its own if its holder dies."""
+        claim_key = self.names.dedup("chat", "answering", msg.user_id or "", msg.message_id)
+        token = new_id()
+        ttl_ms = int((self.settings.llm_timeout_s + self.settings.ltm_timeout_ms / 1000 + 30) * 1000)
+        while True:
+            if await self.redis.exists(done_key):
+                return None
+            if await self.redis.set(claim_key, token, nx=True, px=ttl_ms):
+                return claim_key, token
+            await asyncio.sleep(0.05)
+
+    async def _release_turn(self, claim: tuple[str, str]) -> None:
+        key, token = claim
+        try:
+            if await self.redis.get(key) == token.encode():
+                await self.redis.delete(key)
+        except Exception:  # the claim expires on its own
+            log.warning("chat_ai.release_failed", exc_info=True)
+
+    async def _answer(self, msg: UserInput, done_key: str) -> None:
         started = time.perf_counter()
         stm_task = asyncio.create_task(self.load_stm(msg))
         memories, status = await self.recall(msg)

@@ -70,3 +70,24 @@ async def test_two_copies_of_every_service_lose_nothing_and_do_nothing_twice(mes
     assert all(c.metrics.get("updates_published") > 0 for c in memories), [c.metrics.totals for c in memories]
     assert all(c.metrics.get("ingested") > 0 for c in ltms), [c.metrics.totals for c in ltms]
     assert all(sum(n for k, n in c.metrics.totals.items() if k.startswith("replies.")) > 0 for c in chats)
+
+
+async def test_one_input_sent_four_times_at_once_gets_one_reply(mesh: Mesh) -> None:
+    """A client that sends a turn again before the reply (or a replayed dead letter) must not get two replies,
+    whether the copies land on one chat_ai process or on two."""
+    from shared.contracts import UserInput, encode, new_id
+
+    chats = [mesh.chat(consumer_name=f"chat-dup-{i}", enable_ltm=False) for i in range(2)]
+    msg = UserInput(message_id=new_id(), user_id="u-dup", session_id="s-dup", content="Hello, twice over.")
+    async with AsyncExitStack() as stack:
+        for chat in chats:
+            await stack.enter_async_context(running(chat))
+        for _ in range(4):
+            await mesh.redis.xadd(mesh.names.user_input, {"data": encode(msg)})
+        await mesh.reply_to(msg, timeout=30)
+
+        async def all_handled() -> bool:
+            return sum(c.metrics.get("duplicate_inputs") for c in chats) == 3
+
+        await wait_until(all_handled, timeout=30, message="the three other copies skipped")
+    assert [r.in_reply_to for r in await mesh.replies()].count(msg.message_id) == 1
