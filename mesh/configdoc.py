@@ -78,10 +78,11 @@ DESCRIPTIONS: dict[str, str] = {
 
 def _services() -> dict[str, Any]:
     from services.chat_ai.config import ChatSettings
+    from services.gateway.config import GatewaySettings
     from services.ltm.config import LtmSettings
     from services.memory.config import MemorySettings
 
-    return {"memory": MemorySettings, "ltm": LtmSettings, "chat_ai": ChatSettings}
+    return {"memory": MemorySettings, "ltm": LtmSettings, "chat_ai": ChatSettings, "gateway": GatewaySettings}
 
 
 def _default(field: FieldInfo) -> str:
@@ -105,9 +106,10 @@ def rows() -> list[tuple[str, str, str, str]]:
                 seen[var][1].append(service)
             else:
                 seen[var] = (_default(field), [service], desc)
-    out = [(var, d, ", ".join(s) if len(s) < 3 else "all", desc) for var, (d, s, desc) in seen.items()]
+    every = len(_services())
+    out = [(var, d, ", ".join(s) if len(s) < every else "all", desc) for var, (d, s, desc) in seen.items()]
     for var, field in Names.ENV.items():
-        out.append((var, f"`{getattr(Names(), field)}`", "all", "Redis name (see CONTRACT)"))
+        out.append((var, f"`{getattr(Names(), field)}`", "all", "Redis name (docs/contract.md)"))
     out.append(("MESH_KEY_PREFIX", "empty", "all", DESCRIPTIONS["MESH_KEY_PREFIX"]))
     return out
 

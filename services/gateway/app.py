@@ -1,0 +1,283 @@
+"""The HTTP gateway: the mesh for web apps, talking to the services only over Redis.
+
+Every route but ``/api/v1/health`` needs an API key (``Authorization: Bearer KEY`` or ``X-API-Key: KEY``,
+services/gateway/auth.py) allowed to act for the path's ``user_id``. Errors are JSON
+``{"error": {"code", "message"}}`` with the bus's codes: 401 ``unauthorized``, 403 ``forbidden``, 404
+``not_found``, 413 / 422 ``bad_request``, 503 ``unavailable``, 504 ``timeout``. OpenAPI at ``/openapi.json``,
+docs at ``/docs``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import redis.asyncio as aioredis
+from fastapi import Depends, FastAPI, Header, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from services.gateway.auth import Scope, lookup, parse_keys
+from services.gateway.config import GatewaySettings
+from shared.contracts import LTM_RESPONSE, AIResponse, LTMResponse, Memory, Names, UserInput, encode, new_id
+from shared.contracts.memory_api import MEMORY_RESPONSE, GetUserSessionsRequest, MemoryResponse
+from shared.contracts.messages import AddData, AddRequest, SearchData, SearchRequest, StatsRequest
+from shared.contracts.ping import MESH_VERSION
+from shared.runtime.logging import get_logger
+from shared.runtime.metrics import Metrics
+from shared.runtime.replies import ReplyWaiter
+from shared.runtime.requests import RpcClient, Unavailable
+
+log = get_logger(__name__)
+UserId = Annotated[str, Path(min_length=1, max_length=256)]
+
+
+class GatewayError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+_STATUS = {"bad_request": 422, "unknown_type": 400, "not_found": 404, "expired": 504, "unavailable": 503,
+           "internal": 500}
+
+
+@dataclass
+class Bus:
+    redis: aioredis.Redis
+    names: Names
+    ltm: RpcClient[LTMResponse]
+    memory: RpcClient[MemoryResponse]
+    replies: ReplyWaiter
+    settings: GatewaySettings
+
+    async def ltm_call(self, request: Any) -> LTMResponse:
+        return _checked(await _call(self.ltm, request, self.settings.gateway_timeout_s))
+
+    async def memory_call(self, request: Any) -> MemoryResponse:
+        return _checked(await _call(self.memory, request, self.settings.gateway_timeout_s))
+
+
+async def _call(client: RpcClient[Any], request: Any, timeout: float) -> Any:
+    try:
+        return await client.call(request, timeout)
+    except TimeoutError:
+        raise GatewayError(504, "timeout", f"no answer within {timeout:g}s") from None
+    except Unavailable as exc:
+        raise GatewayError(503, "unavailable", f"the bus is unavailable: {exc}") from None
+
+
+def _checked(resp: Any) -> Any:
+    if not resp.success:
+        code = resp.error.code.value if resp.error else "internal"
+        raise GatewayError(_STATUS.get(code, 500), code, resp.error.message if resp.error else "failed")
+    return resp
+
+
+# --------------------------------------------------------------------------- bodies
+class ChatIn(BaseModel):
+    user_id: str = Field(min_length=1, max_length=256)
+    session_id: str | None = Field(default=None, min_length=1, max_length=256, description="new session if absent")
+    content: str = Field(min_length=1)
+    timeout_s: float | None = Field(default=None, gt=0, le=600)
+
+
+class ChatOut(BaseModel):
+    message_id: str
+    session_id: str
+    reply: str
+    ltm: str
+    memories_used: int
+    model: str
+    latency_ms: float
+
+
+class MemoryIn(BaseModel):
+    user_id: str = Field(min_length=1, max_length=256)
+    content: str = Field(min_length=1)
+    type: str = "fact"
+    confidence: float = Field(default=0.9, ge=0, le=1)
+
+
+class Memories(BaseModel):
+    user_id: str
+    memories: list[Memory]
+
+
+def caller(request: Request, authorization: Annotated[str | None, Header()] = None,
+           x_api_key: Annotated[str | None, Header()] = None) -> Scope:
+    presented = x_api_key or (authorization[7:] if authorization and authorization.startswith("Bearer ") else None)
+    scope = lookup(request.app.state.keys, presented)
+    if scope is None:
+        raise GatewayError(401, "unauthorized", "a valid API key is needed (Authorization: Bearer KEY)")
+    return scope
+
+
+def bus_of(request: Request) -> Bus:
+    bus: Bus = request.app.state.bus
+    return bus
+
+
+Caller = Annotated[Scope, Depends(caller)]
+BusDep = Annotated[Bus, Depends(bus_of)]
+
+
+# --------------------------------------------------------------------------- the app
+def create_app(settings: GatewaySettings | None = None, names: Names | None = None) -> FastAPI:
+    settings = settings or GatewaySettings()
+    names = names or Names.from_env()
+    keys = parse_keys(settings.gateway_api_keys)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from shared.runtime.runner import redis_client
+
+        redis = redis_client(settings.redis_url)
+        tag = f"gateway-{settings.consumer_name}"
+        metrics = Metrics(redis, names.metrics("gateway"))
+        ltm: RpcClient[LTMResponse] = RpcClient(redis, queue=names.ltm_requests, adapter=LTM_RESPONSE,
+                                                reply_channel=names.reply_channel(names.ltm_responses, tag),
+                                                metrics=metrics)
+        memory: RpcClient[MemoryResponse] = RpcClient(
+            redis, queue=names.memory_requests, adapter=MEMORY_RESPONSE,
+            reply_channel=names.reply_channel(names.memory_responses, tag), metrics=metrics)
+        replies = ReplyWaiter(redis, names.ai_responses)
+        await ltm.start()
+        await memory.start()
+        await replies.start()
+        app.state.bus = Bus(redis, names, ltm, memory, replies, settings)
+        log.info("gateway.ready", keys=len(keys))
+        try:
+            yield
+        finally:
+            await replies.close()
+            await memory.close()
+            await ltm.close()
+            await redis.aclose()
+
+    app = FastAPI(title="memory mesh gateway", version=MESH_VERSION, lifespan=lifespan)
+    app.state.keys = keys
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next: Any) -> Any:
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > settings.gateway_max_body_bytes):
+            return _error(413, "bad_request", f"request body over {settings.gateway_max_body_bytes} bytes")
+        return await call_next(request)
+
+    @app.exception_handler(GatewayError)
+    async def gateway_error(_request: Request, exc: GatewayError) -> JSONResponse:
+        return _error(exc.status, exc.code, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        fields = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        return _error(422, "bad_request", fields)
+
+    def allowed(scope: Scope, user_id: str) -> None:
+        if not scope.allows(user_id):
+            raise GatewayError(403, "forbidden", "this key may not act for that user")
+
+    @app.post("/v1/chat", response_model=ChatOut)
+    async def chat(body: ChatIn, scope: Caller, bus: BusDep) -> ChatOut:
+        """Send one turn and wait for its reply (at most ``timeout_s``, default GATEWAY_TIMEOUT_S)."""
+        allowed(scope, body.user_id)
+        msg = UserInput(message_id=new_id(), user_id=body.user_id, session_id=body.session_id or new_id(),
+                        content=body.content)
+        timeout = body.timeout_s or settings.gateway_timeout_s
+        with bus.replies.expect(msg.message_id) as fut:
+            await bus.redis.xadd(names.user_input, {"data": encode(msg)})
+            try:
+                reply: AIResponse = await asyncio.wait_for(fut, timeout)
+            except TimeoutError:
+                raise GatewayError(504, "timeout", f"no reply within {timeout:g}s") from None
+        return ChatOut(message_id=msg.message_id, session_id=msg.session_id, reply=reply.content,
+                       ltm=reply.meta.ltm, memories_used=reply.meta.memories_used, model=reply.meta.model,
+                       latency_ms=reply.meta.latency_ms)
+
+    @app.get("/v1/sessions/{user_id}")
+    async def sessions(user_id: UserId, scope: Caller, bus: BusDep,
+                       limit: Annotated[int, Query(ge=1, le=1000)] = 20) -> dict[str, Any]:
+        allowed(scope, user_id)
+        resp = await bus.memory_call(GetUserSessionsRequest(request_id=new_id(), type="get_user_sessions",
+                                                            user_id=user_id, data={"limit": limit}))
+        return {"user_id": user_id, **(resp.data or {})}
+
+    @app.post("/api/v1/memories/{user_id}/search", response_model=Memories)
+    async def search(user_id: UserId, scope: Caller, bus: BusDep, query: Annotated[str, Query(min_length=1)],
+                     top_k: Annotated[int, Query(ge=1, le=100)] = 5) -> Memories:
+        allowed(scope, user_id)
+        resp = await bus.ltm_call(SearchRequest(request_id=new_id(), type="search", user_id=user_id,
+                                                data=SearchData(query=query, limit=top_k)))
+        return Memories(user_id=user_id, memories=resp.memories)
+
+    @app.post("/api/v1/memories", response_model=Memories, status_code=201)
+    async def add(body: MemoryIn, scope: Caller, bus: BusDep) -> Memories:
+        allowed(scope, body.user_id)
+        try:
+            data = AddData(content=body.content, type=body.type, confidence=body.confidence)  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise GatewayError(422, "bad_request", str(exc)) from None
+        resp = await bus.ltm_call(AddRequest(request_id=new_id(), type="add", user_id=body.user_id, data=data))
+        return Memories(user_id=body.user_id, memories=resp.memories)
+
+    @app.get("/api/v1/memories/{user_id}/stats")
+    async def stats(user_id: UserId, scope: Caller, bus: BusDep) -> dict[str, Any]:
+        allowed(scope, user_id)
+        resp = await bus.ltm_call(StatsRequest(request_id=new_id(), type="stats", user_id=user_id))
+        return {"user_id": user_id, **(resp.data or {})}
+
+    async def _forget(user_id: str, scope: Scope, bus: Bus) -> dict[str, Any]:
+        from mesh.forget import DeletionFailed, forget_user
+
+        allowed(scope, user_id)
+        try:
+            out = await forget_user(bus.redis, names, user_id, timeout=settings.gateway_timeout_s)
+        except DeletionFailed as exc:
+            raise GatewayError(500, "internal", str(exc)) from None
+        except TimeoutError:
+            raise GatewayError(504, "timeout", "a service did not confirm the deletion in time") from None
+        except Unavailable as exc:
+            raise GatewayError(503, "unavailable", str(exc)) from None
+        return {"user_id": user_id, "deleted": out["total"], "memory": out["memory"], "ltm": out["ltm"]}
+
+    @app.delete("/memory/user/{user_id}")
+    async def delete_user(user_id: UserId, scope: Caller, bus: BusDep) -> dict[str, Any]:
+        """The whole user, in every store (conversation store, STM, long-term memory, streams)."""
+        return await _forget(user_id, scope, bus)
+
+    @app.delete("/api/v1/memories/{user_id}/all")
+    async def delete_all(user_id: UserId, scope: Caller, bus: BusDep) -> dict[str, Any]:
+        return await _forget(user_id, scope, bus)
+
+    @app.get("/api/v1/health")
+    async def health(request: Request) -> JSONResponse:
+        """Redis and each service, from a ping over the bus (no key needed)."""
+        from mesh.ready import Pinger
+
+        bus: Bus = request.app.state.bus
+        started = time.perf_counter()
+        try:
+            redis_ok = bool(await bus.redis.ping())
+        except Exception:  # noqa: BLE001 - reported, not raised
+            redis_ok = False
+        services: dict[str, Any] = {}
+        if redis_ok:
+            async with Pinger(bus.redis, names, ["memory", "ltm", "chat_ai"]) as pinger:
+                answers = await pinger.ping_all(2.0)
+            services = {name: {"up": bool(infos), **({"version": infos[0].version, "backend": infos[0].backend}
+                                                     if infos else {})} for name, infos in answers.items()}
+        ok = redis_ok and all(s["up"] for s in services.values())
+        body = {"ok": ok, "redis": redis_ok, "services": services, "ms": round((time.perf_counter() - started) * 1000)}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    return app

@@ -1,0 +1,16 @@
+"""``python -m services.gateway``: the HTTP gateway under uvicorn (SIGTERM: uvicorn drains its connections)."""
+
+from __future__ import annotations
+
+
+def main() -> None:
+    import uvicorn
+
+    from services.gateway.app import create_app
+    from services.gateway.config import GatewaySettings
+    from shared.runtime.logging import configure_logging
+
+    settings = GatewaySettings()
+    configure_logging("gateway", settings.log_level, settings.log_format, settings.log_content)
+    uvicorn.run(create_app(settings), host=settings.gateway_host, port=settings.gateway_port, log_level="warning",
+                timeout_graceful_shutdown=int(settings.shutdown_grace_s))

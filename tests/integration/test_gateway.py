@@ -1,0 +1,109 @@
+"""The HTTP gateway as its own process (``python -m services.gateway``) in front of the services, over Redis only:
+chat with memory across sessions, search, add, stats, sessions, deletion everywhere, health, OpenAPI, and the
+errors as JSON with the bus's codes (401, 403, 404-style, 413, 422, 504)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from mesh.infra import free_port
+from tests.conftest import ROOT
+from tests.helpers import Mesh, running, wait_until
+
+ADMIN, TENANT = "admin-key-0123", "tenant-key-4567"
+
+
+@pytest.fixture
+async def gateway(mesh: Mesh, redis_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    port = free_port()
+    env = {**os.environ, "REDIS_URL": redis_url, "MESH_KEY_PREFIX": mesh.names.prefix, "GATEWAY_PORT": str(port),
+           "GATEWAY_API_KEYS": f"{ADMIN}=admin; {TENANT}=alice|acme-*", "GATEWAY_MAX_BODY_BYTES": "4096",
+           "GATEWAY_TIMEOUT_S": "20", "LOG_FORMAT": "json"}
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "services.gateway", cwd=ROOT, env=env,
+                                                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    async with running(mesh.memory()), running(mesh.ltm()), running(mesh.chat()), \
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        async def healthy() -> bool:
+            if proc.returncode is not None:
+                raise AssertionError(f"the gateway exited {proc.returncode}")
+            try:
+                return (await client.get("/api/v1/health")).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        try:
+            await wait_until(healthy, timeout=60, interval=0.2, message="the gateway's health 200")
+            yield client
+        finally:
+            proc.terminate()
+            await asyncio.wait_for(proc.wait(), 30)
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def test_the_gateway_serves_the_mesh_over_http(gateway: httpx.AsyncClient, mesh: Mesh) -> None:
+    c = gateway
+    health = (await c.get("/api/v1/health")).json()
+    assert health["ok"] and set(health["services"]) == {"memory", "ltm", "chat_ai"}
+    first = await c.post("/v1/chat", headers=auth(TENANT), json={"user_id": "alice",
+                                                                 "content": "My sister Maria lives in Porto."})
+    assert first.status_code == 200, first.text
+    assert first.json()["ltm"] in ("hit", "miss") and first.json()["session_id"]
+
+    async def ingested() -> bool:
+        return await mesh.count("SELECT count(*) FROM ltm_ingested WHERE user_id = 'alice'") >= 1
+
+    await wait_until(ingested, timeout=30, message="alice's fact ingested")
+    second = await c.post("/v1/chat", headers={"X-API-Key": TENANT},
+                          json={"user_id": "alice", "content": "Where does my sister Maria live?"})
+    assert second.status_code == 200 and second.json()["ltm"] == "hit", second.text
+    assert "Porto" in second.json()["reply"]
+
+    found = await c.post("/api/v1/memories/alice/search", params={"query": "Where does my sister live?", "top_k": 5},
+                         headers=auth(TENANT))
+    assert found.status_code == 200 and any("Porto" in m["content"] for m in found.json()["memories"]), found.text
+    added = await c.post("/api/v1/memories", headers=auth(ADMIN),
+                         json={"user_id": "acme-7", "content": "Prefers window seats", "type": "preference"})
+    assert added.status_code == 201 and added.json()["memories"][0]["type"] == "preference"
+    stats = await c.get("/api/v1/memories/alice/stats", headers=auth(TENANT))
+    assert stats.status_code == 200 and stats.json()["memories"] >= 1
+    sessions = await c.get("/v1/sessions/alice", headers=auth(TENANT))
+    assert sessions.status_code == 200 and len(sessions.json()["sessions"]) == 2, sessions.text
+
+    deleted = await c.delete("/memory/user/alice", headers=auth(TENANT))
+    assert deleted.status_code == 200 and deleted.json()["deleted"] > 0, deleted.text
+    after = await c.post("/api/v1/memories/alice/search", params={"query": "Maria"}, headers=auth(TENANT))
+    assert after.status_code == 200 and after.json()["memories"] == []
+    assert await mesh.count("SELECT count(*) FROM conversation_messages WHERE user_id = 'alice'") == 0
+
+    spec = (await c.get("/openapi.json")).json()
+    assert {"/v1/chat", "/api/v1/memories/{user_id}/search", "/memory/user/{user_id}", "/api/v1/health"} <= set(
+        spec["paths"])
+
+
+async def test_the_gateway_refuses_with_json_errors(gateway: httpx.AsyncClient) -> None:
+    c = gateway
+    cases = [
+        (await c.post("/v1/chat", json={"user_id": "alice", "content": "hi"}), 401, "unauthorized"),
+        (await c.post("/v1/chat", headers=auth("wrong-key-99"), json={"user_id": "alice", "content": "hi"}), 401,
+         "unauthorized"),
+        (await c.post("/v1/chat", headers=auth(TENANT), json={"user_id": "bob", "content": "hi"}), 403, "forbidden"),
+        (await c.get("/api/v1/memories/acme/stats", headers=auth(TENANT)), 403, "forbidden"),  # prefix is acme-
+        (await c.post("/v1/chat", headers=auth(TENANT), json={"user_id": "alice"}), 422, "bad_request"),
+        (await c.post("/api/v1/memories", headers=auth(ADMIN), json={"user_id": "u", "content": "x",
+                                                                     "type": "nonsense"}), 422, "bad_request"),
+        (await c.post("/v1/chat", headers=auth(ADMIN), content=b'{"user_id": "u", "content": "' + b"x" * 5000 + b'"}',
+                      ), 413, "bad_request"),
+        (await c.post("/v1/chat", headers=auth(ADMIN), json={"user_id": "u", "content": "hi", "timeout_s": 0.0001}),
+         504, "timeout"),
+    ]
+    for resp, status, code in cases:
+        assert (resp.status_code, resp.json()["error"]["code"]) == (status, code), resp.text
