@@ -122,6 +122,24 @@ def service_exits(stack_log: Path) -> dict[str, list[int]]:
     return exits
 
 
+def gateway_ready(url: str, deadline: float, give_up: Callable[[list[str]], str | None]) -> None:
+    """Until the gateway's /api/v1/health answers 200 (it pings every service itself)."""
+    import urllib.error
+    import urllib.request
+
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/api/v1/health", timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if reason := give_up(["gateway"]):
+            raise NotReady(["gateway"], reason)
+        time.sleep(0.2)
+    raise NotReady(["gateway"], f"its health at {url}/api/v1/health did not answer 200 in time")
+
+
 def wait_for_services(paths: StackPaths, pid: int, services: list[str], deadline: float) -> bool:
     """Ping every service over the bus until each answers; on failure say which, with its log."""
     def give_up(waiting: list[str]) -> str | None:
@@ -133,9 +151,12 @@ def wait_for_services(paths: StackPaths, pid: int, services: list[str], deadline
         return "; ".join(crashed) or None
 
     started = time.monotonic()
+    pinged = [s for s in services if s in request_lists(Names())]
     try:
-        answers = asyncio.run(wait_ready(read_env_file(paths.env)["REDIS_URL"], Names.from_env(), services,
+        answers = asyncio.run(wait_ready(read_env_file(paths.env)["REDIS_URL"], Names.from_env(), pinged,
                                          max(1.0, deadline - started), give_up))
+        if "gateway" in services:
+            gateway_ready(read_env_file(paths.env)["GATEWAY_URL"], deadline, give_up)
     except NotReady as exc:
         print(f"mesh up: not ready: {', '.join(exc.waiting)} did not answer ping: {exc.reason}", file=sys.stderr)
         for name in exc.waiting:

@@ -52,6 +52,7 @@ SERVICES: dict[str, str] = {
     "memory": "services.memory",
     "ltm": "services.ltm",
     "chat_ai": "services.chat_ai",
+    "gateway": "services.gateway",  # HTTP; ready when its /api/v1/health answers 200 (the others: a ping)
 }
 READY_PREFIX = "mesh ready:"
 UP_TIMEOUT = 180.0
@@ -422,7 +423,7 @@ def start_stores(paths: StackPaths, started: list[Stoppable]) -> tuple[str, str,
             previous.get("REDIS_URL"))
         started.append(redis)
         assert isinstance(redis, RedisServer)
-        service_urls = {name: redis.url_as(name, passwords[name]) for name in SERVICES}
+        service_urls = {name: redis.url_as(name, passwords[name]) for name in SERVICES if name in passwords}
     database_url = os.environ.get("DATABASE_URL")
     if database_url:
         log.info("using DATABASE_URL from the environment: %s", redact_url(database_url))
@@ -437,6 +438,23 @@ def start_stores(paths: StackPaths, started: list[Stoppable]) -> tuple[str, str,
         database_url = ensure_app_role(database_url, pg.dbname, _pg_password(paths, "pg-app-password"))
         log.info("services log in to PostgreSQL as %s (not a superuser)", APP_ROLE)
     return redis_url, database_url, service_urls
+
+
+def _gateway_env(names: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """The gateway's env (a free port; an admin API key made for this run unless GATEWAY_API_KEYS is set) and what
+    stack.env says of it (GATEWAY_URL, and GATEWAY_API_KEY when the key was made here)."""
+    if "gateway" not in names:
+        return {}, {}
+    import secrets
+
+    port = free_port()
+    env = {"GATEWAY_PORT": str(port), "GATEWAY_HOST": "127.0.0.1"}
+    shown = {"GATEWAY_URL": f"http://127.0.0.1:{port}"}
+    if not os.environ.get("GATEWAY_API_KEYS"):
+        key = secrets.token_urlsafe(24)
+        env["GATEWAY_API_KEYS"] = f"{key}=admin"
+        shown["GATEWAY_API_KEY"] = key
+    return env, shown
 
 
 def parse_services(spec: str) -> list[str]:
@@ -489,14 +507,14 @@ class StoreGuard:
 
 def _supervise(names: list[str], env: dict[str, str], stop: StopFlag, log_dir: Path,
                stores: list[StoreGuard] | None = None, redis_urls: dict[str, str] | None = None,
-               metrics_ports: dict[str, int] | None = None) -> None:
+               metrics_ports: dict[str, int] | None = None, extra: dict[str, dict[str, str]] | None = None) -> None:
     """``redis_urls``: each service's own REDIS_URL (its Redis user, mesh/acl.py), when the stack's Redis has ACLs;
-    ``metrics_ports``: each service's METRICS_PORT (its Prometheus /metrics)."""
-    urls, ports = redis_urls or {}, metrics_ports or {}
+    ``metrics_ports``: each service's METRICS_PORT (its Prometheus /metrics); ``extra``: more of a service's env."""
+    urls, ports, more = redis_urls or {}, metrics_ports or {}, extra or {}
 
     def own_env(name: str) -> dict[str, str]:
         return {**({"REDIS_URL": urls[name]} if name in urls else {}),
-                **({"METRICS_PORT": str(ports[name])} if name in ports else {})}
+                **({"METRICS_PORT": str(ports[name])} if name in ports else {}), **more.get(name, {})}
 
     supervisor = Supervisor([Service(name, [sys.executable, "-m", SERVICES[name]], own_env(name)) for name in names],
                             env, Path.cwd(), log_dir=log_dir)
@@ -529,12 +547,13 @@ def run_stack(args: argparse.Namespace) -> int:
             redis_url, database_url, service_urls = start_stores(paths, started)
             pg = [server.url for server in started if isinstance(server, PostgresServer)]
             names = [] if args.no_services else args.services
-            metrics_ports = {name: free_port() for name in names}  # each service's Prometheus /metrics
+            metrics_ports = {name: free_port() for name in names if name != "gateway"}  # Prometheus /metrics
+            gateway_env, gateway_vars = _gateway_env(names)
             # DATABASE_URL: the services' role; DATABASE_ADMIN_URL: the superuser, for tools that create databases
             write_env_file(paths.env, {"REDIS_URL": redis_url, "DATABASE_URL": database_url,
                                        **({"DATABASE_ADMIN_URL": pg[0]} if pg else {}),
                                        "METRICS_URLS": " ".join(f"http://127.0.0.1:{p}/metrics"
-                                                                for p in metrics_ports.values())})
+                                                                for p in metrics_ports.values()), **gateway_vars})
             print(
                 f"{READY_PREFIX} REDIS_URL={redact_url(redis_url)} DATABASE_URL={redact_url(database_url)}", flush=True
             )
@@ -544,7 +563,7 @@ def run_stack(args: argparse.Namespace) -> int:
             guards = [StoreGuard("redis-server" if isinstance(server, RedisServer) else "PostgreSQL", server)
                       for server in started if isinstance(server, RedisServer | PostgresServer)]
             _supervise(names, _service_env(redis_url, database_url), stop, paths.logs, guards, service_urls,
-                       metrics_ports)
+                       metrics_ports, {"gateway": gateway_env})
         except (RuntimeError, TimeoutError) as exc:
             log.error("%s", exc)
             return 1
@@ -578,7 +597,7 @@ def _tail(path: Path, lines: int = 30) -> str:
 def _print_urls(paths: StackPaths) -> None:
     """The URLs without their passwords (they are in the env file, the owner's only)."""
     for key, value in read_env_file(paths.env).items():
-        print(f"{key}={redact_url(value)}")
+        print(f"{key}={'***' if key.endswith('_KEY') else redact_url(value)}")
     print(f'with the passwords: set -a; . {paths.env}; redis-cli -u "$REDIS_URL"')
 
 

@@ -175,7 +175,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"mesh status: no REDIS_URL and no {paths.env}; start the mesh with `make up`", file=sys.stderr)
         return 1
     try:
-        status = asyncio.run(collect(url, Names.from_env(), list(SERVICES), args.timeout, max(1, args.pings)))
+        pinged = [s for s in SERVICES if s in request_lists(Names())]  # the gateway is HTTP: not on the bus
+        status = asyncio.run(collect(url, Names.from_env(), pinged, args.timeout, max(1, args.pings)))
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
         print(f"mesh status: Redis at {redact_url(url)} is not reachable ({exc}); is the mesh up?", file=sys.stderr)
         return 1

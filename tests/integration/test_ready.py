@@ -139,6 +139,23 @@ async def check_metrics(redis: aioredis.Redis, names: Names, data: Path) -> None
     assert total(memory, "cache_hits_total", cache="session_reads") >= 1
 
 
+def check_gateway(data: Path) -> None:
+    """`mesh up` started the HTTP gateway too: its URL and an admin key made for the run are in stack.env."""
+    import urllib.request
+
+    from mesh.stack import read_env_file
+
+    env = read_env_file(data / "stack.env")
+    url, key = env["GATEWAY_URL"], env["GATEWAY_API_KEY"]
+    with urllib.request.urlopen(f"{url}/api/v1/health", timeout=10) as resp:
+        assert json.loads(resp.read())["ok"] is True
+    body = json.dumps({"user_id": "u-ready", "content": "Hello over HTTP"}).encode()
+    request = urllib.request.Request(f"{url}/v1/chat", data=body, method="POST", headers={
+        "Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        assert json.loads(resp.read())["reply"]
+
+
 def test_the_ping_contract_version_is_the_package_version() -> None:
     assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"] == MESH_VERSION
 
@@ -193,6 +210,7 @@ async def test_up_returns_ready_services_and_status_reports_them(
         assert human.code == 0 and "chat_ai" in human.out and "lag" in human.out
 
         await check_metrics(redis, names, data)
+        await asyncio.to_thread(check_gateway, data)
 
         # content stays out of the services' logs (LOG_CONTENT is false): they log each turn by ids and sizes
         logs = {p.name: p.read_text(errors="replace") for p in (data / "logs").glob("*.log")}
