@@ -25,8 +25,25 @@ from pydantic import BaseModel, Field
 from services.gateway.auth import Scope, lookup, parse_keys
 from services.gateway.config import GatewaySettings
 from shared.contracts import LTM_RESPONSE, AIResponse, LTMResponse, Memory, Names, UserInput, encode, new_id
-from shared.contracts.memory_api import MEMORY_RESPONSE, GetUserSessionsRequest, MemoryResponse
-from shared.contracts.messages import AddData, AddRequest, SearchData, SearchRequest, StatsRequest
+from shared.contracts.memory_api import (
+    MEMORY_RESPONSE,
+    GetUserSessionsRequest,
+    ImportMessage,
+    ImportMessagesData,
+    ImportMessagesRequest,
+    MemoryResponse,
+)
+from shared.contracts.messages import (
+    AddData,
+    AddRequest,
+    OptimizeRequest,
+    ProfileGetRequest,
+    SearchData,
+    SearchEntitiesData,
+    SearchEntitiesRequest,
+    SearchRequest,
+    StatsRequest,
+)
 from shared.contracts.ping import MESH_VERSION
 from shared.runtime.logging import get_logger
 from shared.runtime.metrics import Metrics
@@ -106,6 +123,16 @@ class MemoryIn(BaseModel):
     content: str = Field(min_length=1)
     type: str = "fact"
     confidence: float = Field(default=0.9, ge=0, le=1)
+
+
+class EntitySearchIn(BaseModel):
+    user_id: str = Field(min_length=1, max_length=256)
+    query: str = Field(min_length=1)
+    limit: int = Field(default=10, ge=1, le=100)
+
+
+class ImportIn(BaseModel):
+    messages: list[ImportMessage] = Field(min_length=1)
 
 
 class Memories(BaseModel):
@@ -235,6 +262,65 @@ def create_app(settings: GatewaySettings | None = None, names: Names | None = No
         allowed(scope, user_id)
         resp = await bus.ltm_call(StatsRequest(request_id=new_id(), type="stats", user_id=user_id))
         return {"user_id": user_id, **(resp.data or {})}
+
+    @app.post("/api/v1/conversation", response_model=ChatOut)
+    async def conversation(body: ChatIn, scope: Caller, bus: BusDep) -> ChatOut:
+        """The seed's name for a chat turn: the same as ``POST /v1/chat``."""
+        return await chat(body, scope, bus)
+
+    @app.post("/v1/users/{user_id}/import")
+    async def import_history(user_id: UserId, body: ImportIn, scope: Caller, bus: BusDep) -> dict[str, Any]:
+        """Past turns of one user (idempotent; ids derived when absent), through memory's ``import_messages``."""
+        allowed(scope, user_id)
+        resp = await bus.memory_call(ImportMessagesRequest(
+            request_id=new_id(), type="import_messages", user_id=user_id,
+            data=ImportMessagesData(messages=body.messages)))
+        return {"user_id": user_id, **(resp.data or {})}
+
+    @app.post("/api/v1/memories/{user_id}/optimize")
+    async def optimize(user_id: UserId, scope: Caller, bus: BusDep) -> dict[str, Any]:
+        allowed(scope, user_id)
+        resp = await bus.ltm_call(OptimizeRequest(request_id=new_id(), type="optimize", user_id=user_id))
+        return {"user_id": user_id, **(resp.data or {})}
+
+    @app.get("/memory/user/{user_id}/summary")
+    async def user_summary(user_id: UserId, scope: Caller, bus: BusDep) -> dict[str, Any]:
+        """What the mesh holds of a user: memory counts by type and the profile."""
+        allowed(scope, user_id)
+        stats_resp = await bus.ltm_call(StatsRequest(request_id=new_id(), type="stats", user_id=user_id))
+        profile = await bus.ltm_call(ProfileGetRequest(request_id=new_id(), type="profile_get", user_id=user_id))
+        return {"user_id": user_id, "stats": stats_resp.data or {}, "profile": profile.user_profile or {}}
+
+    @app.post("/memory/search/entities")
+    async def search_entities(body: EntitySearchIn, scope: Caller, bus: BusDep) -> dict[str, Any]:
+        allowed(scope, body.user_id)
+        resp = await bus.ltm_call(SearchEntitiesRequest(request_id=new_id(), type="search_entities",
+                                                        user_id=body.user_id,
+                                                        data=SearchEntitiesData(query=body.query, limit=body.limit)))
+        return {"user_id": body.user_id, **(resp.data or {})}
+
+    @app.get("/memory/context/{user_id}")
+    async def context(user_id: UserId, scope: Caller, bus: BusDep, query: Annotated[str, Query(min_length=1)],
+                      max_tokens: Annotated[int, Query(ge=100, le=32_000)] = 1500) -> dict[str, Any]:
+        """The memory block chat_ai would put in a prompt for this query (services/chat_ai/prompt.py)."""
+        from services.chat_ai.prompt import memory_block
+
+        allowed(scope, user_id)
+        resp = await bus.ltm_call(SearchRequest(request_id=new_id(), type="search", user_id=user_id,
+                                                data=SearchData(query=query, limit=10, max_tokens=max_tokens,
+                                                                source_turns=True)))
+        block = memory_block(resp.memories, max_tokens, 200)
+        return {"user_id": user_id, "context": block.text, "memories_used": len(block.entries),
+                "tokens": block.tokens}
+
+    @app.get("/memory/status")
+    async def status(scope: Caller, bus: BusDep) -> dict[str, Any]:
+        """The bus: streams, groups' lag and pending, request lists, dead letters (admin keys only)."""
+        from mesh.status import bus_status
+
+        if not scope.admin:
+            raise GatewayError(403, "forbidden", "the mesh's status is for admin keys")
+        return await bus_status(bus.redis, names)
 
     async def _forget(user_id: str, scope: Scope, bus: Bus) -> dict[str, Any]:
         from mesh.forget import DeletionFailed, forget_user

@@ -78,6 +78,29 @@ async def test_the_gateway_serves_the_mesh_over_http(gateway: httpx.AsyncClient,
     sessions = await c.get("/v1/sessions/alice", headers=auth(TENANT))
     assert sessions.status_code == 200 and len(sessions.json()["sessions"]) == 2, sessions.text
 
+    summary = await c.get("/memory/user/alice/summary", headers=auth(TENANT))
+    assert summary.status_code == 200 and summary.json()["stats"]["memories"] >= 1, summary.text
+    entities = await c.post("/memory/search/entities", headers=auth(TENANT), json={"user_id": "alice",
+                                                                                  "query": "Maria"})
+    assert entities.status_code == 200 and any("Maria" in e["name"] for e in entities.json()["entities"]), \
+        entities.text
+    ctx = await c.get("/memory/context/alice", params={"query": "Where does my sister live?"}, headers=auth(TENANT))
+    assert ctx.status_code == 200 and "Porto" in ctx.json()["context"] and ctx.json()["tokens"] > 0, ctx.text
+    assert (await c.post("/api/v1/memories/alice/optimize", headers=auth(TENANT))).status_code == 200
+    status = await c.get("/memory/status", headers=auth(ADMIN))
+    assert status.status_code == 200 and {s["stream"] for s in status.json()["streams"]} >= {mesh.names.user_input}
+    assert (await c.get("/memory/status", headers=auth(TENANT))).status_code == 403
+    history = {"messages": [{"session_id": "s-old", "role": "user", "content": "I adopted a cat named Pixel.",
+                             "timestamp": 1_700_000_000},
+                            {"session_id": "s-old", "role": "assistant", "content": "Congratulations!",
+                             "timestamp": 1_700_000_001}]}
+    imported = await c.post("/v1/users/acme-7/import", headers=auth(TENANT), json=history)
+    assert imported.status_code == 200 and imported.json()["imported"] == 2, imported.text
+    again = await c.post("/v1/users/acme-7/import", headers=auth(TENANT), json=history)
+    assert again.json()["imported"] == 0 and again.json()["duplicates"] == 2  # idempotent
+    turn = await c.post("/api/v1/conversation", headers=auth(TENANT), json={"user_id": "acme-7", "content": "Hi"})
+    assert turn.status_code == 200 and turn.json()["reply"]
+
     deleted = await c.delete("/memory/user/alice", headers=auth(TENANT))
     assert deleted.status_code == 200 and deleted.json()["deleted"] > 0, deleted.text
     after = await c.post("/api/v1/memories/alice/search", params={"query": "Maria"}, headers=auth(TENANT))
@@ -85,8 +108,11 @@ async def test_the_gateway_serves_the_mesh_over_http(gateway: httpx.AsyncClient,
     assert await mesh.count("SELECT count(*) FROM conversation_messages WHERE user_id = 'alice'") == 0
 
     spec = (await c.get("/openapi.json")).json()
-    assert {"/v1/chat", "/api/v1/memories/{user_id}/search", "/memory/user/{user_id}", "/api/v1/health"} <= set(
-        spec["paths"])
+    assert {"/v1/chat", "/api/v1/conversation", "/v1/users/{user_id}/import", "/v1/sessions/{user_id}",
+            "/api/v1/memories/{user_id}/search", "/api/v1/memories", "/api/v1/memories/{user_id}/stats",
+            "/api/v1/memories/{user_id}/optimize", "/api/v1/memories/{user_id}/all", "/memory/user/{user_id}",
+            "/memory/user/{user_id}/summary", "/memory/search/entities", "/memory/context/{user_id}",
+            "/memory/status", "/api/v1/health"} <= set(spec["paths"])
 
 
 async def test_the_gateway_refuses_with_json_errors(gateway: httpx.AsyncClient) -> None:
