@@ -10,6 +10,7 @@ docs at ``/docs``.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,7 +20,7 @@ from typing import Annotated, Any
 import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from services.gateway.auth import Scope, lookup, parse_keys
@@ -214,22 +215,49 @@ def create_app(settings: GatewaySettings | None = None, names: Names | None = No
         if not scope.allows(user_id):
             raise GatewayError(403, "forbidden", "this key may not act for that user")
 
-    @app.post("/v1/chat", response_model=ChatOut)
-    async def chat(body: ChatIn, scope: Caller, bus: BusDep) -> ChatOut:
-        """Send one turn and wait for its reply (at most ``timeout_s``, default GATEWAY_TIMEOUT_S)."""
+    async def turn(body: ChatIn, scope: Scope, bus: Bus,
+                   sent: asyncio.Event | None = None) -> tuple[UserInput, ChatOut]:
         allowed(scope, body.user_id)
         msg = UserInput(message_id=new_id(), user_id=body.user_id, session_id=body.session_id or new_id(),
                         content=body.content)
         timeout = body.timeout_s or settings.gateway_timeout_s
         with bus.replies.expect(msg.message_id) as fut:
             await bus.redis.xadd(names.user_input, {"data": encode(msg)})
+            if sent is not None:
+                sent.set()
             try:
                 reply: AIResponse = await asyncio.wait_for(fut, timeout)
             except TimeoutError:
                 raise GatewayError(504, "timeout", f"no reply within {timeout:g}s") from None
-        return ChatOut(message_id=msg.message_id, session_id=msg.session_id, reply=reply.content,
-                       ltm=reply.meta.ltm, memories_used=reply.meta.memories_used, model=reply.meta.model,
-                       latency_ms=reply.meta.latency_ms)
+        return msg, ChatOut(message_id=msg.message_id, session_id=msg.session_id, reply=reply.content,
+                            ltm=reply.meta.ltm, memories_used=reply.meta.memories_used, model=reply.meta.model,
+                            latency_ms=reply.meta.latency_ms)
+
+    @app.post("/v1/chat", response_model=ChatOut)
+    async def chat(body: ChatIn, scope: Caller, bus: BusDep, stream: bool = False) -> Any:
+        """Send one turn and wait for its reply (at most ``timeout_s``, default GATEWAY_TIMEOUT_S). ``stream=true``
+        answers with server-sent events instead: ``accepted`` once the turn is on the bus, then ``reply`` (the same
+        body) or ``error``. The services reply in one piece, so the reply is one event, not tokens."""
+        if not stream:
+            return (await turn(body, scope, bus))[1]
+        allowed(scope, body.user_id)  # before the stream starts: refusals stay plain JSON errors
+
+        async def events() -> AsyncIterator[str]:
+            sent = asyncio.Event()
+            task = asyncio.create_task(turn(body, scope, bus, sent))
+            waiter = asyncio.create_task(sent.wait())
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            if sent.is_set():
+                yield "event: accepted\ndata: {}\n\n"
+            try:
+                _msg, out = await task
+                yield f"event: reply\ndata: {out.model_dump_json()}\n\n"
+            except GatewayError as exc:
+                payload = json.dumps({"error": {"code": exc.code, "message": exc.message}})
+                yield f"event: error\ndata: {payload}\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.get("/v1/sessions/{user_id}")
     async def sessions(user_id: UserId, scope: Caller, bus: BusDep,
@@ -266,7 +294,7 @@ def create_app(settings: GatewaySettings | None = None, names: Names | None = No
     @app.post("/api/v1/conversation", response_model=ChatOut)
     async def conversation(body: ChatIn, scope: Caller, bus: BusDep) -> ChatOut:
         """The seed's name for a chat turn: the same as ``POST /v1/chat``."""
-        return await chat(body, scope, bus)
+        return (await turn(body, scope, bus))[1]
 
     @app.post("/v1/users/{user_id}/import")
     async def import_history(user_id: UserId, body: ImportIn, scope: Caller, bus: BusDep) -> dict[str, Any]:

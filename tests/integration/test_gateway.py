@@ -5,6 +5,7 @@ errors as JSON with the bus's codes (401, 403, 404-style, 413, 422, 504)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 from collections.abc import AsyncIterator
@@ -106,6 +107,18 @@ async def test_the_gateway_serves_the_mesh_over_http(gateway: httpx.AsyncClient,
     after = await c.post("/api/v1/memories/alice/search", params={"query": "Maria"}, headers=auth(TENANT))
     assert after.status_code == 200 and after.json()["memories"] == []
     assert await mesh.count("SELECT count(*) FROM conversation_messages WHERE user_id = 'alice'") == 0
+
+    async def history_ingested() -> bool:
+        return await mesh.count("SELECT count(*) FROM ltm_ingested WHERE user_id = 'acme-7'") >= 2
+
+    await wait_until(history_ingested, timeout=30, message="the imported turns ingested")
+    async with c.stream("POST", "/v1/chat", params={"stream": "true"}, headers=auth(TENANT),
+                        json={"user_id": "acme-7", "content": "Do I have a pet?"}) as streamed:
+        assert streamed.status_code == 200 and streamed.headers["content-type"].startswith("text/event-stream")
+        text = "".join([chunk async for chunk in streamed.aiter_text()])
+    events = [block.split("\n") for block in text.strip().split("\n\n")]
+    assert [e[0] for e in events] == ["event: accepted", "event: reply"], text
+    assert "Pixel" in json.loads(events[1][1].removeprefix("data: "))["reply"]  # the imported history, remembered
 
     spec = (await c.get("/openapi.json")).json()
     assert {"/v1/chat", "/api/v1/conversation", "/v1/users/{user_id}/import", "/v1/sessions/{user_id}",
