@@ -547,7 +547,7 @@ def run_stack(args: argparse.Namespace) -> int:
             redis_url, database_url, service_urls = start_stores(paths, started)
             pg = [server.url for server in started if isinstance(server, PostgresServer)]
             names = [] if args.no_services else args.services
-            metrics_ports = {name: free_port() for name in names if name != "gateway"}  # Prometheus /metrics
+            metrics_ports = {name: free_port() for name in names}  # each service's Prometheus /metrics
             gateway_env, gateway_vars = _gateway_env(names)
             # DATABASE_URL: the services' role; DATABASE_ADMIN_URL: the superuser, for tools that create databases
             write_env_file(paths.env, {"REDIS_URL": redis_url, "DATABASE_URL": database_url,

@@ -46,6 +46,7 @@ from shared.contracts.messages import (
     StatsRequest,
 )
 from shared.contracts.ping import MESH_VERSION
+from shared.runtime import prom
 from shared.runtime.logging import get_logger
 from shared.runtime.metrics import Metrics
 from shared.runtime.replies import ReplyWaiter
@@ -197,10 +198,18 @@ def create_app(settings: GatewaySettings | None = None, names: Names | None = No
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next: Any) -> Any:
+        started = time.perf_counter()
         size = request.headers.get("content-length")
         if size is not None and (not size.isdigit() or int(size) > settings.gateway_max_body_bytes):
-            return _error(413, "bad_request", f"request body over {settings.gateway_max_body_bytes} bytes")
-        return await call_next(request)
+            response: Any = _error(413, "bad_request", f"request body over {settings.gateway_max_body_bytes} bytes")
+        else:
+            response = await call_next(request)
+        route = request.scope.get("route")
+        kind = f"{request.method} {getattr(route, 'path', 'unmatched')}"
+        outcome = "ok" if response.status_code < 400 else str(response.status_code)
+        prom.API_REQUESTS.labels("gateway", kind, outcome).inc()
+        prom.API_DURATION.labels("gateway", kind).observe(time.perf_counter() - started)
+        return response
 
     @app.exception_handler(GatewayError)
     async def gateway_error(_request: Request, exc: GatewayError) -> JSONResponse:

@@ -112,14 +112,17 @@ async def check_metrics(redis: aioredis.Redis, names: Names, data: Path) -> None
                 {"request_id": rid, "type": "get_session", "user_id": "u-ready", "data": {"session_id": "s1"}}))
             assert (await replies.get(rid)).success
     urls = read_env_file(data / "stack.env")["METRICS_URLS"].split()
-    assert len(urls) == 3, urls
+    assert len(urls) == 4, urls  # memory, ltm, chat_ai, gateway
     pages = {}
     for url in urls:
         samples = await asyncio.to_thread(scrape, url)
         service = {dict(ls).get("service") for (n, ls), _ in samples.items() if n == "memory_api_requests_total"}
         assert len(service) == 1, service
         pages[service.pop()] = samples
-    assert set(pages) == {"memory", "ltm", "chat_ai"}
+    assert set(pages) == {"memory", "ltm", "chat_ai", "gateway"}
+    gateway = pages.pop("gateway")  # `mesh up` waited for its health
+    assert total(gateway, "memory_api_requests_total", type="GET /api/v1/health", outcome="ok") >= 1
+    assert total(gateway, "mesh_group_lag", stream=names.user_input) == 0
     for service, samples in pages.items():  # `mesh up` pinged each; each sees the bus
         assert total(samples, "memory_api_requests_total", type="ping", outcome="ok") >= 1, service
         assert total(samples, "memory_api_request_duration_seconds_count", type="ping") >= 1, service

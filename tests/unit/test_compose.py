@@ -83,7 +83,7 @@ def test_monitoring_profile_prometheus_and_grafana_fit_the_services() -> None:
     assert compose["x-mesh-environment"]["METRICS_HOST"] == "0.0.0.0"
     scrape = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
     targets = [t for job in scrape["scrape_configs"] for cfg in job["static_configs"] for t in cfg["targets"]]
-    assert sorted(targets) == sorted(f"{s}:{port}" for s in ("memory", "ltm", "chat_ai"))  # the gateway: not yet
+    assert sorted(targets) == sorted(f"{s}:{port}" for s in SERVICES)
     assert any(v.startswith("./deploy/prometheus.yml:/etc/prometheus/prometheus.yml") for v in
                services["prometheus"]["volumes"])
 
