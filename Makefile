@@ -42,7 +42,7 @@ define with_stack
 	$(PYTHON) -m mesh up && $(1)
 endef
 
-.PHONY: help install ensure-redis ensure-pg-ssl audit run up down demo test chaos lint bench bench-quick eval-locomo eval-longmemeval clean
+.PHONY: help install ensure-redis ensure-pg-ssl ensure-chromium audit run up down demo test chaos lint bench bench-quick eval-locomo eval-longmemeval clean
 
 help:
 	@echo "make run          set up, start the mesh in the background, chat; stops it on exit"
@@ -113,6 +113,20 @@ audit:
 	@test -x $(AUDIT_VENV)/bin/pip-audit || { $(PY) -m venv $(AUDIT_VENV) && $(AUDIT_VENV)/bin/pip install -q pip-audit==2.10.1; }
 	$(AUDIT_VENV)/bin/pip-audit --strict --disable-pip --no-deps -r constraints.txt  # --strict: a package it could not audit fails the run
 
+# Headless Chromium and its WebDriver for the console's browser test (tests/integration/test_console.py).
+ensure-chromium:
+	@if command -v chromium >/dev/null 2>&1 && { command -v chromedriver >/dev/null 2>&1 || test -x /usr/lib/chromium/chromedriver; }; then \
+	  :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "no chromium for the console test; installing Debian's chromium and chromium-driver with apt-get"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver \
+	    || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver; }; \
+	else \
+	  echo "error: tests/integration/test_console.py needs chromium and chromium-driver" \
+	       "(Debian/Ubuntu: sudo apt-get install -y chromium chromium-driver)" >&2; \
+	  exit 1; \
+	fi
+
 run: $(STAMP)
 	$(call with_stack,$(PYTHON) -m mesh chat)
 
@@ -125,7 +139,7 @@ up: $(STAMP)
 down:
 	@if [ -x $(PYTHON) ]; then $(PYTHON) -m mesh down; fi
 
-test: $(STAMP) ensure-pg-ssl
+test: $(STAMP) ensure-pg-ssl ensure-chromium
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
 
 # The fault and bad-input tests at full counts (make test runs them reduced); counts in .data/chaos-report.json

@@ -15,12 +15,13 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path as Path_
 from typing import Annotated, Any
 
 import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from services.gateway.auth import Scope, lookup, parse_keys
@@ -381,6 +382,14 @@ def create_app(settings: GatewaySettings | None = None, names: Names | None = No
     @app.delete("/api/v1/memories/{user_id}/all")
     async def delete_all(user_id: UserId, scope: Caller, bus: BusDep) -> dict[str, Any]:
         return await _forget(user_id, scope, bus)
+
+    console = (Path_(__file__).parent / "console.html").read_text(encoding="utf-8")
+
+    @app.get("/console", response_class=HTMLResponse, include_in_schema=False)
+    async def console_page() -> HTMLResponse:
+        """The web console: one static page (no build step) that calls the routes above with the key typed in."""
+        return HTMLResponse(console, headers={"Content-Security-Policy": "default-src 'self'; "
+                                              "script-src 'unsafe-inline'; style-src 'unsafe-inline'"})
 
     @app.get("/api/v1/health")
     async def health(request: Request) -> JSONResponse:
