@@ -153,7 +153,8 @@ chaos: $(STAMP)
 		$(PYTHON) -m pytest -q -p no:cacheprovider --timeout 0 \
 		tests/integration/test_fuzz.py tests/integration/test_kill9.py tests/integration/test_store_restart.py \
 		tests/integration/test_restarts.py tests/integration/test_delete_user.py tests/integration/test_mesh_resilience.py \
-		tests/integration/test_isolation.py tests/integration/test_acl.py $(PYTEST_ARGS)
+		tests/integration/test_isolation.py tests/integration/test_acl.py tests/integration/test_shutdown.py \
+		tests/integration/test_copies.py tests/integration/test_replay_dead.py $(PYTEST_ARGS)
 	$(PYTHON) -m mesh chaos-report
 
 lint: $(STAMP)
