@@ -32,12 +32,12 @@ STACK_ENV = Path(".data") / "stack.env"
 
 def stack_urls() -> dict[str, str]:
     """REDIS_URL / DATABASE_URL from the environment, else from .data/stack.env written by `mesh stack`."""
+    from mesh.stack import read_env_file
+
     urls = {k: os.environ[k] for k in ("REDIS_URL", "DATABASE_URL") if os.environ.get(k)}
-    if STACK_ENV.exists():
-        for line in STACK_ENV.read_text().splitlines():
-            key, _, value = line.partition("=")
-            if key in ("REDIS_URL", "DATABASE_URL"):
-                urls.setdefault(key, value.strip())
+    for key, value in read_env_file(STACK_ENV).items():
+        if key in ("REDIS_URL", "DATABASE_URL"):
+            urls.setdefault(key, value.strip())
     if "REDIS_URL" not in urls:
         raise SystemExit("no REDIS_URL: start the mesh with `make up` (or set REDIS_URL)")
     return urls
