@@ -66,7 +66,11 @@ class ReplyWaiter:
                 backoff.reset()
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
                 log.warning("replies.redis_unavailable", error=str(exc))
-                await backoff.sleep(asyncio.Event())
+                await backoff.sleep()
+                continue
+            except redis.exceptions.ResponseError as exc:  # NOPERM (an ACL without XREAD), a deleted stream...
+                log.error("replies.read_refused", stream=self.stream, error=str(exc))  # never dies unseen
+                await backoff.sleep()
                 continue
             for _stream, entries in rows or []:
                 for entry_id, fields in entries:
