@@ -506,18 +506,12 @@ class StoreGuard:
 
 
 def _supervise(names: list[str], env: dict[str, str], stop: StopFlag, log_dir: Path,
-               stores: list[StoreGuard] | None = None, redis_urls: dict[str, str] | None = None,
-               metrics_ports: dict[str, int] | None = None, extra: dict[str, dict[str, str]] | None = None) -> None:
-    """``redis_urls``: each service's own REDIS_URL (its Redis user, mesh/acl.py), when the stack's Redis has ACLs;
-    ``metrics_ports``: each service's METRICS_PORT (its Prometheus /metrics); ``extra``: more of a service's env."""
-    urls, ports, more = redis_urls or {}, metrics_ports or {}, extra or {}
-
-    def own_env(name: str) -> dict[str, str]:
-        return {**({"REDIS_URL": urls[name]} if name in urls else {}),
-                **({"METRICS_PORT": str(ports[name])} if name in ports else {}), **more.get(name, {})}
-
-    supervisor = Supervisor([Service(name, [sys.executable, "-m", SERVICES[name]], own_env(name)) for name in names],
-                            env, Path.cwd(), log_dir=log_dir)
+               stores: list[StoreGuard] | None = None, own_env: dict[str, dict[str, str]] | None = None) -> None:
+    """``own_env``: what each service's environment has beyond ``env`` (its REDIS_URL when the stack's Redis has
+    ACLs, its METRICS_PORT, the gateway's port and key)."""
+    own = own_env or {}
+    supervisor = Supervisor([Service(name, [sys.executable, "-m", SERVICES[name]], own.get(name, {}))
+                             for name in names], env, Path.cwd(), log_dir=log_dir)
     try:
         while not stop.is_set():
             for store in stores or ():
@@ -562,8 +556,10 @@ def run_stack(args: argparse.Namespace) -> int:
                 log.info("service logs: %s", ", ".join(str(paths.service_log(name)) for name in names))
             guards = [StoreGuard("redis-server" if isinstance(server, RedisServer) else "PostgreSQL", server)
                       for server in started if isinstance(server, RedisServer | PostgresServer)]
-            _supervise(names, _service_env(redis_url, database_url), stop, paths.logs, guards, service_urls,
-                       metrics_ports, {"gateway": gateway_env})
+            own_env = {name: {**({"REDIS_URL": service_urls[name]} if name in service_urls else {}),
+                              "METRICS_PORT": str(metrics_ports[name]), **(gateway_env if name == "gateway" else {})}
+                       for name in names}
+            _supervise(names, _service_env(redis_url, database_url), stop, paths.logs, guards, own_env)
         except (RuntimeError, TimeoutError) as exc:
             log.error("%s", exc)
             return 1

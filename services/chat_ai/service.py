@@ -166,22 +166,30 @@ class ChatService:
             self.metrics.incr("duplicate_inputs")
             return
         try:
-            await self._answer(msg, done_key)
-        finally:  # answered (the others see the reply), or failed (another delivery may answer it now)
+            await self._answer(msg, done_key, claim[0])  # the reply's transaction also drops the claim
+        except BaseException:  # failed: another delivery of this input may answer it now
             await self._release_turn(claim)
+            raise
 
     async def _claim_turn(self, done_key: str, msg: UserInput) -> tuple[str, str] | None:
         """The right to answer this input, or None when it was answered already. Two deliveries of one input at
         once (a client that sent it twice, a replayed dead letter, in one process or two) must give one reply:
         the first takes ``answering`` with SET NX; the other waits until the reply exists (then skips) or the
-        claim is gone (its holder failed: then it answers). The claim expires on its own if its holder dies."""
+        claim is gone (its holder failed: then it answers). The claim expires on its own if its holder dies.
+        One round trip when nobody else holds it (EXISTS and SET NX pipelined)."""
         claim_key = self.names.dedup("chat", "answering", msg.user_id or "", msg.message_id)
         token = new_id()
         ttl_ms = int((self.settings.llm_timeout_s + self.settings.ltm_timeout_ms / 1000 + 30) * 1000)
         while True:
-            if await self.redis.exists(done_key):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.exists(done_key)
+                pipe.set(claim_key, token, nx=True, px=ttl_ms)
+                answered, claimed = await pipe.execute()
+            if answered:
+                if claimed:
+                    await self._release_turn((claim_key, token))
                 return None
-            if await self.redis.set(claim_key, token, nx=True, px=ttl_ms):
+            if claimed:
                 return claim_key, token
             await asyncio.sleep(0.05)
 
@@ -193,7 +201,7 @@ class ChatService:
         except Exception:  # the claim expires on its own
             log.warning("chat_ai.release_failed", exc_info=True)
 
-    async def _answer(self, msg: UserInput, done_key: str) -> None:
+    async def _answer(self, msg: UserInput, done_key: str, claim_key: str) -> None:
         started = time.perf_counter()
         stm_task = asyncio.create_task(self.load_stm(msg))
         memories, status = await self.recall(msg)
@@ -212,6 +220,7 @@ class ChatService:
             pipe.xadd(self.names.ai_responses, {"data": encode(response)}, maxlen=self.settings.ai_responses_maxlen,
                       approximate=True)
             pipe.set(done_key, response.message_id, ex=self.settings.reply_dedup_ttl_s)
+            pipe.delete(claim_key)
             await pipe.execute()
         self.metrics.incr(f"replies.ltm_{status}")
         log.info("chat_ai.replied", ltm=status, memories=len(memories), model=reply.model,

@@ -225,8 +225,7 @@ def create_app(settings: GatewaySettings | None = None, names: Names | None = No
         if not scope.allows(user_id):
             raise GatewayError(403, "forbidden", "this key may not act for that user")
 
-    async def turn(body: ChatIn, scope: Scope, bus: Bus,
-                   sent: asyncio.Event | None = None) -> tuple[UserInput, ChatOut]:
+    async def turn(body: ChatIn, scope: Scope, bus: Bus, sent: asyncio.Event | None = None) -> ChatOut:
         allowed(scope, body.user_id)
         msg = UserInput(message_id=new_id(), user_id=body.user_id, session_id=body.session_id or new_id(),
                         content=body.content)
@@ -239,9 +238,9 @@ def create_app(settings: GatewaySettings | None = None, names: Names | None = No
                 reply: AIResponse = await asyncio.wait_for(fut, timeout)
             except TimeoutError:
                 raise GatewayError(504, "timeout", f"no reply within {timeout:g}s") from None
-        return msg, ChatOut(message_id=msg.message_id, session_id=msg.session_id, reply=reply.content,
-                            ltm=reply.meta.ltm, memories_used=reply.meta.memories_used, model=reply.meta.model,
-                            latency_ms=reply.meta.latency_ms)
+        return ChatOut(message_id=msg.message_id, session_id=msg.session_id, reply=reply.content,
+                       ltm=reply.meta.ltm, memories_used=reply.meta.memories_used, model=reply.meta.model,
+                       latency_ms=reply.meta.latency_ms)
 
     @app.post("/v1/chat", response_model=ChatOut)
     async def chat(body: ChatIn, scope: Caller, bus: BusDep, stream: bool = False) -> Any:
@@ -249,7 +248,7 @@ def create_app(settings: GatewaySettings | None = None, names: Names | None = No
         answers with server-sent events instead: ``accepted`` once the turn is on the bus, then ``reply`` (the same
         body) or ``error``. The services reply in one piece, so the reply is one event, not tokens."""
         if not stream:
-            return (await turn(body, scope, bus))[1]
+            return await turn(body, scope, bus)
         allowed(scope, body.user_id)  # before the stream starts: refusals stay plain JSON errors
 
         async def events() -> AsyncIterator[str]:
@@ -261,7 +260,7 @@ def create_app(settings: GatewaySettings | None = None, names: Names | None = No
             if sent.is_set():
                 yield "event: accepted\ndata: {}\n\n"
             try:
-                _msg, out = await task
+                out = await task
                 yield f"event: reply\ndata: {out.model_dump_json()}\n\n"
             except GatewayError as exc:
                 payload = json.dumps({"error": {"code": exc.code, "message": exc.message}})
@@ -304,7 +303,7 @@ def create_app(settings: GatewaySettings | None = None, names: Names | None = No
     @app.post("/api/v1/conversation", response_model=ChatOut)
     async def conversation(body: ChatIn, scope: Caller, bus: BusDep) -> ChatOut:
         """The seed's name for a chat turn: the same as ``POST /v1/chat``."""
-        return (await turn(body, scope, bus))[1]
+        return await turn(body, scope, bus)
 
     @app.post("/v1/users/{user_id}/import")
     async def import_history(user_id: UserId, body: ImportIn, scope: Caller, bus: BusDep) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from shared.runtime.logging import get_logger
+from shared.runtime.prom import EVENTS
 
 log = get_logger(__name__)
 
@@ -21,8 +22,6 @@ log = get_logger(__name__)
 class Metrics:
     def __init__(self, redis: aioredis.Redis | None = None, key: str | None = None, service: str | None = None) -> None:
         """``service``: the label of its Prometheus series (default: the last part of ``key``, metrics:<service>)."""
-        from shared.runtime.prom import EVENTS
-
         self.totals: Counter[str] = Counter()
         self._pending: Counter[str] = Counter()
         self._redis = redis
