@@ -34,7 +34,7 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -270,10 +270,11 @@ class RedisServer:
         acl_file: Path | None = None,
         admin: tuple[str, str] | None = None,
         os_user: OsUser | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         """``acl_file``: Redis's users (mesh/acl.py); ``admin`` (user, password) is then how ``url`` logs in.
         ``os_user``: run redis-server as this account (when root; see :func:`redis_os_user`), its data directory
-        and ACL file handed to it."""
+        and ACL file handed to it. ``extra_args``: more ``--option value`` pairs (a cluster node's)."""
         self.data_dir = Path(data_dir).absolute()
         self.persist = persist
         self.port = port or 0
@@ -282,6 +283,7 @@ class RedisServer:
         self.acl_file = acl_file
         self.admin = admin
         self.os_user = os_user
+        self.extra_args = list(extra_args)
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -358,6 +360,7 @@ class RedisServer:
             "--logfile", str(self.logfile),
             "--pidfile", str(self.pidfile),
             *(["--aclfile", str(self.acl_file)] if self.acl_file else []),
+            *self.extra_args,
         ]  # fmt: skip
 
     def _spawn(self, executable: str) -> None:

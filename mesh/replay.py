@@ -25,6 +25,7 @@ import redis.asyncio as aioredis
 
 from shared.contracts import Names
 from shared.contracts.names import DEAD_LETTER_SUFFIX
+from shared.runtime.runner import batch
 
 BATCH = 200
 
@@ -74,7 +75,7 @@ async def replay(redis: aioredis.Redis, names: Names, name: str, *, reason: str 
                 skipped["truncated" if "truncated_from" in f else "empty"] += 1
                 continue
             if not dry_run:
-                async with redis.pipeline(transaction=True) as pipe:
+                async with batch(redis) as pipe:  # a cluster: two slots; a crash between replays it twice
                     if kind == "list":
                         pipe.rpush(target, f["data"])
                     else:

@@ -26,6 +26,7 @@ from services.memory.store import ConversationStore
 from shared.contracts import AI_RESPONSE, AIResponse, DecodeError, LTMResponse, Names, UserInput, decode, encode, new_id
 from shared.runtime.db import open_pool
 from shared.runtime.embedding import SyncEmbedder
+from shared.runtime.runner import pubsub_for
 
 
 async def wait_until(predicate: Callable[[], Any], timeout: float = 15.0, interval: float = 0.02,
@@ -150,11 +151,12 @@ class Replies(Generic[R]):
 
     def __init__(self, redis: aioredis.Redis, channel: str, adapter: TypeAdapter[R]) -> None:
         self.redis, self.channel, self.adapter = redis, channel, adapter
-        self.pubsub = redis.pubsub()
+        self.pubsub: Any = None
         self.seen: dict[str, R] = {}
         self._reader: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Replies[R]:
+        self.pubsub = await pubsub_for(self.redis)
         await self.pubsub.subscribe(self.channel)
 
         async def confirmed() -> bool:

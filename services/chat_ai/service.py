@@ -159,8 +159,8 @@ class ChatService:
 
     async def answer(self, msg: UserInput) -> None:
         # per user: another user's input reusing a message id is a different turn (answered, never taken for a
-        # redelivery of the first); the reply's id is derived the same way
-        done_key = self.names.dedup("chat", msg.user_id or "", msg.message_id)
+        # redelivery of the first); the reply's id is derived the same way. In the ai_responses stream's slot.
+        done_key = self.names.reply_dedup(msg.user_id or "", msg.message_id, "done")
         claim = await self._claim_turn(done_key, msg)
         if claim is None:
             self.metrics.incr("duplicate_inputs")
@@ -177,7 +177,7 @@ class ChatService:
         the first takes ``answering`` with SET NX; the other waits until the reply exists (then skips) or the
         claim is gone (its holder failed: then it answers). The claim expires on its own if its holder dies.
         One round trip when nobody else holds it (EXISTS and SET NX pipelined)."""
-        claim_key = self.names.dedup("chat", "answering", msg.user_id or "", msg.message_id)
+        claim_key = self.names.reply_dedup(msg.user_id or "", msg.message_id, "answering")
         token = new_id()
         ttl_ms = int((self.settings.llm_timeout_s + self.settings.ltm_timeout_ms / 1000 + 30) * 1000)
         while True:
@@ -246,12 +246,13 @@ async def main(stop: asyncio.Event) -> None:
     settings = ChatSettings()
     configure_logging("chat_ai", settings.log_level, settings.log_format, settings.log_content)
     names = Names.from_env()
-    redis = redis_client(settings.redis_url)
+    redis = redis_client(settings.redis_url, settings.redis_cluster)
     llm = chat_model(settings.openai_api_key, settings.openai_base_url, settings.llm_model, settings.llm_timeout_s,
                      service="chat_ai")
     try:
         service = ChatService(settings, names, redis, llm)
-        with prom.metrics_endpoint(settings.metrics_port, settings.metrics_host, settings.redis_url, names):
+        with prom.metrics_endpoint(settings.metrics_port, settings.metrics_host, settings.redis_url, names,
+                                   cluster=settings.redis_cluster):
             await serve_until(stop, service.run(), service.stop)
     finally:
         await redis.aclose()

@@ -171,7 +171,7 @@ def create_app(settings: GatewaySettings | None = None, names: Names | None = No
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         from shared.runtime.runner import redis_client
 
-        redis = redis_client(settings.redis_url)
+        redis = redis_client(settings.redis_url, settings.redis_cluster)
         tag = f"gateway-{settings.consumer_name}"
         metrics = Metrics(redis, names.metrics("gateway"))
         ltm: RpcClient[LTMResponse] = RpcClient(redis, queue=names.ltm_requests, adapter=LTM_RESPONSE,

@@ -14,6 +14,7 @@ def main() -> None:
 
     settings = GatewaySettings()
     configure_logging("gateway", settings.log_level, settings.log_format, settings.log_content)
-    with prom.metrics_endpoint(settings.metrics_port, settings.metrics_host, settings.redis_url, Names.from_env()):
+    with prom.metrics_endpoint(settings.metrics_port, settings.metrics_host, settings.redis_url, Names.from_env(),
+                     cluster=settings.redis_cluster):
         uvicorn.run(create_app(settings), host=settings.gateway_host, port=settings.gateway_port,
                     log_level="warning", timeout_graceful_shutdown=int(settings.shutdown_grace_s))

@@ -291,10 +291,11 @@ async def main(stop: asyncio.Event) -> None:
     await migrate(settings.database_url, "ltm", Path(__file__).parent / "migrations")
     model = await asyncio.to_thread(shared_model)
     pool = await open_pool(settings.database_url, max_size=settings.db_pool_max, name="ltm")
-    redis = redis_client(settings.redis_url)
+    redis = redis_client(settings.redis_url, settings.redis_cluster)
     try:
         service = LtmService(settings, names, redis, build_backend(settings, pool, model, redis, names))
-        with prom.metrics_endpoint(settings.metrics_port, settings.metrics_host, settings.redis_url, names):
+        with prom.metrics_endpoint(settings.metrics_port, settings.metrics_host, settings.redis_url, names,
+                                   cluster=settings.redis_cluster):
             await serve_until(stop, service.run(), service.stop)
     finally:
         await redis.aclose()

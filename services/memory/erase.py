@@ -71,7 +71,7 @@ async def delete_user_keys(redis: aioredis.Redis, names: Names, user_id: str, se
         n += int(await redis.delete(*keys[i:i + 500]))
     user = glob_escape(user_id)
     n += await delete_matching(redis, glob_escape(names.cache("memory")) + f":*:{user}:*")
-    n += await delete_matching(redis, glob_escape(names.dedup("chat", user_id)) + ":*")
+    n += await delete_matching(redis, glob_escape(names.reply_dedup(user_id)) + ":*")  # done and answering
     return n
 
 

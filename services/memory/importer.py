@@ -39,6 +39,7 @@ from shared.contracts.errors import BadRequest
 from shared.contracts.memory_api import ImportMessage, ImportResult, import_message_id
 from shared.runtime.logging import get_logger
 from shared.runtime.metrics import Metrics
+from shared.runtime.runner import batch
 
 log = get_logger(__name__)
 
@@ -149,7 +150,7 @@ class HistoryImporter:
             return 0
         updates = [u for u in (memory_update(m, self.metrics) for m in new) if u is not None]
         if updates:
-            async with self.stm.redis.pipeline(transaction=True) as pipe:
+            async with batch(self.stm.redis) as pipe:
                 for update in updates:
                     self._publish(pipe, update)
                 await pipe.execute()

@@ -167,7 +167,9 @@ class MemoryService:
         data = encode(update)
         pipe.xadd(self.names.memory_updates, {"data": data}, maxlen=self.settings.memory_updates_maxlen,
                   approximate=True)
-        pipe.publish(self.names.memory_updates_pubsub, data)
+        # by name: a cluster pipeline refuses .publish() (no key to route by) but sends PUBLISH to a node, and
+        # the cluster passes it to the subscribers of every node
+        pipe.execute_command("PUBLISH", self.names.memory_updates_pubsub, data)
         self.metrics.incr("updates_published")
 
 
@@ -181,12 +183,13 @@ async def main(stop: asyncio.Event) -> None:
     names = Names.from_env()
     await migrate(settings.database_url, "memory", Path(__file__).parent / "migrations")
     pool = await open_pool(settings.database_url, max_size=settings.db_pool_max, name="memory")
-    redis = redis_client(settings.redis_url)
+    redis = redis_client(settings.redis_url, settings.redis_cluster)
     llm = chat_model(settings.openai_api_key, settings.openai_base_url, settings.llm_model, settings.llm_timeout_s,
                      service="memory")
     try:
         service = MemoryService(settings, names, redis, ConversationStore(pool), llm=llm)
-        with prom.metrics_endpoint(settings.metrics_port, settings.metrics_host, settings.redis_url, names):
+        with prom.metrics_endpoint(settings.metrics_port, settings.metrics_host, settings.redis_url, names,
+                                   cluster=settings.redis_cluster):
             await serve_until(stop, service.run(), service.stop)
     finally:
         await redis.aclose()

@@ -31,6 +31,7 @@ from services.memory.summary import Summariser, SummaryState
 from shared.contracts import Names
 from shared.runtime.errors import TransientError
 from shared.runtime.logging import get_logger
+from shared.runtime.runner import batch, is_cluster
 from shared.runtime.stm import Stm, Turn, read_stm
 
 log = get_logger(__name__)
@@ -71,6 +72,7 @@ class StmWriter:
         meta = {"user_id": user_id or ""}
         if rehydrated_at is not None:
             meta["rehydrated_at"] = repr(rehydrated_at)
+        cluster = is_cluster(self.redis)  # the session's keys share a slot (names.py); the caller's may not
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.exists(meta_key)
             if turns:
@@ -81,9 +83,13 @@ class StmWriter:
             pipe.expire(turns_key, self.ttl_s)
             pipe.expire(meta_key, self.ttl_s)
             pipe.expire(self.names.stm_summary(session_id), self.ttl_s)
-            if also is not None:
+            if also is not None and not cluster:
                 also(pipe)
             res = await pipe.execute()
+        if also is not None and cluster:  # other slots: a pipeline of their own (a redelivery repairs a partial write)
+            async with batch(self.redis) as other:
+                also(other)
+                await other.execute()
         evicted_raw = res[2] if turns else res[1]
         return bool(res[0]), [Turn.parse(m) for m in evicted_raw]
 

@@ -7,7 +7,7 @@ meshes share one Redis without seeing each other.
 
 Short-term memory (STM) layout, written only by the memory service:
 
-``stm:{session_id}:turns``
+``stm:{session_id}:turns`` (the braces are literal: a hash tag, so a session's keys share a Redis Cluster slot)
     sorted set of recent turns; member = compact JSON of the turn, score = the
     turn's timestamp. Trimmed to ``STM_MAX_MESSAGES`` members.
 ``stm:{session_id}:summary``
@@ -165,14 +165,16 @@ class Names:
         return f"{base}:{instance}"
 
     # ---- keys ---------------------------------------------------------------
+    # A session's STM keys carry the session id as a hash tag (``{...}``): on a Redis Cluster they share one
+    # slot, so the MULTI that writes them stays atomic there (on one Redis the braces are just characters).
     def stm_turns(self, session_id: str) -> str:
-        return self._p(f"{self.stm_prefix}:{session_id}:turns")
+        return self._p(f"{self.stm_prefix}:{{{session_id}}}:turns")
 
     def stm_summary(self, session_id: str) -> str:
-        return self._p(f"{self.stm_prefix}:{session_id}:summary")
+        return self._p(f"{self.stm_prefix}:{{{session_id}}}:summary")
 
     def stm_meta(self, session_id: str) -> str:
-        return self._p(f"{self.stm_prefix}:{session_id}:meta")
+        return self._p(f"{self.stm_prefix}:{{{session_id}}}:meta")
 
     def cache(self, *parts: str) -> str:
         return self._p(":".join((self.cache_prefix, *parts)))
@@ -185,6 +187,12 @@ class Names:
 
     def dedup(self, *parts: str) -> str:
         return self._p(":".join((self.dedup_prefix, *parts)))
+
+    def reply_dedup(self, user_id: str, *parts: str) -> str:
+        """chat_ai's keys of one input (``done``: its reply's id; ``answering``: who is answering it), hash-tagged
+        with the ``ai_responses`` stream's name: on a Redis Cluster they live in that stream's slot, so the reply's
+        XADD and its ``done`` key are one MULTI there too. ``reply_dedup(user_id, "*")`` matches a user's keys."""
+        return self._p(":".join((self.dedup_prefix, f"{{{self.ai_responses}}}", "chat", user_id, *parts)))
 
     def all_bus_names(self) -> list[str]:
         return [

@@ -88,12 +88,13 @@ class BusCollector(Collector):
     """The bus as Redis has it at scrape time. A sync client of its own (the scrape runs in the HTTP thread);
     a name the service's Redis user may not read is skipped and counted in ``mesh_bus_scrape_errors``."""
 
-    def __init__(self, redis_url: str, streams: list[str], lists: list[str]) -> None:
+    def __init__(self, redis_url: str, streams: list[str], lists: list[str], cluster: bool = False) -> None:
         import redis
 
         from shared.contracts.names import Names
 
-        self._redis = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+        client = redis.RedisCluster if cluster else redis.Redis
+        self._redis = client.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
         self.streams, self.lists = streams, lists
         self.dead = [Names.dead(n) for n in [*streams, *lists]]
         self.errors = 0
@@ -167,10 +168,11 @@ class MetricsServer:
 
 
 @contextmanager
-def metrics_endpoint(port: int, host: str, redis_url: str, names: Names) -> Iterator[MetricsServer]:
+def metrics_endpoint(port: int, host: str, redis_url: str, names: Names, *,
+                     cluster: bool = False) -> Iterator[MetricsServer]:
     """Serve ``/metrics`` for the life of a service's ``main`` (port 0: nothing is served)."""
     bus = BusCollector(redis_url, [names.user_input, names.ai_responses, names.memory_updates],
-                       [names.ltm_requests, names.memory_requests, names.chat_requests]) if port else None
+                       [names.ltm_requests, names.memory_requests, names.chat_requests], cluster) if port else None
     server = MetricsServer(host, port, bus)
     server.start()
     try:

@@ -8,10 +8,12 @@ from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.client import PubSub
 
 from shared.runtime.backoff import Backoff
 from shared.runtime.logging import get_logger
 from shared.runtime.metrics import Metrics
+from shared.runtime.runner import pubsub_for
 
 log = get_logger(__name__)
 
@@ -28,8 +30,9 @@ async def listen(client: aioredis.Redis, channel: str, on_message: OnMessage, st
     """
     backoff = Backoff()
     while not stop.is_set():
-        pubsub = client.pubsub()
+        pubsub: PubSub | None = None
         try:
+            pubsub = await pubsub_for(client)
             await pubsub.subscribe(channel)
             while not stop.is_set():
                 msg = await pubsub.get_message(ignore_subscribe_messages=False, timeout=0.5)
@@ -51,7 +54,8 @@ async def listen(client: aioredis.Redis, channel: str, on_message: OnMessage, st
             await backoff.sleep(stop)
         finally:
             try:
-                await pubsub.aclose()
+                if pubsub is not None:
+                    await pubsub.aclose()
             except Exception:  # noqa: BLE001 - closing a broken connection
                 pass
     if ready is not None:

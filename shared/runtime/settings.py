@@ -18,6 +18,9 @@ class MeshSettings(EmbeddingSettings, BaseSettings):
     model_config = SettingsConfigDict(env_prefix="", extra="ignore", case_sensitive=False)
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_cluster: bool = Field(default=False, description=(
+        "REDIS_URL names a node of a Redis Cluster: the services use the cluster client (slots, MOVED/ASK); "
+        "docs/operations.md, \"Redis Cluster\""))
     database_url: str = "postgresql://mesh@127.0.0.1:5432/mesh"
     log_level: str = "INFO"
     log_format: str = Field(default="auto", description="auto | json | console")
