@@ -75,6 +75,8 @@ COMMANDS: dict[str, Command] = {
                             _lazy("mesh.chaos_report", "configure"), _lazy_run("mesh.chaos_report")),
     "acl": Command("print (or --out) the Redis ACL file: one least-privilege user per service, and an admin",
                    _lazy("mesh.acl", "configure"), _lazy_run("mesh.acl")),
+    "reembed": Command("embed every stored text again with EMBEDDING_MODEL (a change of model; services stopped)",
+                       _lazy("mesh.reembed", "configure"), _lazy_run("mesh.reembed")),
     "delete-user": Command("delete one user everywhere: conversation store, STM, caches, long-term memory, streams",
                            _lazy("mesh.forget", "configure"), _lazy_run("mesh.forget")),
 }

@@ -51,7 +51,7 @@ from services.ltm.backend import NotFound, Unsupported
 from services.ltm.config import LtmSettings
 from shared.contracts import Memory, MemorySource, MemoryUpdate
 from shared.contracts.messages import AddData, MemoryType, SearchData, SearchEntitiesData
-from shared.runtime.embedding import DIM, SyncEmbedder
+from shared.runtime.embedding import SyncEmbedder
 from shared.runtime.erase import user_hash
 from shared.runtime.logging import content, get_logger
 
@@ -220,12 +220,13 @@ class Mem0Backend:
                 "openai_base_url": s.openai_base_url} if self.infer else {"model": s.llm_model, **OFFLINE_LLM})
         config = MemoryConfig(
             vector_store={"provider": "pgvector", "config": {
-                "collection_name": self.collection, "embedding_model_dims": DIM, "hnsw": False, "diskann": False,
+                "collection_name": self.collection, "embedding_model_dims": self.model.dim, "hnsw": False,
+                "diskann": False,
                 "connection_pool": self._sync_pool,
             }},
             # a remote huggingface embedder is only constructed (no model load), then replaced by the shared model
             embedder={"provider": "huggingface", "config": {"huggingface_base_url": "http://127.0.0.1:9/unused",
-                                                             "embedding_dims": DIM}},
+                                                             "embedding_dims": self.model.dim}},
             llm={"provider": "openai", "config": llm},
             history_db_path=self.history_path,
         )

@@ -95,7 +95,9 @@ class NativeBackend:
         settings = settings or LtmSettings()
         # LTM_INGEST_MODEL=own: ingest gets its own copy of the model in start(), so requests never wait for its passes
         self.ingest_embedder = ingest_embedder or embedder
-        self._own_model = ingest_embedder is None and settings.ltm_ingest_model == "own"
+        # a second copy is for a local model's CPU; a remote model (EMBEDDING_MODEL) has none here to share
+        self._own_model = (ingest_embedder is None and settings.ltm_ingest_model == "own"
+                           and not settings.embedding_remote)
         self.retrieval = RetrievalConfig.from_settings(settings)
         self._queries: OrderedDict[str, np.ndarray] = OrderedDict()  # query text -> embedding (search)
         self.reused_query_vectors = 0  # ingested turns whose vector came from the query cache

@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
-DIM = 384
+DIM = 384  # until the first rows say otherwise (another EMBEDDING_MODEL)
 LOAD_CHUNK = 1000  # rows read and indexed between two turns of the event loop
 TOO_LARGE_S = 600.0  # a user too large for the index is searched in SQL; loading it is tried again after this
 _ROW_COST = 16  # per user, in rows: what an entry costs besides its memories (empty users count too)
@@ -113,7 +113,7 @@ class _User:
     epoch: int | None
     rows: list[dict[str, Any]] = field(default_factory=list)  # the KEYS columns (copied for each search)
     pos: dict[UUID, int] = field(default_factory=dict)
-    vecs: np.ndarray = field(default_factory=lambda: np.zeros((0, DIM), np.float32))
+    vecs: np.ndarray = field(default_factory=lambda: np.zeros((0, DIM), np.float32))  # sized by the first load
     norms: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
     dl: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
     types: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
@@ -160,8 +160,11 @@ class _User:
         if not fresh:
             return 0
         start, k = self.n, len(fresh)
-        vecs = np.frombuffer(b"".join(bytes(r[_VEC])[4:] for r in fresh.values()), dtype=">f4").reshape(k, DIM)
+        # pgvector's binary form: 2 bytes of size, 2 unused, then the floats (the size is the column's, EMBEDDING_DIM)
+        vecs = np.frombuffer(b"".join(bytes(r[_VEC])[4:] for r in fresh.values()), dtype=">f4").reshape(k, -1)
         vecs = vecs.astype(np.float32)
+        if start == 0 and self.vecs.shape[1] != vecs.shape[1]:
+            self.vecs = np.zeros((0, vecs.shape[1]), np.float32)
         self.vecs = _grow(self.vecs, start + k)
         self.vecs[start:start + k] = vecs
         self.norms = _grow(self.norms, start + k)

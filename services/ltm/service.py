@@ -284,13 +284,15 @@ async def main(stop: asyncio.Event) -> None:
     from shared.runtime.embedding import shared_model
     from shared.runtime.logging import configure_logging
     from shared.runtime.runner import redis_client, serve_until
+    from shared.runtime.vectors import ensure_vector_columns
 
     settings = LtmSettings()
     configure_logging("ltm", settings.log_level, settings.log_format, settings.log_content)
     names = Names.from_env()
     await migrate(settings.database_url, "ltm", Path(__file__).parent / "migrations")
-    model = await asyncio.to_thread(shared_model)
+    model = await asyncio.to_thread(shared_model, None, settings)
     pool = await open_pool(settings.database_url, max_size=settings.db_pool_max, name="ltm")
+    await ensure_vector_columns(pool, "ltm", model.name, model.dim)  # sized for EMBEDDING_MODEL, or refused
     redis = redis_client(settings.redis_url, settings.redis_cluster)
     try:
         service = LtmService(settings, names, redis, build_backend(settings, pool, model, redis, names))

