@@ -26,7 +26,7 @@ from pathlib import Path
 
 from shared.contracts.names import Names
 
-USERS = ("memory", "ltm", "chat_ai", "admin")
+USERS = ("memory", "ltm", "chat_ai", "gateway", "admin")
 CONNECT = "+ping +hello +client|setname +client|id +select +info +multi +exec +discard"  # (SETINFO: Redis >= 7.2)
 # a consumer group's reader of a stream (stream consumer, status)
 CONSUME = ("+xreadgroup +xack +xclaim +xautoclaim +xpending +xgroup|create +xgroup|createconsumer "
@@ -86,8 +86,23 @@ def rules(names: Names) -> dict[str, str]:
         _sel([n.chat_requests], "+blpop +llen"),
         _sel([dead(n.user_input), dead(n.chat_requests)], DEAD),
     ])
+    # the HTTP gateway: a client of the bus, like a chat front-end. It sends turns and requests and reads replies;
+    # it reads the bus's state (/memory/status, the deletion's settling) but writes no service's stream, reads no
+    # STM or cache, and runs no admin command
+    streams = [n.user_input, n.ai_responses, n.memory_updates]
+    requests = [n.ltm_requests, n.memory_requests, n.chat_requests]
+    gateway = " ".join([
+        "resetkeys resetchannels -@all", CONNECT, "+subscribe +unsubscribe",
+        _c(f"{n.ltm_responses}:*", f"{n.memory_responses}:*", f"{n.chat_responses}:*"),
+        _sel([n.user_input], "+xadd"),
+        _sel([n.ai_responses], "+xread +xrevrange"),
+        _sel(requests, "+rpush +llen"),
+        _sel(streams, "+xlen +xinfo|groups +xinfo|consumers +xinfo|stream +xpending"),
+        _sel([f"{p}*{dead('')}"], "+xlen"),
+        _sel([n.metrics("gateway")], METRICS),
+    ])
     # the operator's: every key (evaluations and benches run the services on prefixes of their own), every command
-    return {"memory": memory, "ltm": ltm, "chat_ai": chat, "admin": "~* &* +@all"}
+    return {"memory": memory, "ltm": ltm, "chat_ai": chat, "gateway": gateway, "admin": "~* &* +@all"}
 
 
 def dev_password(user: str) -> str:
@@ -117,7 +132,7 @@ def with_user(url: str, user: str, password: str) -> str:
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the file here (default: print it)")
     parser.add_argument("--passwords-from-env", action="store_true",
-                        help="passwords from REDIS_PASSWORD_<USER> (MEMORY, LTM, CHAT_AI, ADMIN); "
+                        help="passwords from REDIS_PASSWORD_<USER> (MEMORY, LTM, CHAT_AI, GATEWAY, ADMIN); "
                              "default: the development passwords of compose")
 
 

@@ -65,10 +65,12 @@ def _deletion(resp: MemoryResponse | LTMResponse, service: str) -> UserDeletion:
 
 
 async def forget_user(redis: aioredis.Redis, names: Names, user_id: str, *, timeout: float = 60.0,
-                      settle_s: float = 10.0, rewrite_aof: bool = False) -> dict[str, Any]:
+                      settle_s: float = 10.0, rewrite_aof: bool = False, sweep: bool = True) -> dict[str, Any]:
     """Delete ``user_id`` everywhere; what went, per service and pass (raises DeletionFailed, TimeoutError,
     Unavailable). The second pass runs once memory and ltm have nothing pending: a turn one of them was storing
-    or ingesting at the instant of the first pass is committed by then, and goes too."""
+    or ingesting at the instant of the first pass is committed by then, and goes too. Each pass has the services
+    XDEL the user's stream entries; ``sweep`` then looks through every stream once more itself (it needs XRANGE
+    and XDEL on them: the operator's user; the gateway's has neither and leaves it to the services' passes)."""
     tag = new_id()[:12]
     memory: RpcClient[MemoryResponse] = RpcClient(
         redis, queue=names.memory_requests, reply_channel=names.reply_channel(names.memory_responses, f"forget-{tag}"),
@@ -90,7 +92,7 @@ async def forget_user(redis: aioredis.Redis, names: Names, user_id: str, *, time
             lt = _deletion(await ltm.call(DeleteUserRequest(
                 request_id=new_id(), type="delete_user", user_id=user_id), timeout), "ltm")
             passes.append({"memory": m, "ltm": lt})
-        swept = await erase_entries(redis, mesh_streams(names), user_id)
+        swept = await erase_entries(redis, mesh_streams(names), user_id) if sweep else {}
         if rewrite_aof:
             await redis.bgrewriteaof()
         total = sum(d.total for p in passes for d in p.values()) + sum(swept.values())

@@ -19,6 +19,7 @@ from pathlib import Path as Path_
 from typing import Annotated, Any
 
 import redis.asyncio as aioredis
+import redis.exceptions
 from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
@@ -216,6 +217,15 @@ def create_app(settings: GatewaySettings | None = None, names: Names | None = No
     async def gateway_error(_request: Request, exc: GatewayError) -> JSONResponse:
         return _error(exc.status, exc.code, exc.message)
 
+    @app.exception_handler(redis.exceptions.RedisError)
+    async def bus_error(_request: Request, exc: redis.exceptions.RedisError) -> JSONResponse:
+        # Redis down, or refused by its ACL (NOPERM: a deployment whose gateway user lacks a right): logged with
+        # the command's class, answered as JSON like every other error
+        log.error("gateway.bus_error", error=type(exc).__name__, message=str(exc)[:200])
+        code, status = ("unavailable", 503) if isinstance(exc, redis.exceptions.ConnectionError | \
+                                                          redis.exceptions.TimeoutError) else ("internal", 500)
+        return _error(status, code, f"the bus refused or failed: {type(exc).__name__}")
+
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
         fields = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
@@ -364,7 +374,8 @@ def create_app(settings: GatewaySettings | None = None, names: Names | None = No
 
         allowed(scope, user_id)
         try:
-            out = await forget_user(bus.redis, names, user_id, timeout=settings.gateway_timeout_s)
+            # its Redis user reads no stream's entries: the services' own passes remove the user's
+            out = await forget_user(bus.redis, names, user_id, timeout=settings.gateway_timeout_s, sweep=False)
         except DeletionFailed as exc:
             raise GatewayError(500, "internal", str(exc)) from None
         except TimeoutError:

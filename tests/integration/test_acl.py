@@ -150,3 +150,105 @@ async def test_each_service_does_its_job_as_its_own_user_and_nothing_else(
             await pool.close()
             for c in clients.values():
                 await c.aclose()
+
+
+async def test_the_gateway_serves_http_as_its_own_user_and_nothing_else(
+        tmp_path: Path, names: Names, database_url: str, sync_embedder) -> None:  # type: ignore[no-untyped-def]
+    """``python -m services.gateway`` logged in as ``gateway``: chat with memory, search, the bus's status and a
+    deletion over HTTP work; forging a service's stream or reply, reading the STM or the cache, taking requests
+    off a service's list and admin commands are refused."""
+    import asyncio
+    import os
+    import sys
+
+    import httpx
+
+    from mesh.infra import free_port
+    from tests.conftest import ROOT
+
+    n = names
+    key = "acl-admin-key"
+    async with acl_redis(tmp_path, n) as (server, passwords):
+        clients = {u: aioredis.Redis.from_url(server.url_as(u, passwords[u])) for u in USERS}
+        pool = await open_pool(database_url, max_size=8)
+        port = free_port()
+        env = {**os.environ, "REDIS_URL": server.url_as("gateway", passwords["gateway"]), "MESH_KEY_PREFIX": n.prefix,
+               "GATEWAY_PORT": str(port), "GATEWAY_API_KEYS": f"{key}=admin", "GATEWAY_TIMEOUT_S": "20",
+               "LOG_FORMAT": "json"}
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "services.gateway", cwd=ROOT, env=env,
+                                                    stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        try:
+            mem_s = MemorySettings(**common(server.url_as("memory", passwords["memory"]), database_url))
+            ltm_s = LtmSettings(**common(server.url_as("ltm", passwords["ltm"]), database_url))
+            chat_s = ChatSettings(**common(server.url_as("chat_ai", passwords["chat_ai"]), database_url))
+            memory = MemoryService(mem_s, n, clients["memory"], ConversationStore(pool))
+            ltm = LtmService(ltm_s, n, clients["ltm"], build_backend(ltm_s, pool, sync_embedder, clients["ltm"], n))
+            chat = ChatService(chat_s, n, clients["chat_ai"], None)
+            headers = {"Authorization": f"Bearer {key}"}
+            async with running(memory), running(ltm), running(chat), \
+                    httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30, headers=headers) as c:
+                async def healthy() -> bool:
+                    if proc.returncode is not None:
+                        err = await proc.stderr.read() if proc.stderr else b""
+                        raise AssertionError(f"the gateway exited {proc.returncode}: {err[-2000:]!r}")
+                    try:
+                        return (await c.get("/api/v1/health")).status_code == 200
+                    except httpx.TransportError:
+                        return False
+
+                await wait_until(healthy, timeout=60, interval=0.2, message="the gateway's health 200 under ACLs")
+                first = await c.post("/v1/chat", json={"user_id": "u-gw",
+                                                       "content": "My sister Ottilie lives in Lisbon."})
+                assert first.status_code == 200, first.text
+
+                async def ingested() -> bool:
+                    async with pool.connection() as conn:
+                        cur = await conn.execute("SELECT count(*) FROM ltm_ingested WHERE user_id = 'u-gw'")
+                        row = await cur.fetchone()
+                    return bool(row and row[0] >= 1)
+
+                await wait_until(ingested, timeout=30, message="the fact ingested under ACLs")
+                second = await c.post("/v1/chat", json={"user_id": "u-gw", "content": "Where does my sister live?"})
+                assert second.status_code == 200 and second.json()["ltm"] == "hit", second.text
+                assert "Lisbon" in second.json()["reply"]
+                found = await c.post("/api/v1/memories/u-gw/search", params={"query": "sister", "top_k": 5})
+                assert found.status_code == 200 and found.json()["memories"], found.text
+                status = await c.get("/memory/status")
+                assert status.status_code == 200, status.text
+                deleted = await c.delete("/memory/user/u-gw")
+                assert deleted.status_code == 200, deleted.text
+                async with pool.connection() as conn:
+                    cur = await conn.execute("SELECT count(*) FROM conversation_messages WHERE user_id = 'u-gw'")
+                    assert (await cur.fetchone()) == (0,)
+                # no stream entry of the user is left, though the gateway's user could not sweep them itself
+                from shared.runtime.erase import mesh_streams
+
+                left = {s: len([1 for _, f in await clients["admin"].xrange(s) if b"u-gw" in b"".join(f.values())])
+                        for s in mesh_streams(n)}
+                assert not any(left.values()), left
+                for service in (memory, ltm, chat):
+                    assert service.metrics.get("handler_errors") == 0 and service.metrics.get("task_errors") == 0
+
+            gw = clients["gateway"]
+            checks = {
+                "gateway XADD ai_responses": await refused(gw, "XADD", n.ai_responses, "*", "data", "{}"),
+                "gateway XADD memory_updates": await refused(gw, "XADD", n.memory_updates, "*", "data", "{}"),
+                "gateway PUBLISH ltm_responses": await refused(gw, "PUBLISH", f"{n.ltm_responses}:x", "{}"),
+                "gateway BLPOP ltm_requests": await refused(gw, "BLPOP", n.ltm_requests, "1"),
+                "gateway XREADGROUP user_input": await refused(gw, "XREADGROUP", "GROUP", n.chat_group, "x",
+                                                               "STREAMS", n.user_input, ">"),
+                "gateway XRANGE user_input": await refused(gw, "XRANGE", n.user_input, "-", "+"),
+                "gateway reads the STM": await refused(gw, "ZRANGE", n.stm_turns("s"), "0", "-1"),
+                "gateway reads the cache": await refused(gw, "GET", n.cache("memory", "x")),
+                "gateway FLUSHALL": await refused(gw, "FLUSHALL"),
+                "gateway KEYS": await refused(gw, "KEYS", "*"),
+                "gateway CONFIG GET": await refused(gw, "CONFIG", "GET", "*"),
+            }
+            print("gateway acl refusals:", json.dumps(checks))
+            assert all(checks.values()), [k for k, v in checks.items() if not v]
+        finally:
+            proc.terminate()
+            await asyncio.wait_for(proc.wait(), 30)
+            await pool.close()
+            for cl in clients.values():
+                await cl.aclose()

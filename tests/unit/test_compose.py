@@ -40,7 +40,7 @@ def test_compose_names_every_service_and_every_variable_the_code_reads() -> None
 
 def test_compose_runs_redis_with_one_user_per_service() -> None:
     """The committed ACL file is what `mesh acl` generates (development passwords), compose mounts it, and each
-    service logs in as its own user (the admin is the CLI's)."""
+    service (the gateway too) logs in as its own user (the admin is the CLI's)."""
     from mesh.acl import USERS, acl_file, dev_password
     from shared.contracts.names import Names
 
@@ -52,7 +52,7 @@ def test_compose_runs_redis_with_one_user_per_service() -> None:
     assert "--aclfile" in services["redis"]["command"]
     assert any(v.endswith("users.acl:/etc/redis/users.acl:ro") for v in services["redis"]["volumes"])
     for name in (*SERVICES, "cli"):
-        user = "admin" if name in ("cli", "gateway") else name  # the gateway acts for every service: admin for now
+        user = "admin" if name == "cli" else name  # the gateway has its own (mesh/acl.py)
         assert f"redis://{user}:${{REDIS_PASSWORD_{user.upper()}:-{user}-dev-password}}@redis" in \
             services[name]["environment"]["REDIS_URL"]
 
