@@ -53,7 +53,7 @@ COMMANDS: dict[str, Command] = {
     "down": Command("stop the background stack started by `mesh up`", stack.configure_down, stack.run_down),
     "status": Command("each service's state, version, backend; the bus's lag, pending, dead letters",
                       _lazy("mesh.status", "configure"), _lazy_run("mesh.status")),
-    "eval": Command("benchmarks through the bus: `eval locomo|longmemeval --data PATH --out FILE`",
+    "eval": Command("benchmarks through the bus: `eval locomo|longmemeval --data PATH --out FILE`, `eval docs`",
                     _lazy("mesh.evals", "configure"), _lazy_run("mesh.evals")),
     "chat": Command("chat with the running mesh (interactive)", _lazy("mesh.chat", "configure"),
                     _lazy_run("mesh.chat")),
@@ -75,6 +75,8 @@ COMMANDS: dict[str, Command] = {
                             _lazy("mesh.chaos_report", "configure"), _lazy_run("mesh.chaos_report")),
     "acl": Command("print (or --out) the Redis ACL file: one least-privilege user per service, and an admin",
                    _lazy("mesh.acl", "configure"), _lazy_run("mesh.acl")),
+    "docs": Command("a user's documents over the bus: `docs add PATH... --user U`, `docs search --user U QUERY`, "
+                    "`docs delete --user U DOC_ID|--all`", _lazy("mesh.docs", "configure"), _lazy_run("mesh.docs")),
     "delete-user": Command("delete one user everywhere: conversation store, STM, caches, long-term memory, streams",
                            _lazy("mesh.forget", "configure"), _lazy_run("mesh.forget")),
 }
