@@ -5,17 +5,21 @@ question from a passage (cited) and a memory question from memory in one session
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
 
 from mesh.docs import Call
 from mesh.eval_docs import DEFAULT_SET, evaluate
+from services.chat_ai.prompt import DOCS_HEADER, MEMORY_HEADER, count_tokens
 from shared.contracts import LTM_RESPONSE, LTMResponse, new_id
 from shared.contracts.messages import DocAdded, DocDeleted, DocSearchResult
+from shared.runtime.llm import chat_model
 from shared.runtime.metrics import Metrics
 from shared.runtime.requests import RpcClient
-from tests.helpers import Mesh, ask_ltm, ltm_request, running
+from tests.fake_llm import fake_llm
+from tests.helpers import Mesh, ask_ltm, ltm_request, running, wait_until
 
 DOCS = DEFAULT_SET
 REPORT = Path(__file__).resolve().parents[2] / ".data" / "eval-docs.json"
@@ -152,3 +156,106 @@ async def test_recall_at_5_on_the_labelled_set(mesh: Mesh) -> None:
     assert report["questions"] >= 30
     assert report["recall_at_5"] >= 0.9, report["misses"]
     assert await mesh.count("SELECT count(*) FROM ltm_documents") == 0  # the run cleans up after itself
+
+
+HIKING = "My favourite mountain for hiking is Ben Nevis."
+EGGS_Q = "How many eggs can a honey bee queen lay in a day?"
+HIKING_Q = "Which mountain do I like for hiking?"
+QUEEN = "The western honey bee \u203a The colony \u203a The queen"
+
+
+async def _told(mesh: Mesh, user: str) -> None:
+    """The user's fact in a session of its own, ingested; two documents in the user's collection."""
+    await mesh.reply_to(await mesh.send(HIKING, user_id=user, session_id=f"{user}-a"), timeout=30)
+
+    async def ingested() -> bool:
+        return await mesh.count("SELECT count(*) FROM ltm_ingested WHERE user_id = %s", user) >= 1
+
+    await wait_until(ingested, timeout=60, message="the user's turn ingested")
+    await doc_add(mesh, user, "honey-bee.html", read("honey-bee.html"))
+    await doc_add(mesh, user, "lighthouses.md", read("lighthouses.md"))
+
+
+async def test_chat_answers_from_a_cited_passage_and_from_memory_in_one_session(mesh: Mesh) -> None:
+    user = f"u-rag-{new_id()[:8]}"
+    async with running(mesh.memory()), running(mesh.ltm()), running(mesh.chat(enable_rag=True)):
+        await _told(mesh, user)
+        session = f"{user}-b"
+        doc = await mesh.reply_to(await mesh.send(EGGS_Q, user_id=user, session_id=session), timeout=30)
+        remembered = await mesh.reply_to(await mesh.send(HIKING_Q, user_id=user, session_id=session), timeout=30)
+        other = await mesh.reply_to(await mesh.send(EGGS_Q, user_id=f"{user}-x", session_id=f"{user}-x"), timeout=30)
+    print(f"document question:\n{doc.content}\nmemory question:\n{remembered.content}")
+    assert (doc.meta.docs, doc.meta.model) == ("hit", "offline") and doc.meta.passages_used >= 1
+    assert f'According to {QUEEN} (honey-bee.html): "At the height of the season she can lay up to 2,000 eggs a day."' \
+        in doc.content
+    assert "Ben Nevis" not in doc.content
+    assert remembered.meta.ltm == "hit" and remembered.meta.memories_used >= 1
+    lines = remembered.content.splitlines()
+    assert lines[1] == "From our earlier conversations I remember that you said:" and HIKING in lines[2]
+    assert "2,000 eggs" not in remembered.content
+    # another user asking the same question finds none of these documents
+    assert (other.meta.docs, other.meta.passages_used) == ("miss", 0) and "According to" not in other.content
+
+
+async def test_the_prompt_holds_memories_then_passages_under_one_budget(mesh: Mesh) -> None:
+    user = f"u-ragp-{new_id()[:8]}"
+    with fake_llm(lambda body: "Up to 2,000 eggs a day.") as (base_url, seen):
+        llm = chat_model(None, base_url, "fake-model")
+        async with running(mesh.memory()), running(mesh.ltm()), \
+                running(mesh.chat(llm=llm, enable_rag=True, ltm_prompt_tokens=400, rag_prompt_tokens=250)):
+            await _told(mesh, user)
+            reply = await mesh.reply_to(await mesh.send(f"{EGGS_Q} And where do I go hiking?", user_id=user,
+                                                        session_id=f"{user}-b"), timeout=30)
+    assert (reply.meta.ltm, reply.meta.docs) == ("hit", "hit") and reply.meta.passages_used >= 1
+    block = next(m["content"] for m in seen[-1]["messages"] if m["content"].startswith(MEMORY_HEADER))
+    print(block)
+    assert HIKING in block and DOCS_HEADER in block
+    assert block.index(HIKING) < block.index(DOCS_HEADER) < block.index(f"- [doc: {QUEEN}]")
+    assert "2,000 eggs a day" in block.split(DOCS_HEADER, 1)[1]
+    assert count_tokens(block) <= 400
+
+
+async def test_a_failed_doc_search_keeps_the_memories_and_a_failed_memory_search_keeps_the_passages(
+        mesh: Mesh) -> None:
+    user = f"u-ragf-{new_id()[:8]}"
+    async with running(mesh.memory()), running(mesh.ltm()):
+        chat = mesh.chat(enable_rag=True, ltm_timeout_ms=400)
+        real = chat.ltm.call
+        failing: set[str] = set()
+
+        async def call(request: Any, timeout: float) -> LTMResponse:
+            if request.type in failing:  # as if ltm never answered it in time
+                await asyncio.sleep(timeout)
+                raise TimeoutError
+            return await real(request, timeout)
+
+        chat.ltm.call = call  # type: ignore[method-assign]
+        async with running(chat):
+            await _told(mesh, user)
+            failing.add("doc_search")
+            no_docs = await mesh.reply_to(await mesh.send(HIKING_Q, user_id=user, session_id=f"{user}-b"), timeout=30)
+            failing.clear()
+            failing.add("search")
+            no_memories = await mesh.reply_to(await mesh.send(EGGS_Q, user_id=user, session_id=f"{user}-c"),
+                                              timeout=30)
+    assert (no_docs.meta.ltm, no_docs.meta.docs, no_docs.meta.passages_used) == ("hit", "timeout", 0)
+    assert HIKING in no_docs.content
+    assert (no_memories.meta.ltm, no_memories.meta.docs, no_memories.meta.memories_used) == ("timeout", "hit", 0)
+    assert "2,000 eggs a day" in no_memories.content and "According to" in no_memories.content
+    for reply in (no_docs, no_memories):  # one wait for both searches, not one after the other
+        assert reply.meta.latency_ms < 400 + 350, reply.meta
+
+
+async def test_doc_search_on_the_mem0_backend_is_unknown_type_and_chat_keeps_its_memories(mesh: Mesh) -> None:
+    user = f"u-ragm-{new_id()[:8]}"
+    async with running(mesh.memory()), running(mesh.ltm(ltm_backend="mem0")), running(mesh.chat(enable_rag=True)):
+        refused = await ask_ltm(mesh, ltm_request("doc_search", user, {"query": "bees"}))
+        assert refused.error and refused.error.code == "unknown_type"
+        await mesh.reply_to(await mesh.send(HIKING, user_id=user, session_id=f"{user}-a"), timeout=30)
+
+        async def ingested() -> bool:
+            return await mesh.count("SELECT count(*) FROM mem0_ingested WHERE user_id = %s", user) >= 1
+
+        await wait_until(ingested, timeout=60, message="ingested by mem0")
+        reply = await mesh.reply_to(await mesh.send(HIKING_Q, user_id=user, session_id=f"{user}-b"), timeout=30)
+    assert (reply.meta.ltm, reply.meta.docs) == ("hit", "error") and HIKING in reply.content
