@@ -53,7 +53,7 @@ COMMANDS: dict[str, Command] = {
     "down": Command("stop the background stack started by `mesh up`", stack.configure_down, stack.run_down),
     "status": Command("each service's state, version, backend; the bus's lag, pending, dead letters",
                       _lazy("mesh.status", "configure"), _lazy_run("mesh.status")),
-    "eval": Command("benchmarks through the bus: `eval locomo|longmemeval --data PATH --out FILE`",
+    "eval": Command("benchmarks through the bus: `eval locomo|longmemeval --data PATH --out FILE`, `eval docs`",
                     _lazy("mesh.evals", "configure"), _lazy_run("mesh.evals")),
     "chat": Command("chat with the running mesh (interactive)", _lazy("mesh.chat", "configure"),
                     _lazy_run("mesh.chat")),
@@ -77,6 +77,8 @@ COMMANDS: dict[str, Command] = {
                    _lazy("mesh.acl", "configure"), _lazy_run("mesh.acl")),
     "reembed": Command("embed every stored text again with EMBEDDING_MODEL (a change of model; services stopped)",
                        _lazy("mesh.reembed", "configure"), _lazy_run("mesh.reembed")),
+    "docs": Command("a user's documents over the bus: `docs add PATH... --user U`, `docs search --user U QUERY`, "
+                    "`docs delete --user U DOC_ID|--all`", _lazy("mesh.docs", "configure"), _lazy_run("mesh.docs")),
     "delete-user": Command("delete one user everywhere: conversation store, STM, caches, long-term memory, streams",
                            _lazy("mesh.forget", "configure"), _lazy_run("mesh.forget")),
 }

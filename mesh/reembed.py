@@ -49,12 +49,13 @@ async def _fill(conn: AsyncConnection, c: VectorColumn, encode: Callable[[list[s
                 done: Callable[[int], object]) -> int:
     """Embed the rows without ``embedding_next`` in batches, walking (user_id, key): the order of the user's index
     (and of the partitioned tables' keys); the number embedded."""
-    t, key, src, nxt = (sql.Identifier(c.table), sql.Identifier(c.key), sql.Identifier(c.source),
-                        sql.Identifier(NEXT))
-    first = sql.SQL("SELECT user_id, {key}, {src} FROM {t} WHERE {nxt} IS NULL ORDER BY user_id, {key}"
+    t, key, nxt = sql.Identifier(c.table), sql.Identifier(c.key), sql.Identifier(NEXT)
+    src = sql.SQL(c.source)  # type: ignore[arg-type]  # a constant of shared/runtime/vectors.py, never input
+    first = sql.SQL("SELECT t.user_id, t.{key}, {src} FROM {t} t WHERE t.{nxt} IS NULL ORDER BY t.user_id, t.{key}"
                     " LIMIT %s").format(key=key, src=src, t=t, nxt=nxt)
-    more = sql.SQL("SELECT user_id, {key}, {src} FROM {t} WHERE {nxt} IS NULL AND (user_id, {key}) > (%s, %s)"
-                   " ORDER BY user_id, {key} LIMIT %s").format(key=key, src=src, t=t, nxt=nxt)
+    more = sql.SQL("SELECT t.user_id, t.{key}, {src} FROM {t} t WHERE t.{nxt} IS NULL"
+                   " AND (t.user_id, t.{key}) > (%s, %s) ORDER BY t.user_id, t.{key} LIMIT %s").format(
+        key=key, src=src, t=t, nxt=nxt)
     update = sql.SQL("UPDATE {t} SET {nxt} = %s::vector WHERE user_id = %s AND {key} = %s").format(t=t, nxt=nxt,
                                                                                                   key=key)
     last: tuple[Any, Any] | None = None
@@ -64,7 +65,7 @@ async def _fill(conn: AsyncConnection, c: VectorColumn, encode: Callable[[list[s
         rows = await cur.fetchall()
         if not rows:
             return total
-        vecs = await asyncio.to_thread(encode, [str(r[2] or "") for r in rows])
+        vecs = await asyncio.to_thread(encode, [c.text(tuple(r[2:])) for r in rows])
         async with conn.cursor() as wcur:
             await wcur.executemany(update, [("[" + ",".join(f"{x:.7g}" for x in v) + "]", r[0], r[1])
                                             for r, v in zip(rows, vecs, strict=True)])

@@ -23,6 +23,13 @@ class ChatSettings(MeshSettings):
         "token budget of the prompt's memory block, labels included (all-MiniLM-L6-v2 WordPiece tokens)"))
     ltm_turn_tokens: int = Field(default=200, ge=20, le=32_000, description=(
         "longest a single remembered turn may be in the memory block; longer turns are cut at a word boundary"))
+    enable_rag: bool = Field(default=False, description=(
+        "chat_ai also searches the user's documents (ltm doc_search, at the same time as the memory search and "
+        "within the same LTM_TIMEOUT_MS) and puts the passages in the prompt after the memories"))
+    rag_top_k: int = Field(default=5, ge=1, le=50, description="most document passages asked of ltm per turn")
+    rag_prompt_tokens: int = Field(default=500, ge=0, le=32_000, description=(
+        "of LTM_PROMPT_TOKENS, what document passages keep when some were found: memories fill the block first up "
+        "to LTM_PROMPT_TOKENS minus this, passages get the rest"))
     chat_concurrency: int = Field(default=64, ge=1)
     system_prompt: str = SYSTEM_PROMPT
     reply_dedup_ttl_s: int = 24 * 3600

@@ -12,6 +12,11 @@ in one place (:func:`memory_block`), and the offline responder quotes from the s
 ``MEMORY_HEADER`` starts the block's system message, and :func:`contains_turn` says whether a stored
 turn made it into a block: evaluations (``mesh eval longmemeval``) use both, so what they measure is
 exactly what the model reads.
+
+With ``ENABLE_RAG``, :func:`prompt_block` adds the passages of the user's documents after the memories, under
+``DOCS_HEADER``, in the same block and the same budget: the memories of the user first (within ``max_tokens`` less
+``reserve`` when passages were found), then the passages, best first, each labelled with where it comes from
+(``[doc: title > heading > subheading]``), in what is left (at least ``reserve``); a passage is cut like a turn.
 """
 
 from __future__ import annotations
@@ -22,10 +27,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from shared.contracts import Memory
+from shared.contracts.messages import DocPassage
 from shared.runtime.stm import Stm
 from shared.runtime.tokens import count_tokens, wordpiece
 
 MEMORY_HEADER = "Memories from earlier conversations with this user (best match first; date, speaker: words):"
+DOCS_HEADER = ("Passages from the user's documents (best match first; [doc: where it comes from] words; name the "
+               "document when you use one):")
 CUT = " …"
 _WS = re.compile(r"\s+")
 
@@ -73,10 +81,26 @@ class MemoryEntry:
 
 
 @dataclass(slots=True)
+class BlockPassage:
+    """One passage of a document in the block."""
+
+    label: str  # title > heading > subheading
+    source: str
+    doc_id: str
+    content: str
+    score: float
+    cut: bool = False
+
+    def line(self, text: str | None = None) -> str:
+        return f"- [doc: {self.label}] {self.content if text is None else text}"
+
+
+@dataclass(slots=True)
 class MemoryBlock:
     entries: list[MemoryEntry]
     text: str  # "" when nothing fits or nothing was found
     tokens: int
+    passages: list[BlockPassage] = field(default_factory=list)  # after the memories (ENABLE_RAG)
 
     @property
     def turns(self) -> list[BlockTurn]:
@@ -170,6 +194,43 @@ def memory_block(memories: Sequence[Memory], max_tokens: int, turn_tokens: int) 
         return MemoryBlock([], "", 0)
     text = "\n".join(lines)
     return MemoryBlock(entries, text, count_tokens(text))
+
+
+def prompt_block(memories: Sequence[Memory], passages: Sequence[DocPassage], max_tokens: int, turn_tokens: int,
+                 reserve: int = 0) -> MemoryBlock:
+    """The memories, then the document passages, in one block within ``max_tokens`` (module docstring)."""
+    if not passages:
+        return memory_block(memories, max_tokens, turn_tokens)
+    mem = memory_block(memories, max(max_tokens - min(reserve, max_tokens), 0), turn_tokens) if memories \
+        else MemoryBlock([], "", 0)
+    used = mem.tokens + count_tokens(DOCS_HEADER) + 1
+    lines: list[str] = [DOCS_HEADER]
+    chosen: list[BlockPassage] = []
+    seen: set[str] = {norm(t.content) for t in mem.turns}
+    for p in passages:
+        content = _WS.sub(" ", p.text).strip()
+        if not content or norm(content) in seen:
+            continue
+        item = BlockPassage(p.label, p.source, p.doc_id, content, p.score)
+        text = _truncate(content, turn_tokens)
+        cost = count_tokens(item.line(text)) + 1
+        if used + cost > max_tokens:
+            room = max_tokens - used - count_tokens(item.line("")) - 1
+            if room < 24:
+                continue  # a shorter passage further down may still fit
+            text = _truncate(content, room)
+            cost = count_tokens(item.line(text)) + 1
+            if used + cost > max_tokens:
+                continue
+        item.cut = text != content
+        chosen.append(item)
+        lines.append(item.line(text))
+        seen.add(norm(content))
+        used += cost
+    if not chosen:
+        return mem
+    text = "\n".join([*([mem.text] if mem.text else []), *lines])
+    return MemoryBlock(mem.entries, text, count_tokens(text), chosen)
 
 
 def contains_turn(block_text: str, content: str, prefix_chars: int = 200) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from services.chat_ai.prompt import BlockTurn, MemoryBlock, date_label
+from services.chat_ai.prompt import BlockPassage, BlockTurn, MemoryBlock, date_label
 from shared.contracts.messages import OFFLINE_MODEL, OFFLINE_REPLY_PREFIX
 from shared.runtime.llm import ChatModel
 from shared.runtime.stm import Stm
@@ -13,6 +13,7 @@ from shared.runtime.text import is_question
 
 OFFLINE_PREFIX = f"{OFFLINE_REPLY_PREFIX} no language model is configured; I can only repeat what I remember]"
 _WORD = re.compile(r"[a-z0-9']+")
+_SENTENCE = re.compile(r"[^.!?;]+(?:[.!?;]+|$)")
 _STOP_WORDS = (
     "a an the and or but if of to in on at for with by from about as is are was were be been being do does did have "
     "has had i me my mine you your we our they them their he she his her it its this that these those what which who "
@@ -53,19 +54,58 @@ def pick_quotes(block: MemoryBlock, query: str, max_quotes: int = 3) -> list[Blo
     return out
 
 
+@dataclass(slots=True)
+class Citation:
+    passage: BlockPassage
+    sentence: str  # the passage's sentence that shares most words with the question
+    overlap: int  # how many of the question's words the passage shares
+
+    def line(self) -> str:
+        return f'According to {self.passage.label} ({self.passage.source}): "{self.sentence}"'
+
+
+def pick_passage(block: MemoryBlock, query: str) -> Citation | None:
+    """The passage of the block that shares most words with the query (the better ranked on a tie) and its sentence
+    that shares most; None when no passage shares a word."""
+    asked = _words(query)
+    best: Citation | None = None
+    for p in block.passages:
+        overlap = len(asked & _words(f"{p.label} {p.content}"))
+        if overlap and (best is None or overlap > best.overlap):
+            sentences = [t.strip() for t in _SENTENCE.findall(p.content) if t.strip()] or [p.content]
+            sentence = max(sentences, key=lambda t: len(asked & _words(t)))  # the first on a tie
+            best = Citation(p, sentence, overlap)
+    return best
+
+
 def offline_reply(user_text: str, block: MemoryBlock, stm: Stm, current_message_id: str = "") -> Reply:
-    """An honest, deterministic answer built only from the memory block and the STM."""
+    """An honest, deterministic answer built only from the block (memories and document passages) and the STM.
+
+    Memories are quoted as before; a document passage is cited with where it comes from ("According to ...").
+    When the block has both, each is given only if it shares a word with the question, the one sharing more
+    first (memories on a tie); sharing none, the memories are quoted as when there are no passages."""
     lines = [OFFLINE_PREFIX]
     quoted = pick_quotes(block, user_text)
+    cited = pick_passage(block, user_text)
+    if cited is not None:
+        asked = _words(user_text)
+        mem_overlap = max((len(asked & _words(t.content)) for t in quoted), default=0)
+        if quoted and mem_overlap == 0:
+            quoted = []  # the passage answers; memories sharing no word with the question would only distract
+        if cited.overlap > mem_overlap:
+            lines.append(cited.line())
+            cited = None
     if quoted:
         lines.append("From our earlier conversations I remember that you said:")
         lines.extend(f'- ({date_label(t.timestamp)}) "{t.content}"' for t in quoted)
-    elif stm.summary:
-        lines.append(f"Earlier in this conversation: {stm.summary}")
-    else:
-        lines.append("I have nothing stored that relates to this yet.")
+    if cited is not None:
+        lines.append(cited.line())
+    from_block = len(lines) > 1
+    if not from_block:
+        lines.append(f"Earlier in this conversation: {stm.summary}" if stm.summary
+                     else "I have nothing stored that relates to this yet.")
     previous = [t for t in stm.turns if t.role == "user" and t.message_id != current_message_id]
-    if previous and not quoted:
+    if previous and not from_block:
         lines.append(f'Your last message before this one was: "{previous[-1].content}"')
     lines.append(f'You just said: "{user_text}"')
     return Reply(text="\n".join(lines), model=OFFLINE_MODEL)

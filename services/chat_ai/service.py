@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from services.chat_ai.config import ChatSettings
-from services.chat_ai.prompt import MemoryBlock, build_messages, memory_block
+from services.chat_ai.prompt import MemoryBlock, build_messages, prompt_block
 from services.chat_ai.responder import Reply, llm_reply, offline_reply
 from shared.contracts import (
     LTM_RESPONSE,
@@ -28,7 +28,15 @@ from shared.contracts import (
     new_id,
 )
 from shared.contracts.memory_api import MEMORY_RESPONSE, GetStmRequest, MemoryResponse, SessionRef, StmInfo
-from shared.contracts.messages import LtmStatus, PingRequest, SearchData
+from shared.contracts.messages import (
+    DocPassage,
+    DocSearchData,
+    DocSearchRequest,
+    DocSearchResult,
+    LtmStatus,
+    PingRequest,
+    SearchData,
+)
 from shared.contracts.ping import CHAT_REQUEST, ChatRequest, PingInfo, PingResponse
 from shared.runtime import prom
 from shared.runtime.llm import ChatModel, chat_model
@@ -73,8 +81,12 @@ class ChatService:
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()  # set once the reply subscriptions are up
 
+    @property
+    def _asks_ltm(self) -> bool:
+        return self.settings.enable_ltm or self.settings.enable_rag
+
     async def run(self) -> None:
-        if self.settings.enable_ltm:
+        if self._asks_ltm:
             await self.ltm.start()
         if self.settings.memory_stm_timeout_ms:
             await self.memory.start()
@@ -89,7 +101,7 @@ class ChatService:
             self.requests.stop()
             await requests_task
             await metrics_task
-            if self.settings.enable_ltm:
+            if self._asks_ltm:
                 await self.ltm.close()
             if self.settings.memory_stm_timeout_ms:
                 await self.memory.close()
@@ -101,7 +113,7 @@ class ChatService:
 
     async def _ping(self, req: PingRequest) -> PingResponse:
         info = PingInfo.now("chat_ai", self.settings.consumer_name, self.llm.name if self.llm else "offline",
-                            self.started_at, enable_ltm=self.settings.enable_ltm,
+                            self.started_at, enable_ltm=self.settings.enable_ltm, enable_rag=self.settings.enable_rag,
                             stm_rebuild=bool(self.settings.memory_stm_timeout_ms))
         return PingResponse(request_id=req.request_id, user_id=req.user_id, data=info.model_dump())
 
@@ -132,6 +144,26 @@ class ChatService:
             log.warning("chat_ai.ltm_error", error=resp.error.model_dump() if resp.error else None)
             return [], "error"
         return resp.memories, ("hit" if resp.memories else "miss")
+
+    async def recall_docs(self, msg: UserInput) -> tuple[list[DocPassage], LtmStatus]:
+        """ENABLE_RAG: the passages of the user's documents for this turn, waiting at most LTM_TIMEOUT_MS (run beside
+        :meth:`recall`); never fails the turn, and its failure never costs the memories."""
+        if not self.settings.enable_rag or not msg.user_id:
+            return [], "disabled"
+        request = DocSearchRequest(request_id=new_id(), type="doc_search", user_id=msg.user_id, data=DocSearchData(
+            query=msg.content, top_k=self.settings.rag_top_k, max_tokens=self.settings.ltm_prompt_tokens))
+        try:
+            resp = await self.ltm.call(request, self.settings.ltm_timeout_ms / 1000)
+            if not resp.success:
+                log.warning("chat_ai.doc_search_error", error=resp.error.model_dump() if resp.error else None)
+                return [], "error"
+            passages = DocSearchResult.model_validate(resp.data or {}).passages
+        except TimeoutError:
+            return [], "timeout"
+        except Exception as exc:  # noqa: BLE001 - an unreadable reply, the bus: the memories still go in
+            log.warning("chat_ai.doc_search_failed", error=type(exc).__name__)
+            return [], "error"
+        return passages, ("hit" if passages else "miss")
 
     async def load_stm(self, msg: UserInput) -> Stm:
         """The session's STM from Redis; if Redis has none, memory's rebuild (bounded wait, never fails the turn)."""
@@ -204,17 +236,21 @@ class ChatService:
     async def _answer(self, msg: UserInput, done_key: str, claim_key: str) -> None:
         started = time.perf_counter()
         stm_task = asyncio.create_task(self.load_stm(msg))
+        docs_task = asyncio.create_task(self.recall_docs(msg))  # beside the memory search, the same wait
         memories, status = await self.recall(msg)
         if status != "disabled":  # the wait for long-term memory, as the turn sees it
             prom.RETRIEVAL_MS.labels("chat_ai", status).observe((time.perf_counter() - started) * 1000)
+        passages, docs = await docs_task
         stm = await stm_task
-        block = memory_block(memories, self.settings.ltm_prompt_tokens, self.settings.ltm_turn_tokens)
+        s = self.settings
+        block = prompt_block(memories, passages, s.ltm_prompt_tokens, s.ltm_turn_tokens, s.rag_prompt_tokens)
         reply = await self._generate(msg, block, stm)
         response = AIResponse(
             message_id=derive_id("reply", msg.user_id or "", msg.message_id), in_reply_to=msg.message_id,
             user_id=msg.user_id, session_id=msg.session_id, content=reply.text,
             meta=AIResponseMeta(ltm=status, memories_used=len(block.entries), model=reply.model,
-                                latency_ms=round((time.perf_counter() - started) * 1000, 2)),
+                                latency_ms=round((time.perf_counter() - started) * 1000, 2), docs=docs,
+                                passages_used=len(block.passages)),
         )
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xadd(self.names.ai_responses, {"data": encode(response)}, maxlen=self.settings.ai_responses_maxlen,
@@ -223,7 +259,10 @@ class ChatService:
             pipe.delete(claim_key)
             await pipe.execute()
         self.metrics.incr(f"replies.ltm_{status}")
-        log.info("chat_ai.replied", ltm=status, memories=len(memories), model=reply.model,
+        if docs != "disabled":
+            self.metrics.incr(f"replies.docs_{docs}")
+        log.info("chat_ai.replied", ltm=status, memories=len(memories), docs=docs, passages=len(block.passages),
+                 model=reply.model,
                  latency_ms=response.meta.latency_ms, content=content(msg.content))
 
     async def _generate(self, msg: UserInput, block: MemoryBlock, stm: Stm) -> Reply:

@@ -13,7 +13,17 @@ from typing import Any, Protocol
 from shared.contracts import Memory, MemoryUpdate
 from shared.contracts.errors import NotFound as NotFound  # replied as not_found by the request server
 from shared.contracts.errors import Unsupported as Unsupported  # replied as unknown_type
-from shared.contracts.messages import AddData, SearchData, SearchEntitiesData
+from shared.contracts.messages import (
+    AddData,
+    DocAddData,
+    DocAdded,
+    DocDeleted,
+    DocDeleteData,
+    DocPassage,
+    DocSearchData,
+    SearchData,
+    SearchEntitiesData,
+)
 
 
 class LtmBackend(Protocol):
@@ -35,6 +45,10 @@ class LtmBackend(Protocol):
     async def stats(self, user_id: str) -> dict[str, Any]: ...
     async def optimize(self, user_id: str) -> dict[str, Any]: ...
     async def search_entities(self, user_id: str, data: SearchEntitiesData) -> list[dict[str, Any]]: ...
+    # the user's documents (services/ltm/documents/); delete_user removes them too
+    async def doc_add(self, user_id: str, data: DocAddData) -> DocAdded: ...
+    async def doc_search(self, user_id: str, data: DocSearchData) -> list[DocPassage]: ...
+    async def doc_delete(self, user_id: str, data: DocDeleteData) -> DocDeleted: ...
     def warm(self, user_ids: Sequence[str]) -> None:
         """A hint: these users have new memories and will likely search soon (get ready in the background)."""
         ...

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from shared.contracts.messages import DEFAULT_MAX_DOCUMENT_BYTES
 from shared.runtime.settings import MeshSettings
 
 
@@ -67,3 +68,12 @@ class LtmSettings(MeshSettings):
     ltm_ingest_model: Literal["own", "shared"] = Field(default="own", description=(
         "`own`: ingest embeds with a second copy of the model (about 90 MB), so that a search's embedding never "
         "waits behind an ingest pass; `shared`: one model for both"))
+    # documents beside memory (services/ltm/documents/): doc_add, doc_search, doc_delete
+    ltm_doc_max_bytes: int = Field(default=DEFAULT_MAX_DOCUMENT_BYTES, ge=1024, le=64 * 1024 * 1024, description=(
+        "largest document text doc_add accepts (UTF-8 bytes; the request may be about twice that, for JSON "
+        "escaping); every other text keeps MAX_CONTENT_BYTES"))
+    ltm_doc_chunk_tokens: int = Field(default=200, ge=32, le=240, description=(
+        "most tokens of one document chunk (all-MiniLM-L6-v2 WordPiece): chunks are whole sentences under one "
+        "heading; the embedder reads 256 tokens, heading label included"))
+    ltm_doc_chunk_overlap: int = Field(default=30, ge=0, le=120, description=(
+        "a chunk repeats the last sentences of the one before it in the same section, up to this many tokens"))

@@ -24,8 +24,8 @@ The traps of mem0 2.2.1 (see ../shared/README.md) and how they are handled:
 mem0 has no memory types, message ids or profiles. The type and the provenance ride in each
 memory's metadata; ingest is made idempotent by ``message_id`` with the table
 ``mem0_ingested`` and a per-message advisory lock; explicit profiles live in
-``mem0_profiles``. There is no ``optimize`` and no ``search_entities`` (replied as
-``unknown_type``).
+``mem0_profiles``. There is no ``optimize``, no ``search_entities`` and no documents (``doc_add``,
+``doc_search``, ``doc_delete``: the native backend's), replied as ``unknown_type``.
 """
 
 from __future__ import annotations
@@ -50,7 +50,18 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from services.ltm.backend import NotFound, Unsupported
 from services.ltm.config import LtmSettings
 from shared.contracts import Memory, MemorySource, MemoryUpdate
-from shared.contracts.messages import AddData, MemoryType, SearchData, SearchEntitiesData
+from shared.contracts.messages import (
+    AddData,
+    DocAddData,
+    DocAdded,
+    DocDeleted,
+    DocDeleteData,
+    DocPassage,
+    DocSearchData,
+    MemoryType,
+    SearchData,
+    SearchEntitiesData,
+)
 from shared.runtime.embedding import SyncEmbedder
 from shared.runtime.erase import user_hash
 from shared.runtime.logging import content, get_logger
@@ -378,6 +389,15 @@ class Mem0Backend:
 
     async def search_entities(self, user_id: str, data: SearchEntitiesData) -> list[dict[str, Any]]:
         raise Unsupported("the mem0 backend has no search_entities")
+
+    async def doc_add(self, user_id: str, data: DocAddData) -> DocAdded:
+        raise Unsupported("the mem0 backend has no documents (LTM_BACKEND=native has)")
+
+    async def doc_search(self, user_id: str, data: DocSearchData) -> list[DocPassage]:
+        raise Unsupported("the mem0 backend has no documents (LTM_BACKEND=native has)")
+
+    async def doc_delete(self, user_id: str, data: DocDeleteData) -> DocDeleted:
+        raise Unsupported("the mem0 backend has no documents (LTM_BACKEND=native has)")
 
     def warm(self, user_ids: Sequence[str]) -> None:
         return None  # mem0 keeps no per-process index

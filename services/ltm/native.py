@@ -14,6 +14,7 @@ from psycopg import AsyncConnection
 
 from services.ltm.backend import NotFound, Unsupported
 from services.ltm.config import LtmSettings
+from services.ltm.documents import Documents
 from services.ltm.extraction import Batcher, Extracted, Extraction, LlmExtractor, RuleExtractor, Turn, ground_dates
 from services.ltm.graph import Provenance, TurnKnowledge, entity_names, norm_name, search_entities, write_knowledge
 from services.ltm.ingest import (
@@ -29,7 +30,18 @@ from services.ltm.profile import build_profile
 from services.ltm.retrieval import RetrievalConfig, clear_token_cache
 from services.ltm.store import IngestWrite, LtmStore, MemoryKey, NewMemory, content_hash
 from shared.contracts import Memory, MemoryUpdate, Names
-from shared.contracts.messages import OFFLINE_REPLY_PREFIX, AddData, SearchData, SearchEntitiesData
+from shared.contracts.messages import (
+    OFFLINE_REPLY_PREFIX,
+    AddData,
+    DocAddData,
+    DocAdded,
+    DocDeleted,
+    DocDeleteData,
+    DocPassage,
+    DocSearchData,
+    SearchData,
+    SearchEntitiesData,
+)
 from shared.runtime.embedding import Embedder
 from shared.runtime.errors import is_transient
 from shared.runtime.llm import chat_model
@@ -99,6 +111,9 @@ class NativeBackend:
         self._own_model = (ingest_embedder is None and settings.ltm_ingest_model == "own"
                            and not settings.embedding_remote)
         self.retrieval = RetrievalConfig.from_settings(settings)
+        # chunks are embedded with ingest's model (its passes run beside a search's, services/ltm/ingest.py)
+        self.documents = Documents(store.pool, lambda: self.ingest_embedder, self.retrieval,
+                                   settings.ltm_doc_chunk_tokens, settings.ltm_doc_chunk_overlap)
         self._queries: OrderedDict[str, np.ndarray] = OrderedDict()  # query text -> embedding (search)
         self.reused_query_vectors = 0  # ingested turns whose vector came from the query cache
         self._query_cache = settings.ltm_query_cache
@@ -311,7 +326,7 @@ class NativeBackend:
         return await self.store.delete_user(user_id)
 
     async def stats(self, user_id: str) -> dict[str, Any]:
-        return await self.store.stats(user_id)
+        return {**await self.store.stats(user_id), **await self.documents.stats(user_id)}
 
     async def optimize(self, user_id: str) -> dict[str, Any]:
         if self.lifecycle.redis is None:
@@ -321,6 +336,15 @@ class NativeBackend:
     async def search_entities(self, user_id: str, data: SearchEntitiesData) -> list[dict[str, Any]]:
         vec = await self.embedder.embed(data.query)
         return await search_entities(self.store.pool, user_id, data.query, vec, data.limit, data.types)
+
+    async def doc_add(self, user_id: str, data: DocAddData) -> DocAdded:
+        return await self.documents.add(user_id, data)
+
+    async def doc_search(self, user_id: str, data: DocSearchData) -> list[DocPassage]:
+        return await self.documents.search(user_id, data, await self._query_vector(data.query))
+
+    async def doc_delete(self, user_id: str, data: DocDeleteData) -> DocDeleted:
+        return await self.documents.delete(user_id, data)
 
     async def maintenance(self) -> list[str]:
         await self.store.flush_access()

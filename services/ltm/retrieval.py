@@ -35,6 +35,7 @@ from __future__ import annotations
 import heapq
 import math
 import re
+import string
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -47,7 +48,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from services.ltm.config import LtmSettings
 from services.ltm.periods import in_period, query_periods
-from services.ltm.search_index import SearchIndex
+from services.ltm.search_index import KEYS, ROW_COLUMNS, SearchIndex
 from shared.contracts import Memory, MemorySource
 from shared.contracts.messages import ContextTurn, SearchData
 from shared.runtime.tokens import wordpiece
@@ -135,7 +136,7 @@ def count_tokens(texts: Sequence[str]) -> list[int]:
 
 
 # --------------------------------------------------------------------------- SQL
-_CANDIDATES = """
+HYBRID_SQL = string.Template("""
 WITH ql AS (
     SELECT coalesce(array_agg(lexeme), '{{}}'::text[]) AS lx FROM unnest(to_tsvector('english', %(query)s))
 ), tq AS (
@@ -143,18 +144,14 @@ WITH ql AS (
         THEN array_to_string(ARRAY(SELECT quote_literal(l) FROM unnest(lx) AS l), ' | ')::tsquery END AS q
     FROM ql
 ), base AS MATERIALIZED (
-    SELECT m.memory_id, m.type, m.source_message_id, m.source_session_id, m.source_timestamp, m.speaker,
-           m.entities, m.confidence, m.access_count, m.valid_to, m.superseded_by,
-           m.meta->>'role' AS role, (m.meta->>'question') = 'true' AS question,
-           extract(epoch FROM m.created_at)::float8 AS created_at,
-           extract(epoch FROM m.last_accessed)::float8 AS last_accessed,
+    SELECT $columns,
            (1 - (m.embedding <=> %(vec)s))::float8 AS sim,
            m.search_tsv AS tsv, length(m.search_tsv) AS dl,
            (tq.q IS NOT NULL AND m.search_tsv @@ tq.q) AS hit
-    FROM ltm_memories m CROSS JOIN tq
+    FROM $table m CROSS JOIN tq
     WHERE m.user_id = %(user_id)s {filters}
 ), terms AS (
-    SELECT b.memory_id, b.dl, u.lexeme, coalesce(array_length(u.positions, 1), 1)::float8 AS tf
+    SELECT b.$key, b.dl, u.lexeme, coalesce(array_length(u.positions, 1), 1)::float8 AS tf
     FROM base b CROSS JOIN tq CROSS JOIN LATERAL unnest(b.tsv) AS u
     WHERE b.hit AND u.lexeme = ANY(tq.lx)
 ), coll AS (
@@ -164,22 +161,33 @@ WITH ql AS (
 ), df AS (
     SELECT lexeme, count(*)::float8 AS df FROM terms GROUP BY lexeme
 ), kw AS (
-    SELECT t.memory_id, sum(ln(1 + (c.n - d.df + 0.5) / (d.df + 0.5)) * t.tf * (%(k1)s + 1)
+    SELECT t.$key, sum(ln(1 + (c.n - d.df + 0.5) / (d.df + 0.5)) * t.tf * (%(k1)s + 1)
         / (t.tf + %(k1)s * (1 - %(b)s + %(b)s * t.dl / greatest(c.avgdl, 1))))::float8 AS bm25
-    FROM terms t JOIN df d USING (lexeme) CROSS JOIN coll c GROUP BY t.memory_id
+    FROM terms t JOIN df d USING (lexeme) CROSS JOIN coll c GROUP BY t.$key
 ), kstat AS (
     SELECT coalesce(sum(bm25), 0)::float8 AS s1, coalesce(sum(bm25 * bm25), 0)::float8 AS s2 FROM kw
 )
-SELECT b.memory_id, b.type, b.source_message_id, b.source_session_id, b.source_timestamp, b.speaker,
-       b.entities, b.confidence, b.access_count, b.valid_to, b.superseded_by, b.role, b.question,
-       b.created_at, b.last_accessed, b.sim,
+SELECT $out, b.sim,
        coalesce(k.bm25, 0)::float8 AS bm25, c.n, c.sim_mean, c.sim_sd, s.s1, s.s2
-FROM base b LEFT JOIN kw k USING (memory_id) CROSS JOIN coll c CROSS JOIN kstat s
+FROM base b LEFT JOIN kw k USING ($key) CROSS JOIN coll c CROSS JOIN kstat s
 ORDER BY %(wd)s * b.sim / greatest(c.sim_sd, 1e-9)
        + %(wk)s * coalesce(k.bm25, 0) / greatest(sqrt(greatest(s.s2 / c.n - (s.s1 / c.n) ^ 2, 0)), 1e-9) DESC,
-       b.memory_id
+       b.$key
 LIMIT %(candidates)s
-"""
+""")
+
+
+def hybrid_sql(table: str, key: str, columns: str, keys: Sequence[str]) -> str:
+    """The first stage of a hybrid search over ``table`` (step 1 of the module docstring), for any table of rows
+    with ``user_id``, ``embedding`` (vector) and ``search_tsv`` (tsvector): ``columns`` are the expressions of
+    ``m`` (the table) each candidate row carries, named ``keys``; ``key`` is the row's unique column. Rows come
+    with ``sim``, ``bm25`` and the statistics ``n``, ``sim_mean``, ``sim_sd``, ``s1``, ``s2`` (:func:`fuse`),
+    best ``%(candidates)s`` first by the fused score. ``{filters}`` is left for further ``AND`` conditions on ``m``.
+    ``table``, ``key`` and ``columns`` are the code's own constants, never input."""
+    return HYBRID_SQL.substitute(table=table, key=key, columns=columns, out=", ".join(f"b.{k}" for k in keys))
+
+
+_CANDIDATES = hybrid_sql("ltm_memories", "memory_id", ROW_COLUMNS, KEYS)
 
 _ROWS = (
     "SELECT memory_id, type, content, source_message_id, source_session_id, source_timestamp, speaker"
@@ -244,9 +252,9 @@ def about_assistant(query: str) -> bool:
     return _ABOUT_ASSISTANT.search(query) is not None
 
 
-def relevance(rows: list[dict[str, Any]], query: str, cfg: RetrievalConfig, now: float | None = None) -> np.ndarray:
-    """Fused relevance of the candidate rows (see the module docstring, step 2)."""
-    p = cfg.profile
+def fuse(rows: Sequence[dict[str, Any]], dense: float, keyword: float) -> np.ndarray:
+    """``dense * z(cosine) + keyword * z(bm25)`` of candidate rows of :func:`hybrid_sql` (step 1), the z-scores over
+    every row the first stage read (its statistics columns), not only the candidates returned."""
     if not rows:
         return np.zeros(0)
     first = rows[0]
@@ -255,7 +263,25 @@ def relevance(rows: list[dict[str, Any]], query: str, cfg: RetrievalConfig, now:
     k_sd = math.sqrt(max(float(first["s2"]) / n - k_mean * k_mean, 0.0))
     sim = np.array([float(r["sim"]) for r in rows])
     bm25 = np.array([float(r["bm25"]) for r in rows])
-    rel = p.dense * _z(sim, float(first["sim_mean"]), float(first["sim_sd"])) + p.keyword * _z(bm25, k_mean, k_sd)
+    return dense * _z(sim, float(first["sim_mean"]), float(first["sim_sd"])) + keyword * _z(bm25, k_mean, k_sd)
+
+
+def gate(rows: Sequence[dict[str, Any]], rel: np.ndarray, pool: int, min_similarity: float,
+         threshold: float | None) -> list[int]:
+    """Step 3: of the ``pool`` most relevant rows, in relevance order, those with evidence of relevance (a query
+    term matches, or cosine >= ``min_similarity``) and at least ``threshold`` cosine when one is set."""
+    order = np.argsort(-rel, kind="stable")
+    return [int(i) for i in order[:pool]
+            if (rows[i]["bm25"] > 0 or rows[i]["sim"] >= min_similarity)
+            and (threshold is None or rows[i]["sim"] >= threshold)]
+
+
+def relevance(rows: list[dict[str, Any]], query: str, cfg: RetrievalConfig, now: float | None = None) -> np.ndarray:
+    """Fused relevance of the candidate rows (see the module docstring, step 2)."""
+    p = cfg.profile
+    if not rows:
+        return np.zeros(0)
+    rel = fuse(rows, p.dense, p.keyword)
     periods = query_periods(query, now) if p.time else []
     if periods:
         rel = rel + p.time * np.array([1.0 if in_period(r["source_timestamp"], periods) else 0.0 for r in rows])
@@ -291,10 +317,7 @@ def rank(rows: list[dict[str, Any]], query: str, cfg: RetrievalConfig, threshold
          now: float | None = None) -> Ranked:
     """Relevance, the gate, then the profile's score; one memory per source message; best first."""
     rel = relevance(rows, query, cfg, now)
-    order = np.argsort(-rel, kind="stable")
-    eligible = [int(i) for i in order[: cfg.gate_pool]
-                if (rows[i]["bm25"] > 0 or rows[i]["sim"] >= cfg.min_similarity)
-                and (threshold is None or rows[i]["sim"] >= threshold)]
+    eligible = gate(rows, rel, cfg.gate_pool, cfg.min_similarity, threshold)
     if not eligible:
         return Ranked([], np.zeros(0))
     kept = [rows[i] for i in eligible]

@@ -20,6 +20,9 @@ from shared.contracts import (
     DecodeError,
     DeleteRequest,
     DeleteUserRequest,
+    DocAddRequest,
+    DocDeleteRequest,
+    DocSearchRequest,
     LTMRequest,
     LTMResponse,
     LtmWarm,
@@ -34,8 +37,9 @@ from shared.contracts import (
     StatsRequest,
     decode,
     encode,
+    payload_limit,
 )
-from shared.contracts.messages import UserDeletion
+from shared.contracts.messages import DocSearchResult, UserDeletion
 from shared.contracts.ping import PingInfo
 from shared.runtime import prom
 from shared.runtime.deadletter import dead_letter
@@ -75,6 +79,9 @@ class LtmService:
             max_content_bytes=settings.max_content_bytes, concurrency=settings.ltm_request_concurrency,
             foreground=getattr(backend, "foreground", None),  # the native backend's ingest steps aside for requests
             drain_s=settings.shutdown_grace_s,
+            # doc_add carries a whole document (LTM_DOC_MAX_BYTES); every other text keeps MAX_CONTENT_BYTES
+            max_payload_bytes=payload_limit(settings.ltm_doc_max_bytes),
+            context={"max_document_bytes": settings.ltm_doc_max_bytes},
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -258,6 +265,16 @@ class LtmService:
                 return LTMResponse(**ok, data=result)
             case SearchEntitiesRequest(data=d):
                 return LTMResponse(**ok, data={"entities": await b.search_entities(req.user_id, d)})
+            case DocAddRequest(data=d):
+                added = await b.doc_add(req.user_id, d)
+                self.metrics.incr(f"docs.{added.status}")
+                return LTMResponse(**ok, data=added.model_dump())
+            case DocSearchRequest(data=d):  # its duration: memory_api_request_duration_seconds{type="doc_search"}
+                passages = await b.doc_search(req.user_id, d)
+                self.metrics.incr("doc_search.hit" if passages else "doc_search.miss")
+                return LTMResponse(**ok, data=DocSearchResult(passages=passages).model_dump())
+            case DocDeleteRequest(data=d):
+                return LTMResponse(**ok, data=(await b.doc_delete(req.user_id, d)).model_dump())
             case PingRequest():  # served only after backend.start(): models loaded, ingest running
                 return LTMResponse(**ok, data=self.ping_info().model_dump())
         raise AssertionError(f"unhandled request type {req.type}")  # pragma: no cover

@@ -26,9 +26,11 @@ from shared.contracts.messages import SearchData
 from shared.runtime.erase import user_hash
 
 _WS = re.compile(r"\s+")
-# every table with a user's rows, in deletion order (ltm_search_epochs last: deleting memories writes it)
+# every table with a user's rows, in deletion order (ltm_search_epochs last: deleting memories writes it; the
+# documents' tables: services/ltm/documents/store.py DOC_TABLES)
 USER_TABLES = ("ltm_memory_entities", "ltm_relations", "ltm_memories", "ltm_entities", "ltm_ingested",
-               "ltm_profiles", "ltm_archive", "ltm_user_state", "ltm_search_epochs")
+               "ltm_profiles", "ltm_archive", "ltm_user_state", "ltm_doc_chunks", "ltm_documents",
+               "ltm_search_epochs")
 SEARCH_INDEX_ROWS = LtmSettings.model_fields["ltm_search_index_rows"].default
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -85,12 +86,14 @@ def decode(
     max_content_bytes: int = DEFAULT_MAX_CONTENT_BYTES,
     entry_id: str | None = None,
     max_payload_bytes: int | None = None,
+    context: Mapping[str, Any] | None = None,
 ) -> T:
     """Decode ``raw`` with ``adapter`` or raise :class:`DecodeError` naming what is wrong.
 
     The error carries ``request_id`` / ``reply_to`` / ``user_id`` when they were
     readable, so a consumer can still send an error reply. ``max_payload_bytes`` raises the
     whole-message limit (default :func:`payload_limit`) for batches; texts keep ``max_content_bytes``.
+    ``context`` adds validation context (``max_document_bytes``: the limit of doc_add's text).
     """
     if raw is None:
         raise DecodeError(DeadLetterReason.INVALID, f"no '{STREAM_FIELD}' field in the message")
@@ -114,7 +117,8 @@ def decode(
     if bad:
         raise DecodeError(DeadLetterReason.INVALID, bad, **ids)
     try:
-        return adapter.validate_python(obj, context={"max_content_bytes": max_content_bytes, "entry_id": entry_id})
+        return adapter.validate_python(obj, context={**(context or {}), "max_content_bytes": max_content_bytes,
+                                                     "entry_id": entry_id})
     except ValidationError as err:
         errors = err.errors(include_input=False, include_url=False)
         if any(e["type"] == "union_tag_invalid" for e in errors):

@@ -24,12 +24,14 @@ from pydantic import (
 from shared.contracts.errors import ErrorInfo
 
 DEFAULT_MAX_CONTENT_BYTES = 32 * 1024
+DEFAULT_MAX_DOCUMENT_BYTES = 1024 * 1024  # doc_add's text (LTM_DOC_MAX_BYTES); every other text: max_content_bytes
 ID_NAMESPACE = uuid.UUID("6f1c8a52-3d5e-4f0b-9a51-5b8f0d7c2e11")
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=256, strip_whitespace=True)]
 MemoryType = Literal["preference", "fact", "commitment", "instruction", "entity", "episodic"]
 LtmStatus = Literal["hit", "miss", "timeout", "error", "disabled"]
 Source = Literal["user", "ai"]
+DocFormat = Literal["text", "markdown", "html"]
 
 
 OFFLINE_MODEL = "offline"
@@ -52,6 +54,14 @@ def _check_size(value: str, info: ValidationInfo) -> str:
     size = len(value.encode("utf-8"))
     if size > limit:
         raise ValueError(f"text is {size} bytes, over the limit of {limit}")
+    return value
+
+
+def _check_document_size(value: str, info: ValidationInfo) -> str:
+    limit = (info.context or {}).get("max_document_bytes", DEFAULT_MAX_DOCUMENT_BYTES)
+    size = len(value.encode("utf-8"))
+    if size > limit:
+        raise ValueError(f"document is {size} bytes, over the limit of {limit}")
     return value
 
 
@@ -86,6 +96,9 @@ class AIResponseMeta(Message):
     memories_used: int = 0
     model: str = ""
     latency_ms: float = 0.0
+    # ENABLE_RAG: the document search beside the memory search (disabled when off); passages in the prompt
+    docs: LtmStatus = "disabled"
+    passages_used: int = 0
 
 
 class AIResponse(Message):
@@ -195,6 +208,41 @@ class SearchEntitiesData(Message):
     _size = field_validator("query")(_check_size)
 
 
+class DocAddData(Message):
+    """One document of the user's collection. ``(user, source)`` is its identity: the same text again changes nothing,
+    another text under the same source replaces it; the same text under another source is the document already held."""
+
+    source: str = Field(min_length=1, max_length=1024)  # a file path, URL or name
+    title: str | None = Field(default=None, max_length=512)  # None: the first heading, else the source's file name
+    text: str = Field(min_length=1)
+    format: DocFormat | None = None  # None: from ``mime``, else from the source's extension, else text
+    mime: str | None = Field(default=None, max_length=128)  # text/plain, text/markdown, text/html
+
+    _size = field_validator("text")(_check_document_size)
+
+
+class DocSearchData(Message):
+    query: str = Field(min_length=1)
+    top_k: int = Field(default=5, ge=1, le=50)
+    threshold: float | None = Field(default=None, ge=-1.0, le=1.0)  # least cosine of a passage; None = the gate only
+    max_tokens: int | None = Field(default=None, ge=20, le=32_000)  # the passages' text within this budget
+
+    _size = field_validator("query")(_check_size)
+
+
+class DocDeleteData(Message):
+    """One document (``doc_id``) or every document of the user (``all``), not both."""
+
+    doc_id: Id | None = None
+    all: bool = False
+
+    @model_validator(mode="after")
+    def _one(self) -> DocDeleteData:
+        if (self.doc_id is None) == (not self.all):
+            raise ValueError("give doc_id or all=true (not both)")
+        return self
+
+
 class RequestEnvelope(Message):
     request_id: Id
     reply_to: str | None = None
@@ -267,6 +315,21 @@ class SearchEntitiesRequest(_UserRequest):
     data: SearchEntitiesData
 
 
+class DocAddRequest(_UserRequest):
+    type: Literal["doc_add"]
+    data: DocAddData
+
+
+class DocSearchRequest(_UserRequest):
+    type: Literal["doc_search"]
+    data: DocSearchData
+
+
+class DocDeleteRequest(_UserRequest):
+    type: Literal["doc_delete"]
+    data: DocDeleteData
+
+
 class PingRequest(RequestEnvelope):
     type: Literal["ping"]
     user_id: str | None = None
@@ -283,6 +346,9 @@ LTMRequest = Annotated[
     | StatsRequest
     | OptimizeRequest
     | SearchEntitiesRequest
+    | DocAddRequest
+    | DocSearchRequest
+    | DocDeleteRequest
     | PingRequest,
     Field(discriminator="type"),
 ]
@@ -318,6 +384,60 @@ class Memory(Message):
     valid_to: float | None = None
     superseded_by: str | None = None
     context: list[ContextTurn] = Field(default_factory=list)
+
+
+class DocAdded(Message):
+    """``data`` of a doc_add reply."""
+
+    doc_id: str
+    source: str
+    title: str
+    format: DocFormat
+    chunks: int
+    status: Literal["created", "updated", "unchanged"]  # updated: new text under a source held already
+
+
+class DocPassage(Message):
+    """One chunk of a document, as doc_search returns it (best first)."""
+
+    doc_id: str
+    chunk_id: str
+    chunk: int  # its position in the document, from 0
+    source: str
+    title: str
+    heading: list[str] = Field(default_factory=list)  # the headings above it, outermost first
+    text: str
+    score: float = 0.0  # fused relevance (z units); comparable within one reply only
+    similarity: float = 0.0  # cosine to the query
+
+    @property
+    def label(self) -> str:
+        return doc_label(self.title, self.heading)
+
+
+LABEL_SEP = " \u203a "  # " > " as a single right-pointing angle quotation mark
+
+
+def doc_label(title: str, heading: list[str]) -> str:
+    """``title > heading > subheading`` (joined by LABEL_SEP): where a passage sits; a first heading that is the
+    title is not repeated."""
+    if heading and heading[0].strip().casefold() == title.strip().casefold():
+        heading = heading[1:]
+    return LABEL_SEP.join(p for p in (title, *heading) if p)
+
+
+class DocSearchResult(Message):
+    """``data`` of a doc_search reply."""
+
+    passages: list[DocPassage] = Field(default_factory=list)
+
+
+class DocDeleted(Message):
+    """``data`` of a doc_delete reply; doc_delete of a doc_id the user does not hold is ``not_found``."""
+
+    documents: int = 0
+    chunks: int = 0
+    doc_ids: list[str] = Field(default_factory=list)
 
 
 class LTMResponse(Message):

@@ -16,6 +16,7 @@ from pydantic import TypeAdapter
 
 from shared.contracts.codec import AI_RESPONSE, LTM_REQUEST, LTM_RESPONSE, LTM_WARM, MEMORY_UPDATE, USER_INPUT
 from shared.contracts.memory_api import MEMORY_REQUEST, MEMORY_RESPONSE
+from shared.contracts.messages import DocAdded, DocDeleted, DocSearchResult
 from shared.contracts.ping import PingInfo
 
 Mode = Literal["validation", "serialization"]
@@ -33,6 +34,9 @@ MESSAGES: dict[str, tuple[TypeAdapter[Any], Mode, str]] = {
                        "list memory_requests (MEMORY_REQUESTS_QUEUE), RPUSH; union on type"),
     "memory_response": (MEMORY_RESPONSE, "serialization", "pub/sub channel reply_to, else memory_responses"),
     "ping_info": (TypeAdapter(PingInfo), "serialization", "data of every service's reply to a ping"),
+    "doc_added": (TypeAdapter(DocAdded), "serialization", "data of ltm's reply to doc_add"),
+    "doc_search_result": (TypeAdapter(DocSearchResult), "serialization", "data of ltm's reply to doc_search"),
+    "doc_deleted": (TypeAdapter(DocDeleted), "serialization", "data of ltm's reply to doc_delete"),
 }
 DIR = Path(__file__).resolve().parent.parent.parent / "docs" / "schema"
 DRAFT = "https://json-schema.org/draft/2020-12/schema"

@@ -57,11 +57,13 @@ class RequestServer(Generic[Req]):
         max_payload_bytes: int | None = None,  # whole-request limit when batches need more than payload_limit()
         foreground: Foreground | None = None,  # marks each request served (background work steps aside)
         drain_s: float = 10.0,  # on stop, requests still running after this long get an `unavailable` reply
+        context: dict[str, Any] | None = None,  # validation context of every request (decode's ``context``)
     ) -> None:
         self.redis, self.queue, self.reply_channel = redis, queue, reply_channel
         self.adapter, self.handler, self.error_reply = adapter, handler, error_reply
         self.metrics, self.max_content_bytes = metrics, max_content_bytes
         self.max_payload_bytes = max_payload_bytes
+        self.context = context
         self.foreground = foreground
         self.block_s = block_s
         self.drain_s = drain_s
@@ -121,7 +123,7 @@ class RequestServer(Generic[Req]):
         started = time.perf_counter()
         try:
             request = decode(self.adapter, raw, max_content_bytes=self.max_content_bytes,
-                             max_payload_bytes=self.max_payload_bytes)
+                             max_payload_bytes=self.max_payload_bytes, context=self.context)
         except DecodeError as err:
             self.metrics.incr(f"rejected.{err.reason.value}")
             log.warning("requests.rejected", queue=self.queue, reason=err.reason.value, error=err.message,

@@ -11,9 +11,10 @@ and their sizes differ anyway.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from psycopg import AsyncConnection, sql
 from psycopg_pool import AsyncConnectionPool
@@ -24,19 +25,34 @@ from shared.runtime.logging import get_logger
 log = get_logger(__name__)
 
 
+def _first(row: tuple[Any, ...]) -> str:
+    return str(row[0] or "")
+
+
+def _chunk_text(row: tuple[Any, ...]) -> str:
+    """What services/ltm/documents embeds for a chunk: ``title > heading: text``."""
+    from shared.contracts.messages import doc_label
+
+    return f"{doc_label(str(row[0] or ''), list(row[1] or []))}: {row[2]}"
+
+
 @dataclass(frozen=True, slots=True)
 class VectorColumn:
     table: str
     column: str
-    source: str  # the column whose text the vector is the embedding of
-    key: str  # the table's key, to walk it in batches (mesh reembed)
+    key: str  # the table's key beside user_id, to walk it in batches (mesh reembed)
+    source: str = "t.content"  # SQL over the row ``t``: what the vector was made from (a constant of this module)
+    text: Callable[[tuple[Any, ...]], str] = _first  # ``source``'s columns -> the text embedded
     nullable: bool = False  # memory fills its own in the background (MEMORY_EMBED_INTERVAL_S)
 
 
 VECTOR_COLUMNS: dict[str, list[VectorColumn]] = {
-    "memory": [VectorColumn("conversation_messages", "embedding", "content", "message_id", nullable=True)],
-    "ltm": [VectorColumn("ltm_memories", "embedding", "content", "memory_id"),
-            VectorColumn("ltm_entities", "embedding", "name", "entity_id")],
+    "memory": [VectorColumn("conversation_messages", "embedding", "message_id", nullable=True)],
+    "ltm": [VectorColumn("ltm_memories", "embedding", "memory_id"),
+            VectorColumn("ltm_entities", "embedding", "entity_id", source="t.name"),
+            VectorColumn("ltm_doc_chunks", "embedding", "chunk_id", text=_chunk_text, source=(
+                "(SELECT d.title FROM ltm_documents d WHERE d.user_id = t.user_id AND d.doc_id = t.doc_id),"
+                " t.heading, t.content"))],
 }
 
 

@@ -1,8 +1,9 @@
 """One deletion that reaches everything (issue "Never loses, never leaks", part 3).
 
 A user chats in two sessions through the three services, sets a sensitive preference, context and a session
-link, searches long-term memory and sends one malformed input (dead-lettered with its raw text); another user
-chats too. ``mesh delete-user``'s entry point (mesh/forget.py) then deletes the first user, and the test scans
+link, adds two documents to its collection (issue 11: documents beside memory), searches long-term memory and its
+documents, and sends one malformed input (dead-lettered with its raw text); another user chats and adds a
+document too. ``mesh delete-user``'s entry point (mesh/forget.py) then deletes the first user, and the test scans
 every table of the database and the whole Redis keyspace (key names and values of every type, streams and
 dead letters included) for the user's id and for a phrase only that user said: nothing is found. The other user
 keeps everything; deleting again is harmless and counts zero; the deletion log names no one.
@@ -100,6 +101,14 @@ async def test_delete_user_leaves_nothing_of_the_user_in_any_table_or_key(mesh: 
                     turns += 1
             await mesh.reply_to(await mesh.send(f"I collect {KEPT} postcards.", user_id=other,
                                                 session_id=f"{other}-x"), timeout=30)
+            for owner, source, text in (
+                    (user, "notes/gym.md", f"# Gym\n\n## Locker\n\nThe locker code is {SECRET}. Keep it safe."),
+                    (user, "notes/page.html", f"<h1>Page</h1><p>The gym phrase is {SECRET}.</p>"),
+                    (other, "notes/cards.txt", f"Postcards: {KEPT}.")):
+                added = await ask_ltm(mesh, ltm_request("doc_add", owner, {"source": source, "text": text}))
+                assert added.success, added.error
+            passages = await ask_ltm(mesh, ltm_request("doc_search", user, {"query": f"locker code {SECRET}"}))
+            assert passages.success and passages.data and passages.data["passages"], passages.error
             await _memory_call(rpc, "set_preference", user, key="ssn", value=f"ssn {SECRET}", sensitive=True)
             await _memory_call(rpc, "set_preference", user, key="colour", value=f"teal {SECRET}")
             await _memory_call(rpc, "store_context", user, session_id=f"{user}-a", context_type="project",
@@ -131,6 +140,7 @@ async def test_delete_user_leaves_nothing_of_the_user_in_any_table_or_key(mesh: 
             assert result["memory"]["rows"]["conversation_messages"] >= 2 * turns
             assert result["memory"]["rows"]["user_preferences"] == 2
             assert result["ltm"]["rows"]["ltm_memories"] >= turns
+            assert result["ltm"]["rows"]["ltm_documents"] == 2 and result["ltm"]["rows"]["ltm_doc_chunks"] >= 2
             assert sum(result["memory"]["stream_entries"].values()) >= turns, result
 
             db_hits = await scan_database(mesh, [user, SECRET])
@@ -141,6 +151,7 @@ async def test_delete_user_leaves_nothing_of_the_user_in_any_table_or_key(mesh: 
 
             # the other user keeps everything
             assert await mesh.count("SELECT count(*) FROM conversation_messages WHERE user_id = %s", other) == 2
+            assert await mesh.count("SELECT count(*) FROM ltm_doc_chunks WHERE user_id = %s", other) == 1
             assert await scan_database(mesh, [KEPT])
             assert await scan_redis(mesh, [KEPT])
 

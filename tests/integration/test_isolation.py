@@ -4,7 +4,8 @@ Users, some with hostile ids (``*``, ``%``, quotes, 256 characters), each tell s
 every fact tagged with a marker of its owner (``zq<owner>x<n>``). The histories go in through memory's
 ``import_messages`` and are ingested by ltm. Then random reads over the bus, from those users and from forged
 requesters (another user's session id or message id used as a user id): ltm searches (for another user's marker
-too, scoped to another user's session, excluding one), entity searches and profiles; memory session, message,
+too, scoped to another user's session, excluding one), entity searches, profiles, document searches (each user holds
+one document with its markers) and deletions of another user's document by its id; memory session, message,
 STM, context, summary and session-list reads naming the requester's own or another user's session. A response may
 carry only the requester's own markers; a forged requester owns nothing, so any marker in its replies is a leak.
 (Ids are stripped of surrounding whitespace by the contract: ``" *"`` is the user ``"*"``.)
@@ -75,6 +76,13 @@ async def test_random_reads_from_users_and_forged_ids_never_return_another_users
                     "SELECT count(*) FROM ltm_ingested") >= 6 * len(USERS) else None
 
             await wait_until(ingested, timeout=90, message="every user's history ingested")
+            doc_ids: dict[str, str] = {}
+            for i, user in enumerate(USERS):
+                added = await ltm("doc_add", user, source="field-notes.md", text=(
+                    f"# Field notes\n\n## Kites\n\nNote zq{i}x9: the blue kite flies over {CITIES[i]}.\n\n"
+                    f"## Sundays\n\nNote zq{i}x8: my sister visits on Sundays."))
+                assert added.success and added.data, added.error
+                doc_ids[user] = added.data["doc_id"]
             sessions = {u: [f"{u[:40]}-s0", f"{u[:40]}-s1"] for u in USERS}
             message_ids: dict[str, list[str]] = {}
             for u in USERS:
@@ -93,7 +101,7 @@ async def test_random_reads_from_users_and_forged_ids_never_return_another_users
                 session = rng.choice(sessions[other])
                 kind = rng.choice(["search", "search_session", "search_exclude", "entities", "profile",
                                    "get_session", "get_messages", "get_stm", "get_context", "summary",
-                                   "sessions"])
+                                   "sessions", "doc_search", "doc_delete"])
                 mark = f"zq{USERS.index(other)}x0"
                 resp: Any
                 if kind == "search":
@@ -107,6 +115,14 @@ async def test_random_reads_from_users_and_forged_ids_never_return_another_users
                     resp = await ltm("search_entities", who, query=CITIES[USERS.index(other)])
                 elif kind == "profile":
                     resp = await ltm("profile_get", who)
+                elif kind == "doc_search":
+                    resp = await ltm("doc_search", who, query=rng.choice([f"{mark} kite", "Where does the kite fly?",
+                                                                         "sister Sundays", "*", "%"]), top_k=10)
+                elif kind == "doc_delete":  # another user's document by its id: not_found, and it stays
+                    target = rng.choice([u for u in USERS if u != who.strip()])
+                    resp = await ltm("doc_delete", who, doc_id=doc_ids[target])
+                    if resp.success or not resp.error or resp.error.code != "not_found":
+                        raise AssertionError(f"doc_delete of another user's document: {resp.model_dump_json()}")
                 elif kind == "get_session":
                     resp = await memory("get_session", who, session_id=session)
                 elif kind == "get_messages":
@@ -138,6 +154,7 @@ async def test_random_reads_from_users_and_forged_ids_never_return_another_users
                   f"requester's own data, {len(leaks)} leaks")
             assert not leaks, f"{len(leaks)} reads returned another user's data: {leaks[:10]}"
             assert own_hits > READS // 10, "the reads hardly ever found the requester's own data: a vacuous test"
+            assert await mesh.count("SELECT count(*) FROM ltm_documents") == len(USERS)  # no deletion got through
         finally:
             await ltm_rpc.close()
             await memory_rpc.close()

@@ -34,7 +34,7 @@ from mesh.infra import find_redis_server, free_port, postgres_os_user, wait_for_
 from shared.contracts import Names
 from shared.runtime.db import migrate
 from shared.runtime.runner import redis_client
-from tests.helpers import mesh_for, running
+from tests.helpers import mesh_for, running, wait_until
 
 
 @dataclass(frozen=True)
@@ -136,8 +136,12 @@ async def test_a_chat_turn_over_tls(rediss_url: str, database_url: str, sync_emb
                 reply = await mesh.reply_to(msg, timeout=30)
                 assert reply.session_id == "tls-session"
                 sql = "SELECT count(*) FROM conversation_messages WHERE session_id = %s"
-                stored = await mesh.count(sql, "tls-session")
-                assert stored == 2  # the input and the reply, stored by memory over the TLS bus
+
+                async def both_stored() -> bool:  # memory stores the reply after chat_ai sent it: wait for it
+                    return await mesh.count(sql, "tls-session") == 2
+
+                # the input and the reply, stored by memory over the TLS bus
+                await wait_until(both_stored, timeout=15, message="the input and the reply stored")
     finally:
         keys = [k async for k in client.scan_iter(match=f"{names.prefix}*")]
         if keys:

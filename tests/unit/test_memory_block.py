@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-from services.chat_ai.prompt import MEMORY_HEADER, contains_turn, count_tokens, memory_block
+from services.chat_ai.prompt import (
+    DOCS_HEADER,
+    MEMORY_HEADER,
+    contains_turn,
+    count_tokens,
+    memory_block,
+    prompt_block,
+)
 from services.chat_ai.responder import offline_reply, pick_quotes
 from shared.contracts import Memory, MemorySource
-from shared.contracts.messages import ContextTurn
+from shared.contracts.messages import ContextTurn, DocPassage
 from shared.runtime.stm import Stm
 from shared.runtime.text import is_question
 
@@ -101,3 +108,51 @@ def test_questions_are_told_from_statements() -> None:
     assert is_question("Hi! How are you? What's new?") is False  # "Hi!" is not a question
     assert not is_question("My dog is called Biscuit. What should I feed him?")
     assert not is_question("I live in Lisbon.")
+
+
+def passage(pid: str, text: str, score: float, heading: list[str] | None = None, title: str = "Bees",
+            source: str = "docs/bees.html") -> DocPassage:
+    return DocPassage(doc_id=f"d-{title}", chunk_id=pid, chunk=0, source=source, title=title,
+                      heading=heading or [], text=text, score=score)
+
+
+def test_prompt_block_puts_memories_first_then_labelled_passages_under_one_budget() -> None:
+    memories = [mem(str(i), f"I keep {i} tortoises in the garden and feed them dandelions every morning.", 5.0 - i)
+                for i in range(40)]
+    passages = [passage(f"p{i}", f"Passage {i}: the queen lays up to 2,000 eggs a day in summer. " * 4, 3.0 - i,
+                        heading=["The colony", "The queen"]) for i in range(10)]
+    for budget, reserve in ((1500, 500), (600, 200), (300, 150)):
+        block = prompt_block(memories, passages, budget, 200, reserve)
+        lines = block.text.splitlines()
+        assert block.tokens == count_tokens(block.text) <= budget
+        assert lines[0] == MEMORY_HEADER and DOCS_HEADER in lines
+        docs_at = lines.index(DOCS_HEADER)
+        assert all(not ln.startswith("- [doc:") for ln in lines[:docs_at])  # memories first, then passages
+        label = "- [doc: Bees \u203a The colony \u203a The queen] Passage "
+        assert all(ln.startswith(label) for ln in lines[docs_at + 1:])
+        assert block.entries and block.passages and len(block.passages) == len(lines) - docs_at - 1
+        # the passages get at least what was kept for them (the memories would have filled the whole budget)
+        assert count_tokens("\n".join(lines[docs_at:])) >= reserve - 60
+    # no passages: the memory block exactly as before; no memories: passages may take the whole budget
+    assert prompt_block(memories, [], 600, 200, 500).text == memory_block(memories, 600, 200).text
+    only = prompt_block([], passages, 600, 200, 100)
+    assert only.text.startswith(DOCS_HEADER) and not only.entries and only.tokens <= 600
+    assert len(only.passages) >= 3
+
+
+def test_offline_responder_cites_the_passage_it_answers_from() -> None:
+    bees = passage("p1", "The queen is the only fertile female. At the height of the season she can lay up to 2,000 "
+                         "eggs a day. A queen may live three to five years.", 2.0, heading=["The colony", "The queen"],
+                   title="The western honey bee")
+    lights = passage("p2", "Robert Stevenson completed the Bell Rock Lighthouse in 1810.", 1.0, title="Lighthouses",
+                     source="lighthouses.md")
+    hiking = mem("h", "My favourite mountain for hiking is Ben Nevis.", 1.5)
+    block = prompt_block([hiking], [bees, lights], 1500, 200, 500)
+    reply = offline_reply("How many eggs does a queen lay in a day?", block, Stm())
+    assert ('According to The western honey bee \u203a The colony \u203a The queen (docs/bees.html): "At the height '
+            'of the season she can lay up to 2,000 eggs a day."') in reply.text
+    assert "Ben Nevis" not in reply.text  # a memory sharing no word with the question is left out
+    memory_reply = offline_reply("Which mountain do I like for hiking?", block, Stm())
+    assert '"My favourite mountain for hiking is Ben Nevis."' in memory_reply.text
+    assert "According to" not in memory_reply.text  # no passage shares a word with it
+    assert offline_reply("How many eggs?", prompt_block([], [], 1500, 200), Stm()).text.endswith('"How many eggs?"')

@@ -11,6 +11,7 @@ import pytest
 
 from shared.contracts import AIResponse, ErrorInfo, LTMResponse, Memory, MemorySource, decode, encode
 from shared.contracts import schema as wire
+from shared.contracts.messages import DocAdded, DocDeleted, DocPassage, DocSearchResult
 
 GOOD: list[tuple[str, dict[str, Any]]] = [
     ("user_input", {"message_id": "m1", "user_id": "u1", "session_id": "s1", "content": "hi", "timestamp": 1.0,
@@ -25,6 +26,12 @@ GOOD: list[tuple[str, dict[str, Any]]] = [
     ("ltm_request", {"request_id": "r4", "type": "ping", "data": {}}),
     ("memory_request", {"request_id": "r5", "type": "get_messages", "user_id": "u1", "data": {"session_id": "s1"}}),
     ("ltm_warm", {"users": ["u1"]}),
+    ("ltm_request", {"request_id": "r6", "type": "doc_add", "user_id": "u1",
+                     "data": {"source": "notes/bees.md", "text": "# Bees\n\nBees dance.", "format": "markdown"}}),
+    ("ltm_request", {"request_id": "r7", "type": "doc_search", "user_id": "u1",
+                     "data": {"query": "dance", "top_k": 3}}),
+    ("ltm_request", {"request_id": "r8", "type": "doc_delete", "user_id": "u1", "data": {"doc_id": "d1"}}),
+    ("ltm_request", {"request_id": "r9", "type": "doc_delete", "user_id": "u1", "data": {"all": True}}),
 ]
 BAD: list[tuple[str, dict[str, Any]]] = [
     ("user_input", {"user_id": "u1", "content": "no session"}),
@@ -33,6 +40,10 @@ BAD: list[tuple[str, dict[str, Any]]] = [
     ("ltm_request", {"request_id": "r1", "type": "search", "user_id": "u1", "data": {"query": "q", "limit": 0}}),
     ("ltm_request", {"request_id": "r1", "type": "search", "data": {"query": "q"}}),
     ("memory_request", {"request_id": "r1", "type": "get_messages", "user_id": "u1", "data": {}}),
+    ("ltm_request", {"request_id": "r1", "type": "doc_add", "user_id": "u1", "data": {"source": "a.txt"}}),
+    ("ltm_request", {"request_id": "r1", "type": "doc_add", "user_id": "u1",
+                     "data": {"source": "a.txt", "text": "x", "format": "pdf"}}),
+    ("ltm_request", {"request_id": "r1", "type": "doc_search", "user_id": "u1", "data": {"query": "q", "top_k": 0}}),
 ]
 
 
@@ -70,3 +81,9 @@ def test_what_the_mesh_emits_matches_its_schema() -> None:
     _validator("ltm_response").validate(json.loads(encode(failure)))
     reply = AIResponse(message_id="a1", in_reply_to="m1", user_id="u1", session_id="s1", content="hello")
     _validator("ai_response").validate(json.loads(encode(reply)))
+    passage = DocPassage(doc_id="d1", chunk_id="c1", chunk=0, source="bees.md", title="Bees", heading=["Bees", "Dance"],
+                         text="Bees dance.", score=1.2, similarity=0.6)
+    _validator("doc_search_result").validate(json.loads(encode(DocSearchResult(passages=[passage]))))
+    _validator("doc_added").validate(json.loads(encode(DocAdded(doc_id="d1", source="bees.md", title="Bees",
+                                                                format="markdown", chunks=1, status="created"))))
+    _validator("doc_deleted").validate(json.loads(encode(DocDeleted(documents=1, chunks=1, doc_ids=["d1"]))))
