@@ -5,7 +5,8 @@ into 1,536 dimensions, so that similarity means what it does locally). With ``EM
 the vector columns of a fresh database are sized for it at start-up, a fact told in one turn is ingested with the
 server's vectors and found by a search; a service started with another model over stored vectors refuses with a
 clear message; ``mesh reembed`` embeds every stored text again (ltm's memories and entities in place, memory's
-message vectors cleared for its background job) and the search still finds the fact afterwards.
+message vectors cleared for its background job, a document's chunks) and the searches still find the fact and
+the passage afterwards.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from shared.runtime.embedding import EmbeddingSettings, SyncEmbedder
 from shared.runtime.vectors import EmbeddingModelMismatch, column_dims, ensure_vector_columns, recorded_model
 from tests.fake_llm import fake_embeddings
 from tests.helpers import Mesh, ask_ltm, ltm_request, mesh_for, running, wait_until
+from tests.integration.test_documents import doc_add, doc_search
 
 REMOTE = "text-embedding-3-small"
 
@@ -84,6 +86,9 @@ async def test_another_model_over_stored_vectors_is_refused_until_reembed(
             await ensure_vector_columns(mesh.pool, component, sync_embedder.name, sync_embedder.dim)
         found = await _tell_and_find(mesh, user, {})  # stored with the local model
         assert any("Tromsø" in c for c in found), found
+        async with running(mesh.ltm()):  # and a document of the user's, chunked and embedded with it
+            await doc_add(mesh, user, "fjords.md", "# Fjords\n\n## Geirangerfjord\n\nThe Geirangerfjord is 15 "
+                          "kilometres long and lies in Sunnmøre.\n\n## Sognefjord\n\nThe Sognefjord is the longest.")
         memories = await mesh.count("SELECT count(*) FROM ltm_memories WHERE user_id = %s", user)
         entities = await mesh.count("SELECT count(*) FROM ltm_entities WHERE user_id = %s", user)
         assert memories >= 1 and entities >= 1
@@ -119,7 +124,9 @@ async def test_another_model_over_stored_vectors_is_refused_until_reembed(
             async with mesh_for(names, redis, redis_url, database_url, remote_model) as after:
                 async with running(after.ltm(**remote)):
                     resp = await ask_ltm(after, ltm_request("search", user, {"query": "Where does my sister live?"}))
+                    passages = (await doc_search(after, user, "How long is the Geirangerfjord?")).passages
                 assert resp.success and any("Tromsø" in m.content for m in resp.memories or []), resp
+                assert passages and "15" in passages[0].text, passages
                 assert await after.count("SELECT count(*) FROM ltm_memories WHERE user_id = %s"
                                          " AND vector_dims(embedding) = 1536", user) == memories
                 assert await after.count("SELECT count(*) FROM ltm_memories WHERE embedding IS NULL") == 0
