@@ -9,6 +9,7 @@ in place: every row is still there, the schema is the fresh one, and running the
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -29,13 +30,13 @@ from services.ltm.native import NativeBackend
 from services.ltm.store import LtmStore
 from services.memory.config import MemorySettings
 from services.memory.service import MemoryService
-from services.memory.store import ConversationStore, SessionOwnershipError, StoredMessage
+from services.memory.store import Conflict, ConversationStore, SessionOwnershipError, StoredMessage
 from shared.contracts import MemoryUpdate, Names
 from shared.contracts.memory_api import ImportMessage, StoreMessageData
 from shared.contracts.messages import SearchData, SearchEntitiesData
 from shared.runtime.db import migrate, open_pool
 from shared.runtime.embedding import Embedder
-from tests.helpers import common
+from tests.helpers import Mesh, common
 from tests.pg_schema import LTM_TABLES, MEMORY_TABLES, empty_database, schema_of, schema_of_url
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -266,6 +267,32 @@ async def check_converted(url: str, model: Any, redis: aioredis.Redis, redis_url
         assert await native.stats("u3") == {"memories": 0, "by_type": {}}
     finally:
         await pool.close()
+
+
+async def test_a_session_id_taken_at_once_by_several_users_goes_to_one(mesh: Mesh) -> None:
+    """Session ids are unique across users although each user's sessions are in the user's partition: writers of
+    four users creating one id at once (sessions and first messages) leave it to exactly one of them."""
+    store = ConversationStore(mesh.pool)
+
+    async def take(i: int) -> str | None:
+        user = f"u{i % 4}"
+        try:
+            if i % 2:
+                await store.create_session(user, "contested")
+            else:
+                await store.store_message(StoredMessage(message_id=f"m{i}", session_id="contested", user_id=user,
+                                                        role="human", content="mine", timestamp=BASE + i))
+        except (Conflict, SessionOwnershipError):
+            return None
+        return user
+
+    owners = {u for u in await asyncio.gather(*(take(i) for i in range(16))) if u is not None}
+    assert len(owners) == 1
+    owner = owners.pop()
+    assert await store.session_owner("contested") == (True, owner)
+    assert await mesh.count("SELECT count(*) FROM conversation_sessions WHERE session_id = 'contested'") == 1
+    assert await mesh.count("SELECT count(*) FROM conversation_messages WHERE session_id = 'contested'"
+                            " AND user_id <> %s", owner) == 0
 
 
 # ---------------------------------------------------------------------------------------------- (c) one partition
