@@ -314,9 +314,12 @@ async def _copy_rows(url: str, plan: SeedPlan, pool: list[str], vectors: np.ndar
 
 # --------------------------------------------------------------------------- clean-up of run data
 async def _tables_with(conn: psycopg.AsyncConnection[Any], *columns: str) -> list[str]:
+    # tables, not their partitions (a partitioned table's DELETE reaches them)
     cur = await conn.execute(
-        "SELECT table_name FROM information_schema.columns WHERE table_schema = 'public' AND column_name = ANY(%s)"
-        " GROUP BY table_name HAVING count(DISTINCT column_name) = %s", (list(columns), len(columns)))
+        "SELECT c.table_name FROM information_schema.columns c JOIN pg_class r ON r.relname = c.table_name"
+        " AND r.relnamespace = 'public'::regnamespace"
+        " WHERE c.table_schema = 'public' AND NOT r.relispartition AND c.column_name = ANY(%s)"
+        " GROUP BY c.table_name HAVING count(DISTINCT c.column_name) = %s", (list(columns), len(columns)))
     return sorted(r[0] for r in await cur.fetchall())
 
 

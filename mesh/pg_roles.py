@@ -23,8 +23,11 @@ SELECT format('ALTER %%s %%s OWNER TO %%I', kind, name, %(role)s) FROM (
       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
      WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p', 'v', 'm', 'S')
        AND pg_get_userbyid(c.relowner) <> %(role)s
-       AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
-                       AND d.deptype IN ('a', 'i', 'e'))  -- owned sequences follow their table
+       -- owned sequences follow their table; a partition (which depends on its table) has an owner of its own, and
+       -- a partitioned table's key column depends on the table itself (objsubid: the column): both are changed too
+       AND (c.relispartition
+            OR NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
+                           AND d.objsubid = 0 AND d.deptype IN ('a', 'i', 'e')))
     UNION ALL
     SELECT 'FUNCTION', p.oid::regprocedure::text
       FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace

@@ -307,7 +307,8 @@ async def _relations(conn: AsyncConnection, user_id: str,
     await cur.execute(
         "SELECT r.subject_id, r.object_id, s.name AS subject, r.predicate, o.name AS object, r.strength,"
         " r.confidence, r.valid_from, r.valid_to, r.memory_id FROM ltm_relations r"
-        " JOIN ltm_entities s ON s.entity_id = r.subject_id JOIN ltm_entities o ON o.entity_id = r.object_id"
+        " JOIN ltm_entities s ON s.user_id = %(u)s AND s.entity_id = r.subject_id"
+        " JOIN ltm_entities o ON o.user_id = %(u)s AND o.entity_id = r.object_id"
         " WHERE r.user_id = %(u)s AND (r.subject_id = ANY(%(ids)s) OR r.object_id = ANY(%(ids)s))"
         " ORDER BY r.valid_to IS NOT NULL, r.strength DESC, r.valid_from DESC NULLS LAST",
         {"u": user_id, "ids": ids})
@@ -328,7 +329,7 @@ async def _memories(conn: AsyncConnection, user_id: str, ids: list[uuid.UUID]) -
     cur = await conn.execute(
         "SELECT entity_id, memory_id FROM (SELECT l.entity_id, l.memory_id, row_number() OVER"
         " (PARTITION BY l.entity_id ORDER BY m.source_timestamp DESC NULLS LAST) AS n"
-        " FROM ltm_memory_entities l JOIN ltm_memories m ON m.memory_id = l.memory_id"
+        " FROM ltm_memory_entities l JOIN ltm_memories m ON m.user_id = l.user_id AND m.memory_id = l.memory_id"
         " WHERE l.user_id = %(u)s AND m.user_id = %(u)s AND l.entity_id = ANY(%(ids)s)) x WHERE n <= 10",
         {"u": user_id, "ids": ids})
     out: dict[uuid.UUID, list[str]] = {}

@@ -283,7 +283,8 @@ class Lifecycle:
 
     async def due_users(self, user_id: str | None = None) -> list[str]:
         """Users active since their last optimisation and not optimised within the interval (or ``user_id``
-        alone, if it is due)."""
+        alone, if it is due). Across users, from the plain ltm_user_state (one row per user); each optimize then
+        works on its user's partition of the partitioned tables."""
         async with self.pool.connection() as conn:
             cur = await conn.execute(
                 "SELECT user_id FROM ltm_user_state WHERE (%(u)s::text IS NULL OR user_id = %(u)s)"

@@ -196,6 +196,7 @@ _ROWS = (
 
 # The ``w`` episodic turns just before and just after each anchor, in its session (timestamp order), and for a
 # typed memory (a fact extracted from a turn) the turn it came from (side 0: the words the fact was read from).
+# Every scan names the user by the parameter (not h.user_id), so each is pruned to the user's partition when planned.
 _NEIGHBOURS = """
 SELECT h.memory_id AS anchor, x.memory_id, x.type, x.content, x.source_message_id, x.source_session_id,
        x.source_timestamp, x.speaker, x.side
@@ -203,21 +204,21 @@ FROM ltm_memories h CROSS JOIN LATERAL (
     (SELECT n.memory_id, n.type, n.content, n.source_message_id, n.source_session_id, n.source_timestamp,
             n.speaker, -1 AS side
      FROM ltm_memories n
-     WHERE n.user_id = h.user_id AND n.source_session_id = h.source_session_id AND n.type = 'episodic'
+     WHERE n.user_id = %(user_id)s AND n.source_session_id = h.source_session_id AND n.type = 'episodic'
        AND n.source_timestamp < h.source_timestamp
      ORDER BY n.source_timestamp DESC LIMIT %(w)s)
     UNION ALL
     (SELECT n.memory_id, n.type, n.content, n.source_message_id, n.source_session_id, n.source_timestamp,
             n.speaker, 1 AS side
      FROM ltm_memories n
-     WHERE n.user_id = h.user_id AND n.source_session_id = h.source_session_id AND n.type = 'episodic'
+     WHERE n.user_id = %(user_id)s AND n.source_session_id = h.source_session_id AND n.type = 'episodic'
        AND n.source_timestamp > h.source_timestamp
      ORDER BY n.source_timestamp ASC LIMIT %(w)s)
     UNION ALL
     (SELECT n.memory_id, n.type, n.content, n.source_message_id, n.source_session_id, n.source_timestamp,
             n.speaker, 0 AS side
      FROM ltm_memories n
-     WHERE %(source_turns)s AND h.type <> 'episodic' AND n.user_id = h.user_id
+     WHERE %(source_turns)s AND h.type <> 'episodic' AND n.user_id = %(user_id)s
        AND n.source_session_id = h.source_session_id AND n.type = 'episodic'
        AND n.source_message_id = h.source_message_id
      LIMIT 1)

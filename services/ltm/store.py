@@ -1,4 +1,9 @@
-"""PostgreSQL + pgvector storage of long-term memories. Every query is scoped by user_id."""
+"""PostgreSQL + pgvector storage of long-term memories. Every query is scoped by user_id.
+
+The tables are hash-partitioned by user_id (migration 006, docs/partitioning.md): a query that names one user reads
+one partition of each table. A statement for many users at once (an ingest batch, the access-count flush) names
+each user in its own branch or statement, so that each part is pruned to its user's partition when it is planned.
+"""
 
 from __future__ import annotations
 
@@ -143,7 +148,7 @@ class LtmStore:
         """``search_index_rows``: the capacity of this process's search index (services/ltm/search_index.py;
         LTM_SEARCH_INDEX_ROWS, 0 = every search in SQL); ``index_load_wait_s``: LTM_INDEX_LOAD_WAIT_MS."""
         self.pool = pool
-        self._access: Counter[str] = Counter()
+        self._access: Counter[tuple[str, str]] = Counter()  # (user_id, memory_id) -> uses
         self.index = SearchIndex(pool, search_index_rows, index_load_wait_s)
 
     async def ingest_many(self, writes: Sequence[IngestWrite],
@@ -158,6 +163,7 @@ class LtmStore:
         """
         keys = [(w.user_id, w.message_id) for w in writes]
         async with self.pool.connection() as conn, conn.transaction():
+            # each row goes to its user's partition (an insert routes row by row)
             cur = await conn.execute(
                 "INSERT INTO ltm_ingested (user_id, message_id) SELECT * FROM unnest(%s::text[], %s::text[])"
                 " ON CONFLICT DO NOTHING RETURNING user_id, message_id",
@@ -179,12 +185,15 @@ class LtmStore:
         stays the guarantee)."""
         if not keys:
             return set()
+        by_user: dict[str, list[str]] = {}
+        for user_id, message_id in keys:
+            by_user.setdefault(user_id, []).append(message_id)
+        users = sorted(by_user)
+        # one branch per user (a constant user_id each: one partition each), one round trip
+        branch = "(SELECT user_id, message_id FROM ltm_ingested WHERE user_id = %s AND message_id = ANY(%s::text[]))"
         async with self.pool.connection() as conn:
-            cur = await conn.execute(
-                "SELECT i.user_id, i.message_id FROM ltm_ingested i"
-                " JOIN unnest(%s::text[], %s::text[]) AS k(user_id, message_id)"
-                " ON i.user_id = k.user_id AND i.message_id = k.message_id",
-                ([u for u, _ in keys], [m for _, m in keys]))
+            cur = await conn.execute(" UNION ALL ".join([branch] * len(users)),
+                                     [p for u in users for p in (u, by_user[u])])
             return {(r[0], r[1]) for r in await cur.fetchall()}
 
     async def add(self, m: NewMemory) -> Memory:
@@ -199,25 +208,29 @@ class LtmStore:
                      config: RetrievalConfig) -> list[Memory]:
         """The hybrid query path (services/ltm/retrieval.py); returned memories count as accessed."""
         out = await retrieval.search(self.pool, user_id, data, embedding, config, self.index)
-        self.record_access(m.memory_id for m in out)
+        self.record_access(user_id, (m.memory_id for m in out))
         return out
 
-    # ---- access statistics: counted in memory, written in one statement per flush
-    def record_access(self, memory_ids: Any) -> None:
-        self._access.update(memory_ids)
+    # ---- access statistics: counted in memory, written per flush in one statement per user (pipelined)
+    def record_access(self, user_id: str, memory_ids: Any) -> None:
+        self._access.update((user_id, str(m)) for m in memory_ids)
 
     async def flush_access(self) -> int:
         if not self._access:
             return 0
         batch, self._access = self._access, Counter()
-        ids, counts = list(batch), list(batch.values())
-        async with self.pool.connection() as conn:
-            await conn.execute(
+        by_user: dict[str, tuple[list[str], list[int]]] = {}
+        for (user_id, memory_id), n in batch.items():
+            ids, counts = by_user.setdefault(user_id, ([], []))
+            ids.append(memory_id)
+            counts.append(n)
+        async with self.pool.connection() as conn, conn.cursor() as cur:
+            await cur.executemany(
                 "UPDATE ltm_memories m SET access_count = m.access_count + a.n, last_accessed = now()"
-                " FROM unnest(%s::uuid[], %s::int[]) AS a(id, n) WHERE m.memory_id = a.id",
-                (ids, counts),
+                " FROM unnest(%s::uuid[], %s::int[]) AS a(id, n) WHERE m.user_id = %s AND m.memory_id = a.id",
+                [(ids, counts, user_id) for user_id, (ids, counts) in sorted(by_user.items())],
             )
-        return len(ids)
+        return len(batch)
 
     # ---- profiles
     async def get_profile(self, user_id: str) -> dict[str, Any]:

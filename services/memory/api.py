@@ -194,8 +194,9 @@ class MemoryApi:
                 embedder = await self._embedder()  # loaded only once there is work for it
                 if embedder is None:
                     return done
-                vectors = await embedder.embed_many([content for _, content in pending])
-                await self.store.set_embeddings([(mid, vec) for (mid, _), vec in zip(pending, vectors, strict=True)])
+                vectors = await embedder.embed_many([content for _, _, content in pending])
+                await self.store.set_embeddings([(uid, mid, vec) for (uid, mid, _), vec
+                                                 in zip(pending, vectors, strict=True)])
                 done += len(pending)
                 self.metrics.incr("embedded", len(pending))
 

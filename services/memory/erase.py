@@ -1,12 +1,14 @@
 """``delete_user`` on the memory service: everything the conversation store and Redis hold of one user.
 
-In one transaction: the user's sessions (their messages, context, links and summary go by ON DELETE CASCADE),
-the user's messages in sessions that belong to nobody (inputs of old clients without a ``user_id``), and the
-user's preferences (sensitive ones included); the deletion is logged in ``user_deletions`` (a hash of the id,
-counts, never content). Then Redis: the STM of every session the user wrote in (turns, summary, meta, lock),
-the session-read cache (per-session and per-user generations and every cached read of the user), chat_ai's
-reply-dedup keys of the user, and every stream entry that carries the user's id or one of the user's sessions
-(shared/runtime/erase.py). Deleting twice is harmless: the second time everything counts zero.
+In one transaction: the user's messages and sessions (their context, links and summary go by ON DELETE CASCADE,
+their ids leave ``conversation_session_ids`` by trigger), and the user's preferences (sensitive ones included);
+the deletion is logged in ``user_deletions`` (a hash of the id, counts, never content). Every statement names the
+user, so each reads or deletes one partition of its table (docs/partitioning.md); every row of a session carries
+its session's user_id (migration 004), so nothing of the user is elsewhere. Then Redis: the STM of every
+session of the user (turns, summary, meta, lock), the session-read cache (per-session and per-user generations
+and every cached read of the user), chat_ai's reply-dedup keys of the user, and every stream entry that carries
+the user's id or one of the user's sessions (shared/runtime/erase.py). Deleting twice is harmless: the second
+time everything counts zero.
 
 Long-term memory is ltm's ``delete_user``; ``mesh delete-user`` sends both (mesh/forget.py).
 """
@@ -14,6 +16,7 @@ Long-term memory is ltm's ``delete_user``; ``mesh delete-user`` sends both (mesh
 from __future__ import annotations
 
 import redis.asyncio as aioredis
+from psycopg import sql
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
@@ -25,28 +28,19 @@ from shared.runtime.logging import get_logger
 log = get_logger(__name__)
 
 # counted before the DELETE (what the cascades take with the sessions), in this order
-_COUNTS = {
-    "conversation_messages": "SELECT count(*) FROM conversation_messages WHERE user_id = %(u)s"
-                             " OR session_id = ANY(%(owned)s)",
-    "conversation_context": "SELECT count(*) FROM conversation_context WHERE session_id = ANY(%(owned)s)",
-    "session_relationships": "SELECT count(*) FROM session_relationships"
-                             " WHERE source_session_id = ANY(%(owned)s) OR target_session_id = ANY(%(owned)s)",
-    "session_summary": "SELECT count(*) FROM session_summary WHERE session_id = ANY(%(owned)s)",
-}
+_COUNTS = ("conversation_messages", "conversation_context", "session_relationships", "session_summary")
 
 
 async def delete_user_rows(pool: AsyncConnectionPool, user_id: str) -> tuple[dict[str, int], list[str]]:
-    """Delete the user's rows; (counts by table, every session id the user wrote in)."""
+    """Delete the user's rows; (counts by table, every session id of the user)."""
     async with pool.connection() as conn, conn.transaction():
         cur = await conn.execute("SELECT session_id FROM conversation_sessions WHERE user_id = %s FOR UPDATE",
                                  (user_id,))
         owned = [r[0] for r in await cur.fetchall()]
-        cur = await conn.execute("SELECT DISTINCT session_id FROM conversation_messages WHERE user_id = %s"
-                                 " AND NOT (session_id = ANY(%s))", (user_id, owned))
-        elsewhere = [r[0] for r in await cur.fetchall()]
         counts: dict[str, int] = {}
-        for table, sql in _COUNTS.items():
-            cur = await conn.execute(sql, {"u": user_id, "owned": owned})
+        for table in _COUNTS:
+            cur = await conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE user_id = %s").format(
+                sql.Identifier(table)), (user_id,))
             row = await cur.fetchone()
             counts[table] = int(row[0]) if row else 0
         await conn.execute("DELETE FROM conversation_messages WHERE user_id = %s", (user_id,))
@@ -56,7 +50,7 @@ async def delete_user_rows(pool: AsyncConnectionPool, user_id: str) -> tuple[dic
         counts["user_preferences"] = cur.rowcount
         await conn.execute("INSERT INTO user_deletions (user_hash, service, counts) VALUES (%s, 'memory', %s)",
                            (user_hash(user_id), Jsonb(counts)))
-    return counts, owned + elsewhere
+    return counts, owned
 
 
 async def delete_user_keys(redis: aioredis.Redis, names: Names, user_id: str, sessions: list[str]) -> int:

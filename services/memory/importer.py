@@ -28,11 +28,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, errors
 
 from services.memory.cache import SessionCache
 from services.memory.stm import StmWriter
-from services.memory.store import ConversationStore, NotFound, StoredMessage
+from services.memory.store import SESSION_IDS_KEY, ConversationStore, NotFound, StoredMessage
 from services.memory.tokens import TokenCounter
 from services.memory.updates import Publish, memory_update
 from shared.contracts.errors import BadRequest
@@ -45,14 +45,13 @@ log = get_logger(__name__)
 
 STM_PARALLEL = 4  # sessions whose STM is rebuilt at once (each takes a pool connection and a Redis lock)
 
+# a session id another user holds fails the statement (migration 004's trigger): the batch is rolled back
 _UPSERT_SESSIONS = (
     "INSERT INTO conversation_sessions AS s (session_id, user_id, created_at, last_activity)"
     " SELECT u.sid, %(uid)s, to_timestamp(u.ts), to_timestamp(u.ts)"
     " FROM unnest(%(sids)s::text[], %(firsts)s::float8[]) AS u(sid, ts) ORDER BY u.sid"
-    " ON CONFLICT (session_id) DO UPDATE SET user_id = COALESCE(s.user_id, EXCLUDED.user_id),"
-    "  created_at = CASE WHEN COALESCE(s.user_id, EXCLUDED.user_id) = EXCLUDED.user_id"
-    "   THEN LEAST(s.created_at, EXCLUDED.created_at) ELSE s.created_at END"
-    " RETURNING session_id, user_id, message_count"
+    " ON CONFLICT (user_id, session_id) DO UPDATE SET created_at = LEAST(s.created_at, EXCLUDED.created_at)"
+    " RETURNING session_id, message_count"
 )
 _INSERT_MESSAGES = (
     "INSERT INTO conversation_messages (message_id, session_id, user_id, role, content, message_index, metadata,"
@@ -60,7 +59,7 @@ _INSERT_MESSAGES = (
     " SELECT u.mid, u.sid, %(uid)s, u.role, u.content, u.idx, u.meta::jsonb, u.tokens, to_timestamp(u.ts)"
     " FROM unnest(%(mids)s::text[], %(sids)s::text[], %(roles)s::text[], %(contents)s::text[], %(idxs)s::int[],"
     "  %(metas)s::text[], %(tokens)s::int[], %(tss)s::float8[]) AS u(mid, sid, role, content, idx, meta, tokens, ts)"
-    " ON CONFLICT (message_id) DO NOTHING RETURNING message_id"
+    " ON CONFLICT (user_id, message_id) DO NOTHING RETURNING message_id"
 )
 
 
@@ -83,7 +82,7 @@ class HistoryImporter:
                                                 role=msg.store_role, content=msg.content, timestamp=msg.timestamp,
                                                 metadata=msg.meta))
         rows = sorted(batch.values(), key=lambda m: m.timestamp)  # stable: equal times keep the batch's order
-        known = await self._stored_ids(None, [m.message_id for m in rows])  # a hint; the transaction re-checks
+        known = await self._stored_ids(None, user_id, [m.message_id for m in rows])  # a hint; the transaction re-checks
         fresh = [m for m in rows if m.message_id not in known]  # token counts are the costly part: new ones only
         counts = await asyncio.to_thread(lambda: [self.counter.count(m.content) for m in fresh])
         for m, n in zip(fresh, counts, strict=True):
@@ -108,15 +107,17 @@ class HistoryImporter:
         for m in rows:
             firsts.setdefault(m.session_id, m.timestamp)
         async with self.store.pool.connection() as conn, conn.transaction():
-            cur = await conn.execute(_UPSERT_SESSIONS, {"uid": user_id, "sids": sessions,
-                                                        "firsts": [firsts[s] for s in sessions]})
-            next_index: dict[str, int] = {}
-            for sid, owner, count in await cur.fetchall():
-                if owner != user_id:  # raising rolls the transaction back: nothing of the batch is applied
-                    raise NotFound(f"session_id {sid!r} is another user's session; nothing of this batch was "
-                                   "imported")
-                next_index[sid] = count
-            stored = await self._stored_ids(conn, [m.message_id for m in rows])
+            try:
+                cur = await conn.execute(_UPSERT_SESSIONS, {"uid": user_id, "sids": sessions,
+                                                            "firsts": [firsts[s] for s in sessions]})
+            except errors.UniqueViolation as exc:
+                if exc.diag.constraint_name != SESSION_IDS_KEY:
+                    raise
+                # raising rolls the transaction back: nothing of the batch is applied
+                raise NotFound(f"session_id {exc.diag.message_detail!r} is another user's session; nothing of this"
+                               " batch was imported") from None
+            next_index: dict[str, int] = {sid: count for sid, count in await cur.fetchall()}
+            stored = await self._stored_ids(conn, user_id, [m.message_id for m in rows])
             new = [m for m in rows if m.message_id not in stored]
             if not new:
                 return set(), 0
@@ -132,17 +133,17 @@ class HistoryImporter:
                 "metas": [json.dumps(m.metadata) for m in new], "tokens": [m.token_count for m in new],
                 "tss": [m.timestamp for m in new],
             })
-            inserted = {r[0] for r in await cur.fetchall()}  # short of `new` only if another session took an id
+            inserted = {r[0] for r in await cur.fetchall()}  # short of `new` only if a live turn took an id meanwhile
             published = await self._publish_updates([m for m in new if m.message_id in inserted])
         return inserted, published
 
-    async def _stored_ids(self, conn: AsyncConnection[Any] | None, ids: list[str]) -> set[str]:
-        sql = "SELECT message_id FROM conversation_messages WHERE message_id = ANY(%s)"
+    async def _stored_ids(self, conn: AsyncConnection[Any] | None, user_id: str, ids: list[str]) -> set[str]:
+        sql = "SELECT message_id FROM conversation_messages WHERE user_id = %s AND message_id = ANY(%s)"
         if conn is None:
             async with self.store.pool.connection() as own:
-                cur = await own.execute(sql, (ids,))
+                cur = await own.execute(sql, (user_id, ids))
                 return {r[0] for r in await cur.fetchall()}
-        cur = await conn.execute(sql, (ids,))
+        cur = await conn.execute(sql, (user_id, ids))
         return {r[0] for r in await cur.fetchall()}
 
     async def _publish_updates(self, new: list[StoredMessage]) -> int:

@@ -61,7 +61,7 @@ class StmWriter:
         if not present:
             await self.rehydrate(session_id, user_id)
         elif evicted:
-            self.schedule_catch_up(session_id)
+            self.schedule_catch_up(session_id, user_id)
         return evicted
 
     async def _add(self, session_id: str, user_id: str | None, turns: Sequence[Turn],
@@ -97,14 +97,15 @@ class StmWriter:
         return self.redis.lock(self.names.lock("stm", session_id), timeout=self.lock_timeout_s, sleep=0.005,
                                blocking_timeout=self.lock_timeout_s)
 
-    def schedule_catch_up(self, session_id: str) -> None:
-        """Run a catch-up for the session soon; one at a time per session (a request while one runs re-runs it)."""
+    def schedule_catch_up(self, session_id: str, user_id: str | None) -> None:
+        """Run a catch-up for the session (of ``user_id``, whose rows it reads) soon; one at a time per session (a
+        request while one runs re-runs it)."""
         if session_id in self._tasks:
             self._again.add(session_id)
             return
-        self._tasks[session_id] = asyncio.create_task(self._catch_up_loop(session_id))
+        self._tasks[session_id] = asyncio.create_task(self._catch_up_loop(session_id, user_id))
 
-    async def _catch_up_loop(self, session_id: str) -> None:
+    async def _catch_up_loop(self, session_id: str, user_id: str | None) -> None:
         try:
             while True:
                 if self.catch_up_delay_s:
@@ -112,7 +113,7 @@ class StmWriter:
                     await asyncio.sleep(self.catch_up_delay_s)
                 self._again.discard(session_id)
                 try:
-                    await self.catch_up(session_id)
+                    await self.catch_up(session_id, user_id)
                 except Exception as exc:  # noqa: BLE001 - background work: log, and let the next access rebuild
                     self.failures += 1
                     log.warning("memory.stm_catch_up_failed", session_id=session_id,
@@ -123,7 +124,7 @@ class StmWriter:
         finally:
             self._tasks.pop(session_id, None)
 
-    async def catch_up(self, session_id: str) -> None:
+    async def catch_up(self, session_id: str, user_id: str | None) -> None:
         """Fold every stored turn older than the window that the summary does not cover yet."""
         try:
             async with self._lock(session_id):
@@ -134,10 +135,11 @@ class StmWriter:
                 if not oldest:
                     return  # no window (expired, flushed): the next access rebuilds everything
                 cached = SummaryState.from_redis(summary)
-                state = cached if cached is not None else await self.store.load_summary(session_id)
-                turns = await self.store.turns_after(session_id, state.covered_until, before=float(oldest[0][1]))
+                state = cached if cached is not None else await self.store.load_summary(user_id, session_id)
+                turns = await self.store.turns_after(user_id, session_id, state.covered_until,
+                                                     before=float(oldest[0][1]))
                 if turns:
-                    await self._fold_locked(session_id, turns, state)
+                    await self._fold_locked(session_id, user_id, turns, state)
         except LockError as exc:
             raise TransientError(f"STM lock for the session not acquired: {exc}") from exc
 
@@ -159,11 +161,12 @@ class StmWriter:
         except Exception:  # noqa: BLE001 - best effort; the original error is what the caller must see
             log.warning("memory.stm_forget_failed", session_id=session_id)
 
-    async def _fold_locked(self, session_id: str, turns: Sequence[Turn], state: SummaryState) -> SummaryState:
+    async def _fold_locked(self, session_id: str, user_id: str | None, turns: Sequence[Turn],
+                           state: SummaryState) -> SummaryState:
         new_state = await self.summariser.fold(state, turns)
         if new_state is not state:
             await self._write_summary(session_id, new_state)
-            await self.store.save_summary(session_id, new_state)
+            await self.store.save_summary(user_id, session_id, new_state)
         return new_state
 
     async def _write_summary(self, session_id: str, state: SummaryState) -> None:
@@ -178,12 +181,12 @@ class StmWriter:
         """Rebuild the session's STM from PostgreSQL."""
         try:
             async with self._lock(session_id):
-                state = await self.store.load_summary(session_id)
-                rows = await self.store.turns_after(session_id, state.covered_until)
+                state = await self.store.load_summary(user_id, session_id)
+                rows = await self.store.turns_after(user_id, session_id, state.covered_until)
                 window, backlog = rows[-self.max_messages:], rows[: -self.max_messages]
                 if backlog:
                     state = await self.summariser.fold(state, backlog)
-                    await self.store.save_summary(session_id, state)
+                    await self.store.save_summary(user_id, session_id, state)
                 if state.text or state.turns:
                     await self._write_summary(session_id, state)
                 # A turn the write path added just before (the one that found the STM missing) is in the
@@ -196,7 +199,7 @@ class StmWriter:
         except LockError as exc:
             raise TransientError(f"STM lock for the session not acquired: {exc}") from exc
         if evicted:  # a turn newer than our read arrived meanwhile and pushed these out
-            self.schedule_catch_up(session_id)
+            self.schedule_catch_up(session_id, user_id)
         log.info("memory.stm_rehydrated", session_id=session_id, turns=len(rows) - len(backlog), folded=len(backlog))
 
     async def read(self, session_id: str, user_id: str | None) -> tuple[Stm, bool]:

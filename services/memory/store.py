@@ -3,8 +3,13 @@
 A session belongs to the ``user_id`` that created it. Every method that takes a ``user_id`` matches
 it in the same statement that reads or writes, so another user's session behaves exactly like a
 missing one (:class:`NotFound`), never a different error. Sessions whose messages arrived without a
-``user_id`` (allowed by the contract for old clients) are stored but belong to nobody: no user
-can read them through this API.
+``user_id`` (allowed by the contract for old clients) are stored but belong to nobody (the user
+:data:`NOBODY`): no user can read them through this API.
+
+The tables are hash-partitioned by ``user_id`` (migration 004, docs/partitioning.md) and every statement here
+names the user, so it reads or writes one partition. Keys are per user: (user_id, session_id),
+(user_id, message_id). Session ids stay unique across users through ``conversation_session_ids`` (kept by
+triggers): :meth:`ConversationStore.session_owner` is the one lookup by a session id alone, one row of that table.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from psycopg import errors
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
@@ -23,6 +29,16 @@ from services.memory.summary import SummaryState
 from shared.contracts.errors import BadRequest, NotFound
 from shared.contracts.memory_api import ContextItem, MessageInfo, SessionInfo, SessionLink, SummaryInfo
 from shared.runtime.stm import Turn
+
+NOBODY = ""
+"""The user_id of sessions (and their messages) stored without one: never a user id (ids have a character at least)."""
+SESSION_IDS_KEY = "conversation_session_ids_pkey"
+"""The constraint a new session violates when another user holds its id (migration 004's trigger raises it)."""
+
+
+def _held_elsewhere(exc: errors.UniqueViolation) -> bool:
+    """True when the violation is a session id another user holds (not any other key)."""
+    return exc.diag.constraint_name == SESSION_IDS_KEY
 
 
 class Conflict(BadRequest):
@@ -88,20 +104,22 @@ class ConversationStore:
     async def create_session(self, user_id: str, session_id: str, *, name: str | None = None, type_: str = "chat",
                              metadata: dict[str, Any] | None = None) -> tuple[SessionInfo, bool]:
         """Create the session, or return the caller's existing one with that id; True when new."""
-        async with self.pool.connection() as conn:
-            cur = await conn.execute(
-                "INSERT INTO conversation_sessions (session_id, user_id, name, type, metadata)"
-                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (session_id) DO NOTHING"
-                f" RETURNING {_SESSION_COLS}",
-                (session_id, user_id, name, type_, Jsonb(metadata or {})),
-            )
-            row = await cur.fetchone()
+        try:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(
+                    "INSERT INTO conversation_sessions (session_id, user_id, name, type, metadata)"
+                    " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (user_id, session_id) DO NOTHING"
+                    f" RETURNING {_SESSION_COLS}",
+                    (session_id, user_id, name, type_, Jsonb(metadata or {})),
+                )
+                row = await cur.fetchone()
+        except errors.UniqueViolation as exc:
+            if _held_elsewhere(exc):
+                raise Conflict("session_id is not available") from None
+            raise
         if row is not None:
             return _session(row), True
-        try:
-            return await self.get_session(user_id, session_id), False
-        except NotFound:
-            raise Conflict("session_id is not available") from None
+        return await self.get_session(user_id, session_id), False
 
     async def get_session(self, user_id: str, session_id: str) -> SessionInfo:
         async with self.pool.connection() as conn:
@@ -156,9 +174,10 @@ class ConversationStore:
                 " COALESCE(ss.ai_count, 0), COALESCE(ss.system_count, 0), COALESCE(ss.total_tokens, 0),"
                 " extract(epoch from ss.first_activity)::float8, extract(epoch from ss.last_activity)::float8,"
                 " s.context_summary, s.summary_state->>'kind', COALESCE((s.summary_state->>'turns')::int, 0)"
-                " FROM conversation_sessions s LEFT JOIN session_summary ss ON ss.session_id = s.session_id"
+                " FROM conversation_sessions s LEFT JOIN session_summary ss"
+                "  ON ss.user_id = %s AND ss.session_id = s.session_id"
                 " WHERE s.session_id = %s AND s.user_id = %s",
-                (session_id, user_id),
+                (user_id, session_id, user_id),
             )
             r = await cur.fetchone()
         if r is None:
@@ -168,58 +187,61 @@ class ConversationStore:
                            summary_kind=r[9] or None, summary_turns=r[10])
 
     async def session_owner(self, session_id: str) -> tuple[bool, str | None]:
-        """(exists, user_id): for the memory service's own use, never for answering a user."""
+        """(exists, user_id, None for nobody's): for the memory service's own use, never for answering a user.
+
+        The one lookup by a session id alone (whose partition it is in is what it finds out): a primary-key read of
+        ``conversation_session_ids``, which is partitioned by the session id."""
         async with self.pool.connection() as conn:
-            cur = await conn.execute("SELECT user_id FROM conversation_sessions WHERE session_id = %s", (session_id,))
+            cur = await conn.execute("SELECT user_id FROM conversation_session_ids WHERE session_id = %s",
+                                     (session_id,))
             row = await cur.fetchone()
-        return (row is not None, row[0] if row else None)
+        return (row is not None, (row[0] or None) if row else None)
 
     # ------------------------------------------------------------------ messages
     async def store_message(self, m: StoredMessage) -> bool:
-        """Store once (idempotent by message_id); True when it was new.
+        """Store once (idempotent by the user's message_id); True when it was new.
 
         One statement, so one round trip and one commit: the session is upserted (created on first
         sight, owned by the message's user) and its row locked, which serialises the message_index
         of concurrent writers; the insert trigger then counts the message and moves last_activity
-        (migration 002). A message for a session another user owns raises :class:`SessionOwnershipError`, and so
-        does a message without a user_id for a session that has one.
+        (migrations 002, 004). A message for a session another user holds raises
+        :class:`SessionOwnershipError` (the new session's id is taken: migration 004's trigger fails the
+        statement, nothing is written), and so does a message without a user_id for a session that has one, or a
+        user's message for a session that belongs to nobody. Message ids are per user: another user's message
+        with the same id is a message of that user, stored in that user's rows.
         """
-        async with self.pool.connection() as conn:
-            cur = await conn.execute(
-                "WITH s AS ("
-                " INSERT INTO conversation_sessions (session_id, user_id, created_at, last_activity)"
-                " VALUES (%(sid)s, %(uid)s, to_timestamp(%(ts)s), to_timestamp(%(ts)s))"
-                " ON CONFLICT (session_id) DO UPDATE SET"
-                "  user_id = COALESCE(conversation_sessions.user_id, EXCLUDED.user_id)"
-                " RETURNING user_id, message_count),"
-                " ins AS ("
-                " INSERT INTO conversation_messages (message_id, session_id, user_id, role, content, message_type,"
-                "  message_index, parent_message_id, metadata, is_context_message, token_count, timestamp)"
-                " SELECT %(mid)s, %(sid)s, %(uid)s, %(role)s, %(content)s, %(mtype)s, s.message_count, %(parent)s,"
-                "  %(meta)s, %(ctx)s, %(tokens)s, to_timestamp(%(ts)s) FROM s"
-                " WHERE s.user_id IS NOT DISTINCT FROM %(uid)s::text"
-                " ON CONFLICT (message_id) DO NOTHING RETURNING 1)"
-                " SELECT s.user_id, (SELECT count(*) FROM ins),"
-                "  (SELECT m.user_id FROM conversation_messages m WHERE m.message_id = %(mid)s) FROM s",
-                {"sid": m.session_id, "uid": m.user_id, "ts": m.timestamp, "mid": m.message_id, "role": m.role,
-                 "content": m.content, "mtype": m.message_type, "parent": m.parent_message_id,
-                 "meta": Jsonb(m.metadata), "ctx": m.is_context_message, "tokens": m.token_count},
-            )
-            row = await cur.fetchone()
+        uid = m.user_id or NOBODY
+        try:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(
+                    "WITH s AS ("
+                    " INSERT INTO conversation_sessions AS cs (session_id, user_id, created_at, last_activity)"
+                    " VALUES (%(sid)s, %(uid)s, to_timestamp(%(ts)s), to_timestamp(%(ts)s))"
+                    " ON CONFLICT (user_id, session_id) DO UPDATE SET message_count = cs.message_count"
+                    " RETURNING message_count),"
+                    " ins AS ("
+                    " INSERT INTO conversation_messages (message_id, session_id, user_id, role, content, message_type,"
+                    "  message_index, parent_message_id, metadata, is_context_message, token_count, timestamp)"
+                    " SELECT %(mid)s, %(sid)s, %(uid)s, %(role)s, %(content)s, %(mtype)s, s.message_count, %(parent)s,"
+                    "  %(meta)s, %(ctx)s, %(tokens)s, to_timestamp(%(ts)s) FROM s"
+                    " ON CONFLICT (user_id, message_id) DO NOTHING RETURNING 1)"
+                    " SELECT count(*) FROM ins",
+                    {"sid": m.session_id, "uid": uid, "ts": m.timestamp, "mid": m.message_id, "role": m.role,
+                     "content": m.content, "mtype": m.message_type, "parent": m.parent_message_id,
+                     "meta": Jsonb(m.metadata), "ctx": m.is_context_message, "tokens": m.token_count},
+                )
+                row = await cur.fetchone()
+        except errors.UniqueViolation as exc:
+            if _held_elsewhere(exc):  # (a message without a user_id cannot go into a user's session either)
+                raise SessionOwnershipError("session belongs to another user") from None
+            raise
         assert row is not None
-        owner, inserted, holder = row
-        if owner != m.user_id:  # (a message without a user_id cannot go into a user's session either)
-            raise SessionOwnershipError("session belongs to another user")
-        if not inserted and holder is not None and holder != m.user_id:
-            # not a redelivery: another user's message has this id (never overwritten, never silently dropped)
-            raise SessionOwnershipError("message_id belongs to another user's message")
-        return bool(inserted)
+        return bool(row[0])
 
     async def get_message(self, user_id: str, message_id: str) -> MessageInfo:
         async with self.pool.connection() as conn:
             cur = await conn.execute(
-                f"SELECT {_MESSAGE_COLS} FROM conversation_messages m JOIN conversation_sessions s"
-                " ON s.session_id = m.session_id WHERE m.message_id = %s AND s.user_id = %s",
+                f"SELECT {_MESSAGE_COLS} FROM conversation_messages m WHERE m.message_id = %s AND m.user_id = %s",
                 (message_id, user_id),
             )
             row = await cur.fetchone()
@@ -233,10 +255,10 @@ class ConversationStore:
         async with self.pool.connection() as conn:
             cur = await conn.execute(
                 f"SELECT {_MESSAGE_COLS}, s.user_id FROM conversation_sessions s"
-                " LEFT JOIN LATERAL (SELECT * FROM conversation_messages WHERE session_id = s.session_id"
-                f"  ORDER BY message_index {order} LIMIT %s OFFSET %s) m ON true"
+                " LEFT JOIN LATERAL (SELECT * FROM conversation_messages WHERE user_id = %s"
+                f"  AND session_id = s.session_id ORDER BY message_index {order} LIMIT %s OFFSET %s) m ON true"
                 " WHERE s.session_id = %s AND s.user_id = %s",
-                (limit, offset, session_id, user_id),
+                (user_id, limit, offset, session_id, user_id),
             )
             rows = await cur.fetchall()
         if not rows:
@@ -252,43 +274,46 @@ class ConversationStore:
         async with self.pool.connection() as conn:
             cur = await conn.execute(
                 f"SELECT {_MESSAGE_COLS}, 1 - (m.embedding <=> %s) AS similarity FROM conversation_messages m"
-                " JOIN conversation_sessions s ON s.session_id = m.session_id"
-                " WHERE s.user_id = %s AND m.user_id = %s AND m.embedding IS NOT NULL"
-                " AND (%s::text IS NULL OR m.session_id = %s)"
+                " WHERE m.user_id = %s AND m.embedding IS NOT NULL AND (%s::text IS NULL OR m.session_id = %s)"
                 " ORDER BY m.embedding <=> %s LIMIT %s",
-                (query, user_id, user_id, session_id, session_id, query, limit),
+                (query, user_id, session_id, session_id, query, limit),
             )
             rows = await cur.fetchall()
         out = [_message(r[:-1], float(r[-1])) for r in rows]
         return [m for m in out if threshold is None or (m.similarity or 0.0) >= threshold]
 
-    async def unembedded(self, *, user_id: str | None = None, limit: int = 256) -> list[tuple[str, str]]:
-        """Messages still without an embedding (of one user, or of anyone): (message_id, content)."""
+    async def unembedded(self, *, user_id: str | None = None, limit: int = 256) -> list[tuple[str, str, str]]:
+        """Messages still without an embedding (of one user, or of anyone): (user_id, message_id, content)."""
         async with self.pool.connection() as conn:
-            cur = await conn.execute(
-                "SELECT message_id, content FROM conversation_messages WHERE embedding IS NULL"
-                " AND (%s::text IS NULL OR user_id = %s) ORDER BY timestamp LIMIT %s",
-                (user_id, user_id, limit),
-            )
-            return [(r[0], r[1]) for r in await cur.fetchall()]
+            if user_id is not None:
+                cur = await conn.execute(
+                    "SELECT user_id, message_id, content FROM conversation_messages WHERE user_id = %s"
+                    " AND embedding IS NULL ORDER BY timestamp LIMIT %s", (user_id, limit))
+            else:  # the background backfill, oldest first across users: every partition (its partial index each)
+                cur = await conn.execute(
+                    "SELECT user_id, message_id, content FROM conversation_messages WHERE embedding IS NULL"
+                    " ORDER BY timestamp LIMIT %s", (limit,))
+            return [(r[0], r[1], r[2]) for r in await cur.fetchall()]
 
-    async def set_embeddings(self, rows: Sequence[tuple[str, np.ndarray]]) -> None:
+    async def set_embeddings(self, rows: Sequence[tuple[str, str, np.ndarray]]) -> None:
+        """(user_id, message_id, embedding) of each message."""
         if not rows:
             return
         async with self.pool.connection() as conn, conn.cursor() as cur:
-            await cur.executemany("UPDATE conversation_messages SET embedding = %s WHERE message_id = %s",
-                                  [(vec, mid) for mid, vec in rows])
+            await cur.executemany(
+                "UPDATE conversation_messages SET embedding = %s WHERE user_id = %s AND message_id = %s",
+                [(vec, uid, mid) for uid, mid, vec in rows])
 
     # ------------------------------------------------------------------ STM support
-    async def load_summary(self, session_id: str) -> SummaryState:
+    async def load_summary(self, user_id: str | None, session_id: str) -> SummaryState:
         async with self.pool.connection() as conn:
             cur = await conn.execute(
-                "SELECT context_summary, summary_state FROM conversation_sessions WHERE session_id = %s",
-                (session_id,))
+                "SELECT context_summary, summary_state FROM conversation_sessions WHERE user_id = %s"
+                " AND session_id = %s", (user_id or NOBODY, session_id))
             row = await cur.fetchone()
         return SummaryState.from_parts(row[0], row[1]) if row else SummaryState()
 
-    async def save_summary(self, session_id: str, state: SummaryState) -> None:
+    async def save_summary(self, user_id: str | None, session_id: str, state: SummaryState) -> None:
         """Persist the rolling summary; an older state (fewer turns) never overwrites a newer one.
 
         Without waiting for the WAL flush (``synchronous_commit = off`` for this transaction only): the
@@ -300,11 +325,12 @@ class ConversationStore:
             await conn.execute(
                 "WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true))"
                 " UPDATE conversation_sessions SET context_summary = %s, summary_state = %s FROM relaxed"
-                " WHERE session_id = %s AND COALESCE((summary_state->>'turns')::int, 0) <= %s",
-                (state.text, Jsonb(state.state_json()), session_id, state.turns),
+                " WHERE user_id = %s AND session_id = %s AND COALESCE((summary_state->>'turns')::int, 0) <= %s",
+                (state.text, Jsonb(state.state_json()), user_id or NOBODY, session_id, state.turns),
             )
 
-    async def turns_after(self, session_id: str, after: float, before: float | None = None) -> list[Turn]:
+    async def turns_after(self, user_id: str | None, session_id: str, after: float,
+                          before: float | None = None) -> list[Turn]:
         """The session's turns in (after, before), oldest first: what the summary does not cover yet.
 
         Half a microsecond (the stored precision) is taken off both ends against float noise.
@@ -312,10 +338,10 @@ class ConversationStore:
         async with self.pool.connection() as conn:
             cur = await conn.execute(
                 "SELECT message_id, role, content, extract(epoch from timestamp)::float8 FROM conversation_messages"
-                " WHERE session_id = %s AND timestamp > to_timestamp(%s)"
+                " WHERE user_id = %s AND session_id = %s AND timestamp > to_timestamp(%s)"
                 " AND (%s::float8 IS NULL OR timestamp < to_timestamp(%s))"
                 " ORDER BY timestamp, message_index",
-                (session_id, after + 5e-7, before, None if before is None else before - 5e-7),
+                (user_id or NOBODY, session_id, after + 5e-7, before, None if before is None else before - 5e-7),
             )
             rows = await cur.fetchall()
         return [Turn(r[0], "user" if r[1] == "human" else "ai" if r[1] == "ai" else "system", r[2], r[3])
@@ -329,11 +355,11 @@ class ConversationStore:
         expires = time.time() + ttl_seconds if ttl_seconds else None
         async with self.pool.connection() as conn:
             cur = await conn.execute(
-                "INSERT INTO conversation_context AS c (session_id, context_type, key, value, relevance_score,"
-                " metadata, expires_at)"
-                " SELECT s.session_id, %s, %s, %s, %s, %s, to_timestamp(%s) FROM conversation_sessions s"
+                "INSERT INTO conversation_context AS c (user_id, session_id, context_type, key, value,"
+                " relevance_score, metadata, expires_at)"
+                " SELECT s.user_id, s.session_id, %s, %s, %s, %s, %s, to_timestamp(%s) FROM conversation_sessions s"
                 " WHERE s.session_id = %s AND s.user_id = %s"
-                " ON CONFLICT (session_id, context_type, key) DO UPDATE SET"
+                " ON CONFLICT (user_id, session_id, context_type, key) DO UPDATE SET"
                 "  value = CASE WHEN %s AND jsonb_typeof(c.value) = 'object'"
                 "   AND jsonb_typeof(EXCLUDED.value) = 'object'"
                 "   AND (c.expires_at IS NULL OR c.expires_at > now())"
@@ -354,10 +380,11 @@ class ConversationStore:
         async with self.pool.connection() as conn:
             cur = await conn.execute(
                 f"SELECT s.session_id IS NOT NULL, {_CONTEXT_COLS}"
-                " FROM conversation_sessions s LEFT JOIN conversation_context c ON c.session_id = s.session_id"
+                " FROM conversation_sessions s LEFT JOIN conversation_context c ON c.user_id = %s"
+                "  AND c.session_id = s.session_id"
                 "  AND (%s::text IS NULL OR c.context_type = %s) AND (c.expires_at IS NULL OR c.expires_at > now())"
                 " WHERE s.session_id = %s AND s.user_id = %s ORDER BY c.relevance_score DESC, c.updated_at DESC",
-                (context_type, context_type, session_id, user_id),
+                (user_id, context_type, context_type, session_id, user_id),
             )
             rows = await cur.fetchall()
         if not rows:
@@ -367,11 +394,11 @@ class ConversationStore:
     async def cleanup_expired_data(self, user_id: str | None) -> dict[str, int]:
         """Delete expired context entries (of one user, or of everyone for the service's own sweep)."""
         async with self.pool.connection() as conn:
-            cur = await conn.execute(
-                "DELETE FROM conversation_context c USING conversation_sessions s"
-                " WHERE s.session_id = c.session_id AND c.expires_at <= now() AND (%s::text IS NULL OR s.user_id = %s)",
-                (user_id, user_id),
-            )
+            if user_id is not None:
+                cur = await conn.execute(
+                    "DELETE FROM conversation_context WHERE user_id = %s AND expires_at <= now()", (user_id,))
+            else:  # the periodic sweep across users: every partition (the partial expiry index of each)
+                cur = await conn.execute("DELETE FROM conversation_context WHERE expires_at <= now()")
             return {"context": cur.rowcount}
 
     # ------------------------------------------------------------------ links
@@ -381,10 +408,12 @@ class ConversationStore:
             raise Conflict("a session cannot be linked to itself")
         async with self.pool.connection() as conn:
             cur = await conn.execute(
-                "INSERT INTO session_relationships AS r (source_session_id, target_session_id, relation_type, strength)"
-                " SELECT a.session_id, b.session_id, %s, %s FROM conversation_sessions a, conversation_sessions b"
+                "INSERT INTO session_relationships AS r (user_id, source_session_id, target_session_id, relation_type,"
+                " strength)"
+                " SELECT a.user_id, a.session_id, b.session_id, %s, %s"
+                " FROM conversation_sessions a, conversation_sessions b"
                 " WHERE a.session_id = %s AND b.session_id = %s AND a.user_id = %s AND b.user_id = %s"
-                " ON CONFLICT (source_session_id, target_session_id, relation_type) DO UPDATE SET"
+                " ON CONFLICT (user_id, source_session_id, target_session_id, relation_type) DO UPDATE SET"
                 "  strength = EXCLUDED.strength"
                 " RETURNING source_session_id, target_session_id, relation_type, strength",
                 (relation_type, strength, source, target, user_id, user_id),
@@ -399,10 +428,9 @@ class ConversationStore:
         async with self.pool.connection() as conn:
             cur = await conn.execute(
                 "SELECT r.source_session_id, r.target_session_id, r.relation_type, r.strength"
-                " FROM session_relationships r JOIN conversation_sessions s"
-                "  ON s.session_id IN (r.source_session_id, r.target_session_id)"
-                " WHERE s.session_id = %s AND s.user_id = %s ORDER BY r.strength DESC, r.created_at",
-                (session_id, user_id),
+                " FROM session_relationships r WHERE r.user_id = %s"
+                " AND (r.source_session_id = %s OR r.target_session_id = %s) ORDER BY r.strength DESC, r.created_at",
+                (user_id, session_id, session_id),
             )
             return [SessionLink(source_session_id=r[0], target_session_id=r[1], relation_type=r[2], strength=r[3])
                     for r in await cur.fetchall()]

@@ -50,6 +50,11 @@ async def open_pool(dsn: str, *, min_size: int = 1, max_size: int = 8, name: str
     return pool
 
 
+def _notice(component: str, message: str) -> None:
+    if not (message.endswith(", skipping") or message.startswith("drop cascades to")):
+        log.info("db.notice", component=component, message=message)
+
+
 def migration_files(directory: Path) -> list[tuple[int, Path]]:
     files = []
     for path in sorted(directory.glob("*.sql")):
@@ -67,6 +72,9 @@ async def migrate(dsn: str, component: str, directory: Path) -> list[int]:
     """Apply the component's pending migrations; returns the versions applied now."""
     applied_now: list[int] = []
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        # what a migration reports as it goes (ltm 006 and memory 004: rows copied per table, and the time), not the
+        # routine notices of IF NOT EXISTS / IF EXISTS and DROP ... CASCADE
+        conn.add_notice_handler(lambda d: _notice(component, d.message_primary or ""))
         await conn.execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations ("
             " component text NOT NULL, version int NOT NULL, name text NOT NULL,"

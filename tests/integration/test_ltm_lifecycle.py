@@ -155,7 +155,7 @@ async def test_decay_orders_by_age_and_disuse(mesh: Mesh) -> None:
         assert await backend.ingest(update("u1", text, ts))
     maps = await rows(mesh, "SELECT memory_id::text FROM ltm_memories WHERE user_id = %s AND content = %s",
                       "u1", "User loves old maps")
-    backend.store.record_access([maps[0][0]] * 20)  # used often, lately
+    backend.store.record_access("u1", [maps[0][0]] * 20)  # used often, lately
     await backend.store.flush_access()
     await backend.optimize("u1")
     decay = dict(await rows(mesh, "SELECT content, decay FROM ltm_memories WHERE user_id = %s AND type <> 'episodic'"

@@ -61,7 +61,7 @@ async def test_window_and_progressive_summary_stay_under_budget(mesh: Mesh) -> N
     assert len(folded) >= 2 and sum(n for _, n in folded) == 50
     assert all(before == sum(n for _, n in folded[:i]) for i, (before, _) in enumerate(folded))
     # the durable copy in PostgreSQL matches Redis
-    state = await svc.store.load_summary("s1")
+    state = await svc.store.load_summary("u1", "s1")
     assert state.text == stm.summary and state.turns == 50 and state.covered_until == BASE + 49
     hash_tokens = await mesh.redis.hget(mesh.names.stm_summary("s1"), "tokens")
     assert int(hash_tokens or 0) == default_counter().count(stm.summary)
@@ -109,7 +109,7 @@ async def test_rehydration_folds_turns_that_were_never_summarised(mesh: Mesh) ->
     assert info.rehydrated and [t.message_id for t in info.turns] == [f"imp-{i}" for i in range(35, 40)]
     assert info.summary.startswith("Extractive summary of 35 earlier turns") and "Lisbon" in info.summary
     assert info.summary_tokens <= 500
-    assert (await store.load_summary("imp")).turns == 35
+    assert (await store.load_summary("u1", "imp")).turns == 35
 
 
 async def test_llm_summary_from_an_openai_compatible_server(mesh: Mesh) -> None:
@@ -204,7 +204,7 @@ async def test_concurrent_writers_of_one_session_fold_every_turn_once(mesh: Mesh
     assert indexes == 40 and (await first.api.get_session("u1", "busy")).message_count == 40
     stm = await read_stm(mesh.redis, mesh.names, "busy")
     assert [t.message_id for t in stm.turns] == [f"busy-{i}" for i in range(35, 40)]
-    state = await first.store.load_summary("busy")
+    state = await first.store.load_summary("u1", "busy")
     assert state.turns == 35 and state.covered_until == BASE + 34
     assert stm.summary == state.text and "Lisbon" in state.text
 
@@ -225,7 +225,7 @@ async def test_a_failed_catch_up_is_made_good_by_the_next_write(mesh: Mesh) -> N
     assert svc.stm.failures == 1
     assert not await mesh.redis.exists(mesh.names.stm_meta("s"))  # marked for a rebuild
     await seed(svc, "s", "u1", 1, start=4)  # the next write rebuilds: turns 0 and 1 are folded
-    state = await svc.store.load_summary("s")
+    state = await svc.store.load_summary("u1", "s")
     assert state.turns == 2 and "Lisbon" in state.text
     stm = await read_stm(mesh.redis, mesh.names, "s")
     assert [t.message_id for t in stm.turns] == ["s-2", "s-3", "s-4"] and stm.summary == state.text

@@ -15,6 +15,7 @@ from shared.contracts.errors import MeshError
 from shared.contracts.memory_api import StoreMessageData
 from shared.runtime.db import migrate, migration_files
 from tests.helpers import Mesh
+from tests.pg_schema import MEMORY_TABLES, empty_database, schema_of, schema_of_url
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "memory" / "migrations"
 KEY = Fernet.generate_key().decode()
@@ -39,16 +40,26 @@ async def row(mesh: Mesh, sql: str, *params: object) -> tuple[object, ...]:
 
 
 # ---------------------------------------------------------------------------------------------- schema
-async def test_migrations_are_recorded_and_safe_to_run_again(mesh: Mesh, database_url: str) -> None:
+async def test_migrations_are_recorded_and_safe_to_run_again(mesh: Mesh, database_url: str,
+                                                              pg_admin_url: str) -> None:
     assert await migrate(database_url, "memory", MIGRATIONS) == []  # the template applied them already
     versions = await row(mesh, "SELECT array_agg(version ORDER BY version) FROM schema_migrations"
                                " WHERE component = 'memory'")
-    assert versions[0] == [v for v, _ in migration_files(MIGRATIONS)] and versions[0][:3] == [1, 2, 3]
-    # Every file is idempotent on its own, not only because schema_migrations skips it.
-    with psycopg.connect(database_url, autocommit=True) as conn:
+    assert versions[0] == [v for v, _ in migration_files(MIGRATIONS)] and versions[0][:4] == [1, 2, 3, 4]
+    # Every file is idempotent on its own, not only because schema_migrations skips it: on an empty database
+    # each file runs twice before the next one (the schema it was written for), and the newest runs twice more on
+    # the migrated database. (002 again after 004 is not such a case: 004 rebuilt the tables 002's triggers were
+    # written for, and 002 would put those triggers back.)
+    with empty_database(pg_admin_url) as url, psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
         for path in sorted(MIGRATIONS.glob("*.sql")):
             conn.execute(path.read_text().encode())
             conn.execute(path.read_text().encode())
+        assert schema_of(conn, MEMORY_TABLES) == schema_of_url(database_url, MEMORY_TABLES)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        newest = sorted(MIGRATIONS.glob("*.sql"))[-1]
+        conn.execute(newest.read_text().encode())
+        conn.execute(newest.read_text().encode())
     for table in ("conversation_context", "user_preferences", "session_relationships", "session_summary",
                   "user_deletions"):
         assert await mesh.count("SELECT count(*) FROM information_schema.tables WHERE table_name = %s", table) == 1

@@ -26,6 +26,10 @@ async def test_user_turn_gets_a_reply_and_is_stored(mesh: Mesh) -> None:
         assert roles == ["human", "ai"]
 
 
+async def _count_is(mesh: Mesh, sql: str, n: int, *params: object) -> bool:
+    return await mesh.count(sql, *params) == n
+
+
 async def _stored(mesh: Mesh, session_id: str, n: int) -> bool:
     return await mesh.count("SELECT count(*) FROM conversation_messages WHERE session_id = %s", session_id) >= n
 
@@ -76,9 +80,10 @@ async def test_another_users_session_id_never_shows_that_session(mesh: Mesh) -> 
         assert "PIN3272c9" in (await mesh.reply_to(again)).content
 
 
-async def test_another_users_message_id_is_answered_and_dead_lettered_never_dropped(mesh: Mesh) -> None:
-    """A message id another user's message already has: B still gets a reply (B's own turn, not a redelivery of
-    A's), memory refuses to store it under A's id and says so in a dead letter; A's message is untouched."""
+async def test_another_users_message_id_is_that_users_own_message(mesh: Mesh) -> None:
+    """A message id another user's message already has: message ids are per user (the tables are partitioned by
+    user, docs/partitioning.md), so B's turn is B's own message: answered, stored in B's session and ingested for B,
+    never dropped as a redelivery nor dead-lettered; A's message is untouched."""
     from shared.contracts import UserInput, encode
 
     async with running(mesh.memory()), running(mesh.ltm()), running(mesh.chat()):
@@ -93,12 +98,15 @@ async def test_another_users_message_id_is_answered_and_dead_lettered_never_drop
             return any(r.user_id == "u-second" and r.in_reply_to == first.message_id for r in await mesh.replies())
 
         await wait_until(second_reply, message="a reply to the second user's turn")
-
-        async def refused() -> bool:
-            return any("another user's message" in d.get("error", "") for d in await mesh.dead(mesh.names.user_input))
-
-        await wait_until(refused, message="the reused message id dead-lettered by memory")
+        await wait_until(lambda: _stored(mesh, "s-second", 2), message="the second user's turn and reply stored")
+        await wait_until(lambda: _count_is(mesh, "SELECT count(*) FROM ltm_ingested WHERE user_id = %s AND"
+                                                 " message_id = %s", 1, "u-second", first.message_id),
+                         message="the second user's turn ingested for that user")
         reply = next(r for r in await mesh.replies() if r.user_id == "u-second")
         assert "blue pot" not in reply.content
-        assert await mesh.count("SELECT count(*) FROM conversation_messages WHERE message_id = %s AND user_id = %s",
-                                first.message_id, "u-first") == 1
+        sql = "SELECT count(*) FROM conversation_messages WHERE message_id = %s AND user_id = %s AND session_id = %s"
+        assert await mesh.count(sql, first.message_id, "u-first", "s-first") == 1
+        assert await mesh.count(sql, first.message_id, "u-second", "s-second") == 1
+        assert await mesh.count("SELECT count(*) FROM conversation_messages WHERE message_id = %s AND content ="
+                                " 'I keep my spare key under the blue pot.'", first.message_id) == 1
+        assert await mesh.dead(mesh.names.user_input) == []
