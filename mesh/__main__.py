@@ -77,6 +77,8 @@ COMMANDS: dict[str, Command] = {
                    _lazy("mesh.acl", "configure"), _lazy_run("mesh.acl")),
     "reembed": Command("embed every stored text again with EMBEDDING_MODEL (a change of model; services stopped)",
                        _lazy("mesh.reembed", "configure"), _lazy_run("mesh.reembed")),
+    "train": Command("train a model: `train salience --data PATH... --out services/ltm/salience/weights.npz`",
+                     _lazy("services.ltm.salience.train", "configure"), _lazy_run("services.ltm.salience.train")),
     "delete-user": Command("delete one user everywhere: conversation store, STM, caches, long-term memory, streams",
                            _lazy("mesh.forget", "configure"), _lazy_run("mesh.forget")),
 }
