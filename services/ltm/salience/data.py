@@ -2,7 +2,8 @@
 
 A turn is labelled 1 when a question needs it later: LoCoMo's ``qa[].evidence`` dia_ids (malformed ones such as
 ``"D:11:26"`` parsed as mesh.eval_locomo does), LongMemEval's ``has_answer`` turns. Turns are written as the
-evaluations ingest them (LoCoMo ``"<speaker>: <text>"``, LongMemEval the raw content, assistant turns flagged).
+evaluations ingest them (LoCoMo ``"<speaker>: <text>"``, LongMemEval the raw content, assistant turns flagged);
+LoCoMo's training sessions also once more without the speaker prefix (the product ingests a turn's raw text).
 
 Validation is held out **by conversation / question**: LoCoMo ``conv-43``, and 20% of the LongMemEval questions
 (seeded); a haystack session that a held-out question samples is dropped from training (LongMemEval's haystacks
@@ -60,6 +61,12 @@ def locomo_sessions(path: Path) -> list[Session]:
             s.texts.append(t.content)
             s.assistant.append(False)
             s.labels.append(int(t.dia_id in needed))
+            if split == "train":  # also without the "<speaker>: " prefix: the product ingests raw turns
+                raw = out.setdefault(t.session_id + "#raw", Session(t.session_id + "#raw", "locomo", split))
+                raw.texts.append(t.content[len(t.speaker) + 2:] if t.content.startswith(t.speaker + ": ")
+                                 else t.content)
+                raw.assistant.append(False)
+                raw.labels.append(int(t.dia_id in needed))
     return list(out.values())
 
 

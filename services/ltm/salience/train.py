@@ -190,7 +190,9 @@ Written by the command below (services/ltm/salience/train.py); the model is desc
 **Data** (dev splits only): {", ".join(f"`{d}`" for d in result["data"])}. Labels: LoCoMo `qa[].evidence` turns,
 LongMemEval `has_answer` turns. Held out for validation, by conversation/question: LoCoMo `conv-43`, and 20% of
 the LongMemEval questions (seed {result["seed"]}; every haystack session a held-out question samples is kept out of
-training). LongMemEval sessions: per question its evidence sessions plus 4 others drawn with the seed. The held-out
+training). LongMemEval sessions: per question its evidence sessions plus 4 others drawn with the seed. LoCoMo's
+training sessions appear twice, as the evaluation ingests them (`"<speaker>: <text>"`) and as raw text (what the
+product ingests); validation has the evaluation's form only. The held-out
 session keys are in [split.json](split.json).
 
 | source/split | sessions | turns | needed later (label 1) |
