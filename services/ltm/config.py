@@ -67,3 +67,17 @@ class LtmSettings(MeshSettings):
     ltm_ingest_model: Literal["own", "shared"] = Field(default="own", description=(
         "`own`: ingest embeds with a second copy of the model (about 90 MB), so that a search's embedding never "
         "waits behind an ingest pass; `shared`: one model for both"))
+    # salience (services/ltm/salience): a small LSTM over each session's turns, numpy at ingest
+    ltm_salience: bool = Field(default=True, description=(
+        "score each ingested turn's salience (0-1: how likely it is to be needed later; services/ltm/salience, "
+        "numpy, well under 1 ms a turn) and store it on its episodic memory and the knowledge read from it; "
+        "the local all-MiniLM-L6-v2 (ONNX) model only, else off"))
+    ltm_salience_weight: float = Field(default=0.0, ge=0.0, le=10.0, description=(
+        "ranking term: + weight x (salience - 0.5) in z units on an eligible memory's score (NULL = neutral); "
+        "0 = off (docs/memory.md#salience: no gain on held-out data)"))
+    ltm_salience_cleanup: bool = Field(default=False, description=(
+        "budgeted cleanup (LTM_MEMORY_BUDGET) archives the least salient memories first (NULL as 0.5), then by "
+        "decay; off: by decay alone"))
+    ltm_salience_sessions: int = Field(default=10_000, ge=1, description=(
+        "per-session salience state (hidden, cell, previous turn) kept per ltm process (LRU); a session not "
+        "held starts from a zero state"))
