@@ -70,14 +70,19 @@ def locomo_sessions(path: Path) -> list[Session]:
     return list(out.values())
 
 
+def held_out_questions(ids: list[str], seed: int) -> set[str]:
+    """The LongMemEval question ids held out for validation (LME_HELD_OUT of them, drawn with the seed)."""
+    ids = sorted(ids)
+    order = list(range(len(ids)))
+    random.Random(seed).shuffle(order)
+    return {ids[i] for i in order[: round(LME_HELD_OUT * len(ids))]}
+
+
 def longmemeval_sessions(path: Path, seed: int) -> list[Session]:
     from mesh.eval_longmemeval import load
 
     questions = sorted(load(path), key=lambda q: q.question_id)
-    rng = random.Random(seed)
-    order = list(range(len(questions)))
-    rng.shuffle(order)
-    val = {questions[i].question_id for i in order[: round(LME_HELD_OUT * len(questions))]}
+    val = held_out_questions([q.question_id for q in questions], seed)
     picked: dict[str, tuple[str, list[tuple[str, bool, bool]]]] = {}  # session id -> (split, turns)
     val_sessions: set[str] = set()
     for q in questions:
@@ -181,6 +186,11 @@ def summary(sessions: list[Session]) -> dict[str, dict[str, int]]:
     return out
 
 
-def dump_split(sessions: list[Session], path: Path) -> None:
-    """Which sessions were held out (for the report)."""
-    path.write_text(json.dumps({"val": sorted(s.key for s in sessions if s.split == "val")}, indent=0))
+def dump_split(sessions: list[Session], paths: list[Path], seed: int, path: Path) -> None:
+    """What was held out: the LoCoMo conversations, the LongMemEval question ids, every validation session."""
+    from mesh.eval_longmemeval import load
+
+    questions = sorted(held_out_questions([q.question_id for q in load(p)], seed) for p in paths if not _is_locomo(p))
+    path.write_text(json.dumps({"locomo_conversations": list(LOCOMO_HELD_OUT),
+                                "longmemeval_questions": sorted(q for qs in questions for q in qs),
+                                "val_sessions": sorted(s.key for s in sessions if s.split == "val")}, indent=0))

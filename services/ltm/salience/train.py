@@ -142,7 +142,7 @@ def train(data: list[Path], out: Path, *, epochs: int, seed: int, lr: float) -> 
                                    for src in sorted(set(sources))}
     tr_scores = predict(model, train_set, emb)
     result["train_auc"] = auc(tr_scores, _labels(train_set))
-    dump_split(sessions, out.with_name("split.json"))
+    dump_split(sessions, data, seed, out.with_name("split.json"))
     return result
 
 
