@@ -79,6 +79,8 @@ COMMANDS: dict[str, Command] = {
                        _lazy("mesh.reembed", "configure"), _lazy_run("mesh.reembed")),
     "docs": Command("a user's documents over the bus: `docs add PATH... --user U`, `docs search --user U QUERY`, "
                     "`docs delete --user U DOC_ID|--all`", _lazy("mesh.docs", "configure"), _lazy_run("mesh.docs")),
+    "train": Command("train a model: `train salience --data PATH... --out services/ltm/salience/weights.npz`",
+                     _lazy("services.ltm.salience.train", "configure"), _lazy_run("services.ltm.salience.train")),
     "delete-user": Command("delete one user everywhere: conversation store, STM, caches, long-term memory, streams",
                            _lazy("mesh.forget", "configure"), _lazy_run("mesh.forget")),
 }

@@ -122,6 +122,8 @@ class Outcome:
     all10: bool
     tokens: int
     latency_ms: float
+    all5: bool | None = None
+    conversation: str = ""
 
 
 def shown(memories: list[Any], k: int, dia_of: dict[str, str], by_content: dict[str, str]) -> set[str]:
@@ -142,6 +144,8 @@ def summarise(outcomes: list[Outcome]) -> dict[str, Any]:
     return {
         **{f"recall@{k}_any": rate([o.any[k] for o in outcomes]) for k in KS},
         "recall@10_all": rate([o.all10 for o in outcomes]),
+        **({"recall@5_all": rate([bool(o.all5) for o in outcomes])} if all(o.all5 is not None for o in outcomes)
+           else {}),
         "tokens_per_question": round(statistics.fmean(o.tokens for o in outcomes), 1) if outcomes else 0.0,
         "questions": len(outcomes),
     }
@@ -159,7 +163,11 @@ def report(outcomes: list[Outcome], backend: str, extra: dict[str, Any]) -> dict
         "per_category": {str(c): {"name": CATEGORIES[c], **summarise([o for o in scored if o.category == c])}
                          for c in SCORED if any(o.category == c for o in scored)},
         "adversarial": summarise([o for o in outcomes if o.category == 5]),
+        "per_conversation": {c: summarise([o for o in scored if o.conversation == c])
+                             for c in dict.fromkeys(o.conversation for o in scored) if c},
         "latency_ms": {"p50": pct(0.50), "p95": pct(0.95)},
+        # per scored question, in order: conversation, category, any@5, any@10, all@5, all@10 (paired comparisons)
+        "questions": [[o.conversation, o.category, o.any[5], o.any[10], o.all5, o.all10] for o in scored],
         "backend": backend,
         **extra,
     }
@@ -267,7 +275,20 @@ def _drop_database(url: str) -> None:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
-async def evaluate(data: Path, backend_name: str, *, conversations: int | None = None,
+def pick(convs: list[Conversation], conversations: int | str | None) -> list[Conversation]:
+    """``--conversations``: the first N (a number), or the named samples (``conv-43,conv-26``)."""
+    if conversations is None:
+        return convs
+    if isinstance(conversations, int) or conversations.isdigit():
+        return convs[: int(conversations)]
+    wanted = [c.strip() for c in conversations.split(",") if c.strip()]
+    unknown = set(wanted) - {c.sample_id for c in convs}
+    if unknown:
+        raise SystemExit(f"no such conversation: {', '.join(sorted(unknown))}")
+    return [c for c in convs if c.sample_id in wanted]
+
+
+async def evaluate(data: Path, backend_name: str, *, conversations: int | str | None = None,
                    keep: bool = False, progress: bool = True) -> dict[str, Any]:
     import asyncio
     import time
@@ -292,7 +313,7 @@ async def evaluate(data: Path, backend_name: str, *, conversations: int | None =
     from shared.runtime.requests import RpcClient
     from shared.runtime.runner import redis_client
 
-    convs = load(data)[:conversations]
+    convs = pick(load(data), conversations)
     run = new_id()[:8]
     users = {c.sample_id: f"locomo-{c.sample_id}-{run}" for c in convs}
     dia_of = {t.message_id: t.dia_id for c in convs for t in c.turns}
@@ -352,7 +373,8 @@ async def evaluate(data: Path, backend_name: str, *, conversations: int | None =
                     seen = {k: shown(r20.memories if k == 20 else r10.memories, k, dia_of, by_content) for k in KS}
                     texts = [m.content for m in r10.memories] + [x.content for m in r10.memories for x in m.context]
                     outcomes.append(Outcome(q.category, {k: bool(q.evidence & seen[k]) for k in KS},
-                                            q.evidence <= seen[10], sum(count_tokens(texts)), latency))
+                                            q.evidence <= seen[10], sum(count_tokens(texts)), latency,
+                                            q.evidence <= seen[5], c.sample_id))
                     bar.update()
             bar.close()
             if not keep:
@@ -421,7 +443,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="the JSON report; the chart goes beside it (.png)")
     p.add_argument("--backend", choices=("native", "mem0"), default="native")
     p.add_argument("--chart", type=Path, help="where to write the PNG chart (default: OUT with .png)")
-    p.add_argument("--conversations", type=int, help="evaluate only the first N conversations")
+    p.add_argument("--conversations", help="evaluate only the first N conversations, or the named ones "
+                                           "(comma-separated sample ids: conv-43,conv-26)")
     p.add_argument("--keep", action="store_true", help="keep the evaluation's users in the database")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

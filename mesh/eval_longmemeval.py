@@ -276,6 +276,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--backend", choices=("native", "mem0"), default="native", help="LTM_BACKEND of the ltm workers")
     p.add_argument("--ltm-workers", type=int, default=2, help="ltm processes (ingest is the slow part; default 2)")
     p.add_argument("--questions", type=int, help="only N questions, round-robin over the question types")
+    p.add_argument("--ids", help="only these question ids (comma-separated)")
     p.add_argument("--types", nargs="+", metavar="TYPE", help="only questions of these types "
                                                             "(e.g. single-session-preference)")
     p.add_argument("--run-dir", type=Path, help="service logs (default .data/eval-longmemeval/<run id>)")
@@ -299,7 +300,13 @@ def run(args: argparse.Namespace) -> int:
     if args.ltm_workers < 1:
         raise SystemExit("--ltm-workers must be at least 1")
     try:
-        questions = select(load(args.data), args.questions, args.types)
+        questions = load(args.data)
+        if args.ids:
+            wanted = {i.strip() for i in args.ids.split(",") if i.strip()}
+            if wanted - {q.question_id for q in questions}:
+                raise ValueError(f"no question {', '.join(sorted(wanted - {q.question_id for q in questions}))}")
+            questions = [q for q in questions if q.question_id in wanted]
+        questions = select(questions, args.questions, args.types)
     except (ValueError, json.JSONDecodeError) as exc:
         raise SystemExit(f"cannot read {args.data}: {exc}") from None
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -77,3 +77,18 @@ class LtmSettings(MeshSettings):
         "heading; the embedder reads 256 tokens, heading label included"))
     ltm_doc_chunk_overlap: int = Field(default=30, ge=0, le=120, description=(
         "a chunk repeats the last sentences of the one before it in the same section, up to this many tokens"))
+    # salience (services/ltm/salience): a small LSTM over each session's turns, numpy at ingest
+    ltm_salience: bool = Field(default=True, description=(
+        "score each ingested turn's salience (0-1: how likely it is to be needed later; services/ltm/salience, "
+        "numpy, well under 1 ms a turn) and store it on its episodic memory and the knowledge read from it; "
+        "the local all-MiniLM-L6-v2 (ONNX) model only, else off"))
+    ltm_salience_weight: float = Field(default=1.0, ge=0.0, le=10.0, description=(
+        "ranking term: + weight x (salience - 0.5) in z units on an eligible memory's score (NULL = neutral); "
+        "0 = off. 1.0: on LoCoMo's held-out conv-43 recall@10 any 0.916 -> 0.944, LongMemEval's held-out "
+        "questions unchanged (docs/memory.md#salience)"))
+    ltm_salience_cleanup: bool = Field(default=False, description=(
+        "budgeted cleanup (LTM_MEMORY_BUDGET) archives the least salient memories first (NULL as 0.5), then by "
+        "decay; off: by decay alone"))
+    ltm_salience_sessions: int = Field(default=10_000, ge=1, description=(
+        "per-session salience state (hidden, cell, previous turn) kept per ltm process (LRU); a session not "
+        "held starts from a zero state"))

@@ -60,14 +60,16 @@ class TurnKnowledge:
     episodic_hash: str
     episodic_entities: list[tuple[str, str]] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    salience: float | None = None  # the turn's (services/ltm/salience): its knowledge gets it too
 
 
 TYPED_INSERT = (
     "INSERT INTO ltm_memories (memory_id, user_id, type, content, content_hash, embedding, confidence, entities,"
     " source_message_id, source_session_id, source_timestamp, speaker, meta, subject, slot, slot_value,"
-    " valid_from, asserted_at, sources, mentions)"
+    " valid_from, asserted_at, sources, mentions, salience)"
     " VALUES {values}"
     " ON CONFLICT (user_id, type, content_hash) DO UPDATE SET"
+    " salience = GREATEST(ltm_memories.salience, EXCLUDED.salience),"
     " confidence = GREATEST(ltm_memories.confidence, EXCLUDED.confidence),"
     " mentions = ltm_memories.mentions + EXCLUDED.mentions,"
     " sources = jsonb_path_query_array(ltm_memories.sources || EXCLUDED.sources,"
@@ -141,7 +143,7 @@ async def write_knowledge(conn: AsyncConnection, turns: Sequence[TurnKnowledge],
     ``episodic_ids``: the memory id of each turn's episodic memory, by (user, "episodic", content hash).
     """
     memories = _merge_memories(turns)
-    ids = await _upsert(conn, TYPED_INSERT, 20, [row for _, row in sorted(memories.items())])
+    ids = await _upsert(conn, TYPED_INSERT, 21, [row for _, row in sorted(memories.items())])
     turn_mids = [[ids[(k.user_id, it.type, content_hash(it.content))] for it, _ in k.items] for k in turns]
 
     entities: dict[tuple[str, str], list[Any]] = {}
@@ -229,6 +231,8 @@ def _merge_memories(turns: Sequence[TurnKnowledge]) -> dict[MemoryKey, list[Any]
                 row[16], row[17] = min(row[16], src.timestamp), max(row[17], src.timestamp)
                 row[18] = [*row[18], src.as_json()][-KEEP_SOURCES:]
                 row[19] += 1
+                if k.salience is not None:  # a repeat: the most salient of its mentions
+                    row[20] = k.salience if row[20] is None else max(row[20], k.salience)
                 continue
             meta = {**k.meta, "extraction": item.method}
             if item.predicate:
@@ -241,7 +245,7 @@ def _merge_memories(turns: Sequence[TurnKnowledge]) -> dict[MemoryKey, list[Any]
                 uuid.uuid4(), k.user_id, item.type, item.content, key[2], vec, item.confidence,
                 [n for n, _ in item_entities(item)], src.message_id, src.session_id, src.timestamp, src.speaker,
                 Jsonb(meta), k.subject, item.slot, slot_value(item), src.timestamp, src.timestamp,
-                [src.as_json()], 1,
+                [src.as_json()], 1, k.salience,
             ]
     for row in rows.values():
         row[18] = Jsonb(row[18])

@@ -25,6 +25,7 @@ import numpy as np
 from shared.runtime.embedding import Embedder, SyncEmbedder
 
 T = TypeVar("T")
+SALIENCE_TOKENS = 64  # token vectors the salience model reads (services/ltm/salience/infer.py MAX_TOKENS)
 MAX_TOKENS = 256  # all-MiniLM-L6-v2 sees no more of a text (sentence-transformers' max_seq_length)
 
 
@@ -124,9 +125,13 @@ def from_cache(cache: VectorCache, wanted: dict[str, str]) -> Lookup:
 
 
 async def embed_in_steps(embedder: Embedder, texts: Sequence[str], budget_tokens: int,
-                         turn: Callable[[], Awaitable[None]] | None = None) -> dict[str, np.ndarray]:
+                         turn: Callable[[], Awaitable[None]] | None = None, *, with_tokens: set[str] | None = None,
+                         tokens_out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """The vector of every distinct text, in forward passes of at most ``budget_tokens`` padded tokens (texts
-    sorted by length, so that a pass pads little); ``turn`` is awaited before each pass (requests first)."""
+    sorted by length, so that a pass pads little); ``turn`` is awaited before each pass (requests first). The
+    texts in ``with_tokens`` also get their token vectors in ``tokens_out`` (the same pass: the salience model's)."""
+    want = with_tokens or set()
+    sink: dict[str, np.ndarray] = tokens_out if tokens_out is not None else {}
     distinct = sorted(set(texts), key=lambda t: (tokens(t), t))
     out: dict[str, np.ndarray] = {}
     run: list[str] = []
@@ -135,16 +140,22 @@ async def embed_in_steps(embedder: Embedder, texts: Sequence[str], budget_tokens
         if run and (len(run) + 1) * tokens(text) > budget_tokens:
             if turn is not None:
                 await turn()
-            await _pass(embedder, run, out)
+            await _pass(embedder, run, out, want, sink)
             run = []
         run.append(text)
     if run:
         if turn is not None:
             await turn()
-        await _pass(embedder, run, out)
+        await _pass(embedder, run, out, want, sink)
     return out
 
 
-async def _pass(embedder: Embedder, run: list[str], out: dict[str, np.ndarray]) -> None:
-    for text, vec in zip(run, await embedder.embed_many(run), strict=True):
+async def _pass(embedder: Embedder, run: list[str], out: dict[str, np.ndarray], want: set[str],
+                sink: dict[str, np.ndarray]) -> None:
+    if want and not want.isdisjoint(run):
+        vecs, toks = await embedder.embed_many_with_tokens(run, SALIENCE_TOKENS)
+        sink.update((text, tok) for text, tok in zip(run, toks, strict=True) if text in want)
+    else:
+        vecs = await embedder.embed_many(run)
+    for text, vec in zip(run, vecs, strict=True):
         out[text] = vec

@@ -15,7 +15,8 @@ Rules (every statement scoped by ``user_id``):
 - **Decay** (optimize): ``decay`` = (0.5 + 0.5 confidence) x 0.5^(days since last stated or used / half-life)
   + 0.1 ln(1 + access_count) + 0.05 ln(mentions), capped at 1, halved for superseded memories.
 - **Budgeted cleanup** (optimize): when a user holds more than ``LTM_MEMORY_BUDGET`` memories, the lowest-decay
-  ones (never instructions, never a current slot value) move to ``ltm_archive`` (reason ``budget``), at most
+  ones (never instructions, never a current slot value; with LTM_SALIENCE_CLEANUP the least salient first)
+  move to ``ltm_archive`` (reason ``budget``), at most
   ``LTM_CLEANUP_BATCH`` per run.
 - **optimize** runs all three for one user under a Redis lock (``SET NX PX`` with a token, released by a
   compare-and-delete script), so two workers never optimise the same user at once; the periodic job runs it for
@@ -129,6 +130,7 @@ class LifecycleConfig:
     optimize_interval_s: float = 600.0
     users_per_run: int = 20
     lock_ms: int = 120_000
+    salience_first: bool = False  # LTM_SALIENCE_CLEANUP: the least salient first (NULL as 0.5), then by decay
 
 
 ARCHIVE = (
@@ -264,7 +266,8 @@ class Lifecycle:
             cur = await conn.execute(
                 "SELECT memory_id FROM ltm_memories WHERE user_id = %s AND type <> 'instruction'"
                 " AND NOT (slot IS NOT NULL AND valid_to IS NULL)"
-                " ORDER BY decay, asserted_at NULLS FIRST, created_at LIMIT %s",
+                f" ORDER BY {'coalesce(salience, 0.5), ' if self.config.salience_first else ''}"
+                "decay, asserted_at NULLS FIRST, created_at LIMIT %s",
                 (user_id, min(over, self.config.cleanup_batch)))
             ids = [r[0] for r in await cur.fetchall()]
             await conn.execute(ARCHIVE, {"u": user_id, "ids": ids, "reason": "budget", "into": None})

@@ -28,6 +28,8 @@ from services.ltm.ingest import (
 from services.ltm.lifecycle import Lifecycle, LifecycleConfig
 from services.ltm.profile import build_profile
 from services.ltm.retrieval import RetrievalConfig, clear_token_cache
+from services.ltm.salience.infer import MAX_TOKENS as SALIENCE_TOKENS
+from services.ltm.salience.infer import SalienceModel, SessionStates
 from services.ltm.store import IngestWrite, LtmStore, MemoryKey, NewMemory, content_hash
 from shared.contracts import Memory, MemoryUpdate, Names
 from shared.contracts.messages import (
@@ -83,6 +85,7 @@ def lifecycle_config(settings: LtmSettings) -> LifecycleConfig:
         consolidate_max=settings.ltm_consolidate_max, memory_budget=settings.ltm_memory_budget,
         cleanup_batch=settings.ltm_cleanup_batch, optimize_interval_s=settings.ltm_optimize_interval_s,
         users_per_run=settings.ltm_optimize_users_per_run, lock_ms=settings.ltm_optimize_lock_ms,
+        salience_first=settings.ltm_salience_cleanup,
     )
 
 
@@ -126,6 +129,9 @@ class NativeBackend:
         self.step_tokens = settings.ltm_ingest_step_tokens
         # requests first: LtmService's request server marks what it serves, ingest steps aside between its steps
         self.foreground = Foreground(settings.ltm_ingest_yield_ms / 1000)
+        # LTM_SALIENCE: the salience model (numpy) and each session's state, for the local model's token vectors
+        self.salience = SalienceModel.load() if settings.ltm_salience and not settings.embedding_remote else None
+        self._salience_states = SessionStates(settings.ltm_salience_sessions)
         self._names = VectorCache(VECTOR_CACHE)  # entity name vectors, by normalised name
         self._texts = VectorCache(VECTOR_CACHE)  # vectors of extracted memories' texts ("Caroline (person)"...)
         self._extract_stage: Batcher[MemoryUpdate, Staged | None] = Batcher(self._extract_batch,
@@ -161,6 +167,7 @@ class NativeBackend:
         token counts) cannot tell whose a text was, so they are emptied (they refill as searches and ingest run)."""
         for user_id in user_ids:
             self.store.index.drop(user_id)
+        self._salience_states.clear()
         self._queries.clear()
         self._names.clear()
         self._texts.clear()
@@ -215,21 +222,42 @@ class NativeBackend:
         # a user's turn was usually searched for a moment ago (chat_ai's query is the turn itself): its vector is
         # in the query cache, and embedding it again would cost the most expensive step of ingest once more
         searched = {u.content: vec for u in todo if (vec := self._queries.get(u.content)) is not None}
+        salient = self.salience is not None and getattr(self.ingest_embedder.model, "has_tokens", False)
+        turn_tokens: dict[str, np.ndarray] = {}
         vectors = await embed_in_steps(self.ingest_embedder, [*(u.content for u in todo if u.content not in searched),
                                                               *texts.missing.values(), *names.missing.values()],
-                                       self.step_tokens, self.foreground.turn)
+                                       self.step_tokens, self.foreground.turn,
+                                       with_tokens={u.content for u in todo} if salient else None,
+                                       tokens_out=turn_tokens)
         vectors.update(searched)
         if searched:
             self.reused_query_vectors += len(searched)
         texts.fill(self._texts, vectors)
         names.fill(self._names, vectors)
-        return [self._write_of(u, t, items, mentioned, ns, vectors[u.content], texts.found, names.found)
-                for u, t, items, mentioned, ns in zip(todo, turns, items_of, mentioned_of, names_of, strict=True)]
+        scores: list[float | None] = [None] * len(todo)
+        if salient and todo:
+            scores = [float(x) for x in await asyncio.to_thread(self._salience, todo, vectors, turn_tokens)]
+        return [self._write_of(u, t, items, mentioned, ns, vectors[u.content], texts.found, names.found, sal)
+                for u, t, items, mentioned, ns, sal in zip(todo, turns, items_of, mentioned_of, names_of, scores,
+                                                           strict=True)]
+
+    def _salience(self, todo: list[MemoryUpdate], vectors: dict[str, np.ndarray],
+                  turn_tokens: dict[str, np.ndarray]) -> np.ndarray:
+        """The batch's salience, in arrival order, each session from the state its previous turns left (a turn
+        whose vector came from the query cache has no token vectors: its sentence vector stands in, as trained)."""
+        assert self.salience is not None
+        toks = [turn_tokens.get(u.content) for u in todo]
+        return self.salience.score(
+            [f"{u.user_id}\x00{u.meta.session_id or ''}" for u in todo], np.stack([vectors[u.content] for u in todo]),
+            [t if t is not None else vectors[u.content][None, :] for t, u in zip(toks, todo, strict=True)],
+            [u.source == "ai" for u in todo], self._salience_states,
+            n_tokens=[len(t) if t is not None else min(tokens(u.content), SALIENCE_TOKENS)
+                      for t, u in zip(toks, todo, strict=True)])
 
     @staticmethod
     def _write_of(update: MemoryUpdate, turn: Turn, items: list[Extracted], mentioned: list[tuple[str, str]],
                   names: dict[str, str], vector: np.ndarray, text_vectors: dict[str, np.ndarray],
-                  name_vectors: dict[str, np.ndarray]) -> IngestWrite:
+                  name_vectors: dict[str, np.ndarray], salience: float | None = None) -> IngestWrite:
         """The rows of one update: its episodic memory (``vector``) and its knowledge."""
         extra = dict(update.meta.model_extra or {})
         speaker = speaker_of(update) or update.source
@@ -241,13 +269,14 @@ class NativeBackend:
             user_id=update.user_id, type="episodic", content=update.content, embedding=vector,
             confidence=1.0, entities=[n for n, _ in mentioned], message_id=update.message_id,
             session_id=update.meta.session_id, timestamp=update.timestamp, speaker=speaker, meta=meta,
+            salience=salience,
         )
         knowledge = TurnKnowledge(
             user_id=update.user_id, subject=turn.speaker,
             source=Provenance(update.message_id, update.meta.session_id, update.timestamp, speaker),
             items=[(it, text_vectors[it.content]) for it in items],
             entity_vectors={key: name_vectors[key] for key in names},
-            episodic_hash=content_hash(update.content), episodic_entities=mentioned, meta=extra,
+            episodic_hash=content_hash(update.content), episodic_entities=mentioned, meta=extra, salience=salience,
         )
         return IngestWrite(update.user_id, update.message_id, [episodic], knowledge)
 

@@ -14,8 +14,9 @@
    (cosine) when the request sets one. Boosts reorder eligible memories only, so they can never pull
    in an unrelated memory.
 4. **Score** of an eligible memory, by profile: ``relevance * z + semantic * cosine + recency * r +
-   access * a + confidence * c`` (r = 2^(-age / half life), a = log1p(uses) / log1p(most uses among the
-   eligible), c = confidence), minus ``superseded`` for a memory that a newer statement replaced (it
+   access * a + confidence * c + salience * (s - 0.5)`` (r = 2^(-age / half life), a = log1p(uses) /
+   log1p(most uses among the eligible), c = confidence, s = the memory's salience from ingest, a NULL one
+   neutral; ``LTM_SALIENCE_WEIGHT``, any profile), minus ``superseded`` for a memory that a newer statement replaced (it
    also comes after the memory that replaced it when both are found: history stays visible, below). One
    memory per source message (a turn and the facts extracted from it are one result).
 5. **Context within a token budget**: results and their neighbouring turns (``context``) share one
@@ -95,6 +96,7 @@ class RetrievalConfig:
     max_tokens: int = 1000
     half_life_days: float = 30.0
     superseded: float = 1.0
+    salience: float = 0.0  # LTM_SALIENCE_WEIGHT: + salience x (s - 0.5) on the score, NULL neutral
     bm25_k1: float = 1.2
     bm25_b: float = 0.75
 
@@ -102,7 +104,8 @@ class RetrievalConfig:
     def from_settings(cls, s: LtmSettings) -> RetrievalConfig:
         return cls(profile=PROFILES[s.ltm_rank_profile], candidates=s.ltm_candidates,
                    min_similarity=s.ltm_min_similarity, context_turns=s.ltm_context_turns,
-                   max_tokens=s.ltm_result_tokens, half_life_days=s.ltm_decay_half_life_days)
+                   max_tokens=s.ltm_result_tokens, half_life_days=s.ltm_decay_half_life_days,
+                   salience=s.ltm_salience_weight)
 
     def with_profile(self, name: str) -> RetrievalConfig:
         return replace(self, profile=PROFILES[name])
@@ -333,6 +336,9 @@ def rank(rows: list[dict[str, Any]], query: str, cfg: RetrievalConfig, threshold
         score = score + p.access * (uses / uses.max() if uses.max() > 0 else uses)
     if p.confidence:
         score = score + p.confidence * np.array([float(r["confidence"]) for r in kept])
+    if cfg.salience:
+        score = score + cfg.salience * np.array([float(r["salience"]) - 0.5 if r.get("salience") is not None
+                                                 else 0.0 for r in kept])
     score = score - cfg.superseded * np.array([1.0 if r["valid_to"] is not None else 0.0 for r in kept])
     seen: set[str] = set()
     picked: list[int] = []

@@ -64,9 +64,10 @@ ROW_COLUMNS = """m.memory_id, m.type, m.source_message_id, m.source_session_id, 
        m.entities, m.confidence, m.access_count, m.valid_to, m.superseded_by,
        m.meta->>'role' AS role, (m.meta->>'question') = 'true' AS question,
        extract(epoch FROM m.created_at)::float8 AS created_at,
-       extract(epoch FROM m.last_accessed)::float8 AS last_accessed"""
+       extract(epoch FROM m.last_accessed)::float8 AS last_accessed, m.salience::float8 AS salience"""
 KEYS = ("memory_id", "type", "source_message_id", "source_session_id", "source_timestamp", "speaker", "entities",
-        "confidence", "access_count", "valid_to", "superseded_by", "role", "question", "created_at", "last_accessed")
+        "confidence", "access_count", "valid_to", "superseded_by", "role", "question", "created_at", "last_accessed",
+        "salience")
 _TYPE, _SESSION = KEYS.index("type"), KEYS.index("source_session_id")
 _SHARED = ("type", "source_session_id", "speaker", "role")
 

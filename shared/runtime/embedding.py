@@ -129,10 +129,20 @@ class _OnnxModel:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
+        return self._run(texts, batch_size, 0)[0]
+
+    def encode_with_tokens(self, texts: list[str], batch_size: int,
+                           max_tokens: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The sentence vectors (what :meth:`encode` returns) and, per text, its first ``max_tokens`` token
+        vectors (the model's ``token_embeddings`` before mean pooling, [CLS] and [SEP] included, float32)."""
+        return self._run(texts, batch_size, max_tokens)
+
+    def _run(self, texts: list[str], batch_size: int, keep_tokens: int) -> tuple[np.ndarray, list[np.ndarray]]:
         encodings = self.tokenizer.encode_batch(texts)
         lengths = np.array([len(e.ids) for e in encodings])
         order = np.argsort(lengths, kind="stable")  # similar lengths together: little padding per batch
         out = np.empty((len(texts), DIM), dtype=np.float32)
+        token_rows: list[np.ndarray] = [np.zeros((0, DIM), np.float32)] * len(texts) if keep_tokens else []
         for start in range(0, len(texts), batch_size):
             rows = order[start:start + batch_size]
             width = int(lengths[rows].max())
@@ -147,7 +157,11 @@ class _OnnxModel:
             pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
             norms = np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
             out[rows] = pooled / norms
-        return out
+            if keep_tokens:
+                for r, i in enumerate(rows):
+                    token_rows[i] = np.ascontiguousarray(hidden[r, : min(int(lengths[i]), keep_tokens)],
+                                                         dtype=np.float32)
+        return out, token_rows
 
 
 class SyncEmbedder:
@@ -189,6 +203,23 @@ class SyncEmbedder:
         with self._lock:
             return self.model.encode(list(texts), batch_size)
 
+    @property
+    def has_tokens(self) -> bool:
+        """Whether :meth:`encode_with_tokens` is available (the local ONNX model only)."""
+        return isinstance(self.model, _OnnxModel)
+
+    def encode_with_tokens(self, texts: list[str], batch_size: int = 64,
+                           max_tokens: int = 64) -> tuple[np.ndarray, list[np.ndarray]]:
+        """``encode(texts)`` (the same vectors) and each text's token vectors before mean pooling: a
+        ``(min(tokens, max_tokens), dim)`` float32 matrix per text, ready for attention pooling
+        (services/ltm/salience). The ONNX backend only (``has_tokens``)."""
+        if not isinstance(self.model, _OnnxModel):
+            raise NotImplementedError(f"token vectors need EMBEDDING_BACKEND=onnx and {MODEL_NAME}")
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32), []
+        with self._lock:
+            return self.model.encode_with_tokens(list(texts), batch_size, max_tokens)
+
 
 _shared: dict[tuple[str, int, str], SyncEmbedder] = {}
 _shared_lock = threading.Lock()
@@ -216,6 +247,13 @@ class Embedder:
 
     async def embed(self, text: str) -> np.ndarray:
         return (await self.embed_many([text]))[0]
+
+    async def embed_many_with_tokens(self, texts: list[str], max_tokens: int = 64) -> tuple[list[np.ndarray],
+                                                                                         list[np.ndarray]]:
+        """``embed_many`` (the same vectors) plus each text's token vectors (``SyncEmbedder.encode_with_tokens``);
+        one pass of its own, off the event loop, not coalesced with other callers."""
+        vecs, toks = await asyncio.to_thread(self.model.encode_with_tokens, list(texts), 64, max_tokens)
+        return list(vecs), toks
 
     async def embed_many(self, texts: list[str]) -> list[np.ndarray]:
         loop = asyncio.get_running_loop()

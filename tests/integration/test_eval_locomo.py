@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mesh.__main__ import main
-from mesh.eval_locomo import Outcome, load, parse_evidence, report, shown
+from mesh.eval_locomo import Outcome, load, parse_evidence, pick, report, shown
 from shared.contracts import Memory, MemorySource
 from shared.contracts.messages import ContextTurn
 
@@ -85,6 +85,18 @@ def test_load_keeps_speakers_dates_and_skips_unusable_questions(tmp_path: Path) 
     assert one.turns[1].timestamp == one.turns[0].timestamp + 1
     assert one.turns[7].session_id == "c1:session_2" and one.turns[7].timestamp > one.turns[6].timestamp + 3600
     assert one.questions[2].evidence == {"D1:4", "D2:4"}
+    assert [c.sample_id for c in pick([one, two], "1")] == [one.sample_id]  # --conversations N: the first N
+    assert [c.sample_id for c in pick([one, two], two.sample_id)] == [two.sample_id]  # or by name
+    with pytest.raises(SystemExit):
+        pick([one, two], "conv-nope")
+
+
+def test_report_breaks_recall_down_by_conversation() -> None:
+    outcomes = [Outcome(4, {5: True, 10: True, 20: True}, True, 100, 10.0, True, "a"),
+                Outcome(4, {5: False, 10: True, 20: True}, False, 300, 20.0, False, "b")]
+    result = report(outcomes, "native", {})
+    assert result["per_conversation"]["a"]["recall@5_all"] == 1.0
+    assert result["per_conversation"]["b"]["recall@10_any"] == 1.0 and result["summary"]["recall@5_all"] == 0.5
 
 
 @pytest.mark.slow
@@ -99,8 +111,9 @@ def test_eval_command_end_to_end(tmp_path: Path, redis_url: str, database_url: s
     assert set(result) >= {"summary", "per_category", "adversarial", "latency_ms", "backend"}
     assert result["backend"] == "native" and result["skipped_questions"] == 2 and result["turns"] == 21
     s = result["summary"]
-    assert set(s) == {"recall@5_any", "recall@10_any", "recall@20_any", "recall@10_all", "tokens_per_question",
-                      "questions"}
+    assert set(s) == {"recall@5_any", "recall@10_any", "recall@20_any", "recall@10_all", "recall@5_all",
+                      "tokens_per_question", "questions"}
+    assert set(result["per_conversation"]) == {"c1", "c2"} and len(result["questions"]) == 4
     assert s["questions"] == 4 and result["adversarial"]["questions"] == 1
     # every evidence turn is one of a handful of distinct, keyword-matching turns: all are found
     assert s["recall@10_any"] == 1.0 and s["recall@10_all"] == 1.0

@@ -56,7 +56,7 @@ async def seed(mesh: Mesh, user: str, n: int, seed_: int = 1, ties: bool = False
         role = "ai" if rng.random() < 0.2 else "user"
         rows.append((uuid.uuid4(), user, kind, text, content_hash(text), vec, 1.0, [], f"{user}:m{i}",
                      f"{user}:s{i // 15}", 1_700_000_000.0 + i * 60, text.split(":")[0],
-                     Jsonb({"role": role, "question": text.endswith("?")})))
+                     Jsonb({"role": role, "question": text.endswith("?")}), rng.random() if i % 3 else None))
     for r in rows[:: max(1, n // 8)] if ties else []:  # the same text and vector as another type: exact ties
         rows.append((uuid.uuid4(), user, "commitment", *r[3:]))
     async with mesh.pool.connection() as conn, conn.cursor() as cur:
@@ -193,7 +193,7 @@ async def test_index_sees_what_other_connections_commit(mesh: Mesh) -> None:
         late = uuid.uuid4()
         await slow.execute(INSERT, (late, "u1", "episodic", late_text, content_hash(late_text),
                                     mesh.model.encode([late_text])[0], 1.0, [], None, "u1:s9", 2.0, "Gina",
-                                    Jsonb({})))
+                                    Jsonb({}), None))
         assert await n() == 31  # not committed: not seen
         text2 = "Melanie: garage band practice moved to Sunday."
         await store.add(NewMemory(user_id="u1", type="episodic", content=text2,

@@ -42,6 +42,9 @@ from tests.pg_schema import LTM_TABLES, MEMORY_TABLES, empty_database, schema_of
 ROOT = Path(__file__).resolve().parents[2]
 DIRS = {"ltm": ROOT / "services" / "ltm" / "migrations", "memory": ROOT / "services" / "memory" / "migrations"}
 OLD = {"ltm": 5, "memory": 3}  # the last versions before the partitioning
+# today's write path seeds the old schema, so that schema also gets the columns it writes that came later: the
+# salience of ltm 009 (a column added at the end, where a fresh database has it too)
+ALSO = {"ltm": {9}, "memory": set()}
 PARTITIONED = {
     "ltm_memories": "user_id", "ltm_entities": "user_id", "ltm_relations": "user_id", "ltm_memory_entities": "user_id",
     "ltm_ingested": "user_id", "ltm_archive": "user_id", "conversation_sessions": "user_id",
@@ -115,7 +118,7 @@ async def migrate_to(url: str, tmp: Path, versions: dict[str, int]) -> None:
         target = tmp / f"{component}-{versions[component]}"
         target.mkdir(exist_ok=True)
         for path in sorted(directory.glob("*.sql")):
-            if int(path.name[:3]) <= versions[component]:
+            if int(path.name[:3]) <= versions[component] or int(path.name[:3]) in ALSO[component]:
                 shutil.copy(path, target)
         await migrate(url, component, target)
 
@@ -219,8 +222,9 @@ async def test_an_existing_database_is_converted_in_place_keeping_every_row(
 
         started = time.perf_counter()
         # the conversions, and whatever came after them
-        assert await migrate(url, "ltm", DIRS["ltm"]) == [v for v, _ in migration_files(DIRS["ltm"]) if v > 5]
-        assert await migrate(url, "memory", DIRS["memory"]) == [v for v, _ in migration_files(DIRS["memory"]) if v > 3]
+        for component, last in OLD.items():
+            assert await migrate(url, component, DIRS[component]) == [
+                v for v, _ in migration_files(DIRS[component]) if v > last and v not in ALSO[component]]
         seconds = time.perf_counter() - started
 
         after = {t: r for t, r in rows_of(url).items() if t in before or r}  # later migrations' tables: empty
