@@ -50,7 +50,9 @@ PARTITIONED = {
     "ltm_ingested": "user_id", "ltm_archive": "user_id", "conversation_sessions": "user_id",
     "conversation_messages": "user_id", "conversation_context": "user_id", "session_summary": "user_id",
     "session_relationships": "user_id", "conversation_session_ids": "session_id",
+    "ltm_documents": "user_id", "ltm_doc_chunks": "user_id",
 }
+BORN_PARTITIONED = {"ltm_documents", "ltm_doc_chunks"}  # made after 006 (by 007), partitioned from the start
 PLAIN = ("ltm_profiles", "ltm_user_state", "ltm_search_epochs", "user_preferences", "user_deletions",
          "schema_migrations")
 ALL_TABLES = (*LTM_TABLES, *MEMORY_TABLES)
@@ -217,7 +219,8 @@ async def test_an_existing_database_is_converted_in_place_keeping_every_row(
         before = rows_of(url)
         assert not layout(url)
         counts = {t: len(r) for t, r in before.items()}
-        assert all(counts[t] > 0 for t in PARTITIONED if t != "conversation_session_ids"), counts
+        assert all(counts[t] > 0 for t in PARTITIONED if t not in {"conversation_session_ids", *BORN_PARTITIONED}), \
+            counts
         assert counts["ltm_archive"] > 0 and counts["ltm_relations"] > 0 and counts["ltm_memory_entities"] > 0
 
         started = time.perf_counter()

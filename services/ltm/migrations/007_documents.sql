@@ -2,8 +2,8 @@
 -- embedded with the memories' model (all-MiniLM-L6-v2, 384 dimensions) and searched like memories (hybrid: exact
 -- cosine within the user plus BM25 over english full text). Idempotent.
 --
--- user_id leads every key and index (migration 006 hash-partitions the per-user tables by user_id; these can be
--- partitioned the same way). Exact search within a user reads the user's chunks through the primary key: no ANN
+-- Both tables are hash-partitioned by user_id like the other per-user tables (migration 006, docs/partitioning.md),
+-- with as many partitions as ltm_memories has; user_id leads every key. Exact search within a user reads the user's chunks through the primary key: no ANN
 -- index (filtered by user it returns almost nothing, see 001) and no GIN index on search_tsv (the query scans the
 -- user's rows anyway, and a GIN index cannot lead with user_id).
 
@@ -22,7 +22,7 @@ CREATE TABLE IF NOT EXISTS ltm_documents (
     PRIMARY KEY (user_id, doc_id),
     UNIQUE (user_id, source),
     UNIQUE (user_id, content_hash)
-);
+) PARTITION BY HASH (user_id);
 
 -- Its chunks: whole sentences under one heading path (heading, outermost first; heading_text: joined by " › ", LABEL_SEP), at
 -- most LTM_DOC_CHUNK_TOKENS. search_tsv holds the headings' words as well as the chunk's own.
@@ -41,4 +41,26 @@ CREATE TABLE IF NOT EXISTS ltm_doc_chunks (
     PRIMARY KEY (user_id, chunk_id),
     UNIQUE (user_id, doc_id, chunk_no),
     FOREIGN KEY (user_id, doc_id) REFERENCES ltm_documents (user_id, doc_id) ON DELETE CASCADE
-);
+) PARTITION BY HASH (user_id);
+
+-- their partitions: the count of ltm_memories' (006), else mesh.partitions, else 16; made once
+DO $$
+DECLARE
+    n int;
+    width int;
+    t text;
+BEGIN
+    SELECT count(*) INTO n FROM pg_inherits WHERE inhparent = 'ltm_memories'::regclass;
+    IF n = 0 THEN
+        n := coalesce(nullif(current_setting('mesh.partitions', true), ''), '16')::int;
+    END IF;
+    width := greatest(2, length((n - 1)::text));
+    FOREACH t IN ARRAY ARRAY['ltm_documents', 'ltm_doc_chunks'] LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_inherits WHERE inhparent = t::regclass) THEN
+            FOR i IN 0 .. n - 1 LOOP
+                EXECUTE format('CREATE TABLE %I PARTITION OF %I FOR VALUES WITH (MODULUS %s, REMAINDER %s)',
+                               t || '_p' || lpad(i::text, width, '0'), t, n, i);
+            END LOOP;
+        END IF;
+    END LOOP;
+END $$;
