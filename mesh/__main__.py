@@ -75,6 +75,8 @@ COMMANDS: dict[str, Command] = {
                             _lazy("mesh.chaos_report", "configure"), _lazy_run("mesh.chaos_report")),
     "acl": Command("print (or --out) the Redis ACL file: one least-privilege user per service, and an admin",
                    _lazy("mesh.acl", "configure"), _lazy_run("mesh.acl")),
+    "memories": Command("one user's long-term memories: `memories USER [list|search QUERY|stats|delete ID|--all]`",
+                        _lazy("mesh.memories", "configure"), _lazy_run("mesh.memories")),
     "reembed": Command("embed every stored text again with EMBEDDING_MODEL (a change of model; services stopped)",
                        _lazy("mesh.reembed", "configure"), _lazy_run("mesh.reembed")),
     "docs": Command("a user's documents over the bus: `docs add PATH... --user U`, `docs search --user U QUERY`, "

@@ -58,6 +58,7 @@ from shared.contracts.messages import (
     DocDeleteData,
     DocPassage,
     DocSearchData,
+    ListData,
     MemoryType,
     SearchData,
     SearchEntitiesData,
@@ -383,6 +384,9 @@ class Mem0Backend:
             cur = await conn.execute(self._sql_stats, (user_id,))
             by_type = {t: n for t, n in await cur.fetchall()}
         return {"memories": sum(by_type.values()), "by_type": by_type, "infer": self.infer}
+
+    async def list_memories(self, user_id: str, data: ListData) -> list[Memory]:
+        raise Unsupported("the mem0 backend has no list (search it, or LTM_BACKEND=native)")
 
     async def optimize(self, user_id: str) -> dict[str, Any]:
         raise Unsupported("the mem0 backend has no optimize (mem0 has no lifecycle job)")

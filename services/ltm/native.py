@@ -41,6 +41,7 @@ from shared.contracts.messages import (
     DocDeleteData,
     DocPassage,
     DocSearchData,
+    ListData,
     SearchData,
     SearchEntitiesData,
 )
@@ -356,6 +357,10 @@ class NativeBackend:
 
     async def stats(self, user_id: str) -> dict[str, Any]:
         return {**await self.store.stats(user_id), **await self.documents.stats(user_id)}
+
+    async def list_memories(self, user_id: str, data: ListData) -> list[Memory]:
+        types = [str(t) for t in data.types] if data.types else None
+        return await self.store.list_memories(user_id, data.limit, data.offset, types)
 
     async def optimize(self, user_id: str) -> dict[str, Any]:
         if self.lifecycle.redis is None:

@@ -23,6 +23,7 @@ from shared.contracts import (
     DocAddRequest,
     DocDeleteRequest,
     DocSearchRequest,
+    ListRequest,
     LTMRequest,
     LTMResponse,
     LtmWarm,
@@ -259,6 +260,8 @@ class LtmService:
                 return LTMResponse(**ok, data=await self.delete_user(req.user_id))
             case StatsRequest():
                 return LTMResponse(**ok, data={"backend": b.name, **await b.stats(req.user_id)})
+            case ListRequest(data=d):
+                return LTMResponse(**ok, memories=await b.list_memories(req.user_id, d))
             case OptimizeRequest():
                 result = await b.optimize(req.user_id)
                 self._announce([req.user_id])

@@ -278,6 +278,19 @@ class LtmStore:
         self.index.drop(user_id)
         return counts
 
+    async def list_memories(self, user_id: str, limit: int, offset: int, types: list[str] | None) -> list[Memory]:
+        """A page of the user's memories, newest first (the user's index, one partition)."""
+        where, params = "user_id = %s", [user_id]
+        if types:
+            where += " AND type = ANY(%s)"
+        query = (f"SELECT {COLUMNS} FROM ltm_memories WHERE {where}"
+                 " ORDER BY created_at DESC, memory_id LIMIT %s OFFSET %s")
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(query, (*params, *([types] if types else []), limit, offset))
+            cur_rows = await cur.fetchall()
+            names = [d.name for d in cur.description or []]
+        return [to_memory(dict(zip(names, r, strict=True)), 1.0) for r in cur_rows]
+
     async def stats(self, user_id: str) -> dict[str, Any]:
         async with self.pool.connection() as conn:
             cur = await conn.execute(

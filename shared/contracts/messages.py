@@ -300,6 +300,19 @@ class UserDeletion(Message):
         return sum(self.rows.values()) + self.keys + sum(self.stream_entries.values())
 
 
+class ListData(Message):
+    """A page of the user's memories, newest first (``mesh memories USER``, the console)."""
+
+    limit: int = Field(default=20, ge=1, le=200)
+    offset: int = Field(default=0, ge=0, le=1_000_000)
+    types: list[MemoryType] | None = None
+
+
+class ListRequest(_UserRequest):
+    type: Literal["list"]
+    data: ListData = Field(default_factory=ListData)
+
+
 class StatsRequest(_UserRequest):
     type: Literal["stats"]
     data: EmptyData = Field(default_factory=EmptyData)
@@ -344,6 +357,7 @@ LTMRequest = Annotated[
     | DeleteRequest
     | DeleteUserRequest
     | StatsRequest
+    | ListRequest
     | OptimizeRequest
     | SearchEntitiesRequest
     | DocAddRequest

@@ -66,6 +66,7 @@ def _templates() -> dict[str, list[dict[str, Any]]]:
         "ltm_requests": [{"request_id": "", "type": "search", "user_id": u, "data": {"query": "tea", "limit": 5}},
                          {"request_id": "", "type": "add", "user_id": u, "data": {"content": "I like tea."}},
                          {"request_id": "", "type": "stats", "user_id": u, "data": {}},
+                         {"request_id": "", "type": "list", "user_id": u, "data": {"limit": 5, "types": ["fact"]}},
                          {"request_id": "", "type": "search_entities", "user_id": u, "data": {"query": "tea"}},
                          {"request_id": "", "type": "profile_update", "user_id": u, "data": {"profile": {"a": 1}}},
                          {"request_id": "", "type": "doc_add", "user_id": u,
