@@ -39,6 +39,17 @@ from shared.contracts.memory_api import (
 from shared.contracts.messages import (
     AddData,
     AddRequest,
+    DocAddData,
+    DocAdded,
+    DocAddRequest,
+    DocDeleted,
+    DocDeleteData,
+    DocDeleteRequest,
+    DocSearchData,
+    DocSearchRequest,
+    DocSearchResult,
+    ListData,
+    ListRequest,
     OptimizeRequest,
     ProfileGetRequest,
     SearchData,
@@ -309,6 +320,48 @@ def create_app(settings: GatewaySettings | None = None, names: Names | None = No
         allowed(scope, user_id)
         resp = await bus.ltm_call(StatsRequest(request_id=new_id(), type="stats", user_id=user_id))
         return {"user_id": user_id, **(resp.data or {})}
+
+    @app.get("/api/v1/memories/{user_id}", response_model=Memories)
+    async def list_memories(user_id: UserId, scope: Caller, bus: BusDep,
+                            limit: Annotated[int, Query(ge=1, le=200)] = 20,
+                            offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0) -> Memories:
+        """A page of the user's memories, newest first (ltm's ``list``)."""
+        allowed(scope, user_id)
+        resp = await bus.ltm_call(ListRequest(request_id=new_id(), type="list", user_id=user_id,
+                                              data=ListData(limit=limit, offset=offset)))
+        return Memories(user_id=user_id, memories=resp.memories)
+
+    @app.post("/api/v1/documents/{user_id}", response_model=DocAdded, status_code=201)
+    async def doc_add(user_id: UserId, body: DocAddData, scope: Caller, bus: BusDep) -> DocAdded:
+        """One document into the user's collection (text, Markdown or HTML; idempotent by text and source)."""
+        allowed(scope, user_id)
+        resp = await bus.ltm_call(DocAddRequest(request_id=new_id(), type="doc_add", user_id=user_id, data=body))
+        return DocAdded.model_validate(resp.data)
+
+    @app.post("/api/v1/documents/{user_id}/search", response_model=DocSearchResult)
+    async def doc_search(user_id: UserId, scope: Caller, bus: BusDep, query: Annotated[str, Query(min_length=1)],
+                         top_k: Annotated[int, Query(ge=1, le=50)] = 5) -> DocSearchResult:
+        """Passages of the user's documents, best first, each with its document and headings."""
+        allowed(scope, user_id)
+        try:
+            data = DocSearchData(query=query, top_k=top_k)
+        except ValueError as exc:
+            raise GatewayError(422, "bad_request", str(exc)) from None
+        resp = await bus.ltm_call(DocSearchRequest(request_id=new_id(), type="doc_search", user_id=user_id,
+                                                   data=data))
+        return DocSearchResult.model_validate(resp.data)
+
+    @app.delete("/api/v1/documents/{user_id}", response_model=DocDeleted)
+    async def doc_delete(user_id: UserId, scope: Caller, bus: BusDep, doc_id: str | None = None) -> DocDeleted:
+        """One document (``?doc_id=``) or, without it, every document of the user."""
+        allowed(scope, user_id)
+        try:
+            data = DocDeleteData(doc_id=doc_id) if doc_id is not None else DocDeleteData(all=True)
+        except ValueError as exc:
+            raise GatewayError(422, "bad_request", str(exc)) from None
+        resp = await bus.ltm_call(DocDeleteRequest(request_id=new_id(), type="doc_delete", user_id=user_id,
+                                                   data=data))
+        return DocDeleted.model_validate(resp.data)
 
     @app.post("/api/v1/conversation", response_model=ChatOut)
     async def conversation(body: ChatIn, scope: Caller, bus: BusDep) -> ChatOut:

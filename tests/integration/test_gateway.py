@@ -177,3 +177,25 @@ async def test_schemathesis_finds_no_server_error_and_every_error_is_json(gatewa
 
     await asyncio.to_thread(check)
     assert len({label.split(" -> ")[0] for label in seen}) >= 10, seen  # most routes were reached
+
+
+async def test_documents_and_the_memory_list_over_http(gateway: httpx.AsyncClient) -> None:
+    c, h = gateway, auth(TENANT)
+    text = "# Bees\n\n## The queen\n\nA queen honey bee lays up to 2,000 eggs a day in summer.\n"
+    added = await c.post("/api/v1/documents/alice", headers=h, json={"source": "bees.md", "text": text})
+    assert added.status_code == 201 and added.json()["chunks"] >= 1, added.text
+    again = await c.post("/api/v1/documents/alice", headers=h, json={"source": "bees.md", "text": text})
+    assert again.status_code == 201 and again.json()["status"] == "unchanged"
+    found = await c.post("/api/v1/documents/alice/search", headers=h,
+                         params={"query": "How many eggs does the queen lay?", "top_k": 3})
+    assert found.status_code == 200 and "2,000" in found.json()["passages"][0]["text"], found.text
+    assert (await c.post("/api/v1/documents/bob/search", headers=h, params={"query": "eggs"})).status_code == 403
+    assert (await c.post("/api/v1/documents/alice", headers=h, json={"source": "x.md"})).status_code == 422
+    await c.post("/api/v1/memories", headers=auth(ADMIN), json={"user_id": "alice", "content": "Likes honey"})
+    listed = await c.get("/api/v1/memories/alice", headers=h, params={"limit": 5})
+    assert listed.status_code == 200 and listed.json()["memories"][0]["content"] == "Likes honey", listed.text
+    doc_id = added.json()["doc_id"]
+    gone = await c.delete("/api/v1/documents/alice", headers=h, params={"doc_id": doc_id})
+    assert gone.status_code == 200 and gone.json()["documents"] == 1, gone.text
+    missing = await c.delete("/api/v1/documents/alice", headers=h, params={"doc_id": doc_id})
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
