@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -98,3 +100,34 @@ class MeshClient:
     async def memory_count(self, user_id: str) -> int:
         resp = await self.ltm.call(StatsRequest(request_id=new_id(), type="stats", user_id=user_id), 5.0)
         return int((resp.data or {}).get("memories", 0))
+
+
+LtmCall = Callable[[Any, float], Awaitable[LTMResponse]]  # RpcClient.call: (request, timeout) -> reply
+
+
+class LtmRefused(RuntimeError):
+    """An ltm error reply: its code and message."""
+
+
+def ltm_ok(resp: LTMResponse) -> LTMResponse:
+    """``resp``, or LtmRefused with the error's code and message."""
+    if not resp.success:
+        err = resp.error
+        raise LtmRefused(f"{err.code.value if err else '?'}: {err.message if err else ''}")
+    return resp
+
+
+async def run_ltm_command(name: str, body: Callable[[LtmCall], Awaitable[int]]) -> int:
+    """A ``mesh NAME`` command that talks to ltm: connect, run ``body(call)``, report a refusal or a missing ltm
+    on stderr (exit 1), close."""
+    client = await MeshClient.connect()
+    try:
+        return await body(client.ltm.call)
+    except LtmRefused as exc:
+        print(f"mesh {name}: refused: {exc}", file=sys.stderr)
+        return 1
+    except (TimeoutError, Unavailable):
+        print(f"mesh {name}: no reply from ltm (is the mesh running? `make up`)", file=sys.stderr)
+        return 1
+    finally:
+        await client.close()

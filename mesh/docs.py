@@ -16,6 +16,7 @@ import sys
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
+from mesh.client import LtmRefused, ltm_ok, run_ltm_command
 from shared.contracts import LTMResponse, new_id
 from shared.contracts.messages import (
     DocAddData,
@@ -35,15 +36,8 @@ SUFFIXES = (".txt", ".text", ".md", ".markdown", ".html", ".htm")
 Call = Callable[[RequestEnvelope, float], Awaitable[LTMResponse]]
 
 
-class DocsError(RuntimeError):
-    """An ltm error reply: its code and message."""
-
-
 def _ok(resp: LTMResponse) -> dict[str, object]:
-    if not resp.success:
-        err = resp.error
-        raise DocsError(f"{err.code.value if err else '?'}: {err.message if err else ''}")
-    return dict(resp.data or {})
+    return dict(ltm_ok(resp).data or {})
 
 
 def files(paths: Iterable[Path]) -> list[Path]:
@@ -102,7 +96,7 @@ async def _add_all(call: Call, args: argparse.Namespace) -> int:
     for i, path in enumerate(found, start=1):
         try:
             added = await add(call, args.user, path, timeout=args.timeout)
-        except (OSError, UnicodeDecodeError, DocsError, TimeoutError, ValueError) as exc:
+        except (OSError, UnicodeDecodeError, LtmRefused, TimeoutError, ValueError) as exc:
             failed += 1
             print(f"[{i}/{len(found)}] {path}: failed: {exc}", flush=True)
             continue
@@ -114,15 +108,11 @@ async def _add_all(call: Call, args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from mesh.client import MeshClient
-    from shared.runtime.requests import Unavailable
-
     if args.docs_command == "delete" and (args.doc_id is None) == (not args.all):
         print("mesh docs delete: give a DOC_ID or --all", file=sys.stderr)
         return 2
-    client = await MeshClient.connect()
-    try:
-        call: Call = client.ltm.call
+
+    async def body(call: Call) -> int:
         if args.docs_command == "add":
             return await _add_all(call, args)
         if args.docs_command == "search":
@@ -137,14 +127,8 @@ async def _run(args: argparse.Namespace) -> int:
         deleted = await delete(call, args.user, None if args.all else args.doc_id)
         print(f"deleted {deleted.documents} documents ({deleted.chunks} chunks) of {args.user}")
         return 0
-    except DocsError as exc:
-        print(f"mesh docs {args.docs_command}: refused: {exc}", file=sys.stderr)
-        return 1
-    except (TimeoutError, Unavailable):
-        print(f"mesh docs {args.docs_command}: no reply from ltm (is the mesh running? `make up`)", file=sys.stderr)
-        return 1
-    finally:
-        await client.close()
+
+    return await run_ltm_command(f"docs {args.docs_command}", body)
 
 
 def run(args: argparse.Namespace) -> int:

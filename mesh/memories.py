@@ -16,9 +16,9 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Awaitable, Callable
 from typing import Any
 
+from mesh.client import LtmCall, ltm_ok, run_ltm_command
 from shared.contracts import LTMResponse, Memory, new_id
 from shared.contracts.messages import (
     DeleteData,
@@ -32,19 +32,11 @@ from shared.contracts.messages import (
     StatsRequest,
 )
 
-Call = Callable[[RequestEnvelope, float], Awaitable[LTMResponse]]
-
-
-class MemoriesError(RuntimeError):
-    pass
+Call = LtmCall
 
 
 async def _ask(call: Call, request: RequestEnvelope, timeout: float = 30.0) -> LTMResponse:
-    resp = await call(request, timeout)
-    if not resp.success:
-        err = resp.error
-        raise MemoriesError(f"{err.code if err else '?'}: {err.message if err else ''}")
-    return resp
+    return ltm_ok(await call(request, timeout))
 
 
 async def memories_page(call: Call, user_id: str, limit: int = 20, offset: int = 0,
@@ -77,18 +69,14 @@ def _line(m: Memory) -> str:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from mesh.client import MeshClient
-    from shared.runtime.requests import Unavailable
-
     if args.action == "search" and not args.arg:
         print("mesh memories USER search QUERY: give a query", file=sys.stderr)
         return 2
     if args.action == "delete" and (args.arg is None) == (not args.all):
         print("mesh memories USER delete: give a MEMORY_ID or --all", file=sys.stderr)
         return 2
-    client = await MeshClient.connect()
-    try:
-        call: Call = client.ltm.call
+
+    async def body(call: Call) -> int:
         out: Any
         if args.action in ("list", "search"):
             found = (await memories_page(call, args.user, args.limit, args.offset, args.types)
@@ -108,14 +96,8 @@ async def _run(args: argparse.Namespace) -> int:
             text = f"deleted {args.arg}"
         print(json.dumps(out, indent=1, default=str) if args.json else text)
         return 0
-    except MemoriesError as exc:
-        print(f"mesh memories {args.action}: refused: {exc}", file=sys.stderr)
-        return 1
-    except (TimeoutError, Unavailable):
-        print(f"mesh memories {args.action}: no reply from ltm (is the mesh running? `make up`)", file=sys.stderr)
-        return 1
-    finally:
-        await client.close()
+
+    return await run_ltm_command(f"memories {args.action}", body)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -26,7 +26,7 @@ from typing import Any
 
 from psycopg import AsyncConnection, sql
 
-from shared.runtime.vectors import VECTOR_COLUMNS, VectorColumn, column_dims, record_model, retype, triggers_lifted
+from shared.runtime.vectors import VECTOR_COLUMNS, VectorColumn, column_dim, record_model, retype, triggers_lifted
 
 NEXT = "embedding_next"
 
@@ -91,12 +91,7 @@ async def reembed_component(conn: AsyncConnection, component: str, name: str, di
             continue
         await conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} vector({})").format(
             sql.Identifier(c.table), sql.Identifier(NEXT), sql.Literal(dim)))
-        if (await column_dims(conn, component)).get(label) is None:
-            raise RuntimeError(f"{label} is missing")
-        cur = await conn.execute("SELECT atttypmod FROM pg_attribute WHERE attrelid = %s::regclass AND attname = %s",
-                                 (c.table, NEXT))
-        row = await cur.fetchone()
-        if row is not None and int(row[0]) != dim:  # a run for another model was interrupted: start over
+        if await column_dim(conn, c.table, NEXT) != dim:  # a run for another model was interrupted: start over
             async with conn.transaction():
                 await retype(conn, c, dim, column=NEXT)
         bar = progress(label, await _count_missing(conn, c))

@@ -74,16 +74,22 @@ def model_identity(settings: EmbeddingSettings) -> tuple[str, int]:
     return model.name, model.dim
 
 
+async def column_dim(conn: AsyncConnection, table: str, column: str) -> int | None:
+    """A vector column's declared size (pgvector keeps it as the type modifier); None when there is no column."""
+    cur = await conn.execute("SELECT atttypmod FROM pg_attribute WHERE attrelid = %s::regclass AND attname = %s"
+                             " AND NOT attisdropped", (table, column))
+    row = await cur.fetchone()
+    return int(row[0]) if row else None
+
+
 async def column_dims(conn: AsyncConnection, component: str) -> dict[str, int]:
-    """``table.column`` -> its declared vector size (pgvector keeps it as the type modifier)."""
+    """``table.column`` -> its declared vector size, for each of the component's vector columns."""
     out = {}
     for c in VECTOR_COLUMNS[component]:
-        cur = await conn.execute("SELECT atttypmod FROM pg_attribute WHERE attrelid = %s::regclass AND attname = %s",
-                                 (c.table, c.column))
-        row = await cur.fetchone()
-        if row is None:
+        dim = await column_dim(conn, c.table, c.column)
+        if dim is None:
             raise RuntimeError(f"{c.table}.{c.column} does not exist: run the {component} migrations first")
-        out[f"{c.table}.{c.column}"] = int(row[0])
+        out[f"{c.table}.{c.column}"] = dim
     return out
 
 

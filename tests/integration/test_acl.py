@@ -13,6 +13,7 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -49,6 +50,20 @@ async def acl_redis(tmp_path: Path, names: Names) -> AsyncIterator[tuple[RedisSe
         server.stop()
 
 
+def services_as_users(server: RedisServer, passwords: dict[str, str], clients: dict[str, aioredis.Redis], n: Names,
+                      database_url: str, pool: Any, model: Any) -> tuple[MemoryService, LtmService, ChatService]:
+    """memory, ltm and chat_ai, each logged in as its own Redis user."""
+    def url(user: str) -> str:
+        return server.url_as(user, passwords[user])
+
+    mem_s = MemorySettings(**common(url("memory"), database_url))
+    ltm_s = LtmSettings(**common(url("ltm"), database_url))
+    chat_s = ChatSettings(**common(url("chat_ai"), database_url))
+    return (MemoryService(mem_s, n, clients["memory"], ConversationStore(pool)),
+            LtmService(ltm_s, n, clients["ltm"], build_backend(ltm_s, pool, model, clients["ltm"], n)),
+            ChatService(chat_s, n, clients["chat_ai"], None))
+
+
 async def refused(client: aioredis.Redis, *command: str) -> bool:
     try:
         await client.execute_command(*command)
@@ -68,12 +83,7 @@ async def test_each_service_does_its_job_as_its_own_user_and_nothing_else(
         pool = await open_pool(database_url, max_size=8)
         try:
             # the mesh at work, each service with its own user
-            mem_s = MemorySettings(**common(server.url_as("memory", passwords["memory"]), database_url))
-            ltm_s = LtmSettings(**common(server.url_as("ltm", passwords["ltm"]), database_url))
-            chat_s = ChatSettings(**common(server.url_as("chat_ai", passwords["chat_ai"]), database_url))
-            memory = MemoryService(mem_s, n, clients["memory"], ConversationStore(pool))
-            ltm = LtmService(ltm_s, n, clients["ltm"], build_backend(ltm_s, pool, sync_embedder, clients["ltm"], n))
-            chat = ChatService(chat_s, n, clients["chat_ai"], None)
+            memory, ltm, chat = services_as_users(server, passwords, clients, n, database_url, pool, sync_embedder)
             async with running(memory), running(ltm), running(chat):
                 async def say(text: str, session: str) -> str:
                     msg = UserInput(message_id=new_id(), user_id="u-acl", session_id=session, content=text)
@@ -178,12 +188,7 @@ async def test_the_gateway_serves_http_as_its_own_user_and_nothing_else(
         proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "services.gateway", cwd=ROOT, env=env,
                                                     stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
         try:
-            mem_s = MemorySettings(**common(server.url_as("memory", passwords["memory"]), database_url))
-            ltm_s = LtmSettings(**common(server.url_as("ltm", passwords["ltm"]), database_url))
-            chat_s = ChatSettings(**common(server.url_as("chat_ai", passwords["chat_ai"]), database_url))
-            memory = MemoryService(mem_s, n, clients["memory"], ConversationStore(pool))
-            ltm = LtmService(ltm_s, n, clients["ltm"], build_backend(ltm_s, pool, sync_embedder, clients["ltm"], n))
-            chat = ChatService(chat_s, n, clients["chat_ai"], None)
+            memory, ltm, chat = services_as_users(server, passwords, clients, n, database_url, pool, sync_embedder)
             headers = {"Authorization": f"Bearer {key}"}
             async with running(memory), running(ltm), running(chat), \
                     httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30, headers=headers) as c:
