@@ -8,6 +8,7 @@ import uuid
 
 import redis.asyncio as aioredis
 import structlog
+from pydantic import ValidationError
 
 from services.chat_ai.config import ChatSettings
 from services.chat_ai.prompt import MemoryBlock, build_messages, prompt_block
@@ -134,16 +135,24 @@ class ChatService:
         request = SearchRequest(request_id=new_id(), type="search", user_id=msg.user_id, data=SearchData(
             query=msg.content, limit=self.settings.ltm_top_k, exclude_session_id=msg.session_id, now=msg.timestamp,
             max_tokens=self.settings.ltm_prompt_tokens, turn_tokens=self.settings.ltm_turn_tokens, source_turns=True))
+        resp = await self._ask_ltm(request, "ltm_error")
+        if isinstance(resp, str):
+            return [], resp
+        return resp.memories, ("hit" if resp.memories else "miss")
+
+    async def _ask_ltm(self, request: SearchRequest | DocSearchRequest, event: str) -> LTMResponse | LtmStatus:
+        """One ltm request within LTM_TIMEOUT_MS: its successful reply, or what the turn records instead
+        (``timeout``, ``error``: logged as ``chat_ai.<event>``); never raises, so the turn goes on without it."""
         try:
             resp = await self.ltm.call(request, self.settings.ltm_timeout_ms / 1000)
         except TimeoutError:
-            return [], "timeout"
+            return "timeout"
         except Unavailable:
-            return [], "error"
+            return "error"
         if not resp.success:
-            log.warning("chat_ai.ltm_error", error=resp.error.model_dump() if resp.error else None)
-            return [], "error"
-        return resp.memories, ("hit" if resp.memories else "miss")
+            log.warning(f"chat_ai.{event}", error=resp.error.model_dump() if resp.error else None)
+            return "error"
+        return resp
 
     async def recall_docs(self, msg: UserInput) -> tuple[list[DocPassage], LtmStatus]:
         """ENABLE_RAG: the passages of the user's documents for this turn, waiting at most LTM_TIMEOUT_MS (run beside
@@ -152,16 +161,13 @@ class ChatService:
             return [], "disabled"
         request = DocSearchRequest(request_id=new_id(), type="doc_search", user_id=msg.user_id, data=DocSearchData(
             query=msg.content, top_k=self.settings.rag_top_k, max_tokens=self.settings.ltm_prompt_tokens))
+        resp = await self._ask_ltm(request, "doc_search_error")
+        if isinstance(resp, str):
+            return [], resp
         try:
-            resp = await self.ltm.call(request, self.settings.ltm_timeout_ms / 1000)
-            if not resp.success:
-                log.warning("chat_ai.doc_search_error", error=resp.error.model_dump() if resp.error else None)
-                return [], "error"
             passages = DocSearchResult.model_validate(resp.data or {}).passages
-        except TimeoutError:
-            return [], "timeout"
-        except Exception as exc:  # noqa: BLE001 - an unreadable reply, the bus: the memories still go in
-            log.warning("chat_ai.doc_search_failed", error=type(exc).__name__)
+        except ValidationError:  # a reply of another shape (an older ltm): the memories still go in
+            log.warning("chat_ai.doc_search_unreadable")
             return [], "error"
         return passages, ("hit" if passages else "miss")
 

@@ -119,6 +119,7 @@ class NativeBackend:
         self.documents = Documents(store.pool, lambda: self.ingest_embedder, self.retrieval,
                                    settings.ltm_doc_chunk_tokens, settings.ltm_doc_chunk_overlap)
         self._queries: OrderedDict[str, np.ndarray] = OrderedDict()  # query text -> embedding (search)
+        self._embedding: dict[str, asyncio.Future[np.ndarray]] = {}  # query text -> its pass in flight
         self.reused_query_vectors = 0  # ingested turns whose vector came from the query cache
         self._query_cache = settings.ltm_query_cache
         self._warm_rows = settings.ltm_search_index_warm_rows
@@ -323,17 +324,28 @@ class NativeBackend:
         return await self.store.search(user_id, data, await self._query_vector(data.query), self.retrieval)
 
     async def _query_vector(self, text: str) -> np.ndarray:
-        """The query's embedding, from a per-process LRU of LTM_QUERY_CACHE texts (retries, k=10 then k=20)."""
+        """The query's embedding, from a per-process LRU of LTM_QUERY_CACHE texts (retries, k=10 then k=20). A text
+        being embedded is embedded once: concurrent asks (chat_ai's memory search and doc_search of one turn) wait
+        for the same pass."""
         queries = self._queries
         vec = queries.get(text)
-        if vec is None:
-            vec = await self.embedder.embed(text)
-            queries[text] = vec
-            while len(queries) > self._query_cache:
-                queries.popitem(last=False)
-        else:
+        if vec is not None:
             queries.move_to_end(text)
-        return vec
+            return vec
+        task = self._embedding.get(text)
+        if task is None:
+            task = asyncio.ensure_future(self.embedder.embed(text))
+            self._embedding[text] = task
+            task.add_done_callback(lambda done: self._query_embedded(text, done))
+        return await asyncio.shield(task)  # a cancelled asker does not cancel the others' pass
+
+    def _query_embedded(self, text: str, task: asyncio.Future[np.ndarray]) -> None:
+        self._embedding.pop(text, None)
+        if task.cancelled() or task.exception() is not None:  # the askers get the error (retrieved here too)
+            return
+        self._queries[text] = task.result()
+        while len(self._queries) > self._query_cache:
+            self._queries.popitem(last=False)
 
     async def add(self, user_id: str, data: AddData) -> Memory:
         vec = await self.embedder.embed(data.content)

@@ -235,3 +235,27 @@ async def test_a_turn_just_searched_for_is_ingested_with_the_searchs_vector(mesh
         row = await cur.fetchone()
     stored = row[0].to_numpy() if hasattr(row[0], "to_numpy") else np.asarray(row[0])
     assert float(np.dot(stored, mesh.model.encode([text])[0])) > 0.9999
+
+
+async def test_one_query_asked_at_once_twice_is_embedded_once(mesh: Mesh) -> None:
+    """chat_ai's memory search and doc_search of one turn carry the same text: they share one embedding pass, and
+    an asker that gives up does not cancel the other's."""
+    b = backend(mesh)
+    calls: list[str] = []
+    embed = b.embedder.embed
+
+    async def counted(text: str) -> np.ndarray:
+        calls.append(text)
+        return await embed(text)
+
+    b.embedder.embed = counted  # type: ignore[method-assign]
+    text = "Where does my sister keep her sailing boat?"
+    first = asyncio.ensure_future(b._query_vector(text))
+    second = asyncio.ensure_future(b._query_vector(text))
+    await asyncio.sleep(0)
+    first.cancel()
+    vec = await asyncio.wait_for(second, 10)
+    assert calls == [text]
+    assert float(np.dot(vec, mesh.model.encode([text])[0])) > 0.9999
+    again = await b._query_vector(text)  # from the cache now
+    assert calls == [text] and again is vec
