@@ -30,8 +30,9 @@ from shared.runtime.runner import pubsub_for
 
 
 async def wait_until(predicate: Callable[[], Any], timeout: float = 15.0, interval: float = 0.02,
-                     message: str = "condition") -> Any:
-    """Poll ``predicate`` (sync or async) until it returns a truthy value; return that value."""
+                     message: str | Callable[[], str] = "condition") -> Any:
+    """Poll ``predicate`` (sync or async) until it returns a truthy value; return that value. ``message`` may be a
+    callable, called when the wait fails (what was last seen)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -40,7 +41,8 @@ async def wait_until(predicate: Callable[[], Any], timeout: float = 15.0, interv
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+            seen = message() if callable(message) else message
+            raise AssertionError(f"timed out after {timeout}s waiting for {seen}")
         await asyncio.sleep(interval)
 
 

@@ -12,7 +12,10 @@ from shared.runtime.settings import MeshSettings
 
 class LtmSettings(MeshSettings):
     ltm_accept_pubsub: bool = False
-    ltm_request_concurrency: int = 16
+    ltm_request_concurrency: int = Field(default=4, ge=1, description=(
+        "ltm requests one process serves at once: searches are CPU work on one event loop, so more at once only "
+        "queues them inside the process, past the list's newest-first order under overload (4 against 16: chat "
+        "turns answered with memory under a 50-session burst 157 of 800 against 43, search throughput unchanged)"))
     ltm_ingest_concurrency: int = 128
     ltm_ingest_batch: int = 64
     ltm_backend: Literal["native", "mem0"] = "native"

@@ -1,9 +1,7 @@
-"""The ingest path's mechanics: embedding in small passes, ingest's own model, vector caches.
+"""The ingest path's mechanics: ingest's own model, vector caches; embedding in small passes is
+shared/runtime/passes.py (re-exported here).
 
 Ingest works in steps (a spaCy call over a few turns, one embedding forward pass over a few hundred tokens).
-Embedding passes are kept small on purpose: on this kind of CPU (2 cores, no AVX-512, measured with the ONNX
-model) one forward pass over 64 texts costs more per text than passes over 4-8 texts (about 0.22 ms per token at
-4-8 short texts against 0.4 at 64; for long turns 1-4 texts a pass), and a small pass waits little for padding.
 
 Searches do not wait for ingest's passes: with LTM_INGEST_MODEL=own (the default) ingest embeds with a second
 copy of the model (:class:`IngestModel`), whose passes run beside a search's embedding instead of before it
@@ -16,17 +14,26 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import numpy as np
 
-from shared.runtime.embedding import Embedder, SyncEmbedder
+from shared.runtime.embedding import SyncEmbedder
+from shared.runtime.passes import MAX_TOKENS, SALIENCE_TOKENS, embed_in_steps, steps, tokens
 
-T = TypeVar("T")
-SALIENCE_TOKENS = 64  # token vectors the salience model reads (services/ltm/salience/infer.py MAX_TOKENS)
-MAX_TOKENS = 256  # all-MiniLM-L6-v2 sees no more of a text (sentence-transformers' max_seq_length)
+__all__ = [
+    "MAX_TOKENS",
+    "SALIENCE_TOKENS",
+    "IngestModel",
+    "Lookup",
+    "VectorCache",
+    "embed_in_steps",
+    "from_cache",
+    "ingest_model",
+    "steps",
+    "tokens",
+]
+
 
 
 class IngestModel(SyncEmbedder):
@@ -47,26 +54,6 @@ def ingest_model() -> IngestModel:
         if _ingest_model is None:
             _ingest_model = IngestModel()
     return _ingest_model
-
-
-def tokens(text: str) -> int:
-    """About how many WordPiece tokens the model reads of ``text`` (4 characters a token, at most 256)."""
-    return min(MAX_TOKENS, len(text) // 4 + 2)
-
-
-def steps(items: Sequence[T], size: Callable[[T], int], budget: int) -> Iterable[list[T]]:
-    """``items`` in consecutive runs of at most ``budget`` (by ``size``), each holding at least one item."""
-    run: list[T] = []
-    used = 0
-    for item in items:
-        n = size(item)
-        if run and used + n > budget:
-            yield run
-            run, used = [], 0
-        run.append(item)
-        used += n
-    if run:
-        yield run
 
 
 class VectorCache:
@@ -122,40 +109,3 @@ def from_cache(cache: VectorCache, wanted: dict[str, str]) -> Lookup:
         else:
             out.found[key] = vec
     return out
-
-
-async def embed_in_steps(embedder: Embedder, texts: Sequence[str], budget_tokens: int,
-                         turn: Callable[[], Awaitable[None]] | None = None, *, with_tokens: set[str] | None = None,
-                         tokens_out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-    """The vector of every distinct text, in forward passes of at most ``budget_tokens`` padded tokens (texts
-    sorted by length, so that a pass pads little); ``turn`` is awaited before each pass (requests first). The
-    texts in ``with_tokens`` also get their token vectors in ``tokens_out`` (the same pass: the salience model's)."""
-    want = with_tokens or set()
-    sink: dict[str, np.ndarray] = tokens_out if tokens_out is not None else {}
-    distinct = sorted(set(texts), key=lambda t: (tokens(t), t))
-    out: dict[str, np.ndarray] = {}
-    run: list[str] = []
-    for text in distinct:
-        # sorted ascending: the padded size of a pass is its count times its last (longest) text
-        if run and (len(run) + 1) * tokens(text) > budget_tokens:
-            if turn is not None:
-                await turn()
-            await _pass(embedder, run, out, want, sink)
-            run = []
-        run.append(text)
-    if run:
-        if turn is not None:
-            await turn()
-        await _pass(embedder, run, out, want, sink)
-    return out
-
-
-async def _pass(embedder: Embedder, run: list[str], out: dict[str, np.ndarray], want: set[str],
-                sink: dict[str, np.ndarray]) -> None:
-    if want and not want.isdisjoint(run):
-        vecs, toks = await embedder.embed_many_with_tokens(run, SALIENCE_TOKENS)
-        sink.update((text, tok) for text, tok in zip(run, toks, strict=True) if text in want)
-    else:
-        vecs = await embedder.embed_many(run)
-    for text, vec in zip(run, vecs, strict=True):
-        out[text] = vec

@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -142,14 +142,21 @@ ARCHIVE = (
 
 # decay is a real (float4): past 100 half-lives (a memory dated decades back, or at -1) the factor stays at
 # 0.5^100 ~ 8e-31 instead of underflowing the column ("value out of range") and failing the user's optimize
-DECAY = (
-    "UPDATE ltm_memories SET decay = LEAST(1.0, GREATEST(0.0,"
+_DECAY_VALUE = (
+    "LEAST(1.0, GREATEST(0.0,"
     " (0.5 + 0.5 * confidence) * power(0.5, LEAST(100.0, GREATEST(0.0, %(now)s - GREATEST("
     "   COALESCE(extract(epoch FROM last_accessed), 0), COALESCE(asserted_at, source_timestamp,"
     "   extract(epoch FROM created_at)))) / 86400.0 / %(half_life)s))"
     " + 0.1 * ln(1 + access_count) + 0.05 * ln(GREATEST(mentions, 1))))"
     " * CASE WHEN valid_to IS NULL THEN 1.0 ELSE 0.5 END"
-    " WHERE user_id = %(u)s"
+)
+# Only the rows whose value moved by DECAY_STEP or more are written: between two passes (LTM_OPTIMIZE_INTERVAL_S,
+# 10 min) a 30-day half-life moves a value by about 1e-4, so a pass rewrites a handful of rows, not every memory of
+# the user (each rewrite is a new row version, WAL and index entries). The value only orders budgeted cleanup.
+DECAY_STEP = 0.005
+DECAY = (
+    f"UPDATE ltm_memories SET decay = {_DECAY_VALUE}"
+    f" WHERE user_id = %(u)s AND abs(decay - {_DECAY_VALUE}) >= {DECAY_STEP}"
 )
 
 MERGE = (
@@ -297,14 +304,18 @@ class Lifecycle:
                 {"u": user_id, "interval": self.config.optimize_interval_s, "n": self.config.users_per_run})
             return [r[0] for r in await cur.fetchall()]
 
-    async def periodic(self, now: float | None = None) -> list[dict[str, Any]]:
-        """Optimise the users that are due, each under its lock; runs at most every ``optimize_interval_s``/10."""
+    async def periodic(self, now: float | None = None,
+                       turn: Callable[[], Awaitable[None]] | None = None) -> list[dict[str, Any]]:
+        """Optimise the users that are due, each under its lock; runs at most every ``optimize_interval_s``/10.
+        ``turn`` is awaited before each user (requests first: shared/runtime/priority.py)."""
         now = time.monotonic() if now is None else now
         if self.redis is None or now < self._next_periodic:
             return []
         self._next_periodic = now + self.config.optimize_interval_s / 10
         out = []
         for user_id in await self.due_users():
+            if turn is not None:
+                await turn()
             try:
                 out.append(await self.optimize(user_id, only_if_due=True))
             except Exception as exc:  # one user's failure must not stop the round for everyone else

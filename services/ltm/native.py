@@ -49,7 +49,7 @@ from shared.runtime.embedding import Embedder
 from shared.runtime.errors import is_transient
 from shared.runtime.llm import chat_model
 from shared.runtime.logging import get_logger
-from shared.runtime.priority import Foreground
+from shared.runtime.priority import Foreground, background_executor
 from shared.runtime.text import is_question
 
 log = get_logger(__name__)
@@ -77,7 +77,8 @@ def build_extraction(settings: LtmSettings) -> Extraction | None:
             llm = LlmExtractor(model, rules, retries=settings.ltm_llm_retries)
         elif settings.ltm_extraction == "llm":
             log.warning("ltm.extraction_llm_unconfigured", using="rules")
-    return Extraction(rules, llm, max_batch=settings.ltm_extract_batch)
+    return Extraction(rules, llm, max_batch=settings.ltm_extract_batch,
+                      executor=background_executor(settings.background_nice))
 
 
 def lifecycle_config(settings: LtmSettings) -> LifecycleConfig:
@@ -129,6 +130,7 @@ class NativeBackend:
         self.lifecycle = Lifecycle(store.pool, lifecycle_config(settings), redis,
                                    lambda user_id: lock_names.lock("ltm", "optimize", user_id))
         self.step_tokens = settings.ltm_ingest_step_tokens
+        self._background = background_executor(settings.background_nice)  # ingest's threads (BACKGROUND_NICE)
         # requests first: LtmService's request server marks what it serves, ingest steps aside between its steps
         self.foreground = Foreground(settings.ltm_ingest_yield_ms / 1000)
         # LTM_SALIENCE: the salience model (numpy) and each session's state, for the local model's token vectors
@@ -149,8 +151,8 @@ class NativeBackend:
         if self._own_model:
             loads.append(asyncio.to_thread(ingest_model))
         await asyncio.gather(*loads)
-        if self._own_model:
-            self.ingest_embedder = Embedder(ingest_model())
+        if self._own_model:  # its passes at background priority: a search's embedding gets the CPU first
+            self.ingest_embedder = Embedder(ingest_model(), executor=self._background)
         if self._warm_rows:
             self._warm_task = asyncio.create_task(self._warm_recent(), name="ltm.index_warm")
 
@@ -238,7 +240,8 @@ class NativeBackend:
         names.fill(self._names, vectors)
         scores: list[float | None] = [None] * len(todo)
         if salient and todo:
-            scores = [float(x) for x in await asyncio.to_thread(self._salience, todo, vectors, turn_tokens)]
+            scores = [float(x) for x in await asyncio.get_running_loop().run_in_executor(
+                self._background, self._salience, todo, vectors, turn_tokens)]
         return [self._write_of(u, t, items, mentioned, ns, vectors[u.content], texts.found, names.found, sal)
                 for u, t, items, mentioned, ns, sal in zip(todo, turns, items_of, mentioned_of, names_of, scores,
                                                            strict=True)]
@@ -394,4 +397,5 @@ class NativeBackend:
 
     async def maintenance(self) -> list[str]:
         await self.store.flush_access()
-        return [r["user_id"] for r in await self.lifecycle.periodic() if r.get("status") == "done"]
+        return [r["user_id"] for r in await self.lifecycle.periodic(turn=self.foreground.turn)
+                if r.get("status") == "done"]

@@ -388,6 +388,13 @@ class Turn:
         return self.tokens
 
 
+def counted(turns: Sequence[Turn]) -> None:
+    """Count the tokens of all ``turns`` in one tokenizer call (what :meth:`Turn.cost` would do one by one)."""
+    todo = [t for t in turns if t.tokens < 0]
+    for t, n in zip(todo, count_tokens([t.content for t in todo]), strict=True):
+        t.tokens = n
+
+
 @dataclass(slots=True)
 class Packed:
     anchor: int
@@ -483,6 +490,7 @@ async def search(pool: AsyncConnectionPool, user_id: str, data: SearchData, embe
     heads, scores = [heads[i] for i in live], [float(ordered[i]) for i in live]
     anchors = [_turn(content[r["memory_id"]]) for r in heads]
     neighbours = [near[r["memory_id"]] for r in heads]
+    counted([*anchors, *(t for side in neighbours for _, t in side)])
     packed = pack(scores, anchors, neighbours, data.limit, data.max_tokens or cfg.max_tokens, cfg.neighbour_cost,
                   data.turn_tokens)
     out = []

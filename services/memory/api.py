@@ -62,23 +62,28 @@ from shared.contracts.messages import UserDeletion
 from shared.runtime.embedding import Embedder
 from shared.runtime.logging import get_logger
 from shared.runtime.metrics import Metrics
+from shared.runtime.passes import embed_in_steps, steps, tokens
+from shared.runtime.priority import background_executor
 from shared.runtime.stm import Turn
 
 log = get_logger(__name__)
 
 EMBED_BATCH = 128
+EMBED_STEP_TOKENS = 256  # one background forward pass (shared/runtime/passes.py)
 
 
 class MemoryApi:
     def __init__(self, store: ConversationStore, stm: StmWriter, cache: SessionCache, counter: TokenCounter,
                  metrics: Metrics, *, embedder: Callable[[], Awaitable[Embedder | None]] | None = None,
                  publish: Publish | None = None, ping: Callable[[], dict[str, Any]] | None = None,
-                 import_max_batch: int = 500) -> None:
+                 import_max_batch: int = 500, background_nice: int = 0) -> None:
         self.store, self.stm, self.cache, self.counter, self.metrics = store, stm, cache, counter, metrics
         self._ping = ping  # the service's PingInfo (shared/contracts/ping.py)
         self._embedder = embedder
         self._publish = publish
         self._embed_lock = asyncio.Lock()
+        self._background_nice = background_nice  # BACKGROUND_NICE of the background embedding's passes
+        self._background: Embedder | None = None
         self.importer = HistoryImporter(store, stm, cache, counter, metrics, publish, import_max_batch)
 
     # ------------------------------------------------------------------ the write path of every turn
@@ -181,24 +186,40 @@ class MemoryApi:
         return await self.store.search_messages(user_id, vector, session_id=session_id, limit=limit,
                                                 threshold=threshold)
 
-    async def embed_pending(self, user_id: str | None = None) -> int:
-        """Embed stored messages that have no embedding yet (one user's, or anyone's); returns how many."""
+    async def embed_pending(self, user_id: str | None = None,
+                            turn: Callable[[], Awaitable[None]] | None = None) -> int:
+        """Embed stored messages that have no embedding yet (one user's, or anyone's); returns how many.
+
+        With ``turn`` (the background job) it works in steps of one small forward pass (EMBED_STEP_TOKENS), run in
+        threads of background priority (BACKGROUND_NICE: ltm's searches on the same cores go first), and awaits
+        ``turn`` before each, outside the lock: storing messages and serving requests go first, and a
+        ``search_messages`` never waits behind more than one pass."""
         if self._embedder is None:
             return 0
         done = 0
-        async with self._embed_lock:  # one backfill at a time per process: the model is the bottleneck anyway
-            while True:
+        while True:
+            if turn is not None:
+                await turn()
+            async with self._embed_lock:  # one pass at a time per process: the model is the bottleneck anyway
                 pending = await self.store.unembedded(user_id=user_id, limit=EMBED_BATCH)
                 if not pending:
                     return done
                 embedder = await self._embedder()  # loaded only once there is work for it
                 if embedder is None:
                     return done
-                vectors = await embedder.embed_many([content for _, _, content in pending])
-                await self.store.set_embeddings([(uid, mid, vec) for (uid, mid, _), vec
-                                                 in zip(pending, vectors, strict=True)])
+                if turn is not None:  # this step: the oldest messages that fit one pass, at background priority
+                    pending = next(iter(steps(pending, lambda p: tokens(p[2]), EMBED_STEP_TOKENS)))
+                    embedder = self._background_embedder(embedder)
+                vectors = await embed_in_steps(embedder, [content for _, _, content in pending], EMBED_STEP_TOKENS)
+                await self.store.set_embeddings([(uid, mid, vectors[content]) for uid, mid, content in pending])
                 done += len(pending)
                 self.metrics.incr("embedded", len(pending))
+
+    def _background_embedder(self, embedder: Embedder) -> Embedder:
+        """The same model, its passes in the background threads (one front per model)."""
+        if self._background is None or self._background.model is not embedder.model:
+            self._background = Embedder(embedder.model, executor=background_executor(self._background_nice))
+        return self._background
 
     async def import_messages(self, user_id: str, messages: list[ImportMessage]) -> ImportResult:
         """A batch of the user's past turns (services/memory/importer.py)."""

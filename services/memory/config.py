@@ -25,6 +25,10 @@ class MemorySettings(MeshSettings):
         default=True, description="embed stored messages in the background, for search_messages")
     memory_embed_interval_s: float = Field(default=1.0, gt=0,
                                            description="how often the background embedder looks for new messages")
+    memory_embed_yield_ms: int = Field(
+        default=1000, ge=0, le=60_000,
+        description="the background embedder steps aside while memory stores messages or serves requests, at most "
+                    "this long before each of its small passes (work a user waits for first; 0 = off)")
     memory_cleanup_interval_s: float = Field(default=300.0, gt=0,
                                              description="period of the sweep of expired session context entries")
     memory_encryption_key: str | None = Field(

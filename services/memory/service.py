@@ -40,6 +40,7 @@ from shared.runtime.embedding import Embedder, shared_model
 from shared.runtime.llm import ChatModel, chat_model
 from shared.runtime.logging import get_logger
 from shared.runtime.metrics import Metrics
+from shared.runtime.priority import Foreground
 from shared.runtime.requests import RequestServer
 from shared.runtime.streams import StreamConsumer
 
@@ -63,13 +64,15 @@ class MemoryService:
         self.stm = StmWriter(redis, names, store, build_summariser(settings, counter, llm), settings.stm_max_messages,
                              settings.stm_ttl_seconds, catch_up_delay_s=settings.memory_summary_delay_ms / 1000)
         self._embedder = embedder
+        # messages and requests first: the background embedding of stored messages steps aside between its passes
+        self.foreground = Foreground(settings.memory_embed_yield_ms / 1000, self.metrics)
         self.started_at = time.time()
         self.summariser_kind = f"llm:{llm.name}" if llm else "extractive"
         self.api = MemoryApi(
             store, self.stm, SessionCache(redis, names, settings.memory_cache_ttl_s, self.metrics), counter,
             self.metrics, embedder=self._get_embedder if settings.memory_embed_messages else None,
             publish=self.queue_update if settings.enable_ltm_publish else None,
-            import_max_batch=settings.memory_import_max_batch,
+            import_max_batch=settings.memory_import_max_batch, background_nice=settings.background_nice,
             ping=lambda: self.ping_info().model_dump(),
         )
         self._stop = asyncio.Event()
@@ -88,6 +91,7 @@ class MemoryService:
             handler=self.api.handle, error_reply=MemoryResponse.failure, metrics=self.metrics,
             max_content_bytes=settings.max_content_bytes, concurrency=settings.memory_request_concurrency,
             max_payload_bytes=settings.memory_import_max_bytes, drain_s=settings.shutdown_grace_s,
+            foreground=self.foreground,
         )
 
     async def run(self) -> None:
@@ -101,7 +105,7 @@ class MemoryService:
         ]
         if self.settings.memory_embed_messages:
             background.append(asyncio.create_task(self._every(self.settings.memory_embed_interval_s,
-                                                              self.api.embed_pending), name="memory.embed"))
+                                                              self._embed_pending), name="memory.embed"))
         log.info("memory.ready")
         try:
             await run_service(core, background, self._stop, self.settings.shutdown_grace_s, what="memory",
@@ -139,6 +143,9 @@ class MemoryService:
             except TimeoutError:
                 pass
 
+    async def _embed_pending(self) -> int:
+        return await self.api.embed_pending(turn=self.foreground.turn)
+
     async def _cleanup(self) -> None:
         deleted = await self.store.cleanup_expired_data(None)
         if deleted["context"]:
@@ -160,7 +167,8 @@ class MemoryService:
         ))
 
     async def record(self, m: StoredMessage) -> None:
-        await self.api.record(m)  # another user's session or message id: a BadRequest, dead-lettered by the consumer
+        with self.foreground.serving():  # another user's session or message id: a BadRequest, dead-lettered
+            await self.api.record(m)
 
     def queue_update(self, pipe: Pipeline, update: MemoryUpdate) -> None:
         """The MemoryUpdate goes to the stream (for ltm, durable) and the channel (observers)."""

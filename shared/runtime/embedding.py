@@ -18,6 +18,7 @@ import asyncio
 import json
 import os
 import threading
+from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -238,9 +239,10 @@ def shared_model(threads: int | None = None, settings: EmbeddingSettings | None 
 class Embedder:
     """Async front: concurrent ``embed`` calls are coalesced into batches in a worker thread."""
 
-    def __init__(self, model: SyncEmbedder, max_batch: int = 64) -> None:
+    def __init__(self, model: SyncEmbedder, max_batch: int = 64, executor: Executor | None = None) -> None:
         self.model = model
         self.max_batch = max_batch
+        self.executor = executor  # where passes run (None: the loop's default; priority.background_executor)
         self._queue: list[tuple[str, asyncio.Future[np.ndarray]]] = []
         self._running = False
         self._pump_task: asyncio.Task[None] | None = None
@@ -252,7 +254,8 @@ class Embedder:
                                                                                          list[np.ndarray]]:
         """``embed_many`` (the same vectors) plus each text's token vectors (``SyncEmbedder.encode_with_tokens``);
         one pass of its own, off the event loop, not coalesced with other callers."""
-        vecs, toks = await asyncio.to_thread(self.model.encode_with_tokens, list(texts), 64, max_tokens)
+        vecs, toks = await asyncio.get_running_loop().run_in_executor(
+            self.executor, self.model.encode_with_tokens, list(texts), 64, max_tokens)
         return list(vecs), toks
 
     async def embed_many(self, texts: list[str]) -> list[np.ndarray]:
@@ -272,7 +275,8 @@ class Embedder:
             while self._queue:
                 batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch:]
                 try:
-                    vecs = await asyncio.to_thread(self.model.encode, [t for t, _ in batch])
+                    vecs = await asyncio.get_running_loop().run_in_executor(
+                        self.executor, self.model.encode, [t for t, _ in batch])
                 except Exception as exc:  # noqa: BLE001 - handed to every waiter
                     for _, fut in batch:
                         if not fut.done():

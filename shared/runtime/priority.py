@@ -6,12 +6,22 @@ makes a chat turn miss its ``LTM_TIMEOUT_MS``. The request server marks each req
 embedding pass, one extraction step, one write), which returns at once when no request is in flight and otherwise
 waits until none is, at most ``max_wait_s`` (so ingest never starves: it still gets a step in every
 ``max_wait_s``). ``max_wait_s`` = 0 turns it off.
+
+That orders work inside one process. Across processes (ltm's ingest against the searches of another ltm process,
+memory's embedding of stored messages against ltm's searches, all on the same cores) the kernel decides:
+:func:`background_executor` gives background work threads of a lower OS priority (``BACKGROUND_NICE``; on Linux the
+nice value is a thread's own), so that under contention a search or a chat turn gets the CPU first and background
+work takes what is left; on an idle machine it runs at full speed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 from shared.runtime.metrics import Metrics
@@ -53,4 +63,33 @@ class Foreground:
                 self.metrics.incr("background.yield_expired")
 
 
-__all__ = ["Foreground"]
+_executors: dict[int, ThreadPoolExecutor] = {}
+_executors_lock = threading.Lock()
+BACKGROUND_THREADS = 2  # one per core here: an extraction step and an embedding pass side by side
+
+
+def _lower_priority(nice: int) -> None:
+    """Executor thread initializer: this thread's nice value raised by ``nice`` (Linux: per thread; elsewhere
+    setpriority would lower the whole process, so nothing is done)."""
+    if sys.platform != "linux" or nice <= 0:
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except OSError:  # not allowed here (a sandbox): the work still runs, at normal priority
+        pass
+
+
+def background_executor(nice: int) -> ThreadPoolExecutor | None:
+    """The process's threads for background work at ``nice`` below normal priority (None when ``nice`` is 0: the
+    event loop's default executor)."""
+    if nice <= 0:
+        return None
+    with _executors_lock:
+        if nice not in _executors:
+            _executors[nice] = ThreadPoolExecutor(BACKGROUND_THREADS, thread_name_prefix=f"background-nice{nice}",
+                                                  initializer=_lower_priority, initargs=(nice,))
+        return _executors[nice]
+
+
+__all__ = ["Foreground", "background_executor"]

@@ -1,6 +1,7 @@
 """Request/response over Redis: a list of requests, replies published on a channel.
 
-:class:`RequestServer` is the worker side (BLPOP, any number of competing workers);
+:class:`RequestServer` is the worker side (BLPOP, any number of competing workers; newest first while the list
+is congested, see ``RequestServer._pop``);
 :class:`RpcClient` is the requester side, built like a JSON-RPC client: one shared
 subscription per process, a pending map keyed by ``request_id``, the subscription
 ready before anything is sent, the timeout armed after the send, the entry removed
@@ -70,6 +71,7 @@ class RequestServer(Generic[Req]):
         self._sem = asyncio.Semaphore(concurrency)
         self._inflight: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
+        self._congested = False  # see _pop
 
     def stop(self) -> None:
         self._stop.set()
@@ -81,15 +83,15 @@ class RequestServer(Generic[Req]):
             try:
                 await self._sem.acquire()
                 try:
-                    item = await self.redis.blpop([self.queue], timeout=self.block_s)
+                    raw = await self._pop()
                 except BaseException:
                     self._sem.release()
                     raise
-                if item is None:
+                if raw is None:
                     self._sem.release()
                     continue
                 backoff.reset()
-                task = asyncio.create_task(self._serve(item[1]))
+                task = asyncio.create_task(self._serve(raw))
                 self._inflight.add(task)
                 task.add_done_callback(self._done)
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
@@ -98,6 +100,19 @@ class RequestServer(Generic[Req]):
                 await backoff.sleep(self._stop)
         await drain_within(self._inflight, self.drain_s, what=self.queue, metrics=self.metrics)
         log.info("requests.stopped", queue=self.queue)
+
+    async def _pop(self) -> bytes | str | None:
+        """The next request: the oldest (BLPOP, blocking briefly) while the list keeps up; the newest (RPOP) while it
+        is congested, i.e. since a request was found expired when taken, until the list is empty. Under overload
+        the requests with time left go first and the ones whose requester gave up expire unserved, instead of every
+        request waiting out its deadline behind them (adaptive LIFO)."""
+        if self._congested:
+            raw = await self.redis.rpop(self.queue)
+            if raw is not None:
+                return raw  # type: ignore[no-any-return,return-value]
+            self._congested = False
+        item = await self.redis.blpop([self.queue], timeout=self.block_s)
+        return None if item is None else item[1]
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
@@ -135,6 +150,7 @@ class RequestServer(Generic[Req]):
         envelope: RequestEnvelope = request  # type: ignore[assignment]  # every member of the union is one
         kind = str(getattr(envelope, "type", "unknown"))
         if envelope.expired():
+            self._congested = True  # the list is behind: newest first until it empties (_pop)
             self.metrics.incr("expired")
             log.info("requests.expired", queue=self.queue, request_id=envelope.request_id)
             return kind, "expired"

@@ -165,6 +165,13 @@ async def test_decay_orders_by_age_and_disuse(mesh: Mesh) -> None:
     assert decay["User loves green tea"] > decay["User loves fresh figs"]
     assert decay["User lives in Oslo"] < decay["User lives in Bergen"]  # older and superseded
     assert min(decay.values()) >= 0.0 and max(decay.values()) <= 1.0
+    # a pass right after another rewrites no row whose value did not move (lifecycle.DECAY_STEP)
+    assert await backend.lifecycle.decay("u1") == 0
+    figs = await rows(mesh, "SELECT memory_id::text FROM ltm_memories WHERE user_id = %s AND content = %s",
+                      "u1", "User loves fresh figs")
+    backend.store.record_access("u1", [figs[0][0]])
+    await backend.store.flush_access()
+    assert await backend.lifecycle.decay("u1") == 1  # the old memory just used, only
 
 
 async def test_budgeted_cleanup_archives_the_lowest_value_first(mesh: Mesh) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -150,6 +151,25 @@ async def test_messages_store_get_paginate(mesh: Mesh) -> None:
     # a message for a new session id creates the session for its user
     await api.store_message("u1", StoreMessageData(session_id="fresh", content="hi there"))
     assert (await api.get_session("u1", "fresh")).message_count == 1
+
+
+async def test_the_background_embedding_steps_aside_for_messages_and_requests(mesh: Mesh) -> None:
+    """Under load the background embedding of stored messages waits for its turn (MEMORY_EMBED_YIELD_MS) outside its
+    lock, so a search_messages meanwhile embeds what it needs at once; released, the background does the rest."""
+    service = mesh.memory(memory_encryption_key=KEY, memory_embed_yield_ms=60_000)
+    api = service.api
+    for i, text in enumerate(("I keep bees on the roof.", "My bees made honey this summer.")):
+        await api.store_message("u-bg", StoreMessageData(session_id="bg", content=text))
+        await api.store_message("u-bg-other", StoreMessageData(session_id="bg-other", content=f"{text} ({i})"))
+    unembedded = "SELECT count(*) FROM conversation_messages WHERE user_id = %s AND embedding IS NULL"
+    with service.foreground.serving():  # a message being stored, a request being served
+        background = asyncio.create_task(service._embed_pending())
+        hits = await asyncio.wait_for(api.search_messages("u-bg", "honey from my bees", limit=1), 30)
+        assert hits and "honey" in hits[0].content
+        assert service.metrics.get("background.yielded") >= 1 and not background.done()
+        assert await mesh.count(unembedded, "u-bg-other") == 2  # the background has not run a pass yet
+    assert await asyncio.wait_for(background, 30) == 2  # the other user's two, once nothing is served
+    assert await mesh.count(unembedded, "u-bg-other") == 0
 
 
 async def test_semantic_search_over_messages(mesh: Mesh) -> None:
