@@ -62,7 +62,34 @@ def machine() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-            "loadavg_start": _loadavg(), "packages": versions, "git": _git()}
+            "loadavg_start": _loadavg(), "packages": versions, "git": _git(), "reference": reference()}
+
+
+REFERENCE_TEXT = "What did Caroline research after the support group meeting?"
+
+
+def reference(reps: int = 50) -> dict[str, float]:
+    """How fast this machine is right now, for comparing runs of other days (shared VMs vary by 2x): the median
+    time of one query embedding (ONNX, one thread) and of the dot products over 10k vectors, in ms."""
+    import numpy as np
+
+    from shared.runtime.embedding import shared_model
+
+    model = shared_model()
+    model.encode([REFERENCE_TEXT])
+    vecs = np.random.default_rng(0).random((10_000, 384), dtype=np.float32)
+    q = vecs[0]
+
+    def median_ms(fn: Any) -> float:
+        times = []
+        for _ in range(reps):
+            started = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - started) * 1000)
+        return round(sorted(times)[len(times) // 2], 3)
+
+    return {"embed_query_ms": median_ms(lambda: model.encode([REFERENCE_TEXT])),
+            "dot_10k_ms": median_ms(lambda: np.einsum("ij,j->i", vecs, q))}
 
 
 def _loadavg() -> list[float] | None:

@@ -165,6 +165,10 @@ def readme_block(report: dict[str, Any], source: str) -> str:
         f"`ltm_memories`). Regenerate with `python -m mesh bench --write-readme`.",
         "",
     ]
+    ref = m.get("reference")
+    if ref:  # the machine's speed at the time: shared VMs vary by 2x from one day to the next
+        lines += [f"Machine speed at the start of the run: one query embedding {ref['embed_query_ms']} ms (ONNX, one "
+                  f"thread), dot products over 10k vectors {ref['dot_10k_ms']} ms (medians).", ""]
     if report["kind"] != "full":
         lines += [f"This is a `{report['kind']}` run (smaller sizes and fewer repetitions than `make bench`): the "
                   "figures are indicative only; a full run's file replaces them.", ""]

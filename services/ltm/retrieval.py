@@ -192,11 +192,6 @@ def hybrid_sql(table: str, key: str, columns: str, keys: Sequence[str]) -> str:
 
 _CANDIDATES = hybrid_sql("ltm_memories", "memory_id", ROW_COLUMNS, KEYS)
 
-_ROWS = (
-    "SELECT memory_id, type, content, source_message_id, source_session_id, source_timestamp, speaker"
-    " FROM ltm_memories WHERE user_id = %(user_id)s AND memory_id = ANY(%(ids)s)"
-)
-
 # The ``w`` episodic turns just before and just after each anchor, in its session (timestamp order), and for a
 # typed memory (a fact extracted from a turn) the turn it came from (side 0: the words the fact was read from).
 # Every scan names the user by the parameter (not h.user_id), so each is pruned to the user's partition when planned.
@@ -229,6 +224,14 @@ FROM ltm_memories h CROSS JOIN LATERAL (
 WHERE h.user_id = %(user_id)s AND h.memory_id = ANY(%(ids)s)
   AND h.source_session_id IS NOT NULL AND h.source_timestamp IS NOT NULL
 """
+
+# The heads' own rows (``anchor`` NULL) and, when ``w`` > 0, their neighbouring turns: one round trip.
+_ROWS_AND_NEIGHBOURS = (
+    "SELECT NULL::uuid AS anchor, memory_id, type, content, source_message_id, source_session_id,"
+    " source_timestamp, speaker, NULL::int AS side FROM ltm_memories"
+    " WHERE user_id = %(user_id)s AND memory_id = ANY(%(ids)s)"
+    " UNION ALL (" + _NEIGHBOURS.strip() + " AND %(w)s > 0)"
+)
 
 
 # --------------------------------------------------------------------------- ranking (pure)
@@ -472,18 +475,19 @@ async def search(pool: AsyncConnectionPool, user_id: str, data: SearchData, embe
         if not heads:
             return []
         ids = [r["memory_id"] for r in heads]
-        await cur.execute(_ROWS, {"user_id": user_id, "ids": ids})
-        content = {r["memory_id"]: r for r in await cur.fetchall()}
-        near: dict[Any, list[tuple[int, Turn]]] = {i: [] for i in ids}
-        if cfg.context_turns > 0:
-            await cur.execute(_NEIGHBOURS, {"user_id": user_id, "ids": ids, "w": cfg.context_turns,
-                                      "source_turns": data.source_turns})
-            sides: dict[tuple[Any, int], list[dict[str, Any]]] = {}
-            for r in await cur.fetchall():
+        await cur.execute(_ROWS_AND_NEIGHBOURS, {"user_id": user_id, "ids": ids, "w": cfg.context_turns,
+                                                 "source_turns": data.source_turns})
+        content: dict[Any, dict[str, Any]] = {}
+        sides: dict[tuple[Any, int], list[dict[str, Any]]] = {}
+        for r in await cur.fetchall():
+            if r["anchor"] is None:
+                content[r["memory_id"]] = r
+            else:
                 sides.setdefault((r["anchor"], r["side"]), []).append(r)
-            for (anchor, side), turns in sides.items():
-                turns.sort(key=lambda t: t["source_timestamp"], reverse=side < 0)
-                near[anchor].extend((d, _turn(t)) for d, t in enumerate(turns, start=1 if side else 0))
+        near: dict[Any, list[tuple[int, Turn]]] = {i: [] for i in ids}
+        for (anchor, side), turns in sides.items():
+            turns.sort(key=lambda t: t["source_timestamp"], reverse=side < 0)
+            near[anchor].extend((d, _turn(t)) for d, t in enumerate(turns, start=1 if side else 0))
     # in rank order (a replaced memory placed after its replacement never outranks it)
     ordered = np.minimum.accumulate(ranked.score[: len(heads)])
     live = [i for i, r in enumerate(heads) if r["memory_id"] in content]  # not deleted meanwhile
