@@ -47,6 +47,7 @@ import numpy as np
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from services.ltm.candidates import Candidates, fuse_columns, gate_columns, neighbour_best
 from services.ltm.config import LtmSettings
 from services.ltm.periods import in_period, query_periods
 from services.ltm.search_index import KEYS, ROW_COLUMNS, SearchIndex
@@ -235,10 +236,6 @@ _ROWS_AND_NEIGHBOURS = (
 
 
 # --------------------------------------------------------------------------- ranking (pure)
-def _z(values: np.ndarray, mean: float, sd: float) -> np.ndarray:
-    return (values - mean) / sd if sd > 1e-9 else np.zeros_like(values)
-
-
 @dataclass(slots=True)
 class Ranked:
     """Eligible candidates with their final score, best first."""
@@ -262,72 +259,43 @@ def about_assistant(query: str) -> bool:
 def fuse(rows: Sequence[dict[str, Any]], dense: float, keyword: float) -> np.ndarray:
     """``dense * z(cosine) + keyword * z(bm25)`` of candidate rows of :func:`hybrid_sql` (step 1), the z-scores over
     every row the first stage read (its statistics columns), not only the candidates returned."""
-    if not rows:
-        return np.zeros(0)
-    first = rows[0]
-    n = max(float(first["n"]), 1.0)
-    k_mean = float(first["s1"]) / n
-    k_sd = math.sqrt(max(float(first["s2"]) / n - k_mean * k_mean, 0.0))
-    sim = np.array([float(r["sim"]) for r in rows])
-    bm25 = np.array([float(r["bm25"]) for r in rows])
-    return dense * _z(sim, float(first["sim_mean"]), float(first["sim_sd"])) + keyword * _z(bm25, k_mean, k_sd)
+    return fuse_columns(Candidates.of_scores(rows), dense, keyword)
 
 
 def gate(rows: Sequence[dict[str, Any]], rel: np.ndarray, pool: int, min_similarity: float,
          threshold: float | None) -> list[int]:
     """Step 3: of the ``pool`` most relevant rows, in relevance order, those with evidence of relevance (a query
     term matches, or cosine >= ``min_similarity``) and at least ``threshold`` cosine when one is set."""
-    order = np.argsort(-rel, kind="stable")
-    return [int(i) for i in order[:pool]
-            if (rows[i]["bm25"] > 0 or rows[i]["sim"] >= min_similarity)
-            and (threshold is None or rows[i]["sim"] >= threshold)]
+    c = Candidates.of_scores(rows)
+    return gate_columns(c.sim, c.bm25, rel, pool, min_similarity, threshold)
 
 
-def relevance(rows: list[dict[str, Any]], query: str, cfg: RetrievalConfig, now: float | None = None) -> np.ndarray:
-    """Fused relevance of the candidate rows (see the module docstring, step 2)."""
+def relevance(c: Candidates, query: str, cfg: RetrievalConfig, now: float | None = None) -> np.ndarray:
+    """Fused relevance of the candidates (see the module docstring, step 2)."""
     p = cfg.profile
-    if not rows:
+    if not len(c):
         return np.zeros(0)
-    rel = fuse(rows, p.dense, p.keyword)
+    rel = fuse_columns(c, p.dense, p.keyword)
     periods = query_periods(query, now) if p.time else []
     if periods:
-        rel = rel + p.time * np.array([1.0 if in_period(r["source_timestamp"], periods) else 0.0 for r in rows])
+        rel = rel + p.time * np.array([0.0 if math.isnan(t) else float(in_period(t, periods)) for t in c.ts.tolist()])
     if p.neighbour:
-        rel = rel + p.neighbour * _neighbour_best(rows, rel)
+        rel = rel + p.neighbour * neighbour_best(c.session, c.ts, rel)
     if p.assistant and not about_assistant(query):
-        rel = rel - p.assistant * np.array([1.0 if r.get("role") == "ai" else 0.0 for r in rows])
+        rel = rel - p.assistant * c.ai
     if p.question:
-        rel = rel - p.question * np.array([1.0 if r.get("question") else 0.0 for r in rows])
+        rel = rel - p.question * c.question
     return rel
 
 
-def _neighbour_best(rows: list[dict[str, Any]], rel: np.ndarray) -> np.ndarray:
-    """For each memory, the best relevance of the adjacent turns (by timestamp) of its session; 0 if none."""
-    slots: dict[tuple[str, float], float] = {}
-    for r, v in zip(rows, rel, strict=True):
-        if r["source_session_id"] is not None and r["source_timestamp"] is not None:
-            key = (r["source_session_id"], float(r["source_timestamp"]))
-            slots[key] = max(slots.get(key, -math.inf), float(v))
-    ordered = sorted(slots)
-    best: dict[tuple[str, float], float] = {}
-    for i, key in enumerate(ordered):
-        near = [slots[ordered[j]] for j in (i - 1, i + 1) if 0 <= j < len(ordered) and ordered[j][0] == key[0]]
-        best[key] = max(near) if near else 0.0
-    out = np.zeros(len(rows))
-    for i, r in enumerate(rows):
-        if r["source_session_id"] is not None and r["source_timestamp"] is not None:
-            out[i] = best[(r["source_session_id"], float(r["source_timestamp"]))]
-    return out
-
-
-def rank(rows: list[dict[str, Any]], query: str, cfg: RetrievalConfig, threshold: float | None,
+def rank(c: Candidates, query: str, cfg: RetrievalConfig, threshold: float | None,
          now: float | None = None) -> Ranked:
     """Relevance, the gate, then the profile's score; one memory per source message; best first."""
-    rel = relevance(rows, query, cfg, now)
-    eligible = gate(rows, rel, cfg.gate_pool, cfg.min_similarity, threshold)
+    rel = relevance(c, query, cfg, now)
+    eligible = gate_columns(c.sim, c.bm25, rel, cfg.gate_pool, cfg.min_similarity, threshold)
     if not eligible:
         return Ranked([], np.zeros(0))
-    kept = [rows[i] for i in eligible]
+    kept = [c.row(i) for i in eligible]
     p = cfg.profile
     now = time.time() if now is None else now
     score = p.relevance * rel[eligible] + p.semantic * np.array([float(r["sim"]) for r in kept])
@@ -466,11 +434,11 @@ async def search(pool: AsyncConnectionPool, user_id: str, data: SearchData, embe
     async with pool.connection() as conn:
         cur = conn.cursor(row_factory=dict_row)
         # the same candidate rows from the process's index (services/ltm/search_index.py), else in SQL
-        rows = None if index is None else await index.candidates(conn, user_id, data, embedding, cfg)
-        if rows is None:
+        found = None if index is None else await index.candidates(conn, user_id, data, embedding, cfg)
+        if found is None:
             await cur.execute(_CANDIDATES.format(filters=filters), params)
-            rows = await cur.fetchall()
-        ranked = rank(rows, data.query, cfg, data.threshold, data.now)
+            found = Candidates.of_rows(await cur.fetchall())
+        ranked = rank(found, data.query, cfg, data.threshold, data.now)
         heads = ranked.rows[: max(2 * data.limit, data.limit + 10)]
         if not heads:
             return []

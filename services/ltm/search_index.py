@@ -45,6 +45,7 @@ import numpy as np
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
+from services.ltm.candidates import Candidates
 from shared.contracts.messages import SearchData
 from shared.runtime.logging import get_logger
 
@@ -119,6 +120,9 @@ class _User:
     dl: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
     types: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     sessions: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    ts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))  # source_timestamp (NaN: none)
+    ai: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # meta role = ai
+    question: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # meta question
     codes: dict[str, int] = field(default_factory=dict)  # type and session names -> small ints (-1 = NULL)
     strings: dict[str, str] = field(default_factory=dict)  # one copy of each repeated value
     postings: dict[str, tuple[array[int], array[int]]] = field(default_factory=dict)  # lexeme -> (rows, counts)
@@ -157,6 +161,7 @@ class _User:
                 fresh[r[0]] = r
             else:
                 self.rows[i] = self._row(r)
+                self._columns(i, self.rows[i])
                 self.txids[i] = _xid(r[_TXID])
         if not fresh:
             return 0
@@ -173,12 +178,15 @@ class _User:
         self.dl = _grow(self.dl, start + k)
         self.types = _grow(self.types, start + k)
         self.sessions = _grow(self.sessions, start + k)
+        self.ts, self.ai = _grow(self.ts, start + k), _grow(self.ai, start + k)
+        self.question = _grow(self.question, start + k)
         self.txids = _grow(self.txids, start + k)
         self.id_hi = _grow(self.id_hi, start + k)
         self.id_lo = _grow(self.id_lo, start + k)
         for j, r in enumerate(fresh.values()):
             i = start + j
             self.rows.append(self._row(r))
+            self._columns(i, self.rows[i])
             self.txids[i] = _xid(r[_TXID])
             self.id_hi[i], self.id_lo[i] = divmod(r[0].int, 1 << 64)
             self.pos[r[0]] = i
@@ -194,6 +202,12 @@ class _User:
                 post[1].append(tf)
         return k
 
+    def _columns(self, i: int, row: dict[str, Any]) -> None:
+        """Row ``i``'s values that ranking reads as arrays (candidates.Candidates)."""
+        self.ts[i] = math.nan if row["source_timestamp"] is None else float(row["source_timestamp"])
+        self.ai[i] = row["role"] == "ai"
+        self.question[i] = bool(row["question"])
+
     def _row(self, r: tuple[Any, ...]) -> dict[str, Any]:
         """The KEYS columns of a row as a dict, its repeated strings shared (type, session, speaker, role)."""
         row = dict(zip(KEYS, r, strict=False))
@@ -208,6 +222,7 @@ class _User:
         n = self.n
         self.vecs, self.norms, self.dl = self.vecs[:n].copy(), self.norms[:n].copy(), self.dl[:n].copy()
         self.types, self.sessions, self.txids = self.types[:n].copy(), self.sessions[:n].copy(), self.txids[:n].copy()
+        self.ts, self.ai, self.question = self.ts[:n].copy(), self.ai[:n].copy(), self.question[:n].copy()
         self.id_hi, self.id_lo = self.id_hi[:n].copy(), self.id_lo[:n].copy()
 
     def mask(self, types: list[str] | None, session: str | None, exclude_session: str | None) -> np.ndarray | None:
@@ -273,8 +288,9 @@ class SearchIndex:
             await asyncio.gather(*self._loads.values(), return_exceptions=True)
 
     async def candidates(self, conn: AsyncConnection[Any], user_id: str, data: SearchData, embedding: np.ndarray,
-                         cfg: RetrievalConfig) -> list[dict[str, Any]] | None:
-        """The rows ``retrieval._CANDIDATES`` returns for this search (same keys, same values, same order), or None
+                         cfg: RetrievalConfig) -> Candidates | None:
+        """The rows ``retrieval._CANDIDATES`` returns for this search (same keys, same values, same order: see
+        :meth:`Candidates.as_rows`), or None
         when the user is not indexed: the caller runs the SQL stage, and the user is loaded in the background
         (a first search waits up to ``load_wait_s`` for that load, then runs in SQL: it costs at most what it
         costs without the index, plus that wait)."""
@@ -454,13 +470,14 @@ class SearchIndex:
 
 
 def _first_stage(u: _User, lexemes: list[str], embedding: np.ndarray, keep: np.ndarray | None, *, limit: int,
-                 wd: float, wk: float, k1: float, b: float) -> list[dict[str, Any]]:
-    """The rows of ``retrieval._CANDIDATES`` from the memories of ``u`` that ``keep`` holds (all when None)."""
+                 wd: float, wk: float, k1: float, b: float) -> Candidates:
+    """The rows of ``retrieval._CANDIDATES`` from the memories of ``u`` that ``keep`` holds (all when None), as
+    columns; the rows are the index's own dicts (shared: read only)."""
     n_all = u.n
     rows = None if keep is None else np.flatnonzero(keep)
     n = n_all if rows is None else len(rows)
     if n == 0:
-        return []
+        return Candidates.of_rows([])
     q = np.asarray(embedding, dtype=np.float32)
     qnorm = math.sqrt(float(np.dot(q.astype(np.float64), q.astype(np.float64))))
     dots = np.einsum("ij,j->i", u.vecs[:n_all], q)  # one thread (a BLAS product would start its thread pool)
@@ -501,12 +518,7 @@ def _first_stage(u: _User, lexemes: list[str], embedding: np.ndarray, keep: np.n
         top = np.arange(n)
     top = top[np.lexsort((lo[top], hi[top], -fused[top]))]
     chosen = top if rows is None else rows[top]
-    stats = {"n": float(n), "sim_mean": sim_mean, "sim_sd": sim_sd, "s1": s1, "s2": s2}
-    out = []
-    for i, sim_i, bm25_i in zip(chosen.tolist(), sim_all[chosen].tolist(), bm25_all[chosen].tolist(), strict=True):
-        row = u.rows[i].copy()
-        row["sim"] = sim_i
-        row["bm25"] = bm25_i
-        row.update(stats)
-        out.append(row)
-    return out
+    held = u.rows
+    return Candidates(rows=[held[i] for i in chosen.tolist()], sim=sim_all[chosen], bm25=bm25_all[chosen],
+                      session=u.sessions[chosen].astype(np.int64), ts=u.ts[chosen], ai=u.ai[chosen],
+                      question=u.question[chosen], n=float(n), sim_mean=sim_mean, sim_sd=sim_sd, s1=s1, s2=s2)

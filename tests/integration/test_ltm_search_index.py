@@ -18,6 +18,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from services.ltm import retrieval
+from services.ltm.candidates import Candidates
 from services.ltm.retrieval import RetrievalConfig, search
 from services.ltm.search_index import SearchIndex
 from services.ltm.store import INSERT, LtmStore, NewMemory, content_hash
@@ -89,14 +90,16 @@ async def index_rows(mesh: Mesh, index: SearchIndex, user: str, data: SearchData
     """The index's rows. A search of a user not indexed (first, or after a deletion) is not served (SQL runs it) and
     loads the user in the background: then it is asked again."""
     async with mesh.pool.connection() as conn:
-        rows = await index.candidates(conn, user, data, vec, cfg)
-        if rows is None:
+        found = await index.candidates(conn, user, data, vec, cfg)
+        if found is None:
             await index.settle()
-            rows = await index.candidates(conn, user, data, vec, cfg)
-        return rows
+            found = await index.candidates(conn, user, data, vec, cfg)
+        return None if found is None else found.as_rows()
 
 
-def assert_same_rows(ours: list[dict[str, Any]], theirs: list[dict[str, Any]], what: str) -> None:
+def assert_same_rows(ours: list[dict[str, Any]] | Candidates, theirs: list[dict[str, Any]], what: str) -> None:
+    if isinstance(ours, Candidates):  # the index's columns, as the SQL stage's rows
+        ours = ours.as_rows()
     assert [r["memory_id"] for r in ours] == [r["memory_id"] for r in theirs], what
     for a, b in zip(ours, theirs, strict=True):
         assert set(a) == set(b), what
@@ -322,3 +325,26 @@ async def test_a_first_search_waits_a_little_for_the_load_instead_of_running_in_
         assert await never.candidates(conn, "first", SearchData(query=query), vec, CFG) is None
     await never.settle()
     assert "first" in never  # loaded in the background all the same
+
+
+async def test_the_index_ranks_as_the_sql_stage(mesh: Mesh) -> None:
+    """The index hands its rows with columns of its own (sessions as numbers, times, roles): ranked, they give the
+    same results, in the same order, with the same scores, as the SQL stage's rows."""
+    await seed(mesh, "u1", 160, ties=True)
+    index = SearchIndex(mesh.pool, 10_000)
+    for query in [*QUERIES, "what did I do on 9 May 2023?"]:
+        vec = mesh.model.encode([query])[0]
+        for f in ({}, {"exclude_session_id": "u1:s0"}):
+            data = SearchData(query=query, **f)
+            theirs = retrieval.rank(Candidates.of_rows(await sql_rows(mesh, "u1", data, vec, CFG)), query, CFG, None,
+                                    1.75e9)
+            async with mesh.pool.connection() as conn:
+                found = await index.candidates(conn, "u1", data, vec, CFG)
+                if found is None:
+                    await index.settle()
+                    found = await index.candidates(conn, "u1", data, vec, CFG)
+            assert found is not None
+            ours = retrieval.rank(found, query, CFG, None, 1.75e9)
+            assert [r["memory_id"] for r in ours.rows] == [r["memory_id"] for r in theirs.rows], (query, f)
+            # the same scores but for float32 sums: the index computes cosines in numpy, the SQL stage in pgvector
+            assert np.allclose(ours.score, theirs.score, rtol=0, atol=1e-5), (query, f, ours.score - theirs.score)
