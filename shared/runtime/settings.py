@@ -34,10 +34,10 @@ class MeshSettings(EmbeddingSettings, BaseSettings):
     shutdown_grace_s: float = Field(default=10.0, ge=0, description=(
         "on SIGTERM, in-flight work gets this long to finish; stream entries still being handled are then left "
         "pending for another consumer, requests still running get an `unavailable` reply"))
-    background_nice: int = Field(default=10, ge=0, le=19, description=(
+    background_nice: int = Field(default=0, ge=0, le=19, description=(
         "OS priority (nice, per thread) of background work below the rest: ltm's ingest (extraction, embedding, "
-        "salience) and memory's embedding of stored messages; under CPU contention searches and chat turns go "
-        "first, on an idle machine background work runs at full speed; 0 = the same priority"))
+        "salience) and memory's embedding of stored messages; 0 = the same priority (default: a low-priority thread "
+        "that holds the GIL when the kernel preempts it stalls the event loop too; docs/operations.md)"))
     consumer_name: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     metrics_flush_s: float = 2.0
     metrics_port: int = Field(default=0, ge=0, le=65535, description=(
