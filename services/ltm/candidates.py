@@ -45,19 +45,15 @@ class Candidates:
     @classmethod
     def of_rows(cls, rows: Sequence[dict[str, Any]]) -> Candidates:
         """The columns of the SQL stage's rows (retrieval.hybrid_sql: KEYS, ``sim``, ``bm25`` and the statistics)."""
+        c = cls.of_scores(rows)
         codes: dict[str, int] = {}
-        first = rows[0] if rows else {}
-        return cls(
-            rows=rows,
-            sim=np.array([float(r["sim"]) for r in rows], dtype=np.float64),
-            bm25=np.array([float(r["bm25"]) for r in rows], dtype=np.float64),
-            session=np.array([-1 if r["source_session_id"] is None
-                              else codes.setdefault(r["source_session_id"], len(codes)) for r in rows], dtype=np.int64),
-            ts=np.array([math.nan if r["source_timestamp"] is None else float(r["source_timestamp"]) for r in rows],
-                        dtype=np.float64),
-            ai=np.array([r.get("role") == "ai" for r in rows], dtype=bool),
-            question=np.array([bool(r.get("question")) for r in rows], dtype=bool),
-            **{k: float(first.get(k) or 0.0) for k in STATS})
+        c.session = np.array([-1 if r["source_session_id"] is None
+                              else codes.setdefault(r["source_session_id"], len(codes)) for r in rows], dtype=np.int64)
+        c.ts = np.array([math.nan if r["source_timestamp"] is None else float(r["source_timestamp"]) for r in rows],
+                        dtype=np.float64)
+        c.ai = np.array([r.get("role") == "ai" for r in rows], dtype=bool)
+        c.question = np.array([bool(r.get("question")) for r in rows], dtype=bool)
+        return c
 
     @classmethod
     def of_scores(cls, rows: Sequence[dict[str, Any]]) -> Candidates:

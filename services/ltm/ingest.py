@@ -1,5 +1,5 @@
 """The ingest path's mechanics: ingest's own model, vector caches; embedding in small passes is
-shared/runtime/passes.py (re-exported here).
+shared/runtime/passes.py.
 
 Ingest works in steps (a spaCy call over a few turns, one embedding forward pass over a few hundred tokens).
 
@@ -19,21 +19,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from shared.runtime.embedding import SyncEmbedder
-from shared.runtime.passes import MAX_TOKENS, SALIENCE_TOKENS, embed_in_steps, steps, tokens
-
-__all__ = [
-    "MAX_TOKENS",
-    "SALIENCE_TOKENS",
-    "IngestModel",
-    "Lookup",
-    "VectorCache",
-    "embed_in_steps",
-    "from_cache",
-    "ingest_model",
-    "steps",
-    "tokens",
-]
-
 
 
 class IngestModel(SyncEmbedder):

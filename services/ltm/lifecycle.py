@@ -153,6 +153,8 @@ _DECAY_VALUE = (
 # Only the rows whose value moved by DECAY_STEP or more are written: between two passes (LTM_OPTIMIZE_INTERVAL_S,
 # 10 min) a 30-day half-life moves a value by about 1e-4, so a pass rewrites a handful of rows, not every memory of
 # the user (each rewrite is a new row version, WAL and index entries). The value only orders budgeted cleanup.
+# The expression is written twice but costs one evaluation per row: SET is evaluated only for the few rows that pass
+# WHERE (a subquery joined back on memory_id would add a join over all the user's rows for nothing).
 DECAY_STEP = 0.005
 DECAY = (
     f"UPDATE ltm_memories SET decay = {_DECAY_VALUE}"

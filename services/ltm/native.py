@@ -17,14 +17,7 @@ from services.ltm.config import LtmSettings
 from services.ltm.documents import Documents
 from services.ltm.extraction import Batcher, Extracted, Extraction, LlmExtractor, RuleExtractor, Turn, ground_dates
 from services.ltm.graph import Provenance, TurnKnowledge, entity_names, norm_name, search_entities, write_knowledge
-from services.ltm.ingest import (
-    VectorCache,
-    embed_in_steps,
-    from_cache,
-    ingest_model,
-    steps,
-    tokens,
-)
+from services.ltm.ingest import VectorCache, from_cache, ingest_model
 from services.ltm.lifecycle import Lifecycle, LifecycleConfig
 from services.ltm.profile import build_profile
 from services.ltm.retrieval import RetrievalConfig, clear_token_cache
@@ -49,6 +42,7 @@ from shared.runtime.embedding import Embedder
 from shared.runtime.errors import is_transient
 from shared.runtime.llm import chat_model
 from shared.runtime.logging import get_logger
+from shared.runtime.passes import embed_in_steps, steps, tokens
 from shared.runtime.priority import Foreground, background_executor
 from shared.runtime.text import is_question
 

@@ -201,7 +201,9 @@ class MemoryApi:
             if turn is not None:
                 await turn()
             async with self._embed_lock:  # one pass at a time per process: the model is the bottleneck anyway
-                pending = await self.store.unembedded(user_id=user_id, limit=EMBED_BATCH)
+                # a background step embeds one pass: read only what fits one (a message is at least ~8 tokens)
+                limit = EMBED_BATCH if turn is None else EMBED_STEP_TOKENS // 8
+                pending = await self.store.unembedded(user_id=user_id, limit=limit)
                 if not pending:
                     return done
                 embedder = await self._embedder()  # loaded only once there is work for it
@@ -216,9 +218,13 @@ class MemoryApi:
                 self.metrics.incr("embedded", len(pending))
 
     def _background_embedder(self, embedder: Embedder) -> Embedder:
-        """The same model, its passes in the background threads (one front per model)."""
+        """The same model, its passes in the background threads (one front per model); the embedder itself when
+        background work has no threads of its own (BACKGROUND_NICE=0)."""
+        executor = background_executor(self._background_nice)
+        if executor is None:
+            return embedder
         if self._background is None or self._background.model is not embedder.model:
-            self._background = Embedder(embedder.model, executor=background_executor(self._background_nice))
+            self._background = Embedder(embedder.model, executor=executor)
         return self._background
 
     async def import_messages(self, user_id: str, messages: list[ImportMessage]) -> ImportResult:

@@ -11,7 +11,9 @@ That orders work inside one process. Across processes (ltm's ingest against the 
 memory's embedding of stored messages against ltm's searches, all on the same cores) the kernel decides:
 :func:`background_executor` gives background work threads of a lower OS priority (``BACKGROUND_NICE``; on Linux the
 nice value is a thread's own), so that under contention a search or a chat turn gets the CPU first and background
-work takes what is left; on an idle machine it runs at full speed.
+work takes what is left; on an idle machine it runs at full speed. It is opt-in (``BACKGROUND_NICE`` defaults to
+0, no threads of its own): a niced thread that holds the GIL when the kernel preempts it keeps the process's event
+loop waiting too (spaCy and numpy hold the GIL), the risk weighed in docs/operations.md.
 """
 
 from __future__ import annotations

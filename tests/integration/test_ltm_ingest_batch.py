@@ -10,11 +10,11 @@ from typing import Any
 import numpy as np
 
 from services.ltm.config import LtmSettings
-from services.ltm.ingest import embed_in_steps, steps, tokens
 from services.ltm.native import NativeBackend
 from services.ltm.store import LtmStore
 from shared.contracts import MemoryUpdate
 from shared.runtime.embedding import Embedder
+from shared.runtime.passes import embed_in_steps, steps, tokens
 from tests.helpers import Mesh, common
 
 DAY = 86400.0

@@ -18,7 +18,6 @@ from psycopg_pool import AsyncConnectionPool
 from services.ltm.documents import search as doc_search
 from services.ltm.documents.chunking import chunk, default_title, detect_format
 from services.ltm.documents.store import DocumentStore, NewChunk, NewDocument, document_hash
-from services.ltm.ingest import embed_in_steps
 from services.ltm.retrieval import RetrievalConfig
 from shared.contracts.errors import BadRequest, NotFound
 from shared.contracts.messages import (
@@ -31,6 +30,7 @@ from shared.contracts.messages import (
     doc_label,
 )
 from shared.runtime.embedding import Embedder
+from shared.runtime.passes import embed_in_steps
 
 PASS_TOKENS = 1024  # one embedding pass: about five chunks (a search's query waits behind one pass at most)
 
