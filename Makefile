@@ -42,7 +42,7 @@ define with_stack
 	$(PYTHON) -m mesh up && $(1)
 endef
 
-.PHONY: help install ensure-redis ensure-pg-ssl ensure-chromium audit run up down demo test chaos lint bench bench-quick eval-locomo eval-longmemeval clean
+.PHONY: help install ensure-redis ensure-pg-ssl ensure-chromium audit run up down demo test chaos lint bench bench-quick eval-locomo eval-longmemeval eval-stm clean
 
 help:
 	@echo "make run          set up, start the mesh in the background, chat; stops it on exit"
@@ -56,6 +56,7 @@ help:
 	@echo "make bench-quick  the same at small sizes, a few minutes: bench/results/quick.json"
 	@echo "make eval-locomo  python -m mesh eval locomo --data \$$DATA --out \$$OUT"
 	@echo "make eval-longmemeval  python -m mesh eval longmemeval --data \$$DATA --out \$$OUT \$$EVAL_ARGS"
+	@echo "make eval-stm     the STM summary with and without salience, both dev splits: docs/eval/stm-dev*.json"
 	@echo "make install      create $(VENV) and install the pinned requirements"
 	@echo "make clean        stop the stack, remove .data"
 
@@ -172,6 +173,10 @@ eval-locomo: $(STAMP)
 
 eval-longmemeval: $(STAMP)
 	$(PYTHON) -m mesh eval longmemeval --data $(LME_DATA) --out $(LME_OUT) $(EVAL_ARGS)
+
+eval-stm: $(STAMP)
+	$(PYTHON) -m mesh eval stm --out docs/eval/stm-dev.json
+	$(PYTHON) -m mesh eval stm --join --out docs/eval/stm-dev-joined.json
 
 clean: down
 	rm -rf .data

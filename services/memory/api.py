@@ -22,6 +22,7 @@ from redis.asyncio.client import Pipeline
 from services.memory import erase
 from services.memory.cache import SessionCache
 from services.memory.importer import HistoryImporter
+from services.memory.salience import MessageSalience
 from services.memory.stm import StmWriter
 from services.memory.store import Conflict, ConversationStore, NotFound, StoredMessage
 from services.memory.tokens import TokenCounter
@@ -76,7 +77,8 @@ class MemoryApi:
     def __init__(self, store: ConversationStore, stm: StmWriter, cache: SessionCache, counter: TokenCounter,
                  metrics: Metrics, *, embedder: Callable[[], Awaitable[Embedder | None]] | None = None,
                  publish: Publish | None = None, ping: Callable[[], dict[str, Any]] | None = None,
-                 import_max_batch: int = 500, background_nice: int = 0) -> None:
+                 import_max_batch: int = 500, background_nice: int = 0,
+                 salience: MessageSalience | None = None) -> None:
         self.store, self.stm, self.cache, self.counter, self.metrics = store, stm, cache, counter, metrics
         self._ping = ping  # the service's PingInfo (shared/contracts/ping.py)
         self._embedder = embedder
@@ -84,6 +86,7 @@ class MemoryApi:
         self._embed_lock = asyncio.Lock()
         self._background_nice = background_nice  # BACKGROUND_NICE of the background embedding's passes
         self._background: Embedder | None = None
+        self.salience = salience  # STM_SALIENCE_WEIGHT > 0: score messages as they are embedded
         self.importer = HistoryImporter(store, stm, cache, counter, metrics, publish, import_max_batch)
 
     # ------------------------------------------------------------------ the write path of every turn
@@ -149,6 +152,8 @@ class MemoryApi:
     async def delete_user(self, user_id: str) -> UserDeletion:
         """Everything of the user here: conversation rows, STM, cache and dedup keys, stream entries."""
         deletion = await erase.delete_user(self.store.pool, self.stm.redis, self.stm.names, user_id)
+        if self.salience is not None:
+            self.salience.forget()
         self.metrics.incr("users_deleted")
         return deletion
 
@@ -210,10 +215,20 @@ class MemoryApi:
                 if embedder is None:
                     return done
                 if turn is not None:  # this step: the oldest messages that fit one pass, at background priority
-                    pending = next(iter(steps(pending, lambda p: tokens(p[2]), EMBED_STEP_TOKENS)))
+                    pending = next(iter(steps(pending, lambda m: tokens(m.content), EMBED_STEP_TOKENS)))
                     embedder = self._background_embedder(embedder)
-                vectors = await embed_in_steps(embedder, [content for _, _, content in pending], EMBED_STEP_TOKENS)
-                await self.store.set_embeddings([(uid, mid, vectors[content]) for uid, mid, content in pending])
+                scored = self.salience is not None and getattr(embedder.model, "has_tokens", False)
+                token_vectors: dict[str, Any] = {}
+                vectors = await embed_in_steps(embedder, [m.content for m in pending], EMBED_STEP_TOKENS,
+                                               with_tokens={m.content for m in pending} if scored else None,
+                                               tokens_out=token_vectors)
+                scores: list[float | None] = [None] * len(pending)
+                if scored and self.salience is not None:
+                    scores = list(await asyncio.get_running_loop().run_in_executor(  # numpy, off the event loop
+                        background_executor(self._background_nice), self.salience.score, pending, vectors,
+                        token_vectors))
+                await self.store.set_embeddings([(m.user_id, m.message_id, vectors[m.content], sal)
+                                                 for m, sal in zip(pending, scores, strict=True)])
                 done += len(pending)
                 self.metrics.incr("embedded", len(pending))
 

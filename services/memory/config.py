@@ -10,6 +10,13 @@ class MemorySettings(MeshSettings):
     stm_max_messages: int = Field(default=15, ge=1)
     stm_max_tokens: int = Field(default=500, ge=50)
     stm_ttl_seconds: int = 7 * 24 * 3600
+    stm_salience_weight: float = Field(
+        default=0.0, ge=0.0, le=100.0,
+        description="how much the salience model's score of a turn (0-1) weighs in which sentences the STM summary "
+                    "keeps: each is scaled by 1 + weight x salience (0 = off, the default: no gain measured on "
+                    "held-out dev data, docs/memory.md); needs MEMORY_EMBED_MESSAGES and the local embedding model")
+    stm_salience_sessions: int = Field(default=10_000, ge=1,
+                                       description="sessions whose salience state one memory process keeps (LRU)")
     memory_updates_maxlen: int = 1_000_000
     memory_concurrency: int = 8
     memory_request_concurrency: int = Field(default=8, ge=1,

@@ -18,6 +18,7 @@ from services.memory.api import MemoryApi
 from services.memory.cache import SessionCache
 from services.memory.config import MemorySettings
 from services.memory.crypto import LazyCipher
+from services.memory.salience import MessageSalience
 from services.memory.stm import StmWriter
 from services.memory.store import ConversationStore, StoredMessage
 from services.memory.summary import ExtractiveSummariser, LlmSummariser, Summariser
@@ -48,8 +49,15 @@ log = get_logger(__name__)
 
 
 def build_summariser(settings: MemorySettings, counter: TokenCounter, llm: ChatModel | None) -> Summariser:
-    extractive = ExtractiveSummariser(counter, settings.stm_max_tokens)
+    extractive = ExtractiveSummariser(counter, settings.stm_max_tokens, settings.stm_salience_weight)
     return LlmSummariser(llm, counter, settings.stm_max_tokens, extractive) if llm else extractive
+
+
+def message_salience(settings: MemorySettings) -> MessageSalience | None:
+    """The salience model, when the summary uses it (it reads the local model's token vectors)."""
+    if settings.stm_salience_weight <= 0 or not settings.memory_embed_messages or settings.embedding_remote:
+        return None
+    return MessageSalience(settings.stm_salience_sessions)
 
 
 class MemoryService:
@@ -73,7 +81,7 @@ class MemoryService:
             self.metrics, embedder=self._get_embedder if settings.memory_embed_messages else None,
             publish=self.queue_update if settings.enable_ltm_publish else None,
             import_max_batch=settings.memory_import_max_batch, background_nice=settings.background_nice,
-            ping=lambda: self.ping_info().model_dump(),
+            ping=lambda: self.ping_info().model_dump(), salience=message_salience(settings),
         )
         self._stop = asyncio.Event()
         common = dict(group=names.memory_group, consumer=settings.consumer_name, metrics=self.metrics,

@@ -26,7 +26,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import LockError
 
-from services.memory.store import ConversationStore
+from services.memory.store import Backlog, ConversationStore
 from services.memory.summary import Summariser, SummaryState
 from shared.contracts import Names
 from shared.runtime.errors import TransientError
@@ -136,10 +136,10 @@ class StmWriter:
                     return  # no window (expired, flushed): the next access rebuilds everything
                 cached = SummaryState.from_redis(summary)
                 state = cached if cached is not None else await self.store.load_summary(user_id, session_id)
-                turns = await self.store.turns_after(user_id, session_id, state.covered_until,
-                                                     before=float(oldest[0][1]))
-                if turns:
-                    await self._fold_locked(session_id, user_id, turns, state)
+                backlog = await self.store.turns_after(user_id, session_id, state.covered_until,
+                                                       before=float(oldest[0][1]))
+                if backlog.turns:
+                    await self._fold_locked(session_id, user_id, backlog, state)
         except LockError as exc:
             raise TransientError(f"STM lock for the session not acquired: {exc}") from exc
 
@@ -161,9 +161,9 @@ class StmWriter:
         except Exception:  # noqa: BLE001 - best effort; the original error is what the caller must see
             log.warning("memory.stm_forget_failed", session_id=session_id)
 
-    async def _fold_locked(self, session_id: str, user_id: str | None, turns: Sequence[Turn],
+    async def _fold_locked(self, session_id: str, user_id: str | None, backlog: Backlog,
                            state: SummaryState) -> SummaryState:
-        new_state = await self.summariser.fold(state, turns)
+        new_state = await self.summariser.fold(state, backlog.turns, backlog.scores)
         if new_state is not state:
             await self._write_summary(session_id, new_state)
             await self.store.save_summary(user_id, session_id, new_state)
@@ -182,10 +182,11 @@ class StmWriter:
         try:
             async with self._lock(session_id):
                 state = await self.store.load_summary(user_id, session_id)
-                rows = await self.store.turns_after(user_id, session_id, state.covered_until)
+                stored = await self.store.turns_after(user_id, session_id, state.covered_until)
+                rows = stored.turns
                 window, backlog = rows[-self.max_messages:], rows[: -self.max_messages]
                 if backlog:
-                    state = await self.summariser.fold(state, backlog)
+                    state = await self.summariser.fold(state, backlog, stored.scores)
                     await self.store.save_summary(user_id, session_id, state)
                 if state.text or state.turns:
                     await self._write_summary(session_id, state)

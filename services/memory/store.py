@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from psycopg import errors
@@ -31,6 +31,23 @@ from shared.contracts.memory_api import ContextItem, MessageInfo, SessionInfo, S
 from shared.runtime.stm import Turn
 
 NOBODY = ""
+
+
+class Unembedded(NamedTuple):
+    """A stored message without an embedding yet."""
+
+    user_id: str
+    message_id: str
+    content: str
+    session_id: str
+    ai: bool  # said by the assistant
+
+
+class Backlog(NamedTuple):
+    """Turns for the summary, oldest first, and the salience (by message_id) of those that have one."""
+
+    turns: list[Turn]
+    scores: dict[str, float]
 """The user_id of sessions (and their messages) stored without one: never a user id (ids have a character at least)."""
 SESSION_IDS_KEY = "conversation_session_ids_pkey"
 """The constraint a new session violates when another user holds its id (migration 004's trigger raises it)."""
@@ -282,27 +299,27 @@ class ConversationStore:
         out = [_message(r[:-1], float(r[-1])) for r in rows]
         return [m for m in out if threshold is None or (m.similarity or 0.0) >= threshold]
 
-    async def unembedded(self, *, user_id: str | None = None, limit: int = 256) -> list[tuple[str, str, str]]:
-        """Messages still without an embedding (of one user, or of anyone): (user_id, message_id, content)."""
+    async def unembedded(self, *, user_id: str | None = None, limit: int = 256) -> list[Unembedded]:
+        """Messages still without an embedding (of one user, or of anyone), oldest first (so each session's turns
+        come in order, as the salience model reads them)."""
+        cols = "SELECT user_id, message_id, content, session_id, role FROM conversation_messages"
         async with self.pool.connection() as conn:
             if user_id is not None:
-                cur = await conn.execute(
-                    "SELECT user_id, message_id, content FROM conversation_messages WHERE user_id = %s"
-                    " AND embedding IS NULL ORDER BY timestamp LIMIT %s", (user_id, limit))
+                cur = await conn.execute(f"{cols} WHERE user_id = %s AND embedding IS NULL"
+                                         " ORDER BY timestamp, message_index LIMIT %s", (user_id, limit))
             else:  # the background backfill, oldest first across users: every partition (its partial index each)
-                cur = await conn.execute(
-                    "SELECT user_id, message_id, content FROM conversation_messages WHERE embedding IS NULL"
-                    " ORDER BY timestamp LIMIT %s", (limit,))
-            return [(r[0], r[1], r[2]) for r in await cur.fetchall()]
+                cur = await conn.execute(f"{cols} WHERE embedding IS NULL ORDER BY timestamp, message_index LIMIT %s",
+                                         (limit,))
+            return [Unembedded(r[0], r[1], r[2], r[3], r[4] == "ai") for r in await cur.fetchall()]
 
-    async def set_embeddings(self, rows: Sequence[tuple[str, str, np.ndarray]]) -> None:
-        """(user_id, message_id, embedding) of each message."""
+    async def set_embeddings(self, rows: Sequence[tuple[str, str, np.ndarray, float | None]]) -> None:
+        """(user_id, message_id, embedding, salience or None) of each message."""
         if not rows:
             return
         async with self.pool.connection() as conn, conn.cursor() as cur:
             await cur.executemany(
-                "UPDATE conversation_messages SET embedding = %s WHERE user_id = %s AND message_id = %s",
-                [(vec, uid, mid) for uid, mid, vec in rows])
+                "UPDATE conversation_messages SET embedding = %s, salience = %s WHERE user_id = %s AND message_id = %s",
+                [(vec, sal, uid, mid) for uid, mid, vec, sal in rows])
 
     # ------------------------------------------------------------------ STM support
     async def load_summary(self, user_id: str | None, session_id: str) -> SummaryState:
@@ -330,22 +347,23 @@ class ConversationStore:
             )
 
     async def turns_after(self, user_id: str | None, session_id: str, after: float,
-                          before: float | None = None) -> list[Turn]:
-        """The session's turns in (after, before), oldest first: what the summary does not cover yet.
+                          before: float | None = None) -> Backlog:
+        """The session's turns in (after, before), oldest first: what the summary does not cover yet, with the
+        salience of those that have one.
 
         Half a microsecond (the stored precision) is taken off both ends against float noise.
         """
         async with self.pool.connection() as conn:
             cur = await conn.execute(
-                "SELECT message_id, role, content, extract(epoch from timestamp)::float8 FROM conversation_messages"
-                " WHERE user_id = %s AND session_id = %s AND timestamp > to_timestamp(%s)"
+                "SELECT message_id, role, content, extract(epoch from timestamp)::float8, salience"
+                " FROM conversation_messages WHERE user_id = %s AND session_id = %s AND timestamp > to_timestamp(%s)"
                 " AND (%s::float8 IS NULL OR timestamp < to_timestamp(%s))"
                 " ORDER BY timestamp, message_index",
                 (user_id or NOBODY, session_id, after + 5e-7, before, None if before is None else before - 5e-7),
             )
             rows = await cur.fetchall()
-        return [Turn(r[0], "user" if r[1] == "human" else "ai" if r[1] == "ai" else "system", r[2], r[3])
-                for r in rows]
+        return Backlog([Turn(r[0], "user" if r[1] == "human" else "ai" if r[1] == "ai" else "system", r[2], r[3])
+                        for r in rows], {r[0]: float(r[4]) for r in rows if r[4] is not None})
 
     # ------------------------------------------------------------------ context
     async def store_context(self, user_id: str, session_id: str, context_type: str, key: str, value: Any, *,

@@ -21,7 +21,7 @@ import heapq
 import json
 import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -126,8 +126,22 @@ class SummaryState:
 
 class Summariser(Protocol):
     max_tokens: int
+    salience_weight: float
 
-    async def fold(self, state: SummaryState, turns: Sequence[Turn]) -> SummaryState: ...
+    async def fold(self, state: SummaryState, turns: Sequence[Turn],
+                   scores: Mapping[str, float] | None = None) -> SummaryState: ...
+
+
+UNKNOWN_SALIENCE = 0.5  # a turn the model has not scored (yet): the middle of the scale
+
+
+def salience_factor(model_salience: float | None, weight: float) -> float:
+    """How much a turn's salience (0-1, the ltm salience model's score: how likely a later turn needs it) scales
+    its sentences' scores: ``1 + weight x salience``; 1 with ``weight`` 0."""
+    if weight <= 0:
+        return 1.0
+    s = UNKNOWN_SALIENCE if model_salience is None else min(max(model_salience, 0.0), 1.0)
+    return 1.0 + weight * s
 
 
 def split_sentences(text: str) -> list[str]:
@@ -197,16 +211,20 @@ def _clip(sentence: str) -> str:
 
 
 class ExtractiveSummariser:
-    def __init__(self, counter: TokenCounter, max_tokens: int) -> None:
-        self.counter, self.max_tokens = counter, max_tokens
+    def __init__(self, counter: TokenCounter, max_tokens: int, salience_weight: float = 0.0) -> None:
+        """``salience_weight`` (STM_SALIENCE_WEIGHT): how much the turns' model salience weighs in what is kept."""
+        self.counter, self.max_tokens, self.salience_weight = counter, max_tokens, salience_weight
         self._prefix_cache: dict[str, int] = {}
 
-    async def fold(self, state: SummaryState, turns: Sequence[Turn]) -> SummaryState:
+    async def fold(self, state: SummaryState, turns: Sequence[Turn],
+                   scores: Mapping[str, float] | None = None) -> SummaryState:
         # In a thread: a fold of a burst of turns is several ms of CPU, which would otherwise stall the
         # event loop and with it every store waiting on I/O.
-        return await asyncio.to_thread(self.fold_sync, state, turns)
+        return await asyncio.to_thread(self.fold_sync, state, turns, scores)
 
-    def fold_sync(self, state: SummaryState, turns: Sequence[Turn]) -> SummaryState:
+    def fold_sync(self, state: SummaryState, turns: Sequence[Turn],
+                  scores: Mapping[str, float] | None = None) -> SummaryState:
+        """``scores``: message_id -> the salience model's score of the turn (missing: unknown)."""
         new = [t for t in turns if t.timestamp > state.covered_until]
         if not new:
             return state
@@ -214,6 +232,7 @@ class ExtractiveSummariser:
         pool = {_normal(s.text): s for s in self._inherited(state)}
         entities = {k: v * decay for k, v in state.entities.items()}
         for n, turn in enumerate(sorted(new, key=lambda t: t.timestamp)):
+            factor = salience_factor((scores or {}).get(turn.message_id), self.salience_weight)
             for raw in split_sentences(turn.content):
                 if raw.startswith("[offline responder"):
                     continue  # the offline responder's disclaimer is not conversation
@@ -222,7 +241,7 @@ class ExtractiveSummariser:
                     entities[name] = entities.get(name, 0.0) + 1.0
                 text = _clip(raw)
                 key = _normal(text)
-                score = salience(text, turn.role, names)
+                score = salience(text, turn.role, names) * factor
                 if score <= 0 or not key:
                     continue
                 previous = pool.pop(key, None)  # said again: it is current; keep one copy at its best score
@@ -323,8 +342,10 @@ class LlmSummariser:
                  fallback: ExtractiveSummariser | None = None) -> None:
         self.model, self.counter, self.max_tokens = model, counter, max_tokens
         self.fallback = fallback or ExtractiveSummariser(counter, max_tokens)
+        self.salience_weight = self.fallback.salience_weight  # the model decides what to keep; its fallback uses it
 
-    async def fold(self, state: SummaryState, turns: Sequence[Turn]) -> SummaryState:
+    async def fold(self, state: SummaryState, turns: Sequence[Turn],
+                   scores: Mapping[str, float] | None = None) -> SummaryState:
         new = sorted((t for t in turns if t.timestamp > state.covered_until), key=lambda t: t.timestamp)
         if not new:
             return state
@@ -338,9 +359,9 @@ class LlmSummariser:
             text = (await self.model.complete(messages, max_tokens=self.max_tokens, temperature=0.2)).strip()
         except Exception as exc:  # noqa: BLE001 - a failing model must not lose the turns: fold extractively
             log.warning("memory.summary_llm_failed", error=f"{type(exc).__name__}: {exc}")
-            return await self.fallback.fold(state, new)
+            return await self.fallback.fold(state, new, scores)
         if not text:
-            return await self.fallback.fold(state, new)
+            return await self.fallback.fold(state, new, scores)
         text, tokens = self._cut(text)
         return SummaryState(text=text, kind=f"llm:{self.model.name}", tokens=tokens, turns=state.turns + len(new),
                             covered_until=max(state.covered_until, new[-1].timestamp), entities=state.entities)

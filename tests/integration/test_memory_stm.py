@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 import pytest
@@ -45,9 +45,10 @@ async def test_window_and_progressive_summary_stay_under_budget(mesh: Mesh) -> N
     summariser = svc.stm.summariser
     original = summariser.fold
 
-    async def recording_fold(state: SummaryState, turns: Sequence[Turn]) -> SummaryState:
+    async def recording_fold(state: SummaryState, turns: Sequence[Turn],
+                             scores: Mapping[str, float] | None = None) -> SummaryState:
         folded.append((state.turns, len(turns)))
-        return await original(state, turns)
+        return await original(state, turns, scores)
 
     summariser.fold = recording_fold  # type: ignore[method-assign]
     await seed(svc, "s1", "u1", 30)  # seed() waits for the background catch-ups
@@ -215,10 +216,11 @@ async def test_a_failed_catch_up_is_made_good_by_the_next_write(mesh: Mesh) -> N
     working = summariser.fold
     failures = [RuntimeError("summariser crashed")]
 
-    async def flaky(state: SummaryState, turns: Sequence[Turn]) -> SummaryState:
+    async def flaky(state: SummaryState, turns: Sequence[Turn],
+                    scores: Mapping[str, float] | None = None) -> SummaryState:
         if failures:
             raise failures.pop()
-        return await working(state, turns)
+        return await working(state, turns, scores)
 
     summariser.fold = flaky  # type: ignore[method-assign]
     await seed(svc, "s", "u1", 4)  # turn 0 leaves the window; its fold fails
@@ -229,3 +231,48 @@ async def test_a_failed_catch_up_is_made_good_by_the_next_write(mesh: Mesh) -> N
     assert state.turns == 2 and "Lisbon" in state.text
     stm = await read_stm(mesh.redis, mesh.names, "s")
     assert [t.message_id for t in stm.turns] == ["s-2", "s-3", "s-4"] and stm.summary == state.text
+
+
+async def test_with_stm_salience_the_summary_is_given_the_stored_scores(mesh: Mesh) -> None:
+    """STM_SALIENCE_WEIGHT > 0: the background embedding scores each stored message with the salience model (in
+    its forward pass), the score is stored on the message, and every fold is given the scores of its turns; a
+    deletion of the user clears the model's per-session state. (What the scores change: test_memory_summary.)"""
+    svc = mesh.memory(stm_max_messages=3, stm_max_tokens=60, stm_salience_weight=2.0)
+    assert svc.api.salience is not None
+    given: list[tuple[list[str], dict[str, float]]] = []
+    original = svc.stm.summariser.fold
+
+    async def recording_fold(state: SummaryState, turns: Sequence[Turn],
+                             scores: Mapping[str, float] | None = None) -> SummaryState:
+        given.append(([t.message_id for t in turns], dict(scores or {})))
+        return await original(state, turns, scores)
+
+    svc.stm.summariser.fold = recording_fold  # type: ignore[method-assign]
+    texts = ["My passport number ends in 4471 and it expires in March.",
+             "Sure, I will remember your passport details for the trip.",
+             "We watched a film about a lighthouse keeper and his dog on Sunday evening.",
+             "That sounds like a lovely and relaxing weekend at home.", "ok", "thanks", "bye"]
+    for i, text in enumerate(texts):
+        await svc.api.record(StoredMessage(message_id=f"sal-{i}", session_id="sal", user_id="u-sal",
+                                           role="human" if i % 2 == 0 else "ai", content=text, timestamp=BASE + i))
+        assert await svc._embed_pending() == 1  # scored as stored, long before the turn leaves the window
+    await svc.stm.drain()
+    stored = await svc.store.turns_after("u-sal", "sal", 0.0)
+    assert set(stored.scores) == {f"sal-{i}" for i in range(len(texts))}  # every message scored
+    assert all(0.0 <= v <= 1.0 for v in stored.scores.values()) and len(set(stored.scores.values())) > 1
+    folded = [m for ids, _ in given for m in ids]
+    assert folded == [f"sal-{i}" for i in range(len(texts) - 3)]
+    assert all(scores == {m: stored.scores[m] for m in ids} for ids, scores in given), given
+    assert (await svc.store.load_summary("u-sal", "sal")).turns == len(texts) - 3
+    assert len(svc.api.salience.states) == 1
+    await svc.api.delete_user("u-sal")
+    assert len(svc.api.salience.states) == 0
+
+
+async def test_without_stm_salience_nothing_is_scored(mesh: Mesh) -> None:
+    svc = mesh.memory()  # STM_SALIENCE_WEIGHT=0, the default
+    assert svc.api.salience is None and svc.stm.summariser.salience_weight == 0
+    await svc.api.record(StoredMessage(message_id="ns-0", session_id="ns", user_id="u-ns", role="human",
+                                       content="My passport number ends in 4471.", timestamp=BASE))
+    assert await svc._embed_pending() == 1
+    assert (await svc.store.turns_after("u-ns", "ns", 0.0)).scores == {}

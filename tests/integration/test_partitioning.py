@@ -189,12 +189,14 @@ def rows_of(url: str) -> dict[str, list[dict[str, Any]]]:
 
 
 def expected_after(before: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
-    """What 004 makes of the conversation rows: a session's user ('' for nobody) on the session and every row of it."""
+    """What 004 makes of the conversation rows: a session's user ('' for nobody) on the session and every row of it;
+    columns of later migrations are NULL."""
     owner = {s["session_id"]: s["user_id"] or "" for s in before["conversation_sessions"]}
     out = dict(before)
     out["conversation_sessions"] = [{**s, "user_id": owner[s["session_id"]]} for s in before["conversation_sessions"]]
     for table in ("conversation_messages", "conversation_context", "session_summary"):
         out[table] = [{**r, "user_id": owner[r["session_id"]]} for r in before[table]]
+    out["conversation_messages"] = [{"salience": None, **r} for r in out["conversation_messages"]]  # 006: NULL
     out["session_relationships"] = [{**r, "user_id": owner[r["source_session_id"]]}
                                     for r in before["session_relationships"]]
     out["conversation_session_ids"] = [{"session_id": s, "user_id": u} for s, u in owner.items()]

@@ -15,6 +15,7 @@ from services.memory.summary import (
     SummaryState,
     entities_of,
     salience,
+    salience_factor,
 )
 from services.memory.tokens import RegexCounter, WordPieceCounter, default_counter
 from shared.contracts import DecodeError, decode
@@ -136,3 +137,21 @@ def test_memory_request_models() -> None:
         decode(MEMORY_REQUEST, json.dumps({"request_id": "r", "type": "store_message", "user_id": "u",
                                            "data": {"session_id": "s", "content": "x" * 40_000}}))
     assert too_big.value.code == "bad_request"
+
+
+def test_the_salience_model_weighs_in_what_the_summary_keeps() -> None:
+    """STM_SALIENCE_WEIGHT: each sentence's score is scaled by 1 + weight x the turn's model salience (unknown:
+    the middle); with room for one sentence of two equally plain ones, the more salient turn's is kept."""
+    assert salience_factor(0.9, 0.0) == 1.0 and salience_factor(None, 0.0) == 1.0
+    assert salience_factor(0.9, 2.0) == pytest.approx(2.8) and salience_factor(None, 2.0) == pytest.approx(2.0)
+    assert salience_factor(7.0, 1.0) == 2.0  # clipped to the scale
+    counter = default_counter()
+    plain = turns("We walked along the river path near the old mill today.",
+                  "We walked along the canal path near the new bridge today.")
+    header = ExtractiveSummariser(counter, 1)._header(2)
+    budget = counter.count(header) + counter.count("- assistant: " + plain[1].content) + 2  # room for one of them
+    off = ExtractiveSummariser(counter, budget).fold_sync(SummaryState(), plain, {"m0": 0.0, "m1": 1.0})
+    on = ExtractiveSummariser(counter, budget, salience_weight=4.0).fold_sync(SummaryState(), plain,
+                                                                             {"m0": 0.0, "m1": 1.0})
+    assert [s.text for s in off.sentences] == [plain[0].content]  # the user's words win on the heuristic alone
+    assert [s.text for s in on.sentences] == [plain[1].content]  # the model's score outweighs that

@@ -1,0 +1,42 @@
+"""The salience of stored messages, for the STM summary (``STM_SALIENCE_WEIGHT`` > 0; off by default).
+
+The score is the one ltm stores on its memories: the salience model of services/ltm/salience (numpy, 0.04 ms a
+turn), over the turn's all-MiniLM-L6-v2 token vectors, its sentence vector and the session's state so far. memory
+computes it itself, in the same forward pass that embeds the message for ``search_messages`` (memory cannot read
+ltm's scores: the services share only the bus), and stores it in ``conversation_messages.salience``; the summary
+reads it when it folds the turn (services/memory/summary.py :func:`salience_factor`). Each process keeps the state
+of ``sessions`` sessions (LRU; a session it has not seen starts from zero, as in ltm). What it is worth, measured on
+the dev splits: ``python -m mesh eval stm`` (docs/memory.md, "Salience").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from services.ltm.salience.infer import SalienceModel, SessionStates
+from services.memory.store import Unembedded
+from shared.runtime.passes import SALIENCE_TOKENS, tokens
+
+
+class MessageSalience:
+    def __init__(self, sessions: int = 10_000, model: SalienceModel | None = None) -> None:
+        self.model = model or SalienceModel.load()
+        self.states = SessionStates(sessions)
+
+    def score(self, pending: Sequence[Unembedded], vectors: dict[str, np.ndarray],
+              token_vectors: dict[str, np.ndarray]) -> list[float]:
+        """The messages' salience, oldest first (each session's turns in order); a message without token vectors
+        gets its sentence vector as the stand-in, as in training."""
+        toks = [token_vectors.get(m.content) for m in pending]
+        return [float(x) for x in self.model.score(
+            [f"{m.user_id}\x00{m.session_id}" for m in pending], np.stack([vectors[m.content] for m in pending]),
+            [t if t is not None else vectors[m.content][None, :] for t, m in zip(toks, pending, strict=True)],
+            [m.ai for m in pending], self.states,
+            n_tokens=[len(t) if t is not None else min(tokens(m.content), SALIENCE_TOKENS)
+                      for t, m in zip(toks, pending, strict=True)])]
+
+    def forget(self) -> None:
+        """After a user's deletion: no state derived from their turns stays in the process."""
+        self.states.clear()
