@@ -127,7 +127,8 @@ def servers(data_dir: Path, run_dir: Path) -> Iterator[tuple[str, str, dict[str,
     if os.environ.get("REDIS_URL") and os.environ.get("DATABASE_URL"):
         yield os.environ["REDIS_URL"], os.environ["DATABASE_URL"], {"source": "REDIS_URL and DATABASE_URL"}
         return
-    from mesh.infra import PostgresServer, RedisServer
+    from mesh.postgres_server import PostgresServer
+    from mesh.redis_server import RedisServer
 
     redis_server = RedisServer(run_dir / "redis", persist=False)
     pg = PostgresServer(data_dir / "pg")

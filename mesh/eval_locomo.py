@@ -214,7 +214,8 @@ def stores(database: str | None = None, keep: bool = False) -> Any:
     import tempfile
     from contextlib import ExitStack, contextmanager
 
-    from mesh.infra import PostgresServer, RedisServer
+    from mesh.postgres_server import PostgresServer
+    from mesh.redis_server import RedisServer
     from mesh.stack import StackPaths, read_env_file, running_stack_pid
 
     @contextmanager

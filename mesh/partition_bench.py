@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.database_url:
             asyncio.run(measure(args.database_url, args.rows, Path(tmp)))
             return 0
-        from mesh.infra import PostgresServer
+        from mesh.postgres_server import PostgresServer
 
         server = PostgresServer(Path(tmp) / "pg", ephemeral=True)
         server.start()

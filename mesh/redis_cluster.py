@@ -15,7 +15,8 @@ from pathlib import Path
 
 import redis
 
-from mesh.infra import LOCALHOST, RedisServer, free_port
+from mesh.infra import LOCALHOST, free_port
+from mesh.redis_server import RedisServer
 
 log = logging.getLogger("mesh.cluster")
 

@@ -32,8 +32,6 @@ from types import FrameType
 from typing import BinaryIO, Protocol
 
 from mesh.infra import (
-    PostgresServer,
-    RedisServer,
     free_port,
     pid_alive,
     port_is_free,
@@ -45,6 +43,8 @@ from mesh.infra import (
     wait_for_redis,
 )
 from mesh.pg_roles import APP_ROLE, ensure_app_role
+from mesh.postgres_server import PostgresServer
+from mesh.redis_server import RedisServer
 
 log = logging.getLogger(__name__)
 

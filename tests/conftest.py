@@ -42,7 +42,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if os.environ.get("REDIS_URL"):
         yield os.environ["REDIS_URL"]
         return
-    from mesh.infra import RedisServer
+    from mesh.redis_server import RedisServer
 
     server = RedisServer(tmp_path_factory.mktemp("redis"), persist=False)
     server.start()
@@ -58,7 +58,7 @@ def pg_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if os.environ.get("DATABASE_URL"):
         yield os.environ["DATABASE_URL"]
         return
-    from mesh.infra import PostgresServer
+    from mesh.postgres_server import PostgresServer
 
     server = PostgresServer(tmp_path_factory.mktemp("pg"), fast=True, ephemeral=True)
     server.start()

@@ -21,7 +21,7 @@ import redis.exceptions
 
 from mesh.acl import USERS, acl_file, random_passwords
 from mesh.forget import forget_user
-from mesh.infra import RedisServer
+from mesh.redis_server import RedisServer
 from services.chat_ai.config import ChatSettings
 from services.chat_ai.service import ChatService
 from services.ltm.config import LtmSettings

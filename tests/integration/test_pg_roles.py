@@ -89,7 +89,7 @@ def test_compose_init_script_makes_the_same_role(pg_admin_url: str, fresh_db: tu
     import subprocess
     from urllib.parse import urlsplit
 
-    from mesh.infra import pg_bin_dir
+    from mesh.postgres_server import pg_bin_dir
     from tests.conftest import ROOT
 
     name, _ = fresh_db

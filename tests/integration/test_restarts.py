@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from mesh.infra import PostgresServer, RedisServer, free_port
+from mesh.infra import free_port
+from mesh.postgres_server import PostgresServer
+from mesh.redis_server import RedisServer
 from shared.contracts import Names
 from shared.runtime.db import migrate
 from shared.runtime.runner import redis_client

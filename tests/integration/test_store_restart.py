@@ -113,7 +113,7 @@ def test_the_local_postgresql_needs_its_password(tmp_path: Path) -> None:
     restart, and even when its cluster was made by an earlier run with trust."""
     import psycopg
 
-    from mesh.infra import PostgresServer
+    from mesh.postgres_server import PostgresServer
 
     trusting = PostgresServer(tmp_path / "pg", fast=True)
     trusting.start()  # an earlier run's cluster: trust

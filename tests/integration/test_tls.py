@@ -30,7 +30,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from mesh.infra import find_redis_server, free_port, postgres_os_user, wait_for_postgres, wait_for_redis
+from mesh.infra import free_port, postgres_os_user, wait_for_postgres, wait_for_redis
+from mesh.redis_server import find_redis_server
 from shared.contracts import Names
 from shared.runtime.db import migrate
 from shared.runtime.runner import redis_client
