@@ -39,7 +39,7 @@ from shared.contracts.messages import (
     SearchData,
 )
 from shared.contracts.ping import CHAT_REQUEST, ChatRequest, PingInfo, PingResponse
-from shared.runtime import prom
+from shared.runtime import heap, prom
 from shared.runtime.llm import ChatModel, chat_model
 from shared.runtime.logging import content, get_logger
 from shared.runtime.metrics import Metrics
@@ -93,6 +93,7 @@ class ChatService:
             await self.memory.start()
         metrics_task = asyncio.create_task(self.metrics.run(self._stop, self.settings.metrics_flush_s))
         requests_task = asyncio.create_task(self.requests.run(), name="chat_ai.requests")
+        heap.freeze_startup()  # what start-up loaded stays out of every garbage collection
         self.ready.set()
         log.info("chat_ai.ready", ltm=self.settings.enable_ltm, model=self.llm.name if self.llm else "offline")
         try:

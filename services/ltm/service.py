@@ -42,7 +42,7 @@ from shared.contracts import (
 )
 from shared.contracts.messages import DocSearchResult, UserDeletion
 from shared.contracts.ping import PingInfo
-from shared.runtime import prom
+from shared.runtime import heap, prom
 from shared.runtime.deadletter import dead_letter
 from shared.runtime.drain import run_service
 from shared.runtime.erase import erase_entries, ltm_streams
@@ -101,6 +101,7 @@ class LtmService:
         if self.settings.ltm_search_index_rows:
             background.append(asyncio.create_task(self._warm_listen(), name="ltm.warm_listen"))
             background.append(asyncio.create_task(self._warm_announce(), name="ltm.warm_announce"))
+        heap.freeze_startup()  # what start-up loaded stays out of every garbage collection
         self.ready.set()
         log.info("ltm.ready", backend=self.backend.name)
         try:

@@ -35,7 +35,7 @@ from shared.contracts import (
     encode,
 )
 from shared.contracts.ping import PingInfo
-from shared.runtime import prom
+from shared.runtime import heap, prom
 from shared.runtime.drain import run_service
 from shared.runtime.embedding import Embedder, shared_model
 from shared.runtime.llm import ChatModel, chat_model
@@ -114,6 +114,11 @@ class MemoryService:
         if self.settings.memory_embed_messages:
             background.append(asyncio.create_task(self._every(self.settings.memory_embed_interval_s,
                                                               self._embed_pending), name="memory.embed"))
+        if self.settings.memory_embed_messages:
+            # load the model now: an ONNX session holds the GIL while it is built (onnxruntime #27063), which on
+            # first need would stall every store and request of the process for about half a second
+            await self._get_embedder()
+        heap.freeze_startup()  # what start-up loaded stays out of every garbage collection
         log.info("memory.ready")
         try:
             await run_service(core, background, self._stop, self.settings.shutdown_grace_s, what="memory",
