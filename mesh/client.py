@@ -34,7 +34,7 @@ STACK_ENV = Path(".data") / "stack.env"
 
 def stack_urls() -> dict[str, str]:
     """REDIS_URL / DATABASE_URL from the environment, else from .data/stack.env written by `mesh stack`."""
-    from mesh.stack import read_env_file
+    from mesh.stack_files import read_env_file
 
     urls = {k: os.environ[k] for k in ("REDIS_URL", "DATABASE_URL") if os.environ.get(k)}
     for key, value in read_env_file(STACK_ENV).items():

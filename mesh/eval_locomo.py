@@ -216,7 +216,7 @@ def stores(database: str | None = None, keep: bool = False) -> Any:
 
     from mesh.postgres_server import PostgresServer
     from mesh.redis_server import RedisServer
-    from mesh.stack import StackPaths, read_env_file, running_stack_pid
+    from mesh.stack_files import StackPaths, read_env_file, running_stack_pid
 
     @contextmanager
     def cm() -> Any:

@@ -18,7 +18,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from mesh.stack import StackPaths, add_data_dir_option
+from mesh.stack import add_data_dir_option
+from mesh.stack_files import StackPaths
 from mesh.status import bus_status, redis_url_for
 from shared.contracts import Names
 from shared.runtime.runner import redis_client

@@ -21,7 +21,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-from mesh.stack import _parent_death_hook, _tail
+from mesh.stack_files import tail
+from mesh.supervisor import parent_death_hook
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,7 +54,7 @@ class ServiceProcesses:
             code = child.proc.poll()
             if code is not None:
                 raise RuntimeError(f"service {child.name} exited with code {code}; the end of {child.log}:\n"
-                                   f"{_tail(child.log, 25)}")
+                                   f"{tail(child.log, 25)}")
 
     def stop(self, grace: float = 15.0) -> None:
         """SIGTERM every service, SIGKILL what is left after ``grace`` seconds; a second Ctrl-C cannot cut it short."""
@@ -95,7 +96,7 @@ def spawn(module: str, env: dict[str, str], log: Path, cwd: Path = ROOT) -> tupl
     try:
         proc = subprocess.Popen([sys.executable, "-m", module], env=env, cwd=cwd, stdin=subprocess.DEVNULL,
                                 stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=_parent_death_hook())
+                                preexec_fn=parent_death_hook())
     except BaseException:
         handle.close()
         raise

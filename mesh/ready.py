@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from pydantic import ValidationError
 
 from mesh.infra import pid_alive
-from mesh.stack import StackPaths, _tail, read_env_file
+from mesh.stack_files import StackPaths, read_env_file, tail
 from shared.contracts import Names, new_id
 from shared.contracts.messages import PingRequest
 from shared.contracts.ping import PING_RESPONSE, PingInfo, PingResponse
@@ -161,8 +161,8 @@ def wait_for_services(paths: StackPaths, pid: int, services: list[str], deadline
         print(f"mesh up: not ready: {', '.join(exc.waiting)} did not answer ping: {exc.reason}", file=sys.stderr)
         for name in exc.waiting:
             log_path = paths.service_log(name)
-            print(f"--- {name} log {log_path} (last lines):\n{_tail(log_path)}", file=sys.stderr)
-        print(f"--- stack log {paths.log} (last lines):\n{_tail(paths.log, 10)}", file=sys.stderr)
+            print(f"--- {name} log {log_path} (last lines):\n{tail(log_path)}", file=sys.stderr)
+        print(f"--- stack log {paths.log} (last lines):\n{tail(paths.log, 10)}", file=sys.stderr)
         return False
     took = time.monotonic() - started
     print(f"mesh up: every service answered ping ({took:.1f}s); their logs are in {paths.logs}")

@@ -14,22 +14,17 @@ grace period, then stop the data stores it started.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import fcntl
 import logging
 import os
-import shlex
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import BinaryIO, Protocol
+from typing import Protocol
 
 from mesh.infra import (
     free_port,
@@ -45,6 +40,8 @@ from mesh.infra import (
 from mesh.pg_roles import APP_ROLE, ensure_app_role
 from mesh.postgres_server import PostgresServer
 from mesh.redis_server import RedisServer
+from mesh.stack_files import StackPaths, read_env_file, running_stack_pid, stack_lock, tail, write_env_file
+from mesh.supervisor import MAX_BACKOFF, MIN_BACKOFF, Service, Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -56,268 +53,6 @@ SERVICES: dict[str, str] = {
 }
 READY_PREFIX = "mesh ready:"
 UP_TIMEOUT = 180.0
-SERVICE_GRACE = 10.0
-MIN_BACKOFF = 1.0
-MAX_BACKOFF = 10.0
-STABLE_AFTER = 30.0  # a service that ran this long restarts with the minimum backoff again
-
-
-# --------------------------------------------------------------------------- files
-
-
-@dataclass(frozen=True)
-class StackPaths:
-    """The files of one local stack, all under its data directory (default ``.data``)."""
-
-    root: Path
-
-    @classmethod
-    def from_arg(cls, data_dir: str | None) -> StackPaths:
-        return cls(Path(data_dir or os.environ.get("MESH_DATA_DIR") or ".data").absolute())
-
-    @property
-    def env(self) -> Path:
-        return self.root / "stack.env"
-
-    @property
-    def pid(self) -> Path:
-        return self.root / "stack.pid"
-
-    @property
-    def log(self) -> Path:
-        return self.root / "stack.log"
-
-    @property
-    def logs(self) -> Path:
-        return self.root / "logs"
-
-    def service_log(self, name: str) -> Path:
-        return self.logs / f"{name}.log"
-
-    @property
-    def lock(self) -> Path:
-        return self.root / "stack.lock"
-
-    @property
-    def redis(self) -> Path:
-        return self.root / "redis"
-
-    @property
-    def pg(self) -> Path:
-        return self.root / "pg"
-
-
-def read_env_file(path: Path) -> dict[str, str]:
-    """``KEY=value`` lines as a dict (a value with spaces is shell-quoted, see write_env_file); {} if missing."""
-    values: dict[str, str] = {}
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return values
-    for line in text.splitlines():
-        key, sep, value = line.strip().partition("=")
-        if sep and key and not key.startswith("#"):
-            values[key] = " ".join(shlex.split(value)) if value[:1] in ("'", '"') else value
-    return values
-
-
-def write_env_file(path: Path, values: dict[str, str]) -> None:
-    """Write ``KEY=value`` lines atomically (readers never see half a file); the owner's only (the URLs carry
-    the Redis admin's password)."""
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.touch(mode=0o600)
-    staging.chmod(0o600)
-    staging.write_text("".join(f"{key}={shlex.quote(value) if ' ' in value else value}\n"  # `. stack.env` in sh
-                               for key, value in values.items()))
-    os.replace(staging, path)
-
-
-def _cmdline(pid: int) -> list[str] | None:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return None
-    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
-
-
-def running_stack_pid(paths: StackPaths) -> int | None:
-    """The pid in ``stack.pid`` if that process is alive and is a ``mesh stack``."""
-    pid = read_pid(paths.pid)
-    if pid is None or not pid_alive(pid):
-        return None
-    cmdline = _cmdline(pid)
-    if cmdline is not None and not ("mesh" in cmdline and "stack" in cmdline):
-        return None  # the pid was reused by something else
-    return pid
-
-
-@contextmanager
-def stack_lock(paths: StackPaths) -> Iterator[None]:
-    """Hold ``stack.lock`` so that two stacks never share one data directory."""
-    paths.root.mkdir(parents=True, exist_ok=True)
-    with paths.lock.open("a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            other = read_pid(paths.pid)
-            raise SystemExit(
-                f"another mesh stack (pid {other}) is using {paths.root}; stop it with `python -m mesh down`"
-            ) from None
-        yield
-
-
-# --------------------------------------------------------------------------- supervisor
-
-
-def _parent_death_hook() -> Callable[[], None] | None:
-    """A preexec hook (Linux) so a service gets SIGTERM if the stack itself is SIGKILLed.
-
-    The signal fires when the *thread* that spawned the child exits: call the supervisor
-    from a long-lived thread (the stack uses its main thread).
-    """
-    if sys.platform != "linux":
-        return None
-    libc = ctypes.CDLL(None, use_errno=True)
-    parent = os.getpid()
-    pr_set_pdeathsig = 1
-
-    def hook() -> None:
-        libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return hook
-
-
-@dataclass
-class Service:
-    """One supervised child process."""
-
-    name: str
-    argv: list[str]
-    env: dict[str, str] = field(default_factory=dict)  # over the supervisor's (e.g. the service's own REDIS_URL)
-    proc: subprocess.Popen[bytes] | None = None
-    started_at: float = 0.0
-    restart_at: float = 0.0
-    backoff: float = MIN_BACKOFF
-    restarts: int = 0
-
-
-class Supervisor:
-    """Start services, restart crashed ones with exponential backoff, stop them all."""
-
-    def __init__(
-        self,
-        services: Sequence[Service],
-        env: dict[str, str],
-        cwd: Path,
-        *,
-        max_backoff: float = MAX_BACKOFF,
-        stable_after: float = STABLE_AFTER,
-        log_dir: Path | None = None,
-    ) -> None:
-        """``log_dir``: each service's output is appended to ``<log_dir>/<name>.log`` (else inherited)."""
-        self.services = list(services)
-        self._log_dir = log_dir
-        self._env = env
-        self._cwd = cwd
-        self._max_backoff = max_backoff
-        self._stable_after = stable_after
-        self._preexec = _parent_death_hook()
-
-    def poll(self) -> None:
-        """Start what is due, notice what exited. Call it every fraction of a second."""
-        now = time.monotonic()
-        for service in self.services:
-            if service.proc is None:
-                if now >= service.restart_at:
-                    self._spawn(service, now)
-            elif service.proc.poll() is not None:
-                self._on_exit(service, service.proc.returncode, now)
-
-    def _open_log(self, service: Service) -> BinaryIO | None:
-        if self._log_dir is None:
-            return None
-        self._log_dir.mkdir(parents=True, exist_ok=True)
-        handle = (self._log_dir / f"{service.name}.log").open("ab")
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        handle.write(f"----- {stamp} mesh stack: starting {service.name} (start #{service.restarts + 1})\n".encode())
-        handle.flush()
-        return handle
-
-    def _spawn(self, service: Service, now: float) -> None:
-        try:
-            output = self._open_log(service)
-            try:
-                service.proc = subprocess.Popen(
-                    service.argv,
-                    env={**self._env, **service.env},
-                    cwd=self._cwd,
-                    stdin=subprocess.DEVNULL,
-                    stdout=output,
-                    stderr=subprocess.STDOUT if output else None,
-                    start_new_session=True,  # its own process group: the stack signals it, not the tty
-                    preexec_fn=self._preexec,  # the stack is single-threaded
-                )
-            finally:
-                if output:
-                    output.close()  # the child has its own copy
-        except OSError as exc:
-            log.error("service %s could not start: %s", service.name, exc)
-            self._schedule_restart(service, now)
-            return
-        service.started_at = now
-        log.info("service %s started (pid %d): %s", service.name, service.proc.pid, " ".join(service.argv))
-
-    def _on_exit(self, service: Service, code: int, now: float) -> None:
-        uptime = now - service.started_at
-        service.proc = None
-        if uptime >= self._stable_after:
-            service.backoff = MIN_BACKOFF
-        self._schedule_restart(service, now)
-        log.warning(
-            "service %s exited with code %s after %.1fs; restart #%d in %.1fs",
-            service.name,
-            code,
-            uptime,
-            service.restarts,
-            service.restart_at - now,
-        )
-
-    def _schedule_restart(self, service: Service, now: float) -> None:
-        service.restarts += 1
-        service.restart_at = now + service.backoff
-        service.backoff = min(service.backoff * 2, self._max_backoff)
-
-    def stop(self, grace: float = SERVICE_GRACE) -> None:
-        """SIGTERM every service, wait up to ``grace`` seconds, SIGKILL the rest."""
-        running = [s for s in self.services if s.proc is not None and s.proc.poll() is None]
-        for service in running:
-            log.info("stopping service %s (pid %d)", service.name, _pid(service))
-            _signal_group(service, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while running and time.monotonic() < deadline:
-            running = [s for s in running if s.proc is not None and s.proc.poll() is None]
-            time.sleep(0.1)
-        for service in running:
-            log.warning("service %s ignored SIGTERM for %.0fs, killing it", service.name, grace)
-            _signal_group(service, signal.SIGKILL)
-        for service in self.services:
-            if service.proc is not None:
-                service.proc.wait()
-                service.proc = None
-
-
-def _pid(service: Service) -> int:
-    return service.proc.pid if service.proc is not None else -1
-
-
-def _signal_group(service: Service, sig: signal.Signals) -> None:
-    """Signal the service's process group (it and anything it forked)."""
-    try:
-        os.killpg(_pid(service), sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 # --------------------------------------------------------------------------- stack
@@ -583,12 +318,6 @@ def _stack_argv(args: argparse.Namespace, paths: StackPaths) -> list[str]:
     return argv
 
 
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
 
 def _print_urls(paths: StackPaths) -> None:
     """The URLs without their passwords (they are in the env file, the owner's only)."""
@@ -629,11 +358,11 @@ def _start_stack(args: argparse.Namespace, paths: StackPaths, deadline: float) -
     paths.pid.write_text(f"{proc.pid}\n")
     while not _log_has_ready_line(paths.log):
         if proc.poll() is not None:
-            print(f"mesh stack failed (exit {proc.returncode}); {paths.log}:\n{_tail(paths.log)}", file=sys.stderr)
+            print(f"mesh stack failed (exit {proc.returncode}); {paths.log}:\n{tail(paths.log)}", file=sys.stderr)
             paths.pid.unlink(missing_ok=True)
             return None
         if time.monotonic() > deadline:
-            print(f"mesh stack not ready after {args.timeout:.0f}s; {paths.log}:\n{_tail(paths.log)}", file=sys.stderr)
+            print(f"mesh stack not ready after {args.timeout:.0f}s; {paths.log}:\n{tail(paths.log)}", file=sys.stderr)
             _terminate_stack(paths, proc.pid, 60.0)
             return None
         time.sleep(0.2)

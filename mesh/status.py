@@ -31,7 +31,8 @@ from redis.exceptions import ResponseError
 
 from mesh.infra import redact_url
 from mesh.ready import Pinger, request_lists
-from mesh.stack import SERVICES, StackPaths, add_data_dir_option, read_env_file
+from mesh.stack import SERVICES, add_data_dir_option
+from mesh.stack_files import StackPaths, read_env_file
 from shared.contracts import Names
 from shared.runtime.runner import redis_client
 

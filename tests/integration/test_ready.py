@@ -101,7 +101,7 @@ def total(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: s
 
 async def check_metrics(redis: aioredis.Redis, names: Names, data: Path) -> None:
     """Each service's Prometheus /metrics (METRICS_URLS in stack.env), after the traffic of the test above."""
-    from mesh.stack import read_env_file
+    from mesh.stack_files import read_env_file
     from shared.contracts.ping import PING_RESPONSE
     from tests.helpers import Replies
 
@@ -146,7 +146,7 @@ def check_gateway(data: Path) -> None:
     """`mesh up` started the HTTP gateway too: its URL and an admin key made for the run are in stack.env."""
     import urllib.request
 
-    from mesh.stack import read_env_file
+    from mesh.stack_files import read_env_file
 
     env = read_env_file(data / "stack.env")
     url, key = env["GATEWAY_URL"], env["GATEWAY_API_KEY"]

@@ -17,7 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from mesh.infra import read_pid
-from mesh.stack import read_env_file
+from mesh.stack_files import read_env_file
 from tests.conftest import ROOT
 from tests.helpers import wait_until
 
