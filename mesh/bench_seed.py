@@ -36,8 +36,9 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from mesh.bench_procs import ROOT, say
+from services.ltm.retrieval import token_counts
 
-SEED_VERSION = 1
+SEED_VERSION = 2  # 2: content_tokens counted, as ingest does (ltm migration 010)
 SESSION_TURNS = 20
 NOISE = 0.01  # per dimension; |noise| ~ 0.2 on a unit 384-d vector
 MIGRATIONS = {"memory": ROOT / "services" / "memory" / "migrations", "ltm": ROOT / "services" / "ltm" / "migrations"}
@@ -264,6 +265,7 @@ def user_rows(user_id: str, n: int, pool: list[str], vectors: np.ndarray) -> Ite
         joined = second >= 0
         vec[joined] = _normalise(vectors[first[joined]] + vectors[second[joined]])
         vec = _normalise(vec + rng.normal(0.0, NOISE, vec.shape).astype(np.float32))
+        counts = token_counts([text for _, _, text in chunk])
         for j, (x, _, text) in enumerate(chunk):
             i = start + j
             speaker = pool[x].partition(": ")[0] if ": " in pool[x][:40] else "User"
@@ -274,13 +276,13 @@ def user_rows(user_id: str, n: int, pool: list[str], vectors: np.ndarray) -> Ite
                 "embedding": vec[j], "confidence": 1.0, "source_message_id": f"{user_id}:m{i}",
                 "source_session_id": f"{user_id}:s{session}",
                 "source_timestamp": base + session * 43_200.0 + (i % SESSION_TURNS) * 45.0, "speaker": speaker,
-                "meta": Jsonb({"role": "user", "speaker": speaker, "seeded": True}),
+                "meta": Jsonb({"role": "user", "speaker": speaker, "seeded": True}), "content_tokens": counts[j],
             }
 
 
 TYPES = {"memory_id": "uuid", "user_id": "text", "type": "text", "content": "text", "content_hash": "text",
          "embedding": "vector", "confidence": "real", "source_message_id": "text", "source_session_id": "text",
-         "source_timestamp": "float8", "speaker": "text", "meta": "jsonb"}
+         "source_timestamp": "float8", "speaker": "text", "meta": "jsonb", "content_tokens": "int4"}
 
 
 async def _copy_rows(url: str, plan: SeedPlan, pool: list[str], vectors: np.ndarray) -> None:

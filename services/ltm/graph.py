@@ -66,7 +66,7 @@ class TurnKnowledge:
 TYPED_INSERT = (
     "INSERT INTO ltm_memories (memory_id, user_id, type, content, content_hash, embedding, confidence, entities,"
     " source_message_id, source_session_id, source_timestamp, speaker, meta, subject, slot, slot_value,"
-    " valid_from, asserted_at, sources, mentions, salience)"
+    " valid_from, asserted_at, sources, mentions, salience, content_tokens)"
     " VALUES {values}"
     " ON CONFLICT (user_id, type, content_hash) DO UPDATE SET"
     " salience = GREATEST(ltm_memories.salience, EXCLUDED.salience),"
@@ -133,17 +133,19 @@ def entity_names(items: list[Extracted], subject: str) -> list[tuple[str, str]]:
 
 
 async def write_knowledge(conn: AsyncConnection, turns: Sequence[TurnKnowledge],
-                          episodic_ids: Mapping[MemoryKey, uuid.UUID] | None = None) -> list[list[str]]:
+                          episodic_ids: Mapping[MemoryKey, uuid.UUID] | None = None,
+                          tokens: Mapping[str, int] | None = None) -> list[list[str]]:
     """Store the typed memories, entities, relations and links of many turns (inside the ingest transaction), in
     one statement per table; returns each turn's typed memory ids.
 
     Many mentions of one row within the batch are merged first, as one upsert after another would leave it
     (mentions and strengths add up, sources append, the first values stay), and every statement writes its rows
     in key order (by table, then key), so that concurrent ingests never wait on each other in a cycle.
-    ``episodic_ids``: the memory id of each turn's episodic memory, by (user, "episodic", content hash).
+    ``episodic_ids``: the memory id of each turn's episodic memory, by (user, "episodic", content hash);
+    ``tokens``: the WordPiece tokens of contents (``content_tokens``; a content not in it: NULL).
     """
-    memories = _merge_memories(turns)
-    ids = await _upsert(conn, TYPED_INSERT, 21, [row for _, row in sorted(memories.items())])
+    memories = _merge_memories(turns, tokens or {})
+    ids = await _upsert(conn, TYPED_INSERT, 22, [row for _, row in sorted(memories.items())])
     turn_mids = [[ids[(k.user_id, it.type, content_hash(it.content))] for it, _ in k.items] for k in turns]
 
     entities: dict[tuple[str, str], list[Any]] = {}
@@ -216,7 +218,7 @@ async def write_knowledge(conn: AsyncConnection, turns: Sequence[TurnKnowledge],
     return [[str(m) for m in mids] for mids in turn_mids]
 
 
-def _merge_memories(turns: Sequence[TurnKnowledge]) -> dict[MemoryKey, list[Any]]:
+def _merge_memories(turns: Sequence[TurnKnowledge], tokens: Mapping[str, int]) -> dict[MemoryKey, list[Any]]:
     """One TYPED_INSERT row per (user, type, content hash) of the batch, its mentions merged in order."""
     rows: dict[MemoryKey, list[Any]] = {}
     for k in turns:
@@ -245,7 +247,7 @@ def _merge_memories(turns: Sequence[TurnKnowledge]) -> dict[MemoryKey, list[Any]
                 uuid.uuid4(), k.user_id, item.type, item.content, key[2], vec, item.confidence,
                 [n for n, _ in item_entities(item)], src.message_id, src.session_id, src.timestamp, src.speaker,
                 Jsonb(meta), k.subject, item.slot, slot_value(item), src.timestamp, src.timestamp,
-                [src.as_json()], 1, k.salience,
+                [src.as_json()], 1, k.salience, tokens.get(item.content),
             ]
     for row in rows.values():
         row[18] = Jsonb(row[18])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -20,7 +20,7 @@ from services.ltm.graph import Provenance, TurnKnowledge, entity_names, norm_nam
 from services.ltm.ingest import VectorCache, from_cache, ingest_model
 from services.ltm.lifecycle import Lifecycle, LifecycleConfig
 from services.ltm.profile import build_profile
-from services.ltm.retrieval import RetrievalConfig, clear_token_cache
+from services.ltm.retrieval import RetrievalConfig, clear_token_cache, token_counts
 from services.ltm.salience.infer import MAX_TOKENS as SALIENCE_TOKENS
 from services.ltm.salience.infer import SalienceModel, SessionStates
 from services.ltm.store import IngestWrite, LtmStore, MemoryKey, NewMemory, content_hash
@@ -302,8 +302,17 @@ class NativeBackend:
         return results
 
     async def _store_writes(self, writes: list[IngestWrite]) -> list[bool]:
+        # the tokens of every content written, counted here (a thread: the tokenizer releases the GIL) so that a
+        # search never tokenizes its results on the event loop (ltm_memories.content_tokens)
+        contents = list(dict.fromkeys([*(m.content for w in writes for m in w.memories),
+                                       *(it.content for w in writes if w.knowledge for it, _ in w.knowledge.items)]))
+        tokens = dict(zip(contents, await asyncio.get_running_loop().run_in_executor(None, token_counts, contents),
+                          strict=True))
+        for w in writes:
+            w.memories = [replace(m, tokens=tokens.get(m.content)) for m in w.memories]
+
         async def knowledge(conn: AsyncConnection, fresh: list[IngestWrite], ids: dict[MemoryKey, Any]) -> None:
-            await write_knowledge(conn, [w.knowledge for w in fresh], ids)
+            await write_knowledge(conn, [w.knowledge for w in fresh], ids, tokens)
 
         return await self.store.ingest_many(writes, then=knowledge)
 

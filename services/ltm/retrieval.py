@@ -121,15 +121,21 @@ def clear_token_cache() -> None:
     _TOKEN_CACHE.clear()
 
 
-def count_tokens(texts: Sequence[str]) -> list[int]:
-    """WordPiece tokens of the embedding model (no special tokens): the unit of ``max_tokens``.
+def token_counts(texts: Sequence[str]) -> list[int]:
+    """WordPiece tokens of the embedding model (no special tokens): the unit of ``max_tokens``. No cache: safe in
+    any thread (ingest counts what it stores, ``ltm_memories.content_tokens``)."""
+    if not texts:
+        return []
+    return [len(enc.ids) for enc in wordpiece().encode_batch(list(texts), add_special_tokens=False)]
 
-    Counts are cached by text (LRU): the same turns come back as results and context again and again.
-    """
+
+def count_tokens(texts: Sequence[str]) -> list[int]:
+    """:func:`token_counts`, cached by text (LRU; the event loop's): the same turns come back as results and context
+    again and again. Rows counted at ingest (``content_tokens``) do not come here."""
     missing = [t for t in dict.fromkeys(texts) if t not in _TOKEN_CACHE]
     if missing:
-        for text, enc in zip(missing, wordpiece().encode_batch(missing, add_special_tokens=False), strict=True):
-            _TOKEN_CACHE[text] = len(enc.ids)
+        for text, n in zip(missing, token_counts(missing), strict=True):
+            _TOKEN_CACHE[text] = n
     out = []
     for text in texts:
         _TOKEN_CACHE.move_to_end(text)
@@ -198,24 +204,24 @@ _CANDIDATES = hybrid_sql("ltm_memories", "memory_id", ROW_COLUMNS, KEYS)
 # Every scan names the user by the parameter (not h.user_id), so each is pruned to the user's partition when planned.
 _NEIGHBOURS = """
 SELECT h.memory_id AS anchor, x.memory_id, x.type, x.content, x.source_message_id, x.source_session_id,
-       x.source_timestamp, x.speaker, x.side
+       x.source_timestamp, x.speaker, x.side, x.content_tokens
 FROM ltm_memories h CROSS JOIN LATERAL (
     (SELECT n.memory_id, n.type, n.content, n.source_message_id, n.source_session_id, n.source_timestamp,
-            n.speaker, -1 AS side
+            n.speaker, -1 AS side, n.content_tokens
      FROM ltm_memories n
      WHERE n.user_id = %(user_id)s AND n.source_session_id = h.source_session_id AND n.type = 'episodic'
        AND n.source_timestamp < h.source_timestamp
      ORDER BY n.source_timestamp DESC LIMIT %(w)s)
     UNION ALL
     (SELECT n.memory_id, n.type, n.content, n.source_message_id, n.source_session_id, n.source_timestamp,
-            n.speaker, 1 AS side
+            n.speaker, 1 AS side, n.content_tokens
      FROM ltm_memories n
      WHERE n.user_id = %(user_id)s AND n.source_session_id = h.source_session_id AND n.type = 'episodic'
        AND n.source_timestamp > h.source_timestamp
      ORDER BY n.source_timestamp ASC LIMIT %(w)s)
     UNION ALL
     (SELECT n.memory_id, n.type, n.content, n.source_message_id, n.source_session_id, n.source_timestamp,
-            n.speaker, 0 AS side
+            n.speaker, 0 AS side, n.content_tokens
      FROM ltm_memories n
      WHERE %(source_turns)s AND h.type <> 'episodic' AND n.user_id = %(user_id)s
        AND n.source_session_id = h.source_session_id AND n.type = 'episodic'
@@ -229,7 +235,7 @@ WHERE h.user_id = %(user_id)s AND h.memory_id = ANY(%(ids)s)
 # The heads' own rows (``anchor`` NULL) and, when ``w`` > 0, their neighbouring turns: one round trip.
 _ROWS_AND_NEIGHBOURS = (
     "SELECT NULL::uuid AS anchor, memory_id, type, content, source_message_id, source_session_id,"
-    " source_timestamp, speaker, NULL::int AS side FROM ltm_memories"
+    " source_timestamp, speaker, NULL::int AS side, content_tokens FROM ltm_memories"
     " WHERE user_id = %(user_id)s AND memory_id = ANY(%(ids)s)"
     " UNION ALL (" + _NEIGHBOURS.strip() + " AND %(w)s > 0)"
 )
@@ -412,8 +418,9 @@ def pack(scores: Sequence[float], anchors: Sequence[Turn], neighbours: Sequence[
 
 # --------------------------------------------------------------------------- the query path
 def _turn(row: dict[str, Any]) -> Turn:
+    tokens = row.get("content_tokens")  # counted at ingest; NULL: counted now (counted())
     return Turn(str(row["memory_id"]), row["content"], row["source_message_id"], row["source_timestamp"],
-                row["speaker"])
+                row["speaker"], -1 if tokens is None else int(tokens))
 
 
 async def search(pool: AsyncConnectionPool, user_id: str, data: SearchData, embedding: np.ndarray,

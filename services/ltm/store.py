@@ -57,6 +57,7 @@ class NewMemory:
     speaker: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     salience: float | None = None  # services/ltm/salience (LTM_SALIENCE); None: not scored
+    tokens: int | None = None  # WordPiece tokens of content (retrieval.token_counts); None: counted at search
 
 
 COLUMNS = (
@@ -67,13 +68,14 @@ COLUMNS = (
 
 INSERT = (
     "INSERT INTO ltm_memories (memory_id, user_id, type, content, content_hash, embedding, confidence,"
-    " entities, source_message_id, source_session_id, source_timestamp, speaker, meta, salience)"
-    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+    " entities, source_message_id, source_session_id, source_timestamp, speaker, meta, salience, content_tokens)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
     " ON CONFLICT (user_id, type, content_hash) DO UPDATE"
     " SET confidence = GREATEST(ltm_memories.confidence, EXCLUDED.confidence)"
 )
 INSERT_RETURNING = INSERT + " RETURNING " + COLUMNS
-INSERT_MANY = INSERT.replace("VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)", "VALUES {values}")
+INSERT_MANY = INSERT.replace("VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                             "VALUES {values}")
 
 
 def to_memory(row: dict[str, Any], similarity: float = 0.0, score: float | None = None) -> Memory:
@@ -131,7 +133,7 @@ async def insert_memories(conn: AsyncConnection, memories: Sequence[NewMemory]) 
         return {}
     ordered = sorted(first.items(), key=lambda kv: kv[0])
     cur = await conn.execute(
-        INSERT_MANY.format(values=values(len(ordered), 14)) + " RETURNING user_id, type, content_hash, memory_id",
+        INSERT_MANY.format(values=values(len(ordered), 15)) + " RETURNING user_id, type, content_hash, memory_id",
         [p for _, m in ordered for p in _params(m)])
     return {(r[0], r[1], r[2]): r[3] for r in await cur.fetchall()}
 
@@ -139,7 +141,7 @@ async def insert_memories(conn: AsyncConnection, memories: Sequence[NewMemory]) 
 def _params(m: NewMemory) -> tuple[Any, ...]:
     return (
         uuid.uuid4(), m.user_id, m.type, m.content, content_hash(m.content), m.embedding, m.confidence,
-        m.entities, m.message_id, m.session_id, m.timestamp, m.speaker, Jsonb(m.meta), m.salience,
+        m.entities, m.message_id, m.session_id, m.timestamp, m.speaker, Jsonb(m.meta), m.salience, m.tokens,
     )
 
 

@@ -259,3 +259,23 @@ async def test_one_query_asked_at_once_twice_is_embedded_once(mesh: Mesh) -> Non
     assert float(np.dot(vec, mesh.model.encode([text])[0])) > 0.9999
     again = await b._query_vector(text)  # from the cache now
     assert calls == [text] and again is vec
+
+
+async def test_ingest_counts_the_tokens_it_stores_so_a_search_tokenizes_nothing(mesh: Mesh) -> None:
+    """Every memory ingest writes carries its WordPiece count (content_tokens), the one a search's budget uses; a
+    search over those rows packs its results without calling the tokenizer (its cache stays empty)."""
+    from services.ltm import retrieval
+    from shared.contracts.messages import SearchData
+
+    b = backend(mesh)
+    for u in updates("tok", time.time() - 30 * DAY):
+        assert await b.ingest(u) is True
+    async with mesh.pool.connection() as conn:
+        cur = await conn.execute("SELECT content, content_tokens FROM ltm_memories WHERE user_id = 'tok'")
+        rows = await cur.fetchall()
+    assert len(rows) > len(TURNS)  # the turns and what was extracted from them
+    assert [n for _, n in rows] == retrieval.token_counts([c for c, _ in rows])
+    retrieval.clear_token_cache()
+    found = await b.search("tok", SearchData(query="Where does Dana live now?", limit=5))
+    assert found and any(m.context for m in found)  # results and their neighbouring turns were packed
+    assert len(retrieval._TOKEN_CACHE) == 0

@@ -19,7 +19,7 @@ from psycopg.types.json import Jsonb
 
 from services.ltm import retrieval
 from services.ltm.candidates import Candidates
-from services.ltm.retrieval import RetrievalConfig, search
+from services.ltm.retrieval import RetrievalConfig, search, token_counts
 from services.ltm.search_index import SearchIndex
 from services.ltm.store import INSERT, LtmStore, NewMemory, content_hash
 from shared.contracts.messages import SearchData
@@ -52,12 +52,14 @@ async def seed(mesh: Mesh, user: str, n: int, seed_: int = 1, ties: bool = False
     vecs = mesh.model.encode(texts)
     rng = random.Random(seed_)
     rows: list[tuple[Any, ...]] = []
+    counts = token_counts(texts)  # as ingest stores them; every other row without (counted at search)
     for i, (text, vec) in enumerate(zip(texts, vecs, strict=True)):
         kind = "episodic" if i % 4 else rng.choice(["fact", "preference", "entity"])
         role = "ai" if rng.random() < 0.2 else "user"
         rows.append((uuid.uuid4(), user, kind, text, content_hash(text), vec, 1.0, [], f"{user}:m{i}",
                      f"{user}:s{i // 15}", 1_700_000_000.0 + i * 60, text.split(":")[0],
-                     Jsonb({"role": role, "question": text.endswith("?")}), rng.random() if i % 3 else None))
+                     Jsonb({"role": role, "question": text.endswith("?")}), rng.random() if i % 3 else None,
+                     counts[i] if i % 2 else None))
     for r in rows[:: max(1, n // 8)] if ties else []:  # the same text and vector as another type: exact ties
         rows.append((uuid.uuid4(), user, "commitment", *r[3:]))
     async with mesh.pool.connection() as conn, conn.cursor() as cur:
@@ -196,7 +198,7 @@ async def test_index_sees_what_other_connections_commit(mesh: Mesh) -> None:
         late = uuid.uuid4()
         await slow.execute(INSERT, (late, "u1", "episodic", late_text, content_hash(late_text),
                                     mesh.model.encode([late_text])[0], 1.0, [], None, "u1:s9", 2.0, "Gina",
-                                    Jsonb({}), None))
+                                    Jsonb({}), None, None))
         assert await n() == 31  # not committed: not seen
         text2 = "Melanie: garage band practice moved to Sunday."
         await store.add(NewMemory(user_id="u1", type="episodic", content=text2,

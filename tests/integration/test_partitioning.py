@@ -43,8 +43,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DIRS = {"ltm": ROOT / "services" / "ltm" / "migrations", "memory": ROOT / "services" / "memory" / "migrations"}
 OLD = {"ltm": 5, "memory": 3}  # the last versions before the partitioning
 # today's write path seeds the old schema, so that schema also gets the columns it writes that came later: the
-# salience of ltm 009 (a column added at the end, where a fresh database has it too)
-ALSO = {"ltm": {9}, "memory": set()}
+# salience of ltm 009 and content_tokens of 010 (columns added at the end, where a fresh database has them too)
+ALSO = {"ltm": {9, 10}, "memory": set()}
 PARTITIONED = {
     "ltm_memories": "user_id", "ltm_entities": "user_id", "ltm_relations": "user_id", "ltm_memory_entities": "user_id",
     "ltm_ingested": "user_id", "ltm_archive": "user_id", "conversation_sessions": "user_id",
