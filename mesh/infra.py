@@ -134,6 +134,23 @@ def process_matches(pid: int, name: str, cwd: Path) -> bool:
     return proc_cwd is None or proc_cwd == cwd.resolve()
 
 
+class LocalServer:
+    """What a local server child process (Redis, PostgreSQL) keeps of its port."""
+
+    port: int
+    _requested_port: int | None
+
+    def keep_port(self) -> None:
+        """From now on start on the port it has (a restart keeps the URL the services were given)."""
+        self._requested_port = self.port or None
+
+    @staticmethod
+    def pid_runs(pidfile: Path, name: str, data_dir: Path) -> bool:
+        """The process of ``pidfile`` runs, as ``name``, in ``data_dir`` (not a reused pid)."""
+        pid = read_pid(pidfile)
+        return pid is not None and process_matches(pid, name, data_dir)
+
+
 def terminate_pid(pid: int, timeout: float = 10.0) -> None:
     """SIGTERM a (non-child) process, wait up to ``timeout``, then SIGKILL."""
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):

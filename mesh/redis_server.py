@@ -17,6 +17,7 @@ from typing import Any
 from mesh.infra import (
     LOCALHOST,
     PORT_ATTEMPTS,
+    LocalServer,
     OsUser,
     chown_tree,
     free_port,
@@ -54,7 +55,7 @@ def find_redis_server() -> str:
     )
 
 
-class RedisServer:
+class RedisServer(LocalServer):
     """A local ``redis-server`` child process on 127.0.0.1 with its data in ``data_dir``."""
 
     def __init__(
@@ -99,15 +100,10 @@ class RedisServer:
     def logfile(self) -> Path:
         return self.data_dir / "redis.log"
 
-    def keep_port(self) -> None:
-        """From now on start on the port it has (a restart keeps the URL the services were given)."""
-        self._requested_port = self.port or None
-
     def is_running(self) -> bool:
         if self._proc is not None:
             return self._proc.poll() is None
-        pid = read_pid(self.pidfile)
-        return pid is not None and process_matches(pid, "redis-server", self.data_dir)
+        return self.pid_runs(self.pidfile, "redis-server", self.data_dir)
 
     def start(self, timeout: float = 10.0) -> str:
         """Start redis-server, wait until PING answers, return its URL."""

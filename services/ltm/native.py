@@ -21,8 +21,7 @@ from services.ltm.ingest import VectorCache, from_cache, ingest_model
 from services.ltm.lifecycle import Lifecycle, LifecycleConfig
 from services.ltm.profile import build_profile
 from services.ltm.retrieval import RetrievalConfig, clear_token_cache, token_counts
-from services.ltm.salience.infer import MAX_TOKENS as SALIENCE_TOKENS
-from services.ltm.salience.infer import SalienceModel, SessionStates
+from services.ltm.salience.infer import SalienceModel, SessionStates, TextTurn
 from services.ltm.store import IngestWrite, LtmStore, MemoryKey, NewMemory, content_hash
 from shared.contracts import Memory, MemoryUpdate, Names
 from shared.contracts.messages import (
@@ -234,24 +233,19 @@ class NativeBackend:
         names.fill(self._names, vectors)
         scores: list[float | None] = [None] * len(todo)
         if salient and todo:
-            scores = [float(x) for x in await asyncio.get_running_loop().run_in_executor(
-                self._background, self._salience, todo, vectors, turn_tokens)]
+            scores = list(await asyncio.get_running_loop().run_in_executor(
+                self._background, self._salience, todo, vectors, turn_tokens))
         return [self._write_of(u, t, items, mentioned, ns, vectors[u.content], texts.found, names.found, sal)
                 for u, t, items, mentioned, ns, sal in zip(todo, turns, items_of, mentioned_of, names_of, scores,
                                                            strict=True)]
 
     def _salience(self, todo: list[MemoryUpdate], vectors: dict[str, np.ndarray],
-                  turn_tokens: dict[str, np.ndarray]) -> np.ndarray:
-        """The batch's salience, in arrival order, each session from the state its previous turns left (a turn
-        whose vector came from the query cache has no token vectors: its sentence vector stands in, as trained)."""
+                  turn_tokens: dict[str, np.ndarray]) -> list[float]:
+        """The batch's salience, in arrival order, each session from the state its previous turns left."""
         assert self.salience is not None
-        toks = [turn_tokens.get(u.content) for u in todo]
-        return self.salience.score(
-            [f"{u.user_id}\x00{u.meta.session_id or ''}" for u in todo], np.stack([vectors[u.content] for u in todo]),
-            [t if t is not None else vectors[u.content][None, :] for t, u in zip(toks, todo, strict=True)],
-            [u.source == "ai" for u in todo], self._salience_states,
-            n_tokens=[len(t) if t is not None else min(tokens(u.content), SALIENCE_TOKENS)
-                      for t, u in zip(toks, todo, strict=True)])
+        return self.salience.score_texts(
+            [TextTurn(f"{u.user_id}\x00{u.meta.session_id or ''}", u.content, u.source == "ai") for u in todo],
+            vectors, turn_tokens, self._salience_states)
 
     @staticmethod
     def _write_of(update: MemoryUpdate, turn: Turn, items: list[Extracted], mentioned: list[tuple[str, str]],
@@ -283,9 +277,10 @@ class NativeBackend:
         """One transaction for the batch; if it fails for a reason that is not passing, each update alone, so that
         one bad update fails by itself (and is dead-lettered by itself)."""
         results: list[bool | BaseException]
+        tokens = await self._token_counts(writes)
         await self.foreground.turn()
         try:
-            results = list(await self._store_writes(writes))
+            results = list(await self._store_writes(writes, tokens))
         except Exception as exc:
             if is_transient(exc) or len(writes) == 1:
                 raise
@@ -293,7 +288,7 @@ class NativeBackend:
             results = []
             for w in writes:
                 try:
-                    results.extend(await self._store_writes([w]))
+                    results.extend(await self._store_writes([w], tokens))
                 except Exception as one:  # noqa: BLE001 - handed to that update's caller
                     results.append(one)
         for user_id in sorted({w.user_id for w, ok in zip(writes, results, strict=True) if ok is True}):
@@ -301,15 +296,19 @@ class NativeBackend:
         log.debug("ltm.ingested", updates=len(writes), stored=sum(r is True for r in results))
         return results
 
-    async def _store_writes(self, writes: list[IngestWrite]) -> list[bool]:
-        # the tokens of every content written, counted here (a thread: the tokenizer releases the GIL) so that a
-        # search never tokenizes its results on the event loop (ltm_memories.content_tokens)
+    @staticmethod
+    async def _token_counts(writes: list[IngestWrite]) -> dict[str, int]:
+        """The tokens of every content the batch writes, counted here (a thread: the tokenizer releases the GIL) so
+        that a search never tokenizes its results on the event loop (ltm_memories.content_tokens)."""
         contents = list(dict.fromkeys([*(m.content for w in writes for m in w.memories),
                                        *(it.content for w in writes if w.knowledge for it, _ in w.knowledge.items)]))
         tokens = dict(zip(contents, await asyncio.get_running_loop().run_in_executor(None, token_counts, contents),
                           strict=True))
         for w in writes:
             w.memories = [replace(m, tokens=tokens.get(m.content)) for m in w.memories]
+        return tokens
+
+    async def _store_writes(self, writes: list[IngestWrite], tokens: dict[str, int]) -> list[bool]:
 
         async def knowledge(conn: AsyncConnection, fresh: list[IngestWrite], ids: dict[MemoryKey, Any]) -> None:
             await write_knowledge(conn, [w.knowledge for w in fresh], ids, tokens)

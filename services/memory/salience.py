@@ -15,9 +15,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from services.ltm.salience.infer import SalienceModel, SessionStates
+from services.ltm.salience.infer import SalienceModel, SessionStates, TextTurn
 from services.memory.store import Unembedded
-from shared.runtime.passes import SALIENCE_TOKENS, tokens
 
 
 class MessageSalience:
@@ -27,15 +26,9 @@ class MessageSalience:
 
     def score(self, pending: Sequence[Unembedded], vectors: dict[str, np.ndarray],
               token_vectors: dict[str, np.ndarray]) -> list[float]:
-        """The messages' salience, oldest first (each session's turns in order); a message without token vectors
-        gets its sentence vector as the stand-in, as in training."""
-        toks = [token_vectors.get(m.content) for m in pending]
-        return [float(x) for x in self.model.score(
-            [f"{m.user_id}\x00{m.session_id}" for m in pending], np.stack([vectors[m.content] for m in pending]),
-            [t if t is not None else vectors[m.content][None, :] for t, m in zip(toks, pending, strict=True)],
-            [m.ai for m in pending], self.states,
-            n_tokens=[len(t) if t is not None else min(tokens(m.content), SALIENCE_TOKENS)
-                      for t, m in zip(toks, pending, strict=True)])]
+        """The messages' salience, oldest first (each session's turns in order)."""
+        return self.model.score_texts([TextTurn(f"{m.user_id}\x00{m.session_id}", m.content, m.ai) for m in pending],
+                                      vectors, token_vectors, self.states)
 
     def forget(self) -> None:
         """After a user's deletion: no state derived from their turns stays in the process."""

@@ -114,7 +114,6 @@ class MemoryService:
         if self.settings.memory_embed_messages:
             background.append(asyncio.create_task(self._every(self.settings.memory_embed_interval_s,
                                                               self._embed_pending), name="memory.embed"))
-        if self.settings.memory_embed_messages:
             # load the model now: an ONNX session holds the GIL while it is built (onnxruntime #27063), which on
             # first need would stall every store and request of the process for about half a second
             await self._get_embedder()

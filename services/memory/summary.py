@@ -126,7 +126,6 @@ class SummaryState:
 
 class Summariser(Protocol):
     max_tokens: int
-    salience_weight: float
 
     async def fold(self, state: SummaryState, turns: Sequence[Turn],
                    scores: Mapping[str, float] | None = None) -> SummaryState: ...
@@ -341,8 +340,7 @@ class LlmSummariser:
     def __init__(self, model: ChatModel, counter: TokenCounter, max_tokens: int,
                  fallback: ExtractiveSummariser | None = None) -> None:
         self.model, self.counter, self.max_tokens = model, counter, max_tokens
-        self.fallback = fallback or ExtractiveSummariser(counter, max_tokens)
-        self.salience_weight = self.fallback.salience_weight  # the model decides what to keep; its fallback uses it
+        self.fallback = fallback or ExtractiveSummariser(counter, max_tokens)  # its salience weight, if any
 
     async def fold(self, state: SummaryState, turns: Sequence[Turn],
                    scores: Mapping[str, float] | None = None) -> SummaryState:

@@ -271,7 +271,7 @@ async def test_with_stm_salience_the_summary_is_given_the_stored_scores(mesh: Me
 
 async def test_without_stm_salience_nothing_is_scored(mesh: Mesh) -> None:
     svc = mesh.memory()  # STM_SALIENCE_WEIGHT=0, the default
-    assert svc.api.salience is None and svc.stm.summariser.salience_weight == 0
+    assert svc.settings.stm_salience_weight == 0 and svc.api.salience is None
     await svc.api.record(StoredMessage(message_id="ns-0", session_id="ns", user_id="u-ns", role="human",
                                        content="My passport number ends in 4471.", timestamp=BASE))
     assert await svc._embed_pending() == 1

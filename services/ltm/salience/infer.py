@@ -19,11 +19,14 @@ The *next* turn is not an input (it does not exist yet when a turn is ingested).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+
+from shared.runtime.passes import tokens
 
 DIM = 384
 MAX_TOKENS = 64  # token vectors read per turn (the rest of a long turn is in its sentence vector)
@@ -43,6 +46,14 @@ class State:
     h: np.ndarray
     c: np.ndarray
     prev: np.ndarray  # the previous turn's sentence vector
+
+
+class TextTurn(NamedTuple):
+    """A turn as the services hold it: its session's key (user and session), its text, whether an assistant said it."""
+
+    session: str
+    content: str
+    assistant: bool
 
 
 class SalienceModel:
@@ -126,6 +137,19 @@ class SalienceModel:
         for s, st in live.items():
             states.put(s, st)
         return out
+
+    def score_texts(self, turns: Sequence[TextTurn], vectors: Mapping[str, np.ndarray],
+                    token_vectors: Mapping[str, np.ndarray], states: SessionStates) -> list[float]:
+        """:meth:`score` for turns given as text, their vectors keyed by it (ltm's ingest, memory's background
+        pass). A turn without token vectors (its vector came from a cache) has its sentence vector stand in, as in
+        training, with its estimated token count."""
+        toks = [token_vectors.get(t.content) for t in turns]
+        return [float(x) for x in self.score(
+            [t.session for t in turns], np.stack([vectors[t.content] for t in turns]),
+            [m if m is not None else vectors[t.content][None, :] for m, t in zip(toks, turns, strict=True)],
+            [t.assistant for t in turns], states,
+            n_tokens=[len(m) if m is not None else min(tokens(t.content), MAX_TOKENS)
+                      for m, t in zip(toks, turns, strict=True)])]
 
 
 class SessionStates:
