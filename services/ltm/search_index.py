@@ -480,7 +480,7 @@ def _first_stage(u: _User, lexemes: list[str], embedding: np.ndarray, keep: np.n
         return Candidates.of_rows([])
     q = np.asarray(embedding, dtype=np.float32)
     qnorm = math.sqrt(float(np.dot(q.astype(np.float64), q.astype(np.float64))))
-    dots = np.einsum("ij,j->i", u.vecs[:n_all], q)  # one thread (a BLAS product would start its thread pool)
+    dots = u.vecs[:n_all] @ q  # sgemv, on this thread (shared/runtime/runner.py one_blas_thread)
     with np.errstate(divide="ignore", invalid="ignore"):
         sim_all = np.clip(dots.astype(np.float64) / (u.norms[:n_all] * qnorm), -1.0, 1.0)
     sim = sim_all if rows is None else sim_all[rows]

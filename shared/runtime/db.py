@@ -9,6 +9,9 @@ safe to run again (``IF NOT EXISTS``), and ``schema_migrations`` records what ra
 from __future__ import annotations
 
 import re
+import select
+import time
+import weakref
 from pathlib import Path
 
 import psycopg
@@ -27,12 +30,36 @@ async def _configure(conn: psycopg.AsyncConnection) -> None:
     await register_vector_async(conn)
 
 
+RECENT_S = 5.0  # a connection back in the pool for less than this is checked without a round trip (check_connection)
+_returned: weakref.WeakKeyDictionary[psycopg.AsyncConnection, float] = weakref.WeakKeyDictionary()
+
+
+async def _returned_now(conn: psycopg.AsyncConnection) -> None:
+    _returned[conn] = time.monotonic()
+
+
+async def check_connection(conn: psycopg.AsyncConnection) -> None:
+    """The pool's check as a connection leaves it: psycopg's (an empty query, one round trip) unless the connection
+    came back less than ``RECENT_S`` ago and its socket has nothing to read. A server that restarted or ended the
+    session has written to the socket (the termination notice) or closed it, and either makes it readable; an
+    idle connection that is well has nothing to read. So a busy process pays no round trip per request, and a
+    connection the server closed is still never handed out; one idle longer (where a network could have dropped
+    it silently) gets the full check."""
+    at = _returned.get(conn)
+    if at is not None and time.monotonic() - at < RECENT_S and not conn.broken:
+        poller = select.poll()  # (not select.select: a descriptor above 1023 is fine)
+        poller.register(conn.pgconn.socket, select.POLLIN)
+        if not poller.poll(0):
+            return
+    await AsyncConnectionPool.check_connection(conn)
+
+
 async def open_pool(dsn: str, *, min_size: int = 1, max_size: int = 8, name: str = "mesh") -> AsyncConnectionPool:
     """Open (and wait for) a pool whose connections know the ``vector`` type.
 
     ``prepare_threshold=None`` keeps psycopg from switching per-user queries to a
     generic plan (see ../shared/README.md: the filtered-vector-index trap).
-    ``check`` tests a connection as it leaves the pool (one round trip), so after a
+    ``check`` tests a connection as it leaves the pool (:func:`check_connection`), so after a
     PostgreSQL restart no request fails on a connection the server already closed.
     """
     pool = AsyncConnectionPool(
@@ -41,7 +68,8 @@ async def open_pool(dsn: str, *, min_size: int = 1, max_size: int = 8, name: str
         max_size=max_size,
         name=name,
         configure=_configure,
-        check=AsyncConnectionPool.check_connection,
+        check=check_connection,
+        reset=_returned_now,
         kwargs={"autocommit": True, "prepare_threshold": None},
         open=False,
         reconnect_timeout=3600,

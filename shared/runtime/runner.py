@@ -14,6 +14,7 @@ from redis.asyncio.client import Pipeline, PubSub
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from threadpoolctl import threadpool_limits
 
 
 def redis_client(url: str, cluster: bool | None = None) -> aioredis.Redis:
@@ -67,6 +68,9 @@ def batch(client: aioredis.Redis) -> Pipeline:
 
 
 def run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """A service's process: signal handlers, one BLAS thread (:func:`one_blas_thread`), its loop until it ends."""
+    one_blas_thread()
+
     async def _amain() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -75,6 +79,14 @@ def run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
         await main(stop)
 
     asyncio.run(_amain())
+
+
+def one_blas_thread() -> None:
+    """numpy's BLAS on the calling thread only. A service scales by processes and serves from one event loop:
+    OpenBLAS's own pool (a thread per core, spinning between calls) would take the cores from the embedding threads
+    and the other copies for a product of a few milliseconds. With it, ltm's first stage runs ``vectors @ query``
+    (sgemv, about twice as fast as numpy's einsum) without starting a thread."""
+    threadpool_limits(limits=1, user_api="blas")
 
 
 async def serve_until(stop: asyncio.Event, run_coro: Awaitable[None], on_stop: Callable[[], None]) -> None:
