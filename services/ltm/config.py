@@ -59,6 +59,10 @@ class LtmSettings(MeshSettings):
         "at start, the search index is filled in the background with the users active last, up to this many "
         "memories (a returning user's first search is then not a cold one); after ingest every ltm process "
         "brings the users it was told about into free room; 0 = no warming at start"))
+    ltm_query_int8: bool = Field(default=True, description=(
+        "search queries are embedded with the int8 copy of the local model (shared/runtime/onnx_export.py: "
+        "about twice as fast; vectors within cosine 0.99 of the float model's, which embeds everything stored); "
+        "false: the float model. Local ONNX model only"))
     ltm_query_cache: int = Field(default=4096, ge=0, description=(
         "query embeddings kept per ltm process (the same text searched again is not embedded again)"))
     # ingest (services/ltm/ingest.py)

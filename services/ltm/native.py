@@ -98,16 +98,23 @@ class NativeBackend:
 
     def __init__(self, store: LtmStore, embedder: Embedder, *, settings: LtmSettings | None = None,
                  redis: aioredis.Redis | None = None, names: Names | None = None,
-                 extraction: Extraction | None = None, ingest_embedder: Embedder | None = None) -> None:
+                 extraction: Extraction | None = None, ingest_embedder: Embedder | None = None,
+                 query_embedder: Embedder | None = None) -> None:
         """``redis`` and ``names`` give ``optimize`` and the periodic lifecycle job their lock; without them
-        ``optimize`` is refused and the periodic job does not run."""
+        ``optimize`` is refused and the periodic job does not run. ``embedder``: the model of every vector stored;
+        ``query_embedder`` (LTM_QUERY_INT8: its int8 copy) embeds search queries, else ``embedder`` does."""
         self.store, self.embedder = store, embedder
         settings = settings or LtmSettings()
+        self.query_embedder = query_embedder or embedder
+        # a query's vector is stored for the same text ingested next only when it is the stored vectors' model's
+        self._reuse_queries = query_embedder is None
         # LTM_INGEST_MODEL=own: ingest gets its own copy of the model in start(), so requests never wait for its passes
+        # (with an int8 query model, ``embedder`` itself is that copy: searches do not use it)
         self.ingest_embedder = ingest_embedder or embedder
         # a second copy is for a local model's CPU; a remote model (EMBEDDING_MODEL) has none here to share
         self._own_model = (ingest_embedder is None and settings.ltm_ingest_model == "own"
                            and not settings.embedding_remote)
+        self._own_model_loaded = self._own_model and query_embedder is None
         self.retrieval = RetrievalConfig.from_settings(settings)
         # chunks are embedded with ingest's model (its passes run beside a search's, services/ltm/ingest.py)
         self.documents = Documents(store.pool, lambda: self.ingest_embedder, self.retrieval,
@@ -141,11 +148,12 @@ class NativeBackend:
         loads = []
         if self.extraction is not None:
             loads.append(asyncio.to_thread(lambda: self.extraction.rules.nlp if self.extraction else None))
-        if self._own_model:
+        if self._own_model_loaded:
             loads.append(asyncio.to_thread(ingest_model))
         await asyncio.gather(*loads)
         if self._own_model:  # its passes at background priority: a search's embedding gets the CPU first
-            self.ingest_embedder = Embedder(ingest_model(), executor=self._background)
+            model = ingest_model() if self._own_model_loaded else self.embedder.model
+            self.ingest_embedder = Embedder(model, executor=self._background)
         if self._warm_rows:
             self._warm_task = asyncio.create_task(self._warm_recent(), name="ltm.index_warm")
 
@@ -218,7 +226,8 @@ class NativeBackend:
         names = from_cache(self._names, {key: name for ns in names_of for key, name in ns.items()})
         # a user's turn was usually searched for a moment ago (chat_ai's query is the turn itself): its vector is
         # in the query cache, and embedding it again would cost the most expensive step of ingest once more
-        searched = {u.content: vec for u in todo if (vec := self._queries.get(u.content)) is not None}
+        searched = {u.content: vec for u in todo
+                    if self._reuse_queries and (vec := self._queries.get(u.content)) is not None}
         salient = self.salience is not None and getattr(self.ingest_embedder.model, "has_tokens", False)
         turn_tokens: dict[str, np.ndarray] = {}
         vectors = await embed_in_steps(self.ingest_embedder, [*(u.content for u in todo if u.content not in searched),
@@ -339,7 +348,7 @@ class NativeBackend:
             return vec
         task = self._embedding.get(text)
         if task is None:
-            task = asyncio.ensure_future(self.embedder.embed(text))
+            task = asyncio.ensure_future(self.query_embedder.embed(text))
             self._embedding[text] = task
             task.add_done_callback(lambda done: self._query_embedded(text, done))
         return await asyncio.shield(task)  # a cancelled asker does not cancel the others' pass
@@ -385,7 +394,7 @@ class NativeBackend:
         return await self.lifecycle.optimize(user_id)
 
     async def search_entities(self, user_id: str, data: SearchEntitiesData) -> list[dict[str, Any]]:
-        vec = await self.embedder.embed(data.query)
+        vec = await self.query_embedder.embed(data.query)
         return await search_entities(self.store.pool, user_id, data.query, vec, data.limit, data.types)
 
     async def doc_add(self, user_id: str, data: DocAddData) -> DocAdded:

@@ -292,10 +292,13 @@ def build_backend(settings: LtmSettings, pool: Any, model: Any, redis: aioredis.
         return Mem0Backend(settings, model, pool)
     from services.ltm.native import NativeBackend
     from services.ltm.store import LtmStore
-    from shared.runtime.embedding import Embedder
+    from shared.runtime.embedding import Embedder, query_model
 
     store = LtmStore(pool, settings.ltm_search_index_rows, settings.ltm_index_load_wait_ms / 1000)
-    return NativeBackend(store, Embedder(model), settings=settings, redis=redis, names=names)
+    query = None
+    if settings.ltm_query_int8 and settings.embedding_backend == "onnx" and not settings.embedding_remote:
+        query = Embedder(query_model(settings))
+    return NativeBackend(store, Embedder(model), settings=settings, redis=redis, names=names, query_embedder=query)
 
 
 async def main(stop: asyncio.Event) -> None:

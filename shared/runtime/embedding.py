@@ -100,10 +100,11 @@ class _TorchModel:
 class _OnnxModel:
     """The exported encoder on ONNX Runtime; tokenisation, pooling and normalisation here."""
 
-    def __init__(self, path: Path, threads: int) -> None:
+    def __init__(self, path: Path, threads: int, quantized: bool = False) -> None:
+        """``quantized``: the int8 copy of the model at ``path`` (shared/runtime/onnx_export.py), for queries."""
         from tokenizers import Tokenizer
 
-        from shared.runtime.onnx_export import ensure_onnx, source_fingerprint
+        from shared.runtime.onnx_export import ensure_onnx, ensure_quantized, quantized_fingerprint, source_fingerprint
 
         self.tokenizer = Tokenizer.from_file(os.path.join(model_dir(), "tokenizer.json"))
         # tokenizer.json says 128 and fixed padding; sentence-transformers truncates at max_seq_length
@@ -111,9 +112,16 @@ class _OnnxModel:
         self.tokenizer.enable_truncation(max_length=max_seq_length())
         self.tokenizer.no_padding()
         self.threads = threads
-        self.session = self._open(ensure_onnx(path))
-        found = self.session.get_modelmeta().custom_metadata_map.get("memory_mesh.source")
-        if found != source_fingerprint():
+        self.quantized = quantized
+        if quantized:  # ensure_quantized checks its fingerprint
+            self.session = self._open(ensure_quantized(path))
+            found = self.session.get_modelmeta().custom_metadata_map.get("memory_mesh.source")
+            if found != quantized_fingerprint():
+                raise RuntimeError(f"{path}: its int8 copy says it comes from {found!r}")
+        else:
+            self.session = self._open(ensure_onnx(path))
+            found = self.session.get_modelmeta().custom_metadata_map.get("memory_mesh.source")
+        if not quantized and found != source_fingerprint():
             log.warning("embedding.onnx_stale", path=str(path), found=found)
             self.session = self._open(ensure_onnx(path, stale=True))
         self.inputs = {i.name for i in self.session.get_inputs()}
@@ -172,13 +180,17 @@ class SyncEmbedder:
     _lock = threading.Lock()
 
     def __init__(self, threads: int | None = None, backend: str | None = None,
-                 settings: EmbeddingSettings | None = None) -> None:
+                 settings: EmbeddingSettings | None = None, *, quantized: bool = False) -> None:
+        """``quantized``: the int8 copy of the local ONNX model (for search queries; an error for another model)."""
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         settings = settings or EmbeddingSettings()
         self.backend = backend or settings.embedding_backend
         self.threads = threads or settings.embedding_threads
         self.dim, self.name = DIM, MODEL_NAME
+        self.quantized = quantized
         self.model: _OnnxModel | _TorchModel | RemoteEmbeddingModel
+        if quantized and (settings.embedding_remote or self.backend != "onnx"):
+            raise ValueError("an int8 model is the local ONNX model's only (EMBEDDING_BACKEND=onnx)")
         if settings.embedding_remote:
             self.backend = "remote"
             self.model = RemoteEmbeddingModel(
@@ -191,10 +203,11 @@ class SyncEmbedder:
         elif self.backend == "torch":
             self.model = _TorchModel(self.threads)
         elif self.backend == "onnx":
-            self.model = _OnnxModel(settings.onnx_path(), self.threads)
+            self.model = _OnnxModel(settings.onnx_path(), self.threads, quantized)
         else:
             raise ValueError(f"EMBEDDING_BACKEND must be onnx or torch, not {self.backend!r}")
-        log.info("embedding.loaded", backend=self.backend, model=self.name, dim=self.dim, threads=self.threads)
+        log.info("embedding.loaded", backend=self.backend, model=self.name, dim=self.dim, threads=self.threads,
+                 int8=quantized)
 
     def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         if not texts:
@@ -234,6 +247,25 @@ def shared_model(threads: int | None = None, settings: EmbeddingSettings | None 
         if key not in _shared:
             _shared[key] = SyncEmbedder(threads, settings=settings)
         return _shared[key]
+
+
+class QueryModel(SyncEmbedder):
+    """The int8 copy of the local model, for search queries: its passes hold a lock of their own, so a query never
+    waits behind a pass of the float model (ingest's); SyncEmbedder's lock is one per class."""
+
+    _lock = threading.Lock()
+
+
+def query_model(settings: EmbeddingSettings | None = None) -> QueryModel:
+    """The process's one int8 query model (loaded on first use)."""
+    settings = settings or EmbeddingSettings()
+    key = (settings.embedding_model, settings.embedding_dim, "int8")
+    with _shared_lock:
+        model = _shared.get(key)
+        if model is None:
+            model = _shared[key] = QueryModel(settings=settings, quantized=True)
+        assert isinstance(model, QueryModel)
+        return model
 
 
 class Embedder:

@@ -10,6 +10,11 @@ eager attention (a smaller graph than SDPA's, 10-15% faster on long texts), is
 checked against torch on a padded batch before it is kept, and is written atomically, with the
 source fingerprint in the file's metadata so a stale file is noticed at load time.
 
+Beside it, ``<name>.int8.onnx``: the same graph with its weights quantized to int8 (ONNX Runtime's dynamic
+quantization, per output channel), about twice as fast on one thread; vectors within cosine 0.99 of the float
+model's. ltm embeds its search queries with it (LTM_QUERY_INT8); every stored vector comes from the float model.
+It is made from the exported file (no torch) at export time, or when first needed if missing or stale.
+
 When the file is missing or stale at run time (e.g. the services were started without
 ``make``), :func:`ensure_onnx` exports it in a child process under a file lock: torch never
 enters the service process.
@@ -24,6 +29,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +50,52 @@ REPO = Path(__file__).resolve().parents[2]
 def default_path() -> Path:
     """Where ``make install`` puts the file: inside the environment (``<venv>/share/memory-mesh``)."""
     return Path(sys.prefix) / "share" / "memory-mesh" / ONNX_FILE
+
+
+def quantized_path(path: Path) -> Path:
+    """Where the int8 copy of the model at ``path`` lives."""
+    return path.with_name(path.name.removesuffix(".onnx") + ".int8.onnx")
+
+
+def quantized_fingerprint() -> str:
+    return source_fingerprint() + ";int8=dynamic-per-channel"
+
+
+def quantize(src: Path, out: Path) -> Path:
+    """Write the int8 copy of ``src`` to ``out`` atomically (ONNX Runtime's quantizer; no torch)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    started = time.perf_counter()
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        quantize_dynamic(str(src), str(tmp), per_channel=True, weight_type=QuantType.QInt8)
+        model = onnx.load(str(tmp))
+        del model.metadata_props[:]
+        entry = model.metadata_props.add()
+        entry.key, entry.value = META_KEY, quantized_fingerprint()
+        onnx.save(model, str(tmp))
+        tmp.chmod(0o644)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("embedding.onnx_quantized", path=str(out), seconds=round(time.perf_counter() - started, 1))
+    return out
+
+
+def ensure_quantized(path: Path) -> Path:
+    """The int8 copy of the float model at ``path`` (made first, under the export lock, when missing or stale)."""
+    out = quantized_path(path)
+    if out.exists() and file_fingerprint(out) == quantized_fingerprint():
+        return out
+    ensure_onnx(path, stale=path.exists() and file_fingerprint(path) != source_fingerprint())
+    with _export_lock(path):
+        if not (out.exists() and file_fingerprint(out) == quantized_fingerprint()):
+            log.warning("embedding.onnx_quantizing", path=str(out), hint="make install makes it ahead of time")
+            quantize(path, out)
+    return out
 
 
 def source_fingerprint() -> str:
@@ -161,20 +214,29 @@ def file_fingerprint(path: Path) -> str | None:
     return next((p.value for p in model.metadata_props if p.key == META_KEY), None)
 
 
-def export_locked(out: Path, if_stale: bool = False) -> bool:
-    """Export under ``<out>.lock`` (one exporter at a time: make, services, tests); False if nothing to do."""
+@contextmanager
+def _export_lock(out: Path) -> Iterator[None]:
+    """``<out>.lock``: one exporter at a time (make, services, tests)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.with_name(out.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            if if_stale and out.exists() and file_fingerprint(out) == source_fingerprint():
-                return False  # another process exported it while we waited
-            for leftover in out.parent.glob(f".{out.name}.*.tmp"):  # of an export that was killed
-                leftover.unlink(missing_ok=True)
-            export(out)
-            return True
+            yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def export_locked(out: Path, if_stale: bool = False) -> bool:
+    """Export (and quantize) under the lock; False if nothing to do."""
+    with _export_lock(out):
+        if if_stale and out.exists() and file_fingerprint(out) == source_fingerprint():
+            return False  # another process exported it while we waited
+        for name in (out.name, quantized_path(out).name):  # what an export that was killed left
+            for leftover in out.parent.glob(f".{name}.*.tmp"):
+                leftover.unlink(missing_ok=True)
+        export(out)
+        quantize(out, quantized_path(out))
+        return True
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -237,6 +237,33 @@ async def test_a_turn_just_searched_for_is_ingested_with_the_searchs_vector(mesh
     assert float(np.dot(stored, mesh.model.encode([text])[0])) > 0.9999
 
 
+async def test_with_int8_queries_every_stored_vector_is_the_float_models(mesh: Mesh) -> None:
+    """LTM_QUERY_INT8 (the default of build_backend): a query's vector comes from the int8 copy, so a turn just
+    searched for is embedded again by the float model when ingested (no query vector is ever stored), and the
+    int8 query finds it."""
+    from shared.contracts.messages import SearchData
+    from shared.runtime.embedding import query_model
+
+    settings = LtmSettings(**common(mesh.redis_url, mesh.database_url))
+    b = NativeBackend(LtmStore(mesh.pool), Embedder(mesh.model), settings=settings,
+                      query_embedder=Embedder(query_model()))
+    await b.start()
+    text = "My neighbour Priya keeps three beehives on her roof."
+    await b.search("u-int8", SearchData(query=text, limit=5))
+    update = MemoryUpdate(user_id="u-int8", content=text, timestamp=time.time(), meta={"message_id": "m-int8"})
+    assert await b.ingest(update) is True
+    assert b.reused_query_vectors == 0
+    async with mesh.pool.connection() as conn:
+        cur = await conn.execute("SELECT embedding FROM ltm_memories WHERE user_id = 'u-int8'"
+                                 " AND source_message_id = 'm-int8' AND type = 'episodic'")
+        row = await cur.fetchone()
+    stored = row[0].to_numpy() if hasattr(row[0], "to_numpy") else np.asarray(row[0])
+    assert float(np.dot(stored, mesh.model.encode([text])[0])) > 0.9999
+    assert float(np.dot(stored, query_model().encode([text])[0])) < 0.9999  # (the int8 vector differs)
+    found = await b.search("u-int8", SearchData(query="Who keeps bees on a roof?", limit=3))
+    assert found and found[0].content == text
+
+
 async def test_one_query_asked_at_once_twice_is_embedded_once(mesh: Mesh) -> None:
     """chat_ai's memory search and doc_search of one turn carry the same text: they share one embedding pass, and
     an asker that gives up does not cancel the other's."""
