@@ -203,24 +203,24 @@ _CANDIDATES = hybrid_sql("ltm_memories", "memory_id", ROW_COLUMNS, KEYS)
 # typed memory (a fact extracted from a turn) the turn it came from (side 0: the words the fact was read from).
 # Every scan names the user by the parameter (not h.user_id), so each is pruned to the user's partition when planned.
 _NEIGHBOURS = """
-SELECT h.memory_id AS anchor, x.memory_id, x.type, x.content, x.source_message_id, x.source_session_id,
+SELECT h.memory_id::text AS anchor, x.memory_id::text, x.content, x.source_message_id, x.source_session_id,
        x.source_timestamp, x.speaker, x.side, x.content_tokens
 FROM ltm_memories h CROSS JOIN LATERAL (
-    (SELECT n.memory_id, n.type, n.content, n.source_message_id, n.source_session_id, n.source_timestamp,
+    (SELECT n.memory_id, n.content, n.source_message_id, n.source_session_id, n.source_timestamp,
             n.speaker, -1 AS side, n.content_tokens
      FROM ltm_memories n
      WHERE n.user_id = %(user_id)s AND n.source_session_id = h.source_session_id AND n.type = 'episodic'
        AND n.source_timestamp < h.source_timestamp
      ORDER BY n.source_timestamp DESC LIMIT %(w)s)
     UNION ALL
-    (SELECT n.memory_id, n.type, n.content, n.source_message_id, n.source_session_id, n.source_timestamp,
+    (SELECT n.memory_id, n.content, n.source_message_id, n.source_session_id, n.source_timestamp,
             n.speaker, 1 AS side, n.content_tokens
      FROM ltm_memories n
      WHERE n.user_id = %(user_id)s AND n.source_session_id = h.source_session_id AND n.type = 'episodic'
        AND n.source_timestamp > h.source_timestamp
      ORDER BY n.source_timestamp ASC LIMIT %(w)s)
     UNION ALL
-    (SELECT n.memory_id, n.type, n.content, n.source_message_id, n.source_session_id, n.source_timestamp,
+    (SELECT n.memory_id, n.content, n.source_message_id, n.source_session_id, n.source_timestamp,
             n.speaker, 0 AS side, n.content_tokens
      FROM ltm_memories n
      WHERE %(source_turns)s AND h.type <> 'episodic' AND n.user_id = %(user_id)s
@@ -234,7 +234,7 @@ WHERE h.user_id = %(user_id)s AND h.memory_id = ANY(%(ids)s)
 
 # The heads' own rows (``anchor`` NULL) and, when ``w`` > 0, their neighbouring turns: one round trip.
 _ROWS_AND_NEIGHBOURS = (
-    "SELECT NULL::uuid AS anchor, memory_id, type, content, source_message_id, source_session_id,"
+    "SELECT NULL::text AS anchor, memory_id::text, content, source_message_id, source_session_id,"
     " source_timestamp, speaker, NULL::int AS side, content_tokens FROM ltm_memories"
     " WHERE user_id = %(user_id)s AND memory_id = ANY(%(ids)s)"
     " UNION ALL (" + _NEIGHBOURS.strip() + " AND %(w)s > 0)"
@@ -417,10 +417,12 @@ def pack(scores: Sequence[float], anchors: Sequence[Turn], neighbours: Sequence[
 
 
 # --------------------------------------------------------------------------- the query path
-def _turn(row: dict[str, Any]) -> Turn:
-    tokens = row.get("content_tokens")  # counted at ingest; NULL: counted now (counted())
-    return Turn(str(row["memory_id"]), row["content"], row["source_message_id"], row["source_timestamp"],
-                row["speaker"], -1 if tokens is None else int(tokens))
+def _turn(row: tuple[Any, ...]) -> Turn:
+    """A turn of a _ROWS_AND_NEIGHBOURS row (anchor, memory_id, content, source_message_id, source_session_id,
+    source_timestamp, speaker, side, content_tokens): plain tuples and text ids, no dict or UUID per row (a search
+    reads up to 20 results and 10 context turns of each)."""
+    tokens = row[8]  # counted at ingest; NULL: counted now (counted())
+    return Turn(row[1], row[2], row[3], row[5], row[6], -1 if tokens is None else tokens)
 
 
 async def search(pool: AsyncConnectionPool, user_id: str, data: SearchData, embedding: np.ndarray,
@@ -450,34 +452,35 @@ async def search(pool: AsyncConnectionPool, user_id: str, data: SearchData, embe
         if not heads:
             return []
         ids = [r["memory_id"] for r in heads]
-        await cur.execute(_ROWS_AND_NEIGHBOURS, {"user_id": user_id, "ids": ids, "w": cfg.context_turns,
-                                                 "source_turns": data.source_turns})
-        content: dict[Any, dict[str, Any]] = {}
-        sides: dict[tuple[Any, int], list[dict[str, Any]]] = {}
-        for r in await cur.fetchall():
-            if r["anchor"] is None:
-                content[r["memory_id"]] = r
+        rows = await conn.execute(_ROWS_AND_NEIGHBOURS, {"user_id": user_id, "ids": ids, "w": cfg.context_turns,
+                                                         "source_turns": data.source_turns})
+        content: dict[str, Turn] = {}
+        sides: dict[tuple[str, int], list[tuple[Any, ...]]] = {}
+        for r in await rows.fetchall():
+            if r[0] is None:
+                content[r[1]] = _turn(r)
             else:
-                sides.setdefault((r["anchor"], r["side"]), []).append(r)
-        near: dict[Any, list[tuple[int, Turn]]] = {i: [] for i in ids}
+                sides.setdefault((r[0], r[7]), []).append(r)
+        near: dict[str, list[tuple[int, Turn]]] = {str(i): [] for i in ids}
         for (anchor, side), turns in sides.items():
-            turns.sort(key=lambda t: t["source_timestamp"], reverse=side < 0)
+            turns.sort(key=lambda t: t[5], reverse=side < 0)
             near[anchor].extend((d, _turn(t)) for d, t in enumerate(turns, start=1 if side else 0))
     # in rank order (a replaced memory placed after its replacement never outranks it)
     ordered = np.minimum.accumulate(ranked.score[: len(heads)])
-    live = [i for i, r in enumerate(heads) if r["memory_id"] in content]  # not deleted meanwhile
-    heads, scores = [heads[i] for i in live], [float(ordered[i]) for i in live]
-    anchors = [_turn(content[r["memory_id"]]) for r in heads]
-    neighbours = [near[r["memory_id"]] for r in heads]
+    keys = [str(r["memory_id"]) for r in heads]
+    live = [i for i, k in enumerate(keys) if k in content]  # not deleted meanwhile
+    heads, keys, scores = [heads[i] for i in live], [keys[i] for i in live], [float(ordered[i]) for i in live]
+    anchors = [content[k] for k in keys]
+    neighbours = [near[k] for k in keys]
     counted([*anchors, *(t for side in neighbours for _, t in side)])
     packed = pack(scores, anchors, neighbours, data.limit, data.max_tokens or cfg.max_tokens, cfg.neighbour_cost,
                   data.turn_tokens)
     out = []
     for item in packed:
-        row, full = heads[item.anchor], content[heads[item.anchor]["memory_id"]]
+        row, full = heads[item.anchor], anchors[item.anchor]
         context = sorted(item.context, key=lambda t: t.timestamp or 0.0)
         out.append(Memory(
-            memory_id=str(row["memory_id"]), type=row["type"], content=full["content"],
+            memory_id=full.memory_id, type=row["type"], content=full.content,
             score=scores[item.anchor], similarity=float(row["sim"]),
             confidence=float(row["confidence"]), created_at=float(row["created_at"]),
             last_accessed=row["last_accessed"], access_count=int(row["access_count"]),
