@@ -287,10 +287,11 @@ class ChatService:
 
 async def main(stop: asyncio.Event) -> None:
     from shared.runtime.logging import configure_logging
-    from shared.runtime.runner import redis_client, serve_until
+    from shared.runtime.runner import redis_client, serve_until, tune_process
 
     settings = ChatSettings()
     configure_logging("chat_ai", settings.log_level, settings.log_format, settings.log_content)
+    tune_process(settings)
     names = Names.from_env()
     redis = redis_client(settings.redis_url, settings.redis_cluster)
     llm = chat_model(settings.openai_api_key, settings.openai_base_url, settings.llm_model, settings.llm_timeout_s,

@@ -11,9 +11,11 @@ def main() -> None:
     from shared.contracts import Names
     from shared.runtime import prom
     from shared.runtime.logging import configure_logging
+    from shared.runtime.runner import tune_process
 
     settings = GatewaySettings()
     configure_logging("gateway", settings.log_level, settings.log_format, settings.log_content)
+    tune_process(settings)
     with prom.metrics_endpoint(settings.metrics_port, settings.metrics_host, settings.redis_url, Names.from_env(),
                      cluster=settings.redis_cluster):
         uvicorn.run(create_app(settings), host=settings.gateway_host, port=settings.gateway_port,

@@ -307,11 +307,12 @@ async def main(stop: asyncio.Event) -> None:
     from shared.runtime.db import migrate, open_pool
     from shared.runtime.embedding import shared_model
     from shared.runtime.logging import configure_logging
-    from shared.runtime.runner import redis_client, serve_until
+    from shared.runtime.runner import redis_client, serve_until, tune_process
     from shared.runtime.vectors import ensure_vector_columns
 
     settings = LtmSettings()
     configure_logging("ltm", settings.log_level, settings.log_format, settings.log_content)
+    tune_process(settings)
     names = Names.from_env()
     await migrate(settings.database_url, "ltm", Path(__file__).parent / "migrations")
     model = await asyncio.to_thread(shared_model, None, settings)

@@ -196,11 +196,12 @@ class MemoryService:
 async def main(stop: asyncio.Event) -> None:
     from shared.runtime.db import migrate, open_pool
     from shared.runtime.logging import configure_logging
-    from shared.runtime.runner import redis_client, serve_until
+    from shared.runtime.runner import redis_client, serve_until, tune_process
     from shared.runtime.vectors import ensure_vector_columns, model_identity
 
     settings = MemorySettings()
     configure_logging("memory", settings.log_level, settings.log_format, settings.log_content)
+    tune_process(settings)
     names = Names.from_env()
     await migrate(settings.database_url, "memory", Path(__file__).parent / "migrations")
     pool = await open_pool(settings.database_url, max_size=settings.db_pool_max, name="memory")

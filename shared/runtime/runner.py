@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 from typing import cast
 
@@ -15,6 +16,8 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from threadpoolctl import threadpool_limits
+
+from shared.runtime.settings import MeshSettings
 
 
 def redis_client(url: str, cluster: bool | None = None) -> aioredis.Redis:
@@ -68,9 +71,6 @@ def batch(client: aioredis.Redis) -> Pipeline:
 
 
 def run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
-    """A service's process: signal handlers, one BLAS thread (:func:`one_blas_thread`), its loop until it ends."""
-    one_blas_thread()
-
     async def _amain() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -79,6 +79,13 @@ def run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
         await main(stop)
 
     asyncio.run(_amain())
+
+
+def tune_process(settings: MeshSettings) -> None:
+    """A service process's settings of the interpreter and its libraries: the GIL's switch interval
+    (GIL_SWITCH_MS) and one BLAS thread (:func:`one_blas_thread`)."""
+    sys.setswitchinterval(settings.gil_switch_ms / 1000)
+    one_blas_thread()
 
 
 def one_blas_thread() -> None:

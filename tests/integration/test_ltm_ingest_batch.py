@@ -214,6 +214,16 @@ async def test_a_program_limit_error_is_the_messages_fault_not_an_outage(mesh: M
     assert is_transient(psycopg.OperationalError("connection refused"))
 
 
+async def stored_vector(mesh: Mesh, user_id: str, message_id: str) -> np.ndarray:
+    """The embedding stored for a turn's episodic memory."""
+    async with mesh.pool.connection() as conn:
+        cur = await conn.execute("SELECT embedding FROM ltm_memories WHERE user_id = %s AND source_message_id = %s"
+                                 " AND type = 'episodic'", (user_id, message_id))
+        row = await cur.fetchone()
+    assert row is not None
+    return row[0].to_numpy() if hasattr(row[0], "to_numpy") else np.asarray(row[0])
+
+
 async def test_a_turn_just_searched_for_is_ingested_with_the_searchs_vector(mesh: Mesh) -> None:
     """chat_ai searches with the turn's own text; ingesting that turn moments later reuses the query's vector
     instead of embedding it again (the same vector: the same model)."""
@@ -229,11 +239,7 @@ async def test_a_turn_just_searched_for_is_ingested_with_the_searchs_vector(mesh
                          meta={"message_id": "m-other"})
     assert await b.ingest(other) is True
     assert b.reused_query_vectors == 1  # embedded as before
-    async with mesh.pool.connection() as conn:
-        cur = await conn.execute("SELECT embedding FROM ltm_memories WHERE user_id = 'u-reuse'"
-                                 " AND source_message_id = 'm-reuse' AND type = 'episodic'")
-        row = await cur.fetchone()
-    stored = row[0].to_numpy() if hasattr(row[0], "to_numpy") else np.asarray(row[0])
+    stored = await stored_vector(mesh, "u-reuse", "m-reuse")
     assert float(np.dot(stored, mesh.model.encode([text])[0])) > 0.9999
 
 
@@ -253,11 +259,7 @@ async def test_with_int8_queries_every_stored_vector_is_the_float_models(mesh: M
     update = MemoryUpdate(user_id="u-int8", content=text, timestamp=time.time(), meta={"message_id": "m-int8"})
     assert await b.ingest(update) is True
     assert b.reused_query_vectors == 0
-    async with mesh.pool.connection() as conn:
-        cur = await conn.execute("SELECT embedding FROM ltm_memories WHERE user_id = 'u-int8'"
-                                 " AND source_message_id = 'm-int8' AND type = 'episodic'")
-        row = await cur.fetchone()
-    stored = row[0].to_numpy() if hasattr(row[0], "to_numpy") else np.asarray(row[0])
+    stored = await stored_vector(mesh, "u-int8", "m-int8")
     assert float(np.dot(stored, mesh.model.encode([text])[0])) > 0.9999
     assert float(np.dot(stored, query_model().encode([text])[0])) < 0.9999  # (the int8 vector differs)
     found = await b.search("u-int8", SearchData(query="Who keeps bees on a roof?", limit=3))
