@@ -13,11 +13,35 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
 STATS = ("n", "sim_mean", "sim_sd", "s1", "s2")
+
+
+class Picked(Sequence[dict[str, Any]]):
+    """``held[picks[i]]`` as a sequence, without building the list: a first stage picks up to 1,000 rows and
+    ranking reads the fifty that pass the gate."""
+
+    __slots__ = ("held", "picks")
+
+    def __init__(self, held: Sequence[dict[str, Any]], picks: np.ndarray) -> None:
+        self.held, self.picks = held, picks
+
+    def __len__(self) -> int:
+        return len(self.picks)
+
+    @overload
+    def __getitem__(self, i: int) -> dict[str, Any]: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[dict[str, Any]]: ...
+
+    def __getitem__(self, i: int | slice) -> dict[str, Any] | list[dict[str, Any]]:
+        if isinstance(i, slice):
+            return [self.held[j] for j in self.picks[i].tolist()]
+        return self.held[int(self.picks[i])]
 
 
 @dataclass(slots=True)

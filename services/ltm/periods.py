@@ -7,6 +7,8 @@ import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
+import numpy as np
+
 DAY = 86_400.0
 
 
@@ -87,3 +89,33 @@ def in_period(ts: float | None, periods: Sequence[tuple[int | None, int | None, 
         elif (year is None or when.year == year) and (month is None or when.month == month):
             return True
     return False
+
+
+def in_periods(ts: np.ndarray, periods: Sequence[Period]) -> np.ndarray:
+    """:func:`in_period` of every time in ``ts`` at once (NaN: no time), as a bool array: a search tests up to 1,000
+    candidates, and a ``datetime`` each was a tenth of its event loop time when the query named a period."""
+    out = np.zeros(len(ts), dtype=bool)
+    known = ~np.isnan(ts)
+    if not periods or not known.any():
+        return out
+    t = ts[known]
+    days = np.floor(t).astype(np.int64).astype("datetime64[s]")
+    years = days.astype("datetime64[Y]").astype(np.int64) + 1970
+    months = days.astype("datetime64[M]").astype(np.int64) % 12 + 1
+    hit = np.zeros(len(t), dtype=bool)
+    for year, month, day in periods:
+        if day is not None and year is not None and month is not None:
+            try:
+                named = datetime(year, month, day, tzinfo=UTC).timestamp()
+            except ValueError:
+                continue
+            hit |= np.abs(t - named) <= 2 * DAY
+        else:
+            same = np.ones(len(t), dtype=bool)
+            if year is not None:
+                same &= years == year
+            if month is not None:
+                same &= months == month
+            hit |= same
+    out[known] = hit
+    return out

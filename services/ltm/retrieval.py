@@ -34,7 +34,6 @@ the same relevance gate).
 from __future__ import annotations
 
 import heapq
-import math
 import re
 import string
 import time
@@ -49,7 +48,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from services.ltm.candidates import Candidates, fuse_columns, gate_columns, neighbour_best
 from services.ltm.config import LtmSettings
-from services.ltm.periods import in_period, query_periods
+from services.ltm.periods import in_periods, query_periods
 from services.ltm.search_index import KEYS, ROW_COLUMNS, SearchIndex
 from shared.contracts import Memory, MemorySource
 from shared.contracts.messages import ContextTurn, SearchData
@@ -284,7 +283,7 @@ def relevance(c: Candidates, query: str, cfg: RetrievalConfig, now: float | None
     rel = fuse_columns(c, p.dense, p.keyword)
     periods = query_periods(query, now) if p.time else []
     if periods:
-        rel = rel + p.time * np.array([0.0 if math.isnan(t) else float(in_period(t, periods)) for t in c.ts.tolist()])
+        rel = rel + p.time * in_periods(c.ts, periods)
     if p.neighbour:
         rel = rel + p.neighbour * neighbour_best(c.session, c.ts, rel)
     if p.assistant and not about_assistant(query):

@@ -45,7 +45,7 @@ import numpy as np
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from services.ltm.candidates import Candidates
+from services.ltm.candidates import Candidates, Picked
 from shared.contracts.messages import SearchData
 from shared.runtime.logging import get_logger
 
@@ -518,7 +518,6 @@ def _first_stage(u: _User, lexemes: list[str], embedding: np.ndarray, keep: np.n
         top = np.arange(n)
     top = top[np.lexsort((lo[top], hi[top], -fused[top]))]
     chosen = top if rows is None else rows[top]
-    held = u.rows
-    return Candidates(rows=[held[i] for i in chosen.tolist()], sim=sim_all[chosen], bm25=bm25_all[chosen],
+    return Candidates(rows=Picked(u.rows, chosen), sim=sim_all[chosen], bm25=bm25_all[chosen],
                       session=u.sessions[chosen].astype(np.int64), ts=u.ts[chosen], ai=u.ai[chosen],
                       question=u.question[chosen], n=float(n), sim_mean=sim_mean, sim_sd=sim_sd, s1=s1, s2=s2)

@@ -7,7 +7,10 @@ import time
 from dataclasses import replace
 from datetime import UTC, datetime
 
-from services.ltm.retrieval import RetrievalConfig, count_tokens, in_period, query_periods, search
+import numpy as np
+
+from services.ltm.periods import in_period, in_periods
+from services.ltm.retrieval import RetrievalConfig, count_tokens, query_periods, search
 from services.ltm.store import LtmStore, NewMemory
 from shared.contracts import MemoryUpdate, encode
 from shared.contracts.messages import MemoryUpdateMeta, SearchData
@@ -178,6 +181,21 @@ def test_query_periods_name_days_months_and_years() -> None:
     assert in_period(day, [(2023, 12, 8)]) and in_period(day + DAY, [(2023, 12, 8)])
     assert not in_period(day + 5 * DAY, [(2023, 12, 8)]) and in_period(day, [(None, 12, None)])
     assert not in_period(day, [(2022, None, None)]) and not in_period(None, [(2023, 12, 8)])
+
+
+def test_in_periods_agrees_with_in_period_on_every_time() -> None:
+    """The vectorised test a search runs over its candidates gives what the per-memory one gives: days +-2 days,
+    months and years, open parts, impossible dates, times before 1970, at boundaries and with no time (NaN)."""
+    rng = np.random.default_rng(7)
+    edges = [datetime(y, m, 1, tzinfo=UTC).timestamp() + s for y in (1969, 2000, 2023, 2024) for m in (1, 2, 3, 12)
+             for s in (-1.5, -0.25, 0.0, 0.25)]
+    named = datetime(2023, 12, 8, tzinfo=UTC).timestamp()
+    ts = np.array([*rng.uniform(-5e8, 2e9, 2000), *edges, named + 2 * DAY, named - 2 * DAY, named + 2 * DAY + 0.5,
+                   math.nan])
+    for periods in ([(2023, 12, 8)], [(None, 2, None)], [(2024, None, None)], [(2023, 2, 30), (1969, 12, None)],
+                    [(None, 12, 8)], [(2000, 1, 1), (2024, 3, None), (None, None, None)], []):
+        want = [False if math.isnan(t) else in_period(t, periods) for t in ts.tolist()]
+        assert in_periods(ts, periods).tolist() == want, periods
 
 
 async def test_a_date_in_the_query_prefers_memories_of_that_time(mesh: Mesh) -> None:
