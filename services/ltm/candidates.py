@@ -22,7 +22,8 @@ STATS = ("n", "sim_mean", "sim_sd", "s1", "s2")
 
 class Picked(Sequence[dict[str, Any]]):
     """``held[picks[i]]`` as a sequence, without building the list: a first stage picks up to 1,000 rows and
-    ranking reads the fifty that pass the gate."""
+    ranking reads the fifty that pass the gate. A live view of the search index's rows, which a later read of the
+    user's changes replaces in place: read it before the next ``await`` (ranking does, services/ltm/retrieval.py)."""
 
     __slots__ = ("held", "picks")
 

@@ -61,7 +61,8 @@ class LtmSettings(MeshSettings):
         "brings the users it was told about into free room; 0 = no warming at start"))
     ltm_query_int8: bool = Field(default=True, description=(
         "search queries are embedded with the int8 copy of the local model (shared/runtime/onnx_export.py: "
-        "about twice as fast; vectors within cosine 0.99 of the float model's, which embeds everything stored); "
+        "about twice as fast; vectors at cosine 0.994 on average to the float model's, which embeds everything "
+        "stored); "
         "false: the float model. Local ONNX model only"))
     ltm_query_cache: int = Field(default=4096, ge=0, description=(
         "query embeddings kept per ltm process (the same text searched again is not embedded again)"))
@@ -73,8 +74,10 @@ class LtmSettings(MeshSettings):
         "the most text (about 4 characters a token) one ingest step extracts or embeds in one call: small "
         "embedding passes cost less per token here and keep a search's embedding from waiting long"))
     ltm_ingest_model: Literal["own", "shared"] = Field(default="own", description=(
-        "`own`: ingest embeds with a second copy of the model (about 90 MB), so that a search's embedding never "
-        "waits behind an ingest pass; `shared`: one model for both"))
+        "`own`: a search's embedding never waits behind an ingest pass: with LTM_QUERY_INT8 the searches have the "
+        "int8 copy and ingest (with `add` and documents) the float model; without it ingest gets a second float "
+        "copy (about 90 MB). `shared`: searches and ingest share one model, the float one (LTM_QUERY_INT8 is then "
+        "ignored)"))
     # documents beside memory (services/ltm/documents/): doc_add, doc_search, doc_delete
     ltm_doc_max_bytes: int = Field(default=DEFAULT_MAX_DOCUMENT_BYTES, ge=1024, le=64 * 1024 * 1024, description=(
         "largest document text doc_add accepts (UTF-8 bytes; the request may be about twice that, for JSON "

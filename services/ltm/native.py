@@ -103,6 +103,8 @@ class NativeBackend:
         """``redis`` and ``names`` give ``optimize`` and the periodic lifecycle job their lock; without them
         ``optimize`` is refused and the periodic job does not run. ``embedder``: the model of every vector stored;
         ``query_embedder`` (LTM_QUERY_INT8: its int8 copy) embeds search queries, else ``embedder`` does."""
+        if getattr(embedder.model, "quantized", False):
+            raise ValueError("the stored vectors' model must be the float one; the int8 copy is for queries only")
         self.store, self.embedder = store, embedder
         settings = settings or LtmSettings()
         self.query_embedder = query_embedder or embedder
@@ -225,7 +227,8 @@ class NativeBackend:
         texts = from_cache(self._texts, {it.content: it.content for items in items_of for it in items})
         names = from_cache(self._names, {key: name for ns in names_of for key, name in ns.items()})
         # a user's turn was usually searched for a moment ago (chat_ai's query is the turn itself): its vector is
-        # in the query cache, and embedding it again would cost the most expensive step of ingest once more
+        # in the query cache, and embedding it again would cost the most expensive step of ingest once more; not
+        # with the int8 query model (LTM_QUERY_INT8, the default): what is stored is always the float model's
         searched = {u.content: vec for u in todo
                     if self._reuse_queries and (vec := self._queries.get(u.content)) is not None}
         salient = self.salience is not None and getattr(self.ingest_embedder.model, "has_tokens", False)
@@ -286,9 +289,10 @@ class NativeBackend:
         """One transaction for the batch; if it fails for a reason that is not passing, each update alone, so that
         one bad update fails by itself (and is dead-lettered by itself)."""
         results: list[bool | BaseException]
-        tokens = await self._token_counts(writes)
+        tokens: dict[str, int] = {}  # counted once for the batch; counted per write only if that failed
         await self.foreground.turn()
         try:
+            tokens = await self._token_counts(writes)
             results = list(await self._store_writes(writes, tokens))
         except Exception as exc:
             if is_transient(exc) or len(writes) == 1:
@@ -297,7 +301,7 @@ class NativeBackend:
             results = []
             for w in writes:
                 try:
-                    results.extend(await self._store_writes([w], tokens))
+                    results.extend(await self._store_writes([w], tokens or await self._token_counts([w])))
                 except Exception as one:  # noqa: BLE001 - handed to that update's caller
                     results.append(one)
         for user_id in sorted({w.user_id for w, ok in zip(writes, results, strict=True) if ok is True}):

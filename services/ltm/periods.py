@@ -74,7 +74,7 @@ def query_periods(query: str, now: float | None = None) -> list[Period]:
 
 
 def in_period(ts: float | None, periods: Sequence[tuple[int | None, int | None, int | None]]) -> bool:
-    """Whether a memory's time (UTC) falls in a named period; a named day allows one day either side."""
+    """Whether a memory's time (UTC) falls in a named period; a named day allows two days either side."""
     if ts is None:
         return False
     when = datetime.fromtimestamp(ts, UTC)
@@ -99,9 +99,9 @@ def in_periods(ts: np.ndarray, periods: Sequence[Period]) -> np.ndarray:
     if not periods or not known.any():
         return out
     t = ts[known]
-    days = np.floor(t).astype(np.int64).astype("datetime64[s]")
-    years = days.astype("datetime64[Y]").astype(np.int64) + 1970
-    months = days.astype("datetime64[M]").astype(np.int64) % 12 + 1
+    seconds = np.floor(t).astype(np.int64).astype("datetime64[s]")
+    years = seconds.astype("datetime64[Y]").astype(np.int64) + 1970
+    months = seconds.astype("datetime64[M]").astype(np.int64) % 12 + 1
     hit = np.zeros(len(t), dtype=bool)
     for year, month, day in periods:
         if day is not None and year is not None and month is not None:

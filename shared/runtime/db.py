@@ -43,8 +43,8 @@ async def check_connection(conn: psycopg.AsyncConnection) -> None:
     came back less than ``RECENT_S`` ago and its socket has nothing to read. A server that restarted or ended the
     session has written to the socket (the termination notice) or closed it, and either makes it readable; an
     idle connection that is well has nothing to read. So a busy process pays no round trip per request, and a
-    connection the server closed is still never handed out; one idle longer (where a network could have dropped
-    it silently) gets the full check."""
+    connection the server closed before the checkout is not handed out; one idle longer (where a network could
+    have dropped it silently) gets the full check."""
     at = _returned.get(conn)
     if at is not None and time.monotonic() - at < RECENT_S and not conn.broken:
         poller = select.poll()  # (not select.select: a descriptor above 1023 is fine)

@@ -93,6 +93,8 @@ def one_blas_thread() -> None:
     OpenBLAS's own pool (a thread per core, spinning between calls) would take the cores from the embedding threads
     and the other copies for a product of a few milliseconds. With it, ltm's first stage runs ``vectors @ query``
     (sgemv, about twice as fast as numpy's einsum) without starting a thread."""
+    import numpy  # noqa: F401  (threadpoolctl limits the libraries loaded: numpy's OpenBLAS must be)
+
     threadpool_limits(limits=1, user_api="blas")
 
 

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import numpy as np
+import pytest
 
 from services.ltm.config import LtmSettings
 from services.ltm.native import NativeBackend
@@ -264,6 +265,59 @@ async def test_with_int8_queries_every_stored_vector_is_the_float_models(mesh: M
     assert float(np.dot(stored, query_model().encode([text])[0])) < 0.9999  # (the int8 vector differs)
     found = await b.search("u-int8", SearchData(query="Who keeps bees on a roof?", limit=3))
     assert found and found[0].content == text
+
+
+async def test_build_backend_wires_int8_queries_and_float_storage(mesh: Mesh) -> None:
+    """What LtmService runs by default (build_backend, LTM_QUERY_INT8, LTM_INGEST_MODEL=own): searches embed with
+    the int8 copy, ingest, add and documents with the float model (no second float copy is loaded); an int8 model
+    is refused as the stored vectors' model; with LTM_QUERY_INT8=false searches use the float model."""
+    from services.ltm.service import build_backend
+    from shared.contracts.messages import AddData
+
+    settings = LtmSettings(**common(mesh.redis_url, mesh.database_url))
+    b = build_backend(settings, mesh.pool, mesh.model, mesh.redis, mesh.names)
+    assert isinstance(b, NativeBackend)
+    await b.start()
+    assert b.query_embedder.model.quantized and not b.embedder.model.quantized
+    assert b.ingest_embedder.model is mesh.model
+    added = await b.add("u-wire", AddData(content="I collect vintage typewriters.", type="fact"))
+    async with mesh.pool.connection() as conn:
+        cur = await conn.execute("SELECT embedding FROM ltm_memories WHERE user_id = 'u-wire' AND memory_id = %s",
+                                 (added.memory_id,))
+        row = await cur.fetchone()
+    assert row is not None
+    stored = row[0].to_numpy() if hasattr(row[0], "to_numpy") else np.asarray(row[0])
+    assert float(np.dot(stored, mesh.model.encode(["I collect vintage typewriters."])[0])) > 0.9999
+    with pytest.raises(ValueError, match="float"):
+        NativeBackend(LtmStore(mesh.pool), b.query_embedder, settings=settings)
+    off = build_backend(settings.model_copy(update={"ltm_query_int8": False}), mesh.pool, mesh.model, mesh.redis,
+                        mesh.names)
+    assert isinstance(off, NativeBackend) and off.query_embedder is off.embedder
+
+
+async def test_a_batch_counts_its_tokens_once(mesh: Mesh, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tokens of what a batch writes are counted once (a thread), then stored with the rows."""
+    from services.ltm import native
+
+    calls: list[int] = []
+    count = native.token_counts
+
+    def counting(texts: list[str]) -> list[int]:
+        calls.append(len(texts))
+        return count(texts)
+
+    monkeypatch.setattr(native, "token_counts", counting)
+    b = backend(mesh)
+    t0 = time.time()
+    oks = await asyncio.gather(*(b.ingest(MemoryUpdate(user_id="u-count", content=f"Turn number {i} of a batch.",
+                                                       timestamp=t0 + i, meta={"message_id": f"c{i}"}))
+                                 for i in range(6)))
+    assert all(oks) and 1 <= len(calls) <= 6 and sum(calls) >= 6
+    async with mesh.pool.connection() as conn:
+        cur = await conn.execute("SELECT count(*) FROM ltm_memories WHERE user_id = 'u-count'"
+                                 " AND content_tokens IS NULL")
+        row = await cur.fetchone()
+    assert row is not None and row[0] == 0
 
 
 async def test_one_query_asked_at_once_twice_is_embedded_once(mesh: Mesh) -> None:
