@@ -103,11 +103,13 @@ async def migrate(dsn: str, component: str, directory: Path) -> list[int]:
         # what a migration reports as it goes (ltm 006 and memory 004: rows copied per table, and the time), not the
         # routine notices of IF NOT EXISTS / IF EXISTS and DROP ... CASCADE
         conn.add_notice_handler(lambda d: _notice(component, d.message_primary or ""))
-        await conn.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations ("
-            " component text NOT NULL, version int NOT NULL, name text NOT NULL,"
-            " applied_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (component, version))"
-        )
+        async with conn.transaction():  # under the lock: two first starts at once (memory, ltm) race on the table
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " component text NOT NULL, version int NOT NULL, name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (component, version))"
+            )
         for version, path in migration_files(directory):
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))

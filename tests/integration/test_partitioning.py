@@ -115,6 +115,31 @@ async def test_the_partition_count_is_chosen_before_the_first_migration(pg_admin
 
 
 # ---------------------------------------------------------------------------------------------- (b) conversion
+async def test_two_services_migrating_a_new_database_at_once_both_succeed(pg_admin_url: str) -> None:
+    """memory and ltm started together on an empty database: the bookkeeping table is created under the migration
+    lock too (it was not: the second CREATE TABLE IF NOT EXISTS failed on pg_type's unique index)."""
+    from shared.runtime.db import MIGRATION_LOCK
+    from tests.helpers import wait_until
+
+    with empty_database(pg_admin_url) as url:
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as holder:
+            await holder.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+            both = asyncio.gather(migrate(url, "ltm", DIRS["ltm"]), migrate(url, "memory", DIRS["memory"]))
+
+            async def both_waiting() -> bool:
+                cur = await holder.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+                                           " AND NOT granted")
+                return await cur.fetchone() == (2,)
+
+            await wait_until(both_waiting, message="both migrations waiting for the lock")
+            cur = await holder.execute("SELECT to_regclass('schema_migrations') IS NULL")
+            assert await cur.fetchone() == (True,)  # nobody created it without the lock
+            await holder.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+            ltm, memory = await asyncio.wait_for(both, 120)
+        assert ltm == [v for v, _ in migration_files(DIRS["ltm"])]
+        assert memory == [v for v, _ in migration_files(DIRS["memory"])]
+
+
 async def migrate_to(url: str, tmp: Path, versions: dict[str, int]) -> None:
     for component, directory in DIRS.items():
         target = tmp / f"{component}-{versions[component]}"
