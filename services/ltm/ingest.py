@@ -1,44 +1,20 @@
-"""The ingest path's mechanics: ingest's own model, vector caches; embedding in small passes is
-shared/runtime/passes.py.
+"""The ingest path's mechanics: vector caches; embedding in small passes is shared/runtime/passes.py.
 
 Ingest works in steps (a spaCy call over a few turns, one embedding forward pass over a few hundred tokens).
 
-Searches do not wait for ingest's passes: with LTM_INGEST_MODEL=own (the default) ingest embeds with a second
-copy of the model (:class:`IngestModel`), whose passes run beside a search's embedding instead of before it
-(measured on LongMemEval turns, search p95 while ingesting against quiet: x1.3-1.6 with its own model, x1.5-2.9
-with one model shared). Letting in-flight requests go first between ingest steps (a gate) was tried and did not
-help once ingest has its own model.
+Searches do not wait for ingest's passes: with LTM_INGEST_MODEL=own (the default) ingest embeds with a model of
+its own (``dedicated_model("ingest")`` of shared/runtime/embedding.py, or the float model when queries have the
+int8 copy), whose passes run beside a search's embedding instead of before it (measured on LongMemEval turns,
+search p95 while ingesting against quiet: x1.3-1.6 with its own model, x1.5-2.9 with one model shared). Letting
+in-flight requests go first between ingest steps (a gate) was tried and did not help once ingest has its own model.
 """
 
 from __future__ import annotations
 
-import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from shared.runtime.embedding import SyncEmbedder
-
-
-class IngestModel(SyncEmbedder):
-    """A second copy of the model for ingest (LTM_INGEST_MODEL=own): its passes hold a lock of their own, so a
-    search's embedding runs beside an ingest pass instead of after it (SyncEmbedder's lock is one per class)."""
-
-    _lock = threading.Lock()
-
-
-_ingest_model: IngestModel | None = None
-_ingest_model_lock = threading.Lock()
-
-
-def ingest_model() -> IngestModel:
-    """The process's one ingest model (loaded on first use, EMBEDDING_* settings)."""
-    global _ingest_model
-    with _ingest_model_lock:
-        if _ingest_model is None:
-            _ingest_model = IngestModel()
-    return _ingest_model
 
 
 class VectorCache:

@@ -17,7 +17,7 @@ from services.ltm.config import LtmSettings
 from services.ltm.documents import Documents
 from services.ltm.extraction import Batcher, Extracted, Extraction, LlmExtractor, RuleExtractor, Turn, ground_dates
 from services.ltm.graph import Provenance, TurnKnowledge, entity_names, norm_name, search_entities, write_knowledge
-from services.ltm.ingest import VectorCache, from_cache, ingest_model
+from services.ltm.ingest import VectorCache, from_cache
 from services.ltm.lifecycle import Lifecycle, LifecycleConfig
 from services.ltm.profile import build_profile
 from services.ltm.retrieval import RetrievalConfig, clear_token_cache, token_counts
@@ -37,7 +37,7 @@ from shared.contracts.messages import (
     SearchData,
     SearchEntitiesData,
 )
-from shared.runtime.embedding import Embedder
+from shared.runtime.embedding import Embedder, SyncEmbedder, dedicated_model
 from shared.runtime.errors import is_transient
 from shared.runtime.llm import chat_model
 from shared.runtime.logging import get_logger
@@ -101,22 +101,23 @@ class NativeBackend:
                  extraction: Extraction | None = None, ingest_embedder: Embedder | None = None,
                  query_embedder: Embedder | None = None) -> None:
         """``redis`` and ``names`` give ``optimize`` and the periodic lifecycle job their lock; without them
-        ``optimize`` is refused and the periodic job does not run. ``embedder``: the model of every vector stored;
-        ``query_embedder`` (LTM_QUERY_INT8: its int8 copy) embeds search queries, else ``embedder`` does."""
+        ``optimize`` is refused and the periodic job does not run. ``embedder``: the float model, of every vector
+        stored unless LTM_INGEST_INT8; ``query_embedder`` (LTM_QUERY_INT8: its int8 copy) embeds search queries,
+        else ``embedder`` does."""
         if getattr(embedder.model, "quantized", False):
-            raise ValueError("the stored vectors' model must be the float one; the int8 copy is for queries only")
+            raise ValueError("embedder must be the float model; int8 storage is LTM_INGEST_INT8's (with int8 queries)")
         self.store, self.embedder = store, embedder
         settings = settings or LtmSettings()
         self.query_embedder = query_embedder or embedder
-        # a query's vector is stored for the same text ingested next only when it is the stored vectors' model's
-        self._reuse_queries = query_embedder is None
-        # LTM_INGEST_MODEL=own: ingest gets its own copy of the model in start(), so requests never wait for its passes
-        # (with an int8 query model, ``embedder`` itself is that copy: searches do not use it)
         self.ingest_embedder = ingest_embedder or embedder
-        # a second copy is for a local model's CPU; a remote model (EMBEDDING_MODEL) has none here to share
+        # LTM_INGEST_MODEL=own: in start(), ingest gets a model no search waits for: ``embedder`` itself when queries
+        # have their own (int8) model, else a second copy. A remote model (EMBEDDING_MODEL) has no CPU here to share.
         self._own_model = (ingest_embedder is None and settings.ltm_ingest_model == "own"
                            and not settings.embedding_remote)
-        self._own_model_loaded = self._own_model and query_embedder is None
+        # LTM_INGEST_INT8: what ingest (and add) stores comes from the int8 copy, like the queries
+        self._ingest_int8 = (self._own_model and settings.ingest_int8
+                             and getattr(self.query_embedder.model, "quantized", False))
+        self._settings = settings
         self.retrieval = RetrievalConfig.from_settings(settings)
         # chunks are embedded with ingest's model (its passes run beside a search's, services/ltm/ingest.py)
         self.documents = Documents(store.pool, lambda: self.ingest_embedder, self.retrieval,
@@ -145,17 +146,29 @@ class NativeBackend:
         self._embed_stage: Batcher[Staged, IngestWrite] = Batcher(self._embed_batch, settings.ltm_ingest_batch)
         self._write: Batcher[IngestWrite, bool | BaseException] = Batcher(self._write_batch, settings.ltm_ingest_batch)
 
+    @property
+    def _reuse_queries(self) -> bool:
+        """Whether a query's vector may be stored for the same text ingested next: only when queries and ingest
+        use one model (both float, or both the int8 copy with LTM_INGEST_INT8)."""
+        return self.query_embedder is self.embedder or self._ingest_int8
+
+    def _ingest_copy(self) -> SyncEmbedder:
+        return dedicated_model("ingest", self._settings, int8=self._ingest_int8)
+
     async def start(self) -> None:
         """Load spaCy (now, not on the first message) and ingest's own model, side by side."""
         loads = []
         if self.extraction is not None:
             loads.append(asyncio.to_thread(lambda: self.extraction.rules.nlp if self.extraction else None))
-        if self._own_model_loaded:
-            loads.append(asyncio.to_thread(ingest_model))
+        # ingest's own copy (a second float one when searches use ``embedder``, the int8 one with LTM_INGEST_INT8);
+        # with int8 queries and float storage, ``embedder`` itself, which no search uses
+        copy = self._own_model and (self.query_embedder is self.embedder or self._ingest_int8)
+        if copy:
+            loads.append(asyncio.to_thread(self._ingest_copy))
         await asyncio.gather(*loads)
         if self._own_model:  # its passes at background priority: a search's embedding gets the CPU first
-            model = ingest_model() if self._own_model_loaded else self.embedder.model
-            self.ingest_embedder = Embedder(model, executor=self._background)
+            self.ingest_embedder = Embedder(self._ingest_copy() if copy else self.embedder.model,
+                                            executor=self._background)
         if self._warm_rows:
             self._warm_task = asyncio.create_task(self._warm_recent(), name="ltm.index_warm")
 
@@ -227,8 +240,8 @@ class NativeBackend:
         texts = from_cache(self._texts, {it.content: it.content for items in items_of for it in items})
         names = from_cache(self._names, {key: name for ns in names_of for key, name in ns.items()})
         # a user's turn was usually searched for a moment ago (chat_ai's query is the turn itself): its vector is
-        # in the query cache, and embedding it again would cost the most expensive step of ingest once more; not
-        # with the int8 query model (LTM_QUERY_INT8, the default): what is stored is always the float model's
+        # in the query cache, and embedding it again would cost the most expensive step of ingest once more; only
+        # when that vector is the stored vectors' model's (not with int8 queries and float storage, the default)
         searched = {u.content: vec for u in todo
                     if self._reuse_queries and (vec := self._queries.get(u.content)) is not None}
         salient = self.salience is not None and getattr(self.ingest_embedder.model, "has_tokens", False)
@@ -366,7 +379,7 @@ class NativeBackend:
             self._queries.popitem(last=False)
 
     async def add(self, user_id: str, data: AddData) -> Memory:
-        vec = await self.embedder.embed(data.content)
+        vec = await (self.query_embedder if self._ingest_int8 else self.embedder).embed(data.content)
         return await self.store.add(NewMemory(
             user_id=user_id, type=data.type, content=data.content, embedding=vec, confidence=data.confidence,
             message_id=data.source_turn, meta=data.meta,

@@ -284,12 +284,6 @@ class LtmService:
         raise AssertionError(f"unhandled request type {req.type}")  # pragma: no cover
 
 
-def int8_queries(settings: LtmSettings) -> bool:
-    """Whether searches embed their queries with the int8 copy (LTM_QUERY_INT8, the local ONNX model, own models)."""
-    return (settings.ltm_query_int8 and settings.embedding_backend == "onnx" and not settings.embedding_remote
-            and settings.ltm_ingest_model == "own")
-
-
 def build_backend(settings: LtmSettings, pool: Any, model: Any, redis: aioredis.Redis, names: Names) -> LtmBackend:
     """The configured backend; ``redis`` and ``names`` give the lifecycle job its per-user lock."""
     if settings.ltm_backend == "mem0":
@@ -298,10 +292,10 @@ def build_backend(settings: LtmSettings, pool: Any, model: Any, redis: aioredis.
         return Mem0Backend(settings, model, pool)
     from services.ltm.native import NativeBackend
     from services.ltm.store import LtmStore
-    from shared.runtime.embedding import Embedder, query_model
+    from shared.runtime.embedding import Embedder, dedicated_model
 
     store = LtmStore(pool, settings.ltm_search_index_rows, settings.ltm_index_load_wait_ms / 1000)
-    query = Embedder(query_model(settings)) if int8_queries(settings) else None
+    query = Embedder(dedicated_model("query", settings, int8=True)) if settings.query_int8 else None
     return NativeBackend(store, Embedder(model), settings=settings, redis=redis, names=names, query_embedder=query)
 
 
@@ -309,7 +303,7 @@ async def main(stop: asyncio.Event) -> None:
     from pathlib import Path
 
     from shared.runtime.db import migrate, open_pool
-    from shared.runtime.embedding import query_model, shared_model
+    from shared.runtime.embedding import dedicated_model, shared_model
     from shared.runtime.logging import configure_logging
     from shared.runtime.runner import redis_client, serve_until, tune_process
     from shared.runtime.vectors import ensure_vector_columns
@@ -320,8 +314,8 @@ async def main(stop: asyncio.Event) -> None:
     names = Names.from_env()
     await migrate(settings.database_url, "ltm", Path(__file__).parent / "migrations")
     model = await asyncio.to_thread(shared_model, None, settings)
-    if int8_queries(settings):  # loaded (and made, if missing) off the event loop; build_backend finds it loaded
-        await asyncio.to_thread(query_model, settings)
+    if settings.query_int8:  # loaded (and made, if missing) off the event loop; build_backend finds it loaded
+        await asyncio.to_thread(dedicated_model, "query", settings, int8=True)
     pool = await open_pool(settings.database_url, max_size=settings.db_pool_max, name="ltm")
     await ensure_vector_columns(pool, "ltm", model.name, model.dim)  # sized for EMBEDDING_MODEL, or refused
     redis = redis_client(settings.redis_url, settings.redis_cluster)

@@ -235,36 +235,38 @@ class SyncEmbedder:
             return self.model.encode_with_tokens(list(texts), batch_size, max_tokens)
 
 
-_shared: dict[tuple[str, int, str], SyncEmbedder] = {}
+_shared: dict[tuple[str, ...], SyncEmbedder] = {}
 _shared_lock = threading.Lock()
+
+
+def _settings_key(settings: EmbeddingSettings) -> tuple[str, ...]:
+    path = "" if settings.embedding_remote or settings.embedding_backend != "onnx" else str(settings.onnx_path())
+    return settings.embedding_model, str(settings.embedding_dim), settings.embedding_backend, path
 
 
 def shared_model(threads: int | None = None, settings: EmbeddingSettings | None = None) -> SyncEmbedder:
     """The process's one model for these settings (default: EMBEDDING_* of the environment), loaded on first use."""
     settings = settings or EmbeddingSettings()
-    key = (settings.embedding_model, settings.embedding_dim, settings.embedding_backend)
+    key = ("shared", *_settings_key(settings))
     with _shared_lock:
         if key not in _shared:
             _shared[key] = SyncEmbedder(threads, settings=settings)
         return _shared[key]
 
 
-class QueryModel(SyncEmbedder):
-    """The int8 copy of the local model, for search queries: its passes hold a lock of their own, so a query never
-    waits behind a pass of the float model (ingest's); SyncEmbedder's lock is one per class."""
-
-    _lock = threading.Lock()
-
-
-def query_model(settings: EmbeddingSettings | None = None) -> QueryModel:
-    """The process's one int8 query model (loaded on first use)."""
+def dedicated_model(role: Literal["ingest", "query"], settings: EmbeddingSettings | None = None, *,
+                    int8: bool = False) -> SyncEmbedder:
+    """The process's one copy of the model for ``role`` (float, or with ``int8`` its int8 copy), loaded on first
+    use, whose passes hold a lock of their own (SyncEmbedder's is one per class), so they run beside the other
+    models' instead of after them: ``query`` embeds search queries (LTM_QUERY_INT8), ``ingest`` what ingest stores
+    (LTM_INGEST_MODEL=own, LTM_INGEST_INT8)."""
     settings = settings or EmbeddingSettings()
-    key = (settings.embedding_model, settings.embedding_dim, "int8")
+    key = (role, "int8" if int8 else "float", *_settings_key(settings))
     with _shared_lock:
         model = _shared.get(key)
         if model is None:
-            model = _shared[key] = QueryModel(settings=settings, quantized=True)
-        assert isinstance(model, QueryModel)
+            model = _shared[key] = SyncEmbedder(settings=settings, quantized=int8)
+            model._lock = threading.Lock()
         return model
 
 

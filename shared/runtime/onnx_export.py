@@ -94,6 +94,7 @@ def ensure_quantized(path: Path) -> Path:
     with _export_lock(path):
         if not (out.exists() and file_fingerprint(out) == quantized_fingerprint()):
             log.warning("embedding.onnx_quantizing", path=str(out), hint="make install makes it ahead of time")
+            _remove_leftovers(out)
             quantize(path, out)
     return out
 
@@ -226,14 +227,19 @@ def _export_lock(out: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def _remove_leftovers(*outs: Path) -> None:
+    """The temporary files a killed export or quantization of ``outs`` left (call under the lock)."""
+    for out in outs:
+        for leftover in out.parent.glob(f".{out.name}.*.tmp"):
+            leftover.unlink(missing_ok=True)
+
+
 def export_locked(out: Path, if_stale: bool = False) -> bool:
     """Export (and quantize) under the lock; False if nothing to do."""
     with _export_lock(out):
         if if_stale and out.exists() and file_fingerprint(out) == source_fingerprint():
             return False  # another process exported it while we waited
-        for name in (out.name, quantized_path(out).name):  # what an export that was killed left
-            for leftover in out.parent.glob(f".{name}.*.tmp"):
-                leftover.unlink(missing_ok=True)
+        _remove_leftovers(out, quantized_path(out))
         export(out)
         quantize(out, quantized_path(out))
         return True

@@ -70,6 +70,26 @@ def test_the_int8_query_model_is_made_when_missing_and_stays_close(sync_embedder
     model = onnx.load(str(int8))  # stale: made again
     next(p for p in model.metadata_props if p.key == META_KEY).value = "old"
     onnx.save(model, str(int8))
+    (tmp_path / f".{int8.name}.killed.tmp").write_bytes(b"half")  # what a quantization killed midway left
     again = SyncEmbedder(settings=settings, quantized=True)
     assert file_fingerprint(int8) == quantized_fingerprint()
+    assert not list(tmp_path.glob(".*.tmp"))
     np.testing.assert_allclose(again.encode(SENTENCES), b, atol=1e-6)
+
+
+def test_a_dedicated_model_is_one_per_role_and_file_with_a_lock_of_its_own(tmp_path: Path) -> None:
+    from shared.runtime.embedding import dedicated_model, shared_model
+
+    path = tmp_path / "model.onnx"
+    shutil.copyfile(EmbeddingSettings().onnx_path(), path)
+    settings = EmbeddingSettings(embedding_onnx_path=str(path))
+    query = dedicated_model("query", settings, int8=True)
+    assert query is dedicated_model("query", EmbeddingSettings(embedding_onnx_path=str(path)), int8=True)
+    assert query.quantized and quantized_path(path).exists()  # made from this file, not the default one
+    assert query is not dedicated_model("query", int8=True)
+    ingest = dedicated_model("ingest", settings)
+    assert not ingest.quantized and ingest is dedicated_model("ingest", settings)
+    ingest8 = dedicated_model("ingest", settings, int8=True)
+    assert ingest8.quantized and ingest8 is not query
+    locks = {id(m._lock) for m in (query, ingest, ingest8, shared_model())}
+    assert len(locks) == 4  # none waits for another's pass

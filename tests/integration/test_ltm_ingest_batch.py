@@ -171,15 +171,16 @@ def test_turns_no_rule_can_match_get_the_same_entities_through_the_ner_only_pipe
 
 
 async def test_ingest_has_its_own_model_so_a_search_embedding_never_waits_for_an_ingest_pass(mesh: Mesh) -> None:
-    from services.ltm.ingest import IngestModel
+    from shared.runtime.embedding import dedicated_model
 
     b = backend(mesh)
     await b.start()
-    assert isinstance(b.ingest_embedder.model, IngestModel) and b.ingest_embedder is not b.embedder
+    assert b.ingest_embedder.model is dedicated_model("ingest", b._settings)
+    assert b.ingest_embedder is not b.embedder and b.ingest_embedder.model is not mesh.model
     assert b.embedder.model is mesh.model
     text = "Caroline went to the support group."
     assert float(np.dot((await b.ingest_embedder.embed_many([text]))[0], mesh.model.encode([text])[0])) > 0.9999
-    with IngestModel._lock:  # an ingest pass that holds its model
+    with b.ingest_embedder.model._lock:  # an ingest pass that holds its model
         await asyncio.wait_for(b.embedder.embed("what did Caroline do?"), 10)
     shared = backend(mesh, ltm_ingest_model="shared")
     await shared.start()
@@ -249,11 +250,11 @@ async def test_with_int8_queries_every_stored_vector_is_the_float_models(mesh: M
     searched for is embedded again by the float model when ingested (no query vector is ever stored), and the
     int8 query finds it."""
     from shared.contracts.messages import SearchData
-    from shared.runtime.embedding import query_model
+    from shared.runtime.embedding import dedicated_model
 
     settings = LtmSettings(**common(mesh.redis_url, mesh.database_url))
     b = NativeBackend(LtmStore(mesh.pool), Embedder(mesh.model), settings=settings,
-                      query_embedder=Embedder(query_model()))
+                      query_embedder=Embedder(dedicated_model("query", int8=True)))
     await b.start()
     text = "My neighbour Priya keeps three beehives on her roof."
     await b.search("u-int8", SearchData(query=text, limit=5))
@@ -262,7 +263,7 @@ async def test_with_int8_queries_every_stored_vector_is_the_float_models(mesh: M
     assert b.reused_query_vectors == 0
     stored = await stored_vector(mesh, "u-int8", "m-int8")
     assert float(np.dot(stored, mesh.model.encode([text])[0])) > 0.9999
-    assert float(np.dot(stored, query_model().encode([text])[0])) < 0.9999  # (the int8 vector differs)
+    assert float(np.dot(stored, dedicated_model("query", int8=True).encode([text])[0])) < 0.9999  # int8 differs
     found = await b.search("u-int8", SearchData(query="Who keeps bees on a roof?", limit=3))
     assert found and found[0].content == text
 
@@ -295,6 +296,41 @@ async def test_build_backend_wires_int8_queries_and_float_storage(mesh: Mesh) ->
     assert isinstance(off, NativeBackend) and off.query_embedder is off.embedder
 
 
+async def test_with_int8_ingest_what_is_stored_is_the_int8_copys_and_a_searched_turn_reuses_its_query(
+        mesh: Mesh) -> None:
+    """LTM_INGEST_INT8: ingest (and add) embed with an int8 copy of their own (not the searches'), so a turn just
+    searched for is stored with its query's vector; without LTM_QUERY_INT8 the setting does nothing."""
+    from services.ltm.service import build_backend
+    from shared.contracts.messages import AddData, SearchData
+    from shared.runtime.embedding import dedicated_model
+
+    settings = LtmSettings(**common(mesh.redis_url, mesh.database_url), ltm_ingest_int8=True)
+    b = build_backend(settings, mesh.pool, mesh.model, mesh.redis, mesh.names)
+    assert isinstance(b, NativeBackend)
+    await b.start()
+    assert b.ingest_embedder.model is dedicated_model("ingest", settings, int8=True)
+    assert b.ingest_embedder.model.quantized and b.ingest_embedder.model is not b.query_embedder.model
+    text = "My neighbour Priya keeps three beehives on her roof."
+    await b.search("u-i8", SearchData(query=text, limit=5))
+    update = MemoryUpdate(user_id="u-i8", content=text, timestamp=time.time(), meta={"message_id": "m-i8"})
+    assert await b.ingest(update) is True
+    assert b.reused_query_vectors == 1
+    int8 = dedicated_model("query", settings, int8=True)
+    assert float(np.dot(await stored_vector(mesh, "u-i8", "m-i8"), int8.encode([text])[0])) > 0.9999
+    other = "A turn nobody searched for, about sailing."
+    assert await b.ingest(MemoryUpdate(user_id="u-i8", content=other, timestamp=time.time(),
+                                       meta={"message_id": "m-i8b"})) is True
+    assert float(np.dot(await stored_vector(mesh, "u-i8", "m-i8b"), int8.encode([other])[0])) > 0.9999
+    added = await b.add("u-i8", AddData(content="I collect vintage typewriters.", type="fact"))
+    found = await b.search("u-i8", SearchData(query="What do I collect?", limit=3))
+    assert added.memory_id in {m.memory_id for m in found}
+    off = build_backend(settings.model_copy(update={"ltm_query_int8": False}), mesh.pool, mesh.model, mesh.redis,
+                        mesh.names)
+    assert isinstance(off, NativeBackend)
+    await off.start()
+    assert not off.ingest_embedder.model.quantized and off.query_embedder is off.embedder
+
+
 async def test_a_batch_counts_its_tokens_once(mesh: Mesh, monkeypatch: pytest.MonkeyPatch) -> None:
     """The tokens of what a batch writes are counted once (a thread), then stored with the rows."""
     from services.ltm import native
@@ -318,6 +354,43 @@ async def test_a_batch_counts_its_tokens_once(mesh: Mesh, monkeypatch: pytest.Mo
                                  " AND content_tokens IS NULL")
         row = await cur.fetchone()
     assert row is not None and row[0] == 0
+
+
+async def test_a_failed_batch_written_one_by_one_counts_no_token_again(mesh: Mesh,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch whose transaction fails is written one update at a time with the counts already made: no content is
+    tokenized twice, and every row still carries its count."""
+    from services.ltm import native
+
+    counted: list[str] = []
+    count = native.token_counts
+
+    def counting(texts: list[str]) -> list[int]:
+        counted.extend(texts)
+        return count(texts)
+
+    monkeypatch.setattr(native, "token_counts", counting)
+    b = backend(mesh, ltm_extraction="off")
+    sizes: list[int] = []
+    ingest_many = b.store.ingest_many
+
+    async def failing_together(writes: Any, then: Any = None) -> list[bool]:
+        sizes.append(len(writes))
+        if len(writes) > 1:
+            raise ValueError("a batch that cannot be written together")
+        return await ingest_many(writes, then)
+
+    b.store.ingest_many = failing_together  # type: ignore[method-assign]
+    t0 = time.time()
+    oks = await asyncio.gather(*(b.ingest(MemoryUpdate(user_id="u-retry", content=f"Retried turn number {i}.",
+                                                       timestamp=t0 + i, meta={"message_id": f"r{i}"}))
+                                 for i in range(6)))
+    assert all(oks) and max(sizes) > 1, sizes  # a batch failed and its updates were written alone
+    assert sorted(counted) == sorted(f"Retried turn number {i}." for i in range(6)), counted
+    async with mesh.pool.connection() as conn:
+        cur = await conn.execute("SELECT count(*), count(content_tokens) FROM ltm_memories WHERE user_id = 'u-retry'")
+        row = await cur.fetchone()
+    assert row == (6, 6)
 
 
 async def test_one_query_asked_at_once_twice_is_embedded_once(mesh: Mesh) -> None:
