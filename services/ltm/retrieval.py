@@ -294,36 +294,40 @@ def relevance(c: Candidates, query: str, cfg: RetrievalConfig, now: float | None
 
 
 def rank(c: Candidates, query: str, cfg: RetrievalConfig, threshold: float | None,
-         now: float | None = None) -> Ranked:
-    """Relevance, the gate, then the profile's score; one memory per source message; best first."""
+         now: float | None = None, keep: int | None = None) -> Ranked:
+    """Relevance, the gate, then the profile's score; one memory per source message; best first. Only the best
+    ``keep`` (default all) come back, as rows of their own (:meth:`Candidates.row`); the others are scored from
+    the first stage's rows, read in place."""
     rel = relevance(c, query, cfg, now)
     eligible = gate_columns(c.sim, c.bm25, rel, cfg.gate_pool, cfg.min_similarity, threshold)
     if not eligible:
         return Ranked([], np.zeros(0))
-    kept = [c.row(i) for i in eligible]
+    seen_rows = [c.rows[i] for i in eligible]  # read only: no await until the rows below are copied
     p = cfg.profile
     now = time.time() if now is None else now
-    score = p.relevance * rel[eligible] + p.semantic * np.array([float(r["sim"]) for r in kept])
+    score = p.relevance * rel[eligible] + p.semantic * c.sim[eligible]
     if p.recency:
-        age = np.array([max(now - float(r["source_timestamp"] or r["created_at"]), 0.0) for r in kept]) / DAY
+        age = np.array([max(now - float(r["source_timestamp"] or r["created_at"]), 0.0) for r in seen_rows]) / DAY
         score = score + p.recency * np.exp2(-age / cfg.half_life_days)
     if p.access:
-        uses = np.log1p(np.array([float(r["access_count"]) for r in kept]))
+        uses = np.log1p(np.array([float(r["access_count"]) for r in seen_rows]))
         score = score + p.access * (uses / uses.max() if uses.max() > 0 else uses)
     if p.confidence:
-        score = score + p.confidence * np.array([float(r["confidence"]) for r in kept])
+        score = score + p.confidence * np.array([float(r["confidence"]) for r in seen_rows])
     if cfg.salience:
         score = score + cfg.salience * np.array([float(r["salience"]) - 0.5 if r.get("salience") is not None
-                                                 else 0.0 for r in kept])
-    score = score - cfg.superseded * np.array([1.0 if r["valid_to"] is not None else 0.0 for r in kept])
+                                                 else 0.0 for r in seen_rows])
+    score = score - cfg.superseded * np.array([1.0 if r["valid_to"] is not None else 0.0 for r in seen_rows])
     seen: set[str] = set()
     picked: list[int] = []
-    for i in _after_successors(kept, [int(i) for i in np.argsort(-score, kind="stable")]):
-        key = kept[i]["source_message_id"] or str(kept[i]["memory_id"])
+    for i in _after_successors(seen_rows, [int(i) for i in np.argsort(-score, kind="stable")]):
+        key = seen_rows[i]["source_message_id"] or str(seen_rows[i]["memory_id"])
         if key not in seen:
             seen.add(key)
             picked.append(i)
-    return Ranked([kept[i] for i in picked], score[picked])
+            if keep is not None and len(picked) >= keep:
+                break
+    return Ranked([c.row(eligible[i]) for i in picked], score[picked])
 
 
 def _after_successors(rows: list[dict[str, Any]], order: list[int]) -> list[int]:
@@ -446,8 +450,8 @@ async def search(pool: AsyncConnectionPool, user_id: str, data: SearchData, embe
         if found is None:
             await cur.execute(_CANDIDATES.format(filters=filters), params)
             found = Candidates.of_rows(await cur.fetchall())
-        ranked = rank(found, data.query, cfg, data.threshold, data.now)
-        heads = ranked.rows[: max(2 * data.limit, data.limit + 10)]
+        ranked = rank(found, data.query, cfg, data.threshold, data.now, keep=max(2 * data.limit, data.limit + 10))
+        heads = ranked.rows
         if not heads:
             return []
         ids = [r["memory_id"] for r in heads]

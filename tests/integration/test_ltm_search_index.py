@@ -348,5 +348,7 @@ async def test_the_index_ranks_as_the_sql_stage(mesh: Mesh) -> None:
             assert found is not None
             ours = retrieval.rank(found, query, CFG, None, 1.75e9)
             assert [r["memory_id"] for r in ours.rows] == [r["memory_id"] for r in theirs.rows], (query, f)
+            best = retrieval.rank(found, query, CFG, None, 1.75e9, keep=5)  # what a search keeps: the same head
+            assert best.rows == ours.rows[:5] and np.array_equal(best.score, ours.score[:5]), (query, f)
             # the same scores but for float32 sums: the index computes cosines in numpy, the SQL stage in pgvector
             assert np.allclose(ours.score, theirs.score, rtol=0, atol=1e-5), (query, f, ours.score - theirs.score)
