@@ -160,9 +160,10 @@ class NativeBackend:
         loads = []
         if self.extraction is not None:
             loads.append(asyncio.to_thread(lambda: self.extraction.rules.nlp if self.extraction else None))
-        # ingest's own copy (a second float one when searches use ``embedder``, the int8 one with LTM_INGEST_INT8);
-        # with int8 queries and float storage, ``embedder`` itself, which no search uses
-        copy = self._own_model and (self.query_embedder is self.embedder or self._ingest_int8)
+        # ingest needs a copy of its own exactly when it would otherwise share the searches' model (a second float
+        # one, or with LTM_INGEST_INT8 a second int8 one); with int8 queries and float storage it takes ``embedder``,
+        # which no search uses
+        copy = self._own_model and self._reuse_queries
         if copy:
             loads.append(asyncio.to_thread(self._ingest_copy))
         await asyncio.gather(*loads)

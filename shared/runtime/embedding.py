@@ -180,8 +180,12 @@ class SyncEmbedder:
     _lock = threading.Lock()
 
     def __init__(self, threads: int | None = None, backend: str | None = None,
-                 settings: EmbeddingSettings | None = None, *, quantized: bool = False) -> None:
-        """``quantized``: the int8 copy of the local ONNX model (for search queries; an error for another model)."""
+                 settings: EmbeddingSettings | None = None, *, quantized: bool = False,
+                 own_lock: bool = False) -> None:
+        """``quantized``: the int8 copy of the local ONNX model (an error for another model). ``own_lock``: this
+        copy's passes hold a lock of their own instead of the one all SyncEmbedders share (dedicated_model)."""
+        if own_lock:
+            self._lock = threading.Lock()
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         settings = settings or EmbeddingSettings()
         self.backend = backend or settings.embedding_backend
@@ -265,8 +269,7 @@ def dedicated_model(role: Literal["ingest", "query"], settings: EmbeddingSetting
     with _shared_lock:
         model = _shared.get(key)
         if model is None:
-            model = _shared[key] = SyncEmbedder(settings=settings, quantized=int8)
-            model._lock = threading.Lock()
+            model = _shared[key] = SyncEmbedder(settings=settings, quantized=int8, own_lock=True)
         return model
 
 
