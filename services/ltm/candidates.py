@@ -13,33 +13,34 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, overload
+from typing import Any, Generic, TypeVar, overload
 
 import numpy as np
 
 STATS = ("n", "sim_mean", "sim_sd", "s1", "s2")
+T = TypeVar("T")
 
 
-class Picked(Sequence[dict[str, Any]]):
+class Picked(Sequence[T], Generic[T]):
     """``held[picks[i]]`` as a sequence, without building the list: a first stage picks up to 1,000 rows and
     ranking reads the fifty that pass the gate. A live view of the search index's rows, which a later read of the
     user's changes replaces in place: read it before the next ``await`` (ranking does, services/ltm/retrieval.py)."""
 
     __slots__ = ("held", "picks")
 
-    def __init__(self, held: Sequence[dict[str, Any]], picks: np.ndarray) -> None:
+    def __init__(self, held: Sequence[T], picks: np.ndarray) -> None:
         self.held, self.picks = held, picks
 
     def __len__(self) -> int:
         return len(self.picks)
 
     @overload
-    def __getitem__(self, i: int) -> dict[str, Any]: ...
+    def __getitem__(self, i: int) -> T: ...
 
     @overload
-    def __getitem__(self, i: slice) -> list[dict[str, Any]]: ...
+    def __getitem__(self, i: slice) -> list[T]: ...
 
-    def __getitem__(self, i: int | slice) -> dict[str, Any] | list[dict[str, Any]]:
+    def __getitem__(self, i: int | slice) -> T | list[T]:
         if isinstance(i, slice):
             return [self.held[j] for j in self.picks[i].tolist()]
         return self.held[int(self.picks[i])]
@@ -49,7 +50,9 @@ class Picked(Sequence[dict[str, Any]]):
 class Candidates:
     """``rows[i]`` (the KEYS columns; read only) with ``sim[i]`` and ``bm25[i]``; ``session[i]`` a number per
     session (-1: none), ``ts[i]`` its source time (NaN: none), ``ai[i]``/``question[i]`` its flags; the first
-    stage's statistics over every row it read (``n``, ``sim_mean``, ``sim_sd``, BM25's ``s1`` and ``s2``)."""
+    stage's statistics over every row it read (``n``, ``sim_mean``, ``sim_sd``, BM25's ``s1`` and ``s2``).
+    ``entities[i]``: row i's entities when its row does not hold them (the search index's rows: ids as text, no
+    entities, search_index._User); :meth:`row` adds them."""
 
     rows: Sequence[dict[str, Any]]
     sim: np.ndarray
@@ -63,6 +66,7 @@ class Candidates:
     sim_sd: float = 0.0
     s1: float = 0.0
     s2: float = 0.0
+    entities: Sequence[tuple[str, ...]] | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -89,12 +93,18 @@ class Candidates:
         return cls(rows=rows, sim=np.array([float(r["sim"]) for r in rows], dtype=np.float64),
                    bm25=np.array([float(r["bm25"]) for r in rows], dtype=np.float64),
                    session=np.full(k, -1, dtype=np.int64), ts=np.full(k, math.nan), ai=np.zeros(k, dtype=bool),
-                   question=np.zeros(k, dtype=bool), **{s: float(first.get(s) or 0.0) for s in STATS})
+                   question=np.zeros(k, dtype=bool), n=float(first.get("n") or 0.0),
+                   sim_mean=float(first.get("sim_mean") or 0.0), sim_sd=float(first.get("sim_sd") or 0.0),
+                   s1=float(first.get("s1") or 0.0), s2=float(first.get("s2") or 0.0))
 
     def row(self, i: int) -> dict[str, Any]:
-        """Row ``i`` as the SQL stage returns it: a new dict, with its ``sim``, ``bm25`` and the statistics."""
-        return {**self.rows[i], "sim": float(self.sim[i]), "bm25": float(self.bm25[i]),
-                **{k: getattr(self, k) for k in STATS}}
+        """Row ``i`` as the SQL stage returns it (but for ids as text from the search index): a new dict, with its
+        ``sim``, ``bm25``, the statistics (and its entities)."""
+        row = {**self.rows[i], "sim": float(self.sim[i]), "bm25": float(self.bm25[i]),
+               **{k: getattr(self, k) for k in STATS}}
+        if self.entities is not None:
+            row["entities"] = list(self.entities[i])
+        return row
 
     def as_rows(self) -> list[dict[str, Any]]:
         return [self.row(i) for i in range(len(self.rows))]

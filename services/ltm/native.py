@@ -136,6 +136,7 @@ class NativeBackend:
         self._background = background_executor(settings.background_nice)  # ingest's threads (BACKGROUND_NICE)
         # requests first: LtmService's request server marks what it serves, ingest steps aside between its steps
         self.foreground = Foreground(settings.ltm_ingest_yield_ms / 1000)
+        store.index.warming_turn = self.foreground.turn  # warming the search index steps aside for requests too
         # LTM_SALIENCE: the salience model (numpy) and each session's state, for the local model's token vectors
         self.salience = SalienceModel.load() if settings.ltm_salience and not settings.embedding_remote else None
         self._salience_states = SessionStates(settings.ltm_salience_sessions)

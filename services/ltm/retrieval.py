@@ -227,7 +227,7 @@ FROM ltm_memories h CROSS JOIN LATERAL (
        AND n.source_message_id = h.source_message_id
      LIMIT 1)
 ) AS x
-WHERE h.user_id = %(user_id)s AND h.memory_id = ANY(%(ids)s)
+WHERE h.user_id = %(user_id)s AND h.memory_id = ANY(%(ids)s::uuid[])
   AND h.source_session_id IS NOT NULL AND h.source_timestamp IS NOT NULL
 """
 
@@ -235,7 +235,7 @@ WHERE h.user_id = %(user_id)s AND h.memory_id = ANY(%(ids)s)
 _ROWS_AND_NEIGHBOURS = (
     "SELECT NULL::text AS anchor, memory_id::text, content, source_message_id, source_session_id,"
     " source_timestamp, speaker, NULL::int AS side, content_tokens FROM ltm_memories"
-    " WHERE user_id = %(user_id)s AND memory_id = ANY(%(ids)s)"
+    " WHERE user_id = %(user_id)s AND memory_id = ANY(%(ids)s::uuid[])"
     " UNION ALL (" + _NEIGHBOURS.strip() + " AND %(w)s > 0)"
 )
 

@@ -34,9 +34,8 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from array import array
 from collections import OrderedDict
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -46,6 +45,7 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from services.ltm.candidates import Candidates, Picked
+from services.ltm.postings import Postings
 from shared.contracts.messages import SearchData
 from shared.runtime.logging import get_logger
 
@@ -55,7 +55,8 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 DIM = 384  # until the first rows say otherwise (another EMBEDDING_MODEL)
-LOAD_CHUNK = 1000  # rows read and indexed between two turns of the event loop
+LOAD_CHUNK = 500  # rows read and indexed between two turns of the event loop (a load a search started)
+WARM_CHUNK = 100  # the same while warming: a request that comes meanwhile waits for one chunk (a few ms)
 TOO_LARGE_S = 600.0  # a user too large for the index is searched in SQL; loading it is tried again after this
 _ROW_COST = 16  # per user, in rows: what an entry costs besides its memories (empty users count too)
 
@@ -69,8 +70,12 @@ ROW_COLUMNS = """m.memory_id, m.type, m.source_message_id, m.source_session_id, 
 KEYS = ("memory_id", "type", "source_message_id", "source_session_id", "source_timestamp", "speaker", "entities",
         "confidence", "access_count", "valid_to", "superseded_by", "role", "question", "created_at", "last_accessed",
         "salience")
-_TYPE, _SESSION = KEYS.index("type"), KEYS.index("source_session_id")
+_TYPE, _SESSION, _ENTITIES = KEYS.index("type"), KEYS.index("source_session_id"), KEYS.index("entities")
 _SHARED = ("type", "source_session_id", "speaker", "role")
+# What a held row keeps (every KEYS column but entities, held beside it), and where its ids are: see _User.
+_HELD = tuple(i for i, k in enumerate(KEYS) if k != "entities")
+_HELD_KEYS = tuple(KEYS[i] for i in _HELD)
+_HELD_ID, _HELD_SUPERSEDED = _HELD_KEYS.index("memory_id"), _HELD_KEYS.index("superseded_by")
 
 # One memory as the index holds it: the row, the transaction that last wrote it, the embedding (pgvector's binary
 # send format: 4 header bytes, then big-endian float32), and the lexemes of search_tsv with their counts.
@@ -109,12 +114,21 @@ _VEC = _TXID + 1
 
 @dataclass(slots=True)
 class _User:
-    """The indexed memories of one user (memory i = position i in every list and array)."""
+    """The indexed memories of one user (memory i = position i in every list and array).
+
+    Nothing held per memory is an object the garbage collector tracks: a full collection walks every tracked
+    object, with the event loop standing still, and three per held memory (its row dict, a UUID, a list) made one
+    take 35-100 ms while 50k rows warmed (and longer at the 200k the index holds). So a row dict holds only
+    atomic values: its ids as text (ranking and the result rows read them as text; the rows of the SQL stage have
+    UUIDs), and ``pos`` is keyed by that text; the entities are tuples in a list beside the rows (a tuple of
+    strings stops being tracked at its first collection), added back by :meth:`Candidates.row`.
+    """
 
     horizon: int
     epoch: int | None
-    rows: list[dict[str, Any]] = field(default_factory=list)  # the KEYS columns (copied for each search)
-    pos: dict[UUID, int] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)  # the KEYS columns but entities (read only)
+    entities: list[tuple[str, ...]] = field(default_factory=list)
+    pos: dict[str, int] = field(default_factory=dict)  # memory id (text) -> i
     vecs: np.ndarray = field(default_factory=lambda: np.zeros((0, DIM), np.float32))  # sized by the first load
     norms: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
     dl: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
@@ -125,7 +139,7 @@ class _User:
     question: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # meta question
     codes: dict[str, int] = field(default_factory=dict)  # type and session names -> small ints (-1 = NULL)
     strings: dict[str, str] = field(default_factory=dict)  # one copy of each repeated value
-    postings: dict[str, tuple[array[int], array[int]]] = field(default_factory=dict)  # lexeme -> (rows, counts)
+    postings: Postings = field(default_factory=Postings)  # lexeme -> (rows, counts)
     txids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # -1: written before migration 004
     id_hi: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))  # memory_id as two numbers: ties
     id_lo: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))  # sort by it, as in SQL
@@ -144,7 +158,7 @@ class _User:
         """Of (memory id, txid) pairs, the memories not held, and those held as an older version."""
         new, updated = [], []
         for memory_id, txid in pairs:
-            i = self.pos.get(memory_id)
+            i = self.pos.get(str(memory_id))
             if i is None:
                 new.append(memory_id)
             elif self.txids[i] != _xid(txid):
@@ -156,11 +170,12 @@ class _User:
         change in place: confidence, uses, supersession...); returns how many memories are new."""
         fresh: dict[UUID, tuple[Any, ...]] = {}
         for r in rows:
-            i = self.pos.get(r[0])
+            i = self.pos.get(str(r[0]))
             if i is None:
                 fresh[r[0]] = r
             else:
                 self.rows[i] = self._row(r)
+                self.entities[i] = tuple(r[_ENTITIES] or ())
                 self._columns(i, self.rows[i])
                 self.txids[i] = _xid(r[_TXID])
         if not fresh:
@@ -186,20 +201,16 @@ class _User:
         for j, r in enumerate(fresh.values()):
             i = start + j
             self.rows.append(self._row(r))
+            self.entities.append(tuple(r[_ENTITIES] or ()))
             self._columns(i, self.rows[i])
             self.txids[i] = _xid(r[_TXID])
             self.id_hi[i], self.id_lo[i] = divmod(r[0].int, 1 << 64)
-            self.pos[r[0]] = i
+            self.pos[self.rows[i]["memory_id"]] = i
             lexemes, counts = r[_VEC + 1], r[_VEC + 2]
             self.dl[i] = len(lexemes)
             self.types[i] = self.code("t:" + r[_TYPE])
             self.sessions[i] = self.code(None if r[_SESSION] is None else "s:" + r[_SESSION])
-            for lexeme, tf in zip(lexemes, counts, strict=True):
-                post = self.postings.get(lexeme)
-                if post is None:
-                    post = self.postings[lexeme] = (array("i"), array("i"))
-                post[0].append(i)
-                post[1].append(tf)
+            self.postings.add(i, lexemes, counts)
         return k
 
     def _columns(self, i: int, row: dict[str, Any]) -> None:
@@ -209,8 +220,13 @@ class _User:
         self.question[i] = bool(row["question"])
 
     def _row(self, r: tuple[Any, ...]) -> dict[str, Any]:
-        """The KEYS columns of a row as a dict, its repeated strings shared (type, session, speaker, role)."""
-        row = dict(zip(KEYS, r, strict=False))
+        """The KEYS columns of a row but entities as a dict of atomic values only (the class docstring), its repeated
+        strings shared (type, session, speaker, role)."""
+        values = [r[i] for i in _HELD]
+        values[_HELD_ID] = str(values[_HELD_ID])
+        if values[_HELD_SUPERSEDED] is not None:
+            values[_HELD_SUPERSEDED] = str(values[_HELD_SUPERSEDED])
+        row = dict(zip(_HELD_KEYS, values, strict=True))
         for key in _SHARED:
             value = row[key]
             if value is not None:
@@ -224,6 +240,7 @@ class _User:
         self.types, self.sessions, self.txids = self.types[:n].copy(), self.sessions[:n].copy(), self.txids[:n].copy()
         self.ts, self.ai, self.question = self.ts[:n].copy(), self.ai[:n].copy(), self.question[:n].copy()
         self.id_hi, self.id_lo = self.id_hi[:n].copy(), self.id_lo[:n].copy()
+        self.postings.settle(force=True)
 
     def mask(self, types: list[str] | None, session: str | None, exclude_session: str | None) -> np.ndarray | None:
         """Rows that pass the search's filters (None: all of them)."""
@@ -265,6 +282,9 @@ class SearchIndex:
         self.pool = pool
         self.capacity = capacity
         self.load_wait_s = load_wait_s
+        # warming's turn between two chunks (NativeBackend gives it Foreground.turn: requests in flight first, as
+        # for ingest). A load that a search started takes only event loop turns: it ends that user's SQL searches.
+        self.warming_turn: Callable[[], Awaitable[None]] | None = None
         self._users: OrderedDict[str, _User] = OrderedDict()
         self._loads: dict[str, asyncio.Task[None]] = {}
         self._too_large: dict[str, float] = {}  # user -> when it did not fit (tried again after TOO_LARGE_S)
@@ -345,6 +365,7 @@ class SearchIndex:
                     fetched = await cur.fetchall()
                     self.read += len(fetched)
                     added += u.add(fetched)
+            u.postings.settle()  # the rows added by catch-ups are merged once they are many
             u.horizon = max(u.horizon, _xid(horizon))
             if self._users.get(user_id) is u:  # (not dropped meanwhile to make room for another user)
                 self.rows += added
@@ -422,9 +443,10 @@ class SearchIndex:
         self._spawn(user_id, self._load(user_id, evict), "load")
 
     async def _load(self, user_id: str, evict: bool = True) -> None:
+        """``evict`` False: warming (at start, after ingest), which never evicts and steps aside for requests."""
         try:
             async with self.pool.connection() as conn:
-                u = await self._read(conn, user_id)
+                u = await self._read(conn, user_id, None if evict else self.warming_turn)
         except Exception:  # searches go on in SQL; the next one tries again
             log.warning("ltm.index_load_failed", exc_info=True)
             return
@@ -439,8 +461,10 @@ class SearchIndex:
         self.rows += u.n + _ROW_COST
         self._evict(keep=user_id)
 
-    async def _read(self, conn: AsyncConnection[Any], user_id: str) -> _User | None:
-        """Every memory of the user in one snapshot, in chunks (other requests run in between); None: too many."""
+    async def _read(self, conn: AsyncConnection[Any], user_id: str,
+                    turn: Callable[[], Awaitable[None]] | None = None) -> _User | None:
+        """Every memory of the user in one snapshot, in chunks (other requests run in between, and with ``turn``
+        first); None: too many."""
         params = {"user_id": user_id, "query": ""}
         async with conn.transaction():
             await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
@@ -450,12 +474,12 @@ class SearchIndex:
             u = _User(horizon=_xid(state[0]), epoch=state[1])
             named = conn.cursor(f"ltm_index_load_{id(u)}")
             await named.execute(_ROW, params)
-            while batch := await named.fetchmany(LOAD_CHUNK):
+            while batch := await named.fetchmany(LOAD_CHUNK if turn is None else WARM_CHUNK):
                 u.add(batch)
                 if u.n + _ROW_COST > self.capacity:
                     await named.close()
                     return None
-                await asyncio.sleep(0)
+                await (turn() if turn is not None else asyncio.sleep(0))
             await named.close()
         u.compact()
         return u
@@ -492,8 +516,7 @@ def _first_stage(u: _User, lexemes: list[str], embedding: np.ndarray, keep: np.n
             post = u.postings.get(lexeme)
             if post is None:
                 continue
-            idx = np.frombuffer(post[0], dtype=np.int32)
-            tf = np.frombuffer(post[1], dtype=np.int32).astype(np.float64)
+            idx, tf = post[0], post[1].astype(np.float64)
             if keep is not None:
                 inside = keep[idx]
                 idx, tf = idx[inside], tf[inside]
@@ -518,6 +541,7 @@ def _first_stage(u: _User, lexemes: list[str], embedding: np.ndarray, keep: np.n
         top = np.arange(n)
     top = top[np.lexsort((lo[top], hi[top], -fused[top]))]
     chosen = top if rows is None else rows[top]
-    return Candidates(rows=Picked(u.rows, chosen), sim=sim_all[chosen], bm25=bm25_all[chosen],
-                      session=u.sessions[chosen].astype(np.int64), ts=u.ts[chosen], ai=u.ai[chosen],
-                      question=u.question[chosen], n=float(n), sim_mean=sim_mean, sim_sd=sim_sd, s1=s1, s2=s2)
+    return Candidates(rows=Picked(u.rows, chosen), entities=Picked(u.entities, chosen), sim=sim_all[chosen],
+                      bm25=bm25_all[chosen], session=u.sessions[chosen].astype(np.int64), ts=u.ts[chosen],
+                      ai=u.ai[chosen], question=u.question[chosen], n=float(n), sim_mean=sim_mean, sim_sd=sim_sd,
+                      s1=s1, s2=s2)

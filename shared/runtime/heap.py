@@ -2,11 +2,11 @@
 
 A full collection (generation 2) walks every object the collector tracks, and the event loop stands still meanwhile,
 with every request in flight. After start-up that is mostly what start-up built: spaCy's pipeline and the ONNX
-model are ~260k objects, a full collection over them 0.14 s on the 2-core machine (and ltm's search index adds three
-objects per indexed row: 0.2 s and more at 200k rows). Those objects live as long as the process, so
-:func:`freeze_startup` (``gc.freeze``, once a service has loaded what it needs and before it says it is ready) takes
-them out of every later collection. ``python_gc_collections_total{generation}`` (prometheus_client's collector, from
-``gc.get_stats``) counts the collections.
+model are ~260k objects, a full collection over them 0.14 s on the 2-core machine (ltm's search index holds
+nothing per memory that the collector tracks: services/ltm/search_index.py). Those objects live as long as the
+process, so :func:`freeze_startup` (``gc.freeze``, once a service has loaded what it needs and before it says it is
+ready) takes them out of every later collection. ``python_gc_collections_total{generation}`` (prometheus_client's
+collector, from ``gc.get_stats``) counts the collections.
 
 :func:`timed_pauses` times each collection while it is open, for tests and benches only: a ``gc.callbacks`` entry is
 a Python call at whatever depth the collection starts, and at the recursion limit (a deeply nested hostile message
