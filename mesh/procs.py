@@ -22,7 +22,7 @@ from types import TracebackType
 from typing import IO
 
 from mesh.stack_files import tail
-from mesh.supervisor import parent_death_hook
+from shared.runtime.children import parent_death_hook
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -3,17 +3,17 @@ exponential back-off when they crash, stopped with SIGTERM then SIGKILL after a 
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
+
+from shared.runtime.children import parent_death_hook
 
 log = logging.getLogger(__name__)
 
@@ -21,26 +21,6 @@ SERVICE_GRACE = 10.0
 MIN_BACKOFF = 1.0
 MAX_BACKOFF = 10.0
 STABLE_AFTER = 30.0  # a service that ran this long restarts with the minimum backoff again
-
-
-def parent_death_hook() -> Callable[[], None] | None:
-    """A preexec hook (Linux) so a service gets SIGTERM if the stack itself is SIGKILLed.
-
-    The signal fires when the *thread* that spawned the child exits: call the supervisor
-    from a long-lived thread (the stack uses its main thread).
-    """
-    if sys.platform != "linux":
-        return None
-    libc = ctypes.CDLL(None, use_errno=True)
-    parent = os.getpid()
-    pr_set_pdeathsig = 1
-
-    def hook() -> None:
-        libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return hook
 
 
 @dataclass

@@ -43,6 +43,7 @@ from shared.contracts import (
 from shared.contracts.messages import DocSearchResult, UserDeletion
 from shared.contracts.ping import PingInfo
 from shared.runtime import heap, prom
+from shared.runtime.children import Children, announce_ready
 from shared.runtime.deadletter import dead_letter
 from shared.runtime.drain import run_service
 from shared.runtime.erase import erase_entries, ltm_streams
@@ -55,6 +56,7 @@ from shared.runtime.streams import StreamConsumer
 log = get_logger(__name__)
 
 WARM_EVERY_S = 0.2  # ltm_index_warm: one message per this much ingest, not one per update
+CHILDREN_READY_S = 120.0  # LTM_INGEST_PROCESSES: the children's start (models, migrations) may take this long
 
 
 class LtmService:
@@ -88,22 +90,25 @@ class LtmService:
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
         await self.backend.start()
-        core = [
-            asyncio.create_task(self.ingest.run(), name="ltm.ingest"),
-            asyncio.create_task(self.requests.run(), name="ltm.requests"),
-        ]
+        role = self.settings.ltm_role  # all | requests | ingest
+        core = []
+        if role != "requests":
+            core.append(asyncio.create_task(self.ingest.run(), name="ltm.ingest"))
+            if self.settings.ltm_accept_pubsub:
+                core.append(asyncio.create_task(self._pubsub_ingest(), name="ltm.pubsub"))
+        if role != "ingest":
+            core.append(asyncio.create_task(self.requests.run(), name="ltm.requests"))
         background = [
             asyncio.create_task(self.metrics.run(self._stop, self.settings.metrics_flush_s), name="ltm.metrics"),
             asyncio.create_task(self._maintenance_loop(), name="ltm.maintenance"),
         ]
-        if self.settings.ltm_accept_pubsub:
-            core.append(asyncio.create_task(self._pubsub_ingest(), name="ltm.pubsub"))
-        if self.settings.ltm_search_index_rows:
+        if self.settings.ltm_search_index_rows:  # the copies' search indexes: told what changed, by every copy
             background.append(asyncio.create_task(self._warm_listen(), name="ltm.warm_listen"))
             background.append(asyncio.create_task(self._warm_announce(), name="ltm.warm_announce"))
         heap.freeze_startup()  # what start-up loaded stays out of every garbage collection
         self.ready.set()
-        log.info("ltm.ready", backend=self.backend.name)
+        log.info("ltm.ready", backend=self.backend.name, role=role)
+        announce_ready()  # to the parent, when this is one of its ingest children
         try:
             await run_service(core, background, self._stop, self.settings.shutdown_grace_s, what="ltm",
                               metrics=self.metrics)
@@ -312,6 +317,11 @@ async def main(stop: asyncio.Event) -> None:
     configure_logging("ltm", settings.log_level, settings.log_format, settings.log_content)
     tune_process(settings)
     names = Names.from_env()
+    children = ingest_children(settings)
+    spawned: asyncio.Task[None] | None = None
+    if children is not None:  # they load while this process does; it serves requests only
+        settings = settings.model_copy(update={"ltm_role": "requests"})
+        spawned = asyncio.create_task(children.start(CHILDREN_READY_S), name="ltm.children")
     await migrate(settings.database_url, "ltm", Path(__file__).parent / "migrations")
     model = await asyncio.to_thread(shared_model, None, settings)
     if settings.query_int8:  # loaded (and made, if missing) off the event loop; build_backend finds it loaded
@@ -319,11 +329,39 @@ async def main(stop: asyncio.Event) -> None:
     pool = await open_pool(settings.database_url, max_size=settings.db_pool_max, name="ltm")
     await ensure_vector_columns(pool, "ltm", model.name, model.dim)  # sized for EMBEDDING_MODEL, or refused
     redis = redis_client(settings.redis_url, settings.redis_cluster)
+    watch: asyncio.Task[None] | None = None
     try:
         service = LtmService(settings, names, redis, build_backend(settings, pool, model, redis, names))
+        if children is not None and spawned is not None:  # ping is answered once ingest runs too
+            children.metrics = service.metrics
+            await spawned
+            watch = asyncio.create_task(children.watch(stop), name="ltm.children_watch")
         with prom.metrics_endpoint(settings.metrics_port, settings.metrics_host, settings.redis_url, names,
-                                   cluster=settings.redis_cluster):
+                                   cluster=settings.redis_cluster, bus=settings.ltm_role != "ingest",
+                                   children=None if children is None else children.pages):
             await serve_until(stop, service.run(), service.stop)
     finally:
+        if children is not None:
+            stop.set()
+            if spawned is not None and not spawned.done():  # this process failed to start: they go too
+                spawned.cancel()
+            if watch is not None:
+                await watch
+            await children.stop()
         await redis.aclose()
         await pool.close()
+
+
+def ingest_children(settings: LtmSettings) -> Children | None:
+    """LTM_INGEST_PROCESSES children that ingest (LTM_ROLE=ingest at LTM_INGEST_NICE), when this process has both
+    roles (shared/runtime/children.py)."""
+    if settings.ltm_role != "all" or settings.ltm_ingest_processes <= 0:
+        return None
+
+    def env(i: int) -> dict[str, str]:
+        return {"LTM_ROLE": "ingest", "PROCESS_NICE": str(settings.ltm_ingest_nice), "METRICS_PORT": "0",
+                "CONSUMER_NAME": f"{settings.consumer_name}-ingest{i}"}
+
+    # with METRICS_PORT, each child serves its page on a local port, shown on this process's page (process=ingest0)
+    return Children("services.ltm", settings.ltm_ingest_processes, env, "ltm.ingest_children", label="ingest",
+                    serve_metrics=settings.metrics_port > 0, grace_s=settings.shutdown_grace_s + 5)

@@ -82,6 +82,32 @@ def _lower_priority(nice: int) -> None:
         pass
 
 
+def lower_process_priority(nice: int) -> list[str]:
+    """The whole process ``nice`` below the priority it started at (PROCESS_NICE, at most 19): every thread it has
+    (on Linux a nice value is a thread's own; threads started later inherit it), and, when the process leads a
+    session of its own, that session's scheduling group (autogroup: with it on, the kernel first shares the CPU
+    fairly between sessions, so a thread's nice value alone would order only the threads of one service). What
+    was lowered."""
+    if nice <= 0 or sys.platform != "linux":
+        return []
+    done = []
+    value = min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice)
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            os.setpriority(os.PRIO_PROCESS, int(tid), value)
+        done.append("threads")
+    except OSError:  # not allowed here (a sandbox): the process runs at normal priority
+        pass
+    if os.getsid(0) == os.getpid():  # never the autogroup of a shell the process was started from
+        try:
+            with open("/proc/self/autogroup", "w") as f:
+                f.write(str(value))
+            done.append("autogroup")
+        except OSError:  # no autogroup scheduling in this kernel, or not allowed
+            pass
+    return done
+
+
 def background_executor(nice: int) -> ThreadPoolExecutor | None:
     """The process's threads for background work at ``nice`` below normal priority (None when ``nice`` is 0: the
     event loop's default executor)."""
@@ -94,4 +120,4 @@ def background_executor(nice: int) -> ThreadPoolExecutor | None:
         return _executors[nice]
 
 
-__all__ = ["Foreground", "background_executor"]
+__all__ = ["Foreground", "background_executor", "lower_process_priority"]

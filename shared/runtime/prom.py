@@ -11,6 +11,10 @@ Three kinds, on one registry per process:
 * the bus's health read from Redis at scrape time (:class:`BusCollector`): each stream's length and, per consumer
   group, its lag and pending entries; each dead-letter stream's length; each request list's length.
 
+A service with worker children (ltm's ingest, shared/runtime/children.py) serves theirs on its own page: each child
+serves ``/metrics`` on a local port of its own, without the bus, and :class:`WithChildren` adds its series to the
+parent's families at scrape time, labelled ``process`` (``ingest0``...), so one scrape sees the whole service.
+
 The HTTP server is prometheus_client's (a daemon thread); nothing here touches the event loop.
 """
 
@@ -18,7 +22,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -140,11 +144,48 @@ def _text(value: Any) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
-class MetricsServer:
-    """``/metrics`` of this process on ``host:port`` (port 0: off). ``bus``: the streams and lists to report."""
+class WithChildren:
+    """The process's own registry, with the series of its children's ``/metrics`` pages (``children()``: process
+    label -> URL, read at each scrape) added to the families of the same name, labelled ``process``. A child that
+    does not answer within a second is left out of that scrape (``mesh_children_scrape_errors``)."""
 
-    def __init__(self, host: str, port: int, bus: BusCollector | None = None) -> None:
-        self.host, self.port, self.bus = host, port, bus
+    def __init__(self, own: CollectorRegistry, children: Callable[[], dict[str, str]]) -> None:
+        self.own, self.children = own, children
+        self.errors = 0
+
+    def collect(self) -> Iterator[Metric]:
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        families = {m.name: m for m in self.own.collect()}  # fresh objects at each collect: extended in place
+        for process, url in sorted(self.children().items()):
+            try:
+                with urllib.request.urlopen(url, timeout=1.0) as resp:
+                    text = resp.read().decode()
+            except OSError:
+                self.errors += 1
+                continue
+            for family in text_string_to_metric_families(text):
+                samples = [s._replace(labels={**s.labels, "process": process}) for s in family.samples]
+                mine = families.get(family.name)
+                if mine is None:
+                    family.samples = samples
+                    families[family.name] = family
+                elif mine.type == family.type:
+                    mine.samples.extend(samples)
+        yield from families.values()
+        yield CounterMetricFamily("mesh_children_scrape_errors", "Scrapes of a worker child's /metrics that failed",
+                                  value=self.errors)
+
+
+class MetricsServer:
+    """``/metrics`` of this process on ``host:port`` (port 0: off). ``bus``: the streams and lists to report;
+    ``children``: the worker children's pages (:class:`WithChildren`)."""
+
+    def __init__(self, host: str, port: int, bus: BusCollector | None = None,
+                 children: Callable[[], dict[str, str]] | None = None) -> None:
+        self.host, self.port, self.bus, self.children = host, port, bus, children
         self._server: Any = None
 
     def start(self) -> None:
@@ -152,7 +193,8 @@ class MetricsServer:
             return
         if self.bus is not None:
             REGISTRY.register(self.bus)
-        self._server, _thread = start_http_server(self.port, addr=self.host, registry=REGISTRY)
+        registry: Any = REGISTRY if self.children is None else WithChildren(REGISTRY, self.children)
+        self._server, _thread = start_http_server(self.port, addr=self.host, registry=registry)
         log.info("metrics.serving", url=f"http://{self.host}:{self.port}/metrics")
 
     def close(self) -> None:
@@ -168,12 +210,14 @@ class MetricsServer:
 
 
 @contextmanager
-def metrics_endpoint(port: int, host: str, redis_url: str, names: Names, *,
-                     cluster: bool = False) -> Iterator[MetricsServer]:
-    """Serve ``/metrics`` for the life of a service's ``main`` (port 0: nothing is served)."""
-    bus = BusCollector(redis_url, [names.user_input, names.ai_responses, names.memory_updates],
-                       [names.ltm_requests, names.memory_requests, names.chat_requests], cluster) if port else None
-    server = MetricsServer(host, port, bus)
+def metrics_endpoint(port: int, host: str, redis_url: str, names: Names, *, cluster: bool = False, bus: bool = True,
+                     children: Callable[[], dict[str, str]] | None = None) -> Iterator[MetricsServer]:
+    """Serve ``/metrics`` for the life of a service's ``main`` (port 0: nothing is served). ``bus`` False: not the
+    bus's gauges (a worker child: its parent reports them); ``children``: see :class:`WithChildren`."""
+    collector = BusCollector(redis_url, [names.user_input, names.ai_responses, names.memory_updates],
+                             [names.ltm_requests, names.memory_requests, names.chat_requests],
+                             cluster) if port and bus else None
+    server = MetricsServer(host, port, collector, children)
     server.start()
     try:
         yield server

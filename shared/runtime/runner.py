@@ -17,6 +17,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from threadpoolctl import threadpool_limits
 
+from shared.runtime.priority import lower_process_priority
 from shared.runtime.settings import MeshSettings
 
 
@@ -86,6 +87,7 @@ def tune_process(settings: MeshSettings) -> None:
     (GIL_SWITCH_MS) and one BLAS thread (:func:`one_blas_thread`)."""
     sys.setswitchinterval(settings.gil_switch_ms / 1000)
     one_blas_thread()
+    lower_process_priority(settings.process_nice)
 
 
 def one_blas_thread() -> None:

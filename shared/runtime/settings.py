@@ -38,6 +38,11 @@ class MeshSettings(EmbeddingSettings, BaseSettings):
         "OS priority (nice, per thread) of background work below the rest: ltm's ingest (extraction, embedding, "
         "salience) and memory's embedding of stored messages; 0 = the same priority (default: a low-priority thread "
         "that holds the GIL when the kernel preempts it stalls the event loop too; docs/operations.md)"))
+    process_nice: int = Field(default=0, ge=0, le=19, description=(
+        "OS priority (nice) of the whole process below the one it started at, and of its own scheduling group when "
+        "it leads a session of its own (as every service the stack or the bench starts): for copies that do "
+        "background work only, such as ltm with LTM_ROLE=ingest (LTM_INGEST_PROCESSES sets it for its children), "
+        "so that the copies serving requests get the CPU first; 0 = unchanged"))
     gil_switch_ms: float = Field(default=1.0, ge=0.1, le=100.0, description=(
         "how long a thread that wants the GIL waits before the holder is asked to let go (Python's switch "
         "interval; Python's default is 5 ms). The event loop gives the GIL up at every I/O wait and wants it back "

@@ -4,7 +4,14 @@ than its bound, and not at all when nothing is served."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
+
+import pytest
 
 from shared.runtime.metrics import Metrics
 from shared.runtime.priority import Foreground
@@ -41,3 +48,34 @@ async def test_off_when_the_bound_is_zero() -> None:
     with fg.serving():
         await fg.turn()
     assert fg.metrics is not None and fg.metrics.get("background.yielded") == 0
+
+
+_PROBE = """
+import json, os, threading
+from shared.runtime.priority import lower_process_priority
+started = threading.Event(); release = threading.Event()
+t = threading.Thread(target=lambda: (started.set(), release.wait())); t.start(); started.wait()
+done = lower_process_priority(5)
+later = threading.Thread(target=lambda: print(json.dumps({
+    "done": done,
+    "threads": {tid: os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in os.listdir("/proc/self/task")},
+    "autogroup": open("/proc/self/autogroup").read() if os.path.exists("/proc/self/autogroup") else None})))
+later.start(); later.join(); release.set(); t.join()
+"""
+
+
+def _probe(new_session: bool) -> dict[str, object]:
+    out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, check=True, timeout=60,
+                         start_new_session=new_session, cwd=Path(__file__).resolve().parents[2])
+    return json.loads(out.stdout)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values and autogroups are Linux's")
+def test_process_nice_lowers_every_thread_and_the_autogroup_only_of_a_session_leader() -> None:
+    want = min(19, os.getpriority(os.PRIO_PROCESS, 0) + 5)  # below where it started (this test's own value)
+    led = _probe(new_session=True)  # as the stack and the bench start a service
+    assert set(led["threads"].values()) == {want}, led  # threads before it, and one started after
+    if led["autogroup"] is not None:  # a kernel with autogroup scheduling: its nice is the group's
+        assert "autogroup" in led["done"] and led["autogroup"].split("nice")[1].strip() == str(want), led
+    inside = _probe(new_session=False)  # started from a shell (this test's session): never its autogroup
+    assert set(inside["threads"].values()) == {want} and "autogroup" not in inside["done"], inside
