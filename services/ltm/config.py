@@ -77,15 +77,17 @@ class LtmSettings(MeshSettings):
         "false: the float model. Local ONNX model only"))
     ltm_ingest_int8: bool = Field(default=False, description=(
         "what ingest stores (turns, extracted memories, entity names, document chunks, `add`) is embedded by the "
-        "int8 copy too, like the queries: ingest passes about 2.4x faster (LoCoMo dev ingest 52.5 -> 27.4 s) and a "
-        "turn just searched for is stored with its query's vector, at recall@10 0.916 against 0.921 on LoCoMo dev "
+        "int8 copy too, like the queries: ingest passes about 2.4x faster (LoCoMo dev ingest 52.5 -> 27.4 s) and, "
+        "with ingest in the same process (LTM_INGEST_PROCESSES=0), a turn just searched for is stored with its "
+        "query's vector, at recall@10 0.916 against 0.921 on LoCoMo dev "
         "(docs/memory.md). With LTM_QUERY_INT8 and LTM_INGEST_MODEL=own only"))
     ltm_query_cache: int = Field(default=4096, ge=0, description=(
         "query embeddings kept per ltm process (the same text searched again is not embedded again)"))
     # ingest (services/ltm/ingest.py)
     ltm_ingest_yield_ms: int = Field(default=250, ge=0, le=10_000, description=(
         "ingest steps aside while searches are in flight, between its small steps, at most this long per step "
-        "(requests first; 0 = off)"))
+        "(requests first; 0 = off); also warming the search index. Ingest in the process that serves requests "
+        "only (LTM_INGEST_PROCESSES=0): a child serves none"))
     ltm_ingest_step_tokens: int = Field(default=256, ge=16, le=16_384, description=(
         "the most text (about 4 characters a token) one ingest step extracts or embeds in one call: small "
         "embedding passes cost less per token here and keep a search's embedding from waiting long"))

@@ -165,7 +165,7 @@ class NativeBackend:
         # ingest needs a copy of its own exactly when it would otherwise share the searches' model (a second float
         # one, or with LTM_INGEST_INT8 a second int8 one); with int8 queries and float storage it takes ``embedder``,
         # which no search uses
-        copy = self._own_model and self._reuse_queries
+        copy = self._own_model and self._reuse_queries and role != "ingest"  # (LTM_ROLE=ingest: no searches)
         if copy:
             loads.append(asyncio.to_thread(self._ingest_copy))
         await asyncio.gather(*loads)

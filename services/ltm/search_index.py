@@ -57,6 +57,7 @@ log = get_logger(__name__)
 DIM = 384  # until the first rows say otherwise (another EMBEDDING_MODEL)
 LOAD_CHUNK = 500  # rows read and indexed between two turns of the event loop (a load a search started)
 WARM_CHUNK = 100  # the same while warming: a request that comes meanwhile waits for one chunk (a few ms)
+WARM_YIELD_S = 2.0  # a warming load waits for requests at most this long in all (it holds a snapshot open)
 TOO_LARGE_S = 600.0  # a user too large for the index is searched in SQL; loading it is tried again after this
 _ROW_COST = 16  # per user, in rows: what an entry costs besides its memories (empty users count too)
 
@@ -474,7 +475,10 @@ class SearchIndex:
             u = _User(horizon=_xid(state[0]), epoch=state[1])
             named = conn.cursor(f"ltm_index_load_{id(u)}")
             await named.execute(_ROW, params)
+            yield_until = time.monotonic() + WARM_YIELD_S
             while batch := await named.fetchmany(LOAD_CHUNK if turn is None else WARM_CHUNK):
+                if turn is not None and time.monotonic() > yield_until:  # under steady load: done waiting
+                    turn = None
                 u.add(batch)
                 if u.n + _ROW_COST > self.capacity:
                     await named.close()

@@ -102,8 +102,10 @@ class LtmService:
             asyncio.create_task(self.metrics.run(self._stop, self.settings.metrics_flush_s), name="ltm.metrics"),
             asyncio.create_task(self._maintenance_loop(), name="ltm.maintenance"),
         ]
-        if self.settings.ltm_search_index_rows:  # the copies' search indexes: told what changed, by every copy
-            background.append(asyncio.create_task(self._warm_listen(), name="ltm.warm_listen"))
+        # every copy hears which users were deleted (forget: caches keyed by text, session state), and, with search
+        # indexes, which users changed
+        background.append(asyncio.create_task(self._warm_listen(), name="ltm.warm_listen"))
+        if self.settings.ltm_search_index_rows:
             background.append(asyncio.create_task(self._warm_announce(), name="ltm.warm_announce"))
         heap.freeze_startup()  # what start-up loaded stays out of every garbage collection
         self.ready.set()
@@ -300,56 +302,79 @@ def build_backend(settings: LtmSettings, pool: Any, model: Any, redis: aioredis.
     from shared.runtime.embedding import Embedder, dedicated_model
 
     store = LtmStore(pool, settings.ltm_search_index_rows, settings.ltm_index_load_wait_ms / 1000)
-    query = Embedder(dedicated_model("query", settings, int8=True)) if settings.query_int8 else None
+    query = Embedder(dedicated_model("query", settings, int8=True)) if query_model_needed(settings) else None
     return NativeBackend(store, Embedder(model), settings=settings, redis=redis, names=names, query_embedder=query)
 
 
 async def main(stop: asyncio.Event) -> None:
-    from pathlib import Path
-
-    from shared.runtime.db import migrate, open_pool
-    from shared.runtime.embedding import dedicated_model, shared_model
     from shared.runtime.logging import configure_logging
-    from shared.runtime.runner import redis_client, serve_until, tune_process
-    from shared.runtime.vectors import ensure_vector_columns
+    from shared.runtime.runner import tune_process
 
     settings = LtmSettings()
     configure_logging("ltm", settings.log_level, settings.log_format, settings.log_content)
     tune_process(settings)
     names = Names.from_env()
     children = ingest_children(settings)
-    spawned: asyncio.Task[None] | None = None
-    if children is not None:  # they load while this process does; it serves requests only
-        settings = settings.model_copy(update={"ltm_role": "requests"})
-        spawned = asyncio.create_task(children.start(CHILDREN_READY_S), name="ltm.children")
+    if children is None:
+        await _serve(settings, names, stop)
+        return
+    # the children load while this process does; it serves requests only, and answers ping once they are ready
+    spawned = asyncio.create_task(children.start(), name="ltm.children")
+    watch = asyncio.create_task(_watch(children, spawned, stop), name="ltm.children_watch")
+    try:
+        await _serve(settings.model_copy(update={"ltm_role": "requests"}), names, stop, children, spawned)
+    finally:
+        stop.set()  # (this process failed, or is stopping): the children get SIGTERM now and drain beside it
+        spawned.cancel()
+        await asyncio.gather(spawned, watch, return_exceptions=True)
+        await children.stop()
+
+
+async def _watch(children: Children, spawned: asyncio.Task[None], stop: asyncio.Event) -> None:
+    try:
+        await spawned
+    except (RuntimeError, OSError, asyncio.CancelledError) as exc:  # _serve raises it (this process then exits)
+        log.warning("ltm.children_not_started", error=type(exc).__name__)
+        children.terminate()
+        return
+    await children.watch(stop)
+
+
+async def _serve(settings: LtmSettings, names: Names, stop: asyncio.Event, children: Children | None = None,
+                 spawned: asyncio.Task[None] | None = None) -> None:
+    from pathlib import Path
+
+    from shared.runtime.db import migrate, open_pool
+    from shared.runtime.embedding import dedicated_model, shared_model
+    from shared.runtime.runner import redis_client, serve_until
+    from shared.runtime.vectors import ensure_vector_columns
+
     await migrate(settings.database_url, "ltm", Path(__file__).parent / "migrations")
     model = await asyncio.to_thread(shared_model, None, settings)
-    if settings.query_int8:  # loaded (and made, if missing) off the event loop; build_backend finds it loaded
+    if query_model_needed(settings):  # loaded (and made, if missing) off the event loop; build_backend finds it
         await asyncio.to_thread(dedicated_model, "query", settings, int8=True)
     pool = await open_pool(settings.database_url, max_size=settings.db_pool_max, name="ltm")
-    await ensure_vector_columns(pool, "ltm", model.name, model.dim)  # sized for EMBEDDING_MODEL, or refused
-    redis = redis_client(settings.redis_url, settings.redis_cluster)
-    watch: asyncio.Task[None] | None = None
     try:
-        service = LtmService(settings, names, redis, build_backend(settings, pool, model, redis, names))
-        if children is not None and spawned is not None:  # ping is answered once ingest runs too
-            children.metrics = service.metrics
-            await spawned
-            watch = asyncio.create_task(children.watch(stop), name="ltm.children_watch")
-        with prom.metrics_endpoint(settings.metrics_port, settings.metrics_host, settings.redis_url, names,
-                                   cluster=settings.redis_cluster, bus=settings.ltm_role != "ingest",
-                                   children=None if children is None else children.pages):
-            await serve_until(stop, service.run(), service.stop)
+        await ensure_vector_columns(pool, "ltm", model.name, model.dim)  # sized for EMBEDDING_MODEL, or refused
+        redis = redis_client(settings.redis_url, settings.redis_cluster)
+        try:
+            service = LtmService(settings, names, redis, build_backend(settings, pool, model, redis, names))
+            if children is not None and spawned is not None:  # ping is answered once ingest runs too
+                children.metrics = service.metrics
+                await spawned
+            with prom.metrics_endpoint(settings.metrics_port, settings.metrics_host, settings.redis_url, names,
+                                       cluster=settings.redis_cluster, bus=settings.ltm_role != "ingest",
+                                       children=None if children is None else children.pages):
+                await serve_until(stop, service.run(), service.stop)
+        finally:
+            await redis.aclose()
     finally:
-        if children is not None:
-            stop.set()
-            if spawned is not None and not spawned.done():  # this process failed to start: they go too
-                spawned.cancel()
-            if watch is not None:
-                await watch
-            await children.stop()
-        await redis.aclose()
         await pool.close()
+
+
+def query_model_needed(settings: LtmSettings) -> bool:
+    """The int8 query model: for searches (and ``add``), and for ingest itself only with LTM_INGEST_INT8."""
+    return settings.query_int8 and (settings.ltm_role != "ingest" or settings.ingest_int8)
 
 
 def ingest_children(settings: LtmSettings) -> Children | None:
@@ -364,4 +389,5 @@ def ingest_children(settings: LtmSettings) -> Children | None:
 
     # with METRICS_PORT, each child serves its page on a local port, shown on this process's page (process=ingest0)
     return Children("services.ltm", settings.ltm_ingest_processes, env, "ltm.ingest_children", label="ingest",
-                    serve_metrics=settings.metrics_port > 0, grace_s=settings.shutdown_grace_s + 5)
+                    serve_metrics=settings.metrics_port > 0, grace_s=settings.shutdown_grace_s + 2,
+                    ready_timeout_s=CHILDREN_READY_S)

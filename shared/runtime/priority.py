@@ -92,12 +92,15 @@ def lower_process_priority(nice: int) -> list[str]:
         return []
     done = []
     value = min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice)
-    try:
-        for tid in os.listdir("/proc/self/task"):
+    lowered = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
             os.setpriority(os.PRIO_PROCESS, int(tid), value)
+            lowered += 1
+        except OSError:  # the thread ended meanwhile, or not allowed here (a sandbox): it runs as it was
+            pass
+    if lowered:
         done.append("threads")
-    except OSError:  # not allowed here (a sandbox): the process runs at normal priority
-        pass
     if os.getsid(0) == os.getpid():  # never the autogroup of a shell the process was started from
         try:
             with open("/proc/self/autogroup", "w") as f:

@@ -24,11 +24,11 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client.registry import Collector, RestrictedRegistry
 
 from shared.runtime.logging import get_logger
 
@@ -153,20 +153,25 @@ class WithChildren:
         self.own, self.children = own, children
         self.errors = 0
 
+    def restricted_registry(self, names: Iterable[str]) -> RestrictedRegistry:
+        """``/metrics?name[]=...`` (prometheus_client's handler asks for it)."""
+        return RestrictedRegistry(names, cast(CollectorRegistry, self))  # it only calls collect()
+
     def collect(self) -> Iterator[Metric]:
         import urllib.request
 
         from prometheus_client.parser import text_string_to_metric_families
 
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through HTTP_PROXY
         families = {m.name: m for m in self.own.collect()}  # fresh objects at each collect: extended in place
         for process, url in sorted(self.children().items()):
             try:
-                with urllib.request.urlopen(url, timeout=1.0) as resp:
-                    text = resp.read().decode()
-            except OSError:
+                with opener.open(url, timeout=1.0) as resp:
+                    parsed = list(text_string_to_metric_families(resp.read().decode()))
+            except Exception:  # noqa: BLE001  (down, restarting, a cut or garbled page: left out, counted)
                 self.errors += 1
                 continue
-            for family in text_string_to_metric_families(text):
+            for family in parsed:  # children run without _created series (shared/runtime/children.py)
                 samples = [s._replace(labels={**s.labels, "process": process}) for s in family.samples]
                 mine = families.get(family.name)
                 if mine is None:

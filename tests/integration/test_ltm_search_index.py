@@ -162,7 +162,7 @@ async def test_the_index_holds_nothing_per_memory_that_the_garbage_collector_wal
     assert found and any(r["entities"] for r in found)
     held = index._users["gc"]
     gc.collect()  # a tuple of strings is tracked until its first collection
-    per_memory = [*held.rows, *held.entities, *held.pos]
+    per_memory = [*held.rows, *held.entities, held.pos]
     assert len(held.rows) == 200 and any(held.entities) and len(held.postings) > 1000
     assert [o for o in per_memory if gc.is_tracked(o)] == []
     seen, todo, tracked = {id(held.lock)}, [held], 0  # every object the entry holds (the lock leads to the loop)
