@@ -86,8 +86,8 @@ class LtmSettings(MeshSettings):
     # ingest (services/ltm/ingest.py)
     ltm_ingest_yield_ms: int = Field(default=250, ge=0, le=10_000, description=(
         "ingest steps aside while searches are in flight, between its small steps, at most this long per step "
-        "(requests first; 0 = off); also warming the search index. Ingest in the process that serves requests "
-        "only (LTM_INGEST_PROCESSES=0): a child serves none"))
+        "(requests first; 0 = off); also warming the search index. An ingest child (LTM_INGEST_PROCESSES) waits "
+        "the same way for the requests its parent serves (a count in shared memory)"))
     ltm_ingest_step_tokens: int = Field(default=256, ge=16, le=16_384, description=(
         "the most text (about 4 characters a token) one ingest step extracts or embeds in one call: small "
         "embedding passes cost less per token here and keep a search's embedding from waiting long"))

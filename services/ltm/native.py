@@ -99,7 +99,7 @@ class NativeBackend:
     def __init__(self, store: LtmStore, embedder: Embedder, *, settings: LtmSettings | None = None,
                  redis: aioredis.Redis | None = None, names: Names | None = None,
                  extraction: Extraction | None = None, ingest_embedder: Embedder | None = None,
-                 query_embedder: Embedder | None = None) -> None:
+                 query_embedder: Embedder | None = None, foreground: Foreground | None = None) -> None:
         """``redis`` and ``names`` give ``optimize`` and the periodic lifecycle job their lock; without them
         ``optimize`` is refused and the periodic job does not run. ``embedder``: the float model, of every vector
         stored unless LTM_INGEST_INT8; ``query_embedder`` (LTM_QUERY_INT8: its int8 copy) embeds search queries,
@@ -135,7 +135,8 @@ class NativeBackend:
         self.step_tokens = settings.ltm_ingest_step_tokens
         self._background = background_executor(settings.background_nice)  # ingest's threads (BACKGROUND_NICE)
         # requests first: LtmService's request server marks what it serves, ingest steps aside between its steps
-        self.foreground = Foreground(settings.ltm_ingest_yield_ms / 1000)
+        # (``foreground``: one that also tells the ingest children, or, in a child, also waits for the parent)
+        self.foreground = foreground or Foreground(settings.ltm_ingest_yield_ms / 1000)
         store.index.warming_turn = self.foreground.turn  # warming the search index steps aside for requests too
         # LTM_SALIENCE: the salience model (numpy) and each session's state, for the local model's token vectors
         self.salience = SalienceModel.load() if settings.ltm_salience and not settings.embedding_remote else None

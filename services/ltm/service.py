@@ -49,6 +49,7 @@ from shared.runtime.drain import run_service
 from shared.runtime.erase import erase_entries, ltm_streams
 from shared.runtime.logging import get_logger
 from shared.runtime.metrics import Metrics
+from shared.runtime.priority import Foreground, SharedCount
 from shared.runtime.pubsub import listen
 from shared.runtime.requests import RequestServer
 from shared.runtime.streams import StreamConsumer
@@ -291,8 +292,10 @@ class LtmService:
         raise AssertionError(f"unhandled request type {req.type}")  # pragma: no cover
 
 
-def build_backend(settings: LtmSettings, pool: Any, model: Any, redis: aioredis.Redis, names: Names) -> LtmBackend:
-    """The configured backend; ``redis`` and ``names`` give the lifecycle job its per-user lock."""
+def build_backend(settings: LtmSettings, pool: Any, model: Any, redis: aioredis.Redis, names: Names,
+                  foreground: Foreground | None = None) -> LtmBackend:
+    """The configured backend; ``redis`` and ``names`` give the lifecycle job its per-user lock; ``foreground``:
+    requests first across this process and its ingest children (shared/runtime/priority.py)."""
     if settings.ltm_backend == "mem0":
         from services.ltm.mem0_backend import Mem0Backend
 
@@ -303,7 +306,8 @@ def build_backend(settings: LtmSettings, pool: Any, model: Any, redis: aioredis.
 
     store = LtmStore(pool, settings.ltm_search_index_rows, settings.ltm_index_load_wait_ms / 1000)
     query = Embedder(dedicated_model("query", settings, int8=True)) if query_model_needed(settings) else None
-    return NativeBackend(store, Embedder(model), settings=settings, redis=redis, names=names, query_embedder=query)
+    return NativeBackend(store, Embedder(model), settings=settings, redis=redis, names=names, query_embedder=query,
+                         foreground=foreground)
 
 
 async def main(stop: asyncio.Event) -> None:
@@ -314,15 +318,17 @@ async def main(stop: asyncio.Event) -> None:
     configure_logging("ltm", settings.log_level, settings.log_format, settings.log_content)
     tune_process(settings)
     names = Names.from_env()
+    wait_s = settings.ltm_ingest_yield_ms / 1000
     children = ingest_children(settings)
-    if children is None:
-        await _serve(settings, names, stop)
+    if children is None:  # (an ingest child steps aside for its parent's requests too)
+        await _serve(settings, names, stop, foreground=Foreground(wait_s, parent=SharedCount.inherited()))
         return
     # the children load while this process does; it serves requests only, and answers ping once they are ready
     spawned = asyncio.create_task(children.start(), name="ltm.children")
     watch = asyncio.create_task(_watch(children, spawned, stop), name="ltm.children_watch")
     try:
-        await _serve(settings.model_copy(update={"ltm_role": "requests"}), names, stop, children, spawned)
+        await _serve(settings.model_copy(update={"ltm_role": "requests"}), names, stop, children, spawned,
+                     Foreground(wait_s, publish=children.requests))
     finally:
         stop.set()  # (this process failed, or is stopping): the children get SIGTERM now and drain beside it
         spawned.cancel()
@@ -341,7 +347,7 @@ async def _watch(children: Children, spawned: asyncio.Task[None], stop: asyncio.
 
 
 async def _serve(settings: LtmSettings, names: Names, stop: asyncio.Event, children: Children | None = None,
-                 spawned: asyncio.Task[None] | None = None) -> None:
+                 spawned: asyncio.Task[None] | None = None, foreground: Foreground | None = None) -> None:
     from pathlib import Path
 
     from shared.runtime.db import migrate, open_pool
@@ -358,7 +364,8 @@ async def _serve(settings: LtmSettings, names: Names, stop: asyncio.Event, child
         await ensure_vector_columns(pool, "ltm", model.name, model.dim)  # sized for EMBEDDING_MODEL, or refused
         redis = redis_client(settings.redis_url, settings.redis_cluster)
         try:
-            service = LtmService(settings, names, redis, build_backend(settings, pool, model, redis, names))
+            service = LtmService(settings, names, redis, build_backend(settings, pool, model, redis, names,
+                                                                       foreground))
             if children is not None and spawned is not None:  # ping is answered once ingest runs too
                 children.metrics = service.metrics
                 await spawned
@@ -383,11 +390,13 @@ def ingest_children(settings: LtmSettings) -> Children | None:
     if settings.ltm_role != "all" or settings.ltm_ingest_processes <= 0:
         return None
 
+    requests = SharedCount()  # how many requests this process serves now: ingest steps aside while any is
+
     def env(i: int) -> dict[str, str]:
         return {"LTM_ROLE": "ingest", "PROCESS_NICE": str(settings.ltm_ingest_nice), "METRICS_PORT": "0",
-                "CONSUMER_NAME": f"{settings.consumer_name}-ingest{i}"}
+                "CONSUMER_NAME": f"{settings.consumer_name}-ingest{i}", SharedCount.ENV: str(requests.fd)}
 
     # with METRICS_PORT, each child serves its page on a local port, shown on this process's page (process=ingest0)
     return Children("services.ltm", settings.ltm_ingest_processes, env, "ltm.ingest_children", label="ingest",
                     serve_metrics=settings.metrics_port > 0, grace_s=settings.shutdown_grace_s + 2,
-                    ready_timeout_s=CHILDREN_READY_S)
+                    ready_timeout_s=CHILDREN_READY_S, requests=requests)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from shared.runtime.logging import get_logger
 from shared.runtime.metrics import Metrics
+from shared.runtime.priority import SharedCount
 
 log = get_logger(__name__)
 
@@ -100,6 +101,7 @@ class Children:
     metrics: Metrics | None = None
     grace_s: float = 15.0
     ready_timeout_s: float = 120.0
+    requests: SharedCount | None = None  # inherited by every copy (its descriptor: priority.SharedCount)
     _children: list[_Child] = field(default_factory=list)
     _pages: dict[str, str] = field(default_factory=dict)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
@@ -125,7 +127,9 @@ class Children:
         try:
             child.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", self.module, stdin=asyncio.subprocess.DEVNULL,
-                env={**env, READY_FD_ENV: str(write_end)}, pass_fds=(write_end,), preexec_fn=parent_death_hook())
+                env={**env, READY_FD_ENV: str(write_end)},
+                pass_fds=(write_end,) if self.requests is None else (write_end, self.requests.fd),
+                preexec_fn=parent_death_hook())
         except BaseException:
             os.close(read_end)
             raise

@@ -19,9 +19,13 @@ loop waiting too (spaCy and numpy hold the GIL), the risk weighed in docs/operat
 from __future__ import annotations
 
 import asyncio
+import mmap
 import os
+import struct
 import sys
+import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -29,10 +33,52 @@ from contextlib import contextmanager
 from shared.runtime.metrics import Metrics
 
 
+class SharedCount:
+    """A number one process writes and its children read: the requests a service serves right now, for its worker
+    children's :meth:`Foreground.turn` (ltm's ingest child steps aside for its parent's searches). A shared memory
+    page of an unlinked temporary file; the child inherits the descriptor (``MESH_FOREGROUND_FD``): no name to
+    clean up, gone with the last process that holds it."""
+
+    ENV = "MESH_FOREGROUND_FD"
+
+    def __init__(self, fd: int | None = None) -> None:
+        self._file = None
+        if fd is None:
+            self._file = tempfile.TemporaryFile()  # noqa: SIM115  (kept open: the page lives as long as this)
+            os.ftruncate(self._file.fileno(), mmap.PAGESIZE)
+            fd = self._file.fileno()
+        self.fd = fd
+        self._page = mmap.mmap(fd, mmap.PAGESIZE)
+
+    @classmethod
+    def inherited(cls) -> SharedCount | None:
+        """The parent's count, in a child started with its descriptor (None elsewhere, or when it is unusable)."""
+        fd = os.environ.get(cls.ENV)
+        if not fd:
+            return None
+        try:
+            return cls(int(fd))
+        except (OSError, ValueError):
+            return None
+
+    def set(self, n: int) -> None:
+        struct.pack_into("q", self._page, 0, n)
+
+    def get(self) -> int:
+        return int(struct.unpack_from("q", self._page, 0)[0])
+
+
 class Foreground:
-    def __init__(self, max_wait_s: float, metrics: Metrics | None = None) -> None:
+    """``publish``: the count of requests served here goes to the children too; ``parent``: the count of the
+    parent's requests, which background work here waits for as for its own (polled every ``PARENT_POLL_S``)."""
+
+    PARENT_POLL_S = 0.01
+
+    def __init__(self, max_wait_s: float, metrics: Metrics | None = None, *, publish: SharedCount | None = None,
+                 parent: SharedCount | None = None) -> None:
         self.max_wait_s = max_wait_s
         self.metrics = metrics
+        self.publish, self.parent = publish, parent
         self._serving = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -41,25 +87,35 @@ class Foreground:
     def serving(self) -> Iterator[None]:
         self._serving += 1
         self._idle.clear()
+        if self.publish is not None:
+            self.publish.set(self._serving)
         try:
             yield
         finally:
             self._serving -= 1
+            if self.publish is not None:
+                self.publish.set(self._serving)
             if self._serving == 0:
                 self._idle.set()
 
     @property
     def busy(self) -> bool:
-        return self._serving > 0
+        return self._serving > 0 or (self.parent is not None and self.parent.get() > 0)
 
     async def turn(self) -> None:
-        """Background work's turn: now if nothing is served, else when nothing is (at most ``max_wait_s``)."""
-        if self._serving == 0 or self.max_wait_s <= 0:
+        """Background work's turn: now if nothing is served (here or by the parent), else when nothing is (at most
+        ``max_wait_s``)."""
+        if self.max_wait_s <= 0 or not self.busy:
             return
         if self.metrics is not None:
             self.metrics.incr("background.yielded")
+        deadline = time.monotonic() + self.max_wait_s
         try:
             await asyncio.wait_for(self._idle.wait(), self.max_wait_s)
+            while self.parent is not None and self.parent.get() > 0:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError
+                await asyncio.sleep(self.PARENT_POLL_S)
         except TimeoutError:
             if self.metrics is not None:
                 self.metrics.incr("background.yield_expired")
@@ -123,4 +179,4 @@ def background_executor(nice: int) -> ThreadPoolExecutor | None:
         return _executors[nice]
 
 
-__all__ = ["Foreground", "background_executor", "lower_process_priority"]
+__all__ = ["Foreground", "SharedCount", "background_executor", "lower_process_priority"]

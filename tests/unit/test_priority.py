@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from shared.runtime.metrics import Metrics
-from shared.runtime.priority import Foreground
+from shared.runtime.priority import Foreground, SharedCount
 
 
 async def test_background_waits_for_requests_in_flight_but_never_longer_than_its_bound() -> None:
@@ -79,3 +79,38 @@ def test_process_nice_lowers_every_thread_and_the_autogroup_only_of_a_session_le
         assert "autogroup" in led["done"] and led["autogroup"].split("nice")[1].strip() == str(want), led
     inside = _probe(new_session=False)  # started from a shell (this test's session): never its autogroup
     assert set(inside["threads"].values()) == {want} and "autogroup" not in inside["done"], inside
+
+
+async def test_a_child_steps_aside_while_its_parent_serves_requests_but_never_longer_than_its_bound() -> None:
+    count = SharedCount()
+    parent = Foreground(1.0, publish=count)
+    child = Foreground(0.3, Metrics(), parent=SharedCount(count.fd))  # the same page, as a child maps it
+    await child.turn()  # the parent serves nothing: at once
+    assert child.metrics is not None and child.metrics.get("background.yielded") == 0
+
+    async def request(seconds: float) -> None:
+        with parent.serving():
+            await asyncio.sleep(seconds)
+
+    short = asyncio.create_task(request(0.1))
+    await asyncio.sleep(0)
+    assert count.get() == 1 and child.busy
+    await child.turn()  # waits for the parent's request to end
+    assert short.done() and count.get() == 0 and child.metrics.get("background.yield_expired") == 0
+    long = asyncio.create_task(request(2.0))
+    await asyncio.sleep(0)
+    started = time.perf_counter()
+    await child.turn()  # never longer than its bound
+    assert time.perf_counter() - started < 1.0 and not long.done()
+    assert child.metrics.get("background.yield_expired") == 1
+    long.cancel()
+
+
+def test_the_count_reaches_a_child_process_through_the_inherited_descriptor() -> None:
+    count = SharedCount()
+    count.set(3)
+    probe = "from shared.runtime.priority import SharedCount; c = SharedCount.inherited(); print(c.get()); c.set(7)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60,
+                         pass_fds=(count.fd,), env={**os.environ, SharedCount.ENV: str(count.fd)},
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip() == "3" and count.get() == 7  # one page, both ways
