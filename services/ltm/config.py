@@ -129,6 +129,22 @@ class LtmSettings(MeshSettings):
                 and self.ltm_ingest_model == "own")
 
     @property
+    def ingests(self) -> bool:
+        """Whether this process ingests memory_updates (LTM_ROLE all or ingest)."""
+        return self.ltm_role != "requests"
+
+    @property
+    def serves_requests(self) -> bool:
+        """Whether this process serves ltm_requests (LTM_ROLE all or requests)."""
+        return self.ltm_role != "ingest"
+
+    @property
+    def query_model(self) -> bool:
+        """Whether this process loads the int8 query model: for searches (and ``add``), and in an ingest-only process
+        only with LTM_INGEST_INT8."""
+        return self.query_int8 and (self.serves_requests or self.ingest_int8)
+
+    @property
     def ingest_int8(self) -> bool:
         """Whether ingest stores the int8 copy's vectors too (LTM_INGEST_INT8, with :attr:`query_int8`)."""
         return self.ltm_ingest_int8 and self.query_int8

@@ -160,20 +160,20 @@ class NativeBackend:
     async def start(self) -> None:
         """Load spaCy (now, not on the first message) and ingest's own model, side by side."""
         loads = []
-        role = self._settings.ltm_role
-        if self.extraction is not None and role != "requests":  # LTM_ROLE=requests: no ingest, no spaCy
+        settings = self._settings
+        if self.extraction is not None and settings.ingests:  # LTM_ROLE=requests: no ingest, no spaCy
             loads.append(asyncio.to_thread(lambda: self.extraction.rules.nlp if self.extraction else None))
         # ingest needs a copy of its own exactly when it would otherwise share the searches' model (a second float
         # one, or with LTM_INGEST_INT8 a second int8 one); with int8 queries and float storage it takes ``embedder``,
         # which no search uses
-        copy = self._own_model and self._reuse_queries and role != "ingest"  # (LTM_ROLE=ingest: no searches)
+        copy = self._own_model and self._reuse_queries and settings.serves_requests  # (no searches: no need)
         if copy:
             loads.append(asyncio.to_thread(self._ingest_copy))
         await asyncio.gather(*loads)
         if self._own_model:  # its passes at background priority: a search's embedding gets the CPU first
             self.ingest_embedder = Embedder(self._ingest_copy() if copy else self.embedder.model,
                                             executor=self._background)
-        if self._warm_rows and role != "ingest":  # LTM_ROLE=ingest serves no search
+        if self._warm_rows and settings.serves_requests:  # LTM_ROLE=ingest serves no search
             self._warm_task = asyncio.create_task(self._warm_recent(), name="ltm.index_warm")
 
     async def _warm_recent(self) -> None:
@@ -183,7 +183,7 @@ class NativeBackend:
             log.warning("ltm.index_warm_failed", exc_info=True)
 
     def warm(self, user_ids: Sequence[str]) -> None:
-        if self._settings.ltm_role == "ingest":  # it serves no search: nothing to get ready
+        if not self._settings.serves_requests:  # it serves no search: nothing to get ready
             return
         for user_id in user_ids:
             self.store.index.warm(user_id)
@@ -431,7 +431,7 @@ class NativeBackend:
 
     async def maintenance(self) -> list[str]:
         await self.store.flush_access()
-        if self._settings.ltm_role == "requests":  # the lifecycle job runs where ingest does
+        if not self._settings.ingests:  # the lifecycle job runs where ingest does
             return []
         return [r["user_id"] for r in await self.lifecycle.periodic(turn=self.foreground.turn)
                 if r.get("status") == "done"]

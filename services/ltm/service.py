@@ -91,13 +91,12 @@ class LtmService:
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
         await self.backend.start()
-        role = self.settings.ltm_role  # all | requests | ingest
         core = []
-        if role != "requests":
+        if self.settings.ingests:
             core.append(asyncio.create_task(self.ingest.run(), name="ltm.ingest"))
             if self.settings.ltm_accept_pubsub:
                 core.append(asyncio.create_task(self._pubsub_ingest(), name="ltm.pubsub"))
-        if role != "ingest":
+        if self.settings.serves_requests:
             core.append(asyncio.create_task(self.requests.run(), name="ltm.requests"))
         background = [
             asyncio.create_task(self.metrics.run(self._stop, self.settings.metrics_flush_s), name="ltm.metrics"),
@@ -110,7 +109,7 @@ class LtmService:
             background.append(asyncio.create_task(self._warm_announce(), name="ltm.warm_announce"))
         heap.freeze_startup()  # what start-up loaded stays out of every garbage collection
         self.ready.set()
-        log.info("ltm.ready", backend=self.backend.name, role=role)
+        log.info("ltm.ready", backend=self.backend.name, role=self.settings.ltm_role)
         announce_ready()  # to the parent, when this is one of its ingest children
         try:
             await run_service(core, background, self._stop, self.settings.shutdown_grace_s, what="ltm",
@@ -305,7 +304,7 @@ def build_backend(settings: LtmSettings, pool: Any, model: Any, redis: aioredis.
     from shared.runtime.embedding import Embedder, dedicated_model
 
     store = LtmStore(pool, settings.ltm_search_index_rows, settings.ltm_index_load_wait_ms / 1000)
-    query = Embedder(dedicated_model("query", settings, int8=True)) if query_model_needed(settings) else None
+    query = Embedder(dedicated_model("query", settings, int8=True)) if settings.query_model else None
     return NativeBackend(store, Embedder(model), settings=settings, redis=redis, names=names, query_embedder=query,
                          foreground=foreground)
 
@@ -357,7 +356,7 @@ async def _serve(settings: LtmSettings, names: Names, stop: asyncio.Event, child
 
     await migrate(settings.database_url, "ltm", Path(__file__).parent / "migrations")
     model = await asyncio.to_thread(shared_model, None, settings)
-    if query_model_needed(settings):  # loaded (and made, if missing) off the event loop; build_backend finds it
+    if settings.query_model:  # loaded (and made, if missing) off the event loop; build_backend finds it
         await asyncio.to_thread(dedicated_model, "query", settings, int8=True)
     pool = await open_pool(settings.database_url, max_size=settings.db_pool_max, name="ltm")
     try:
@@ -370,18 +369,13 @@ async def _serve(settings: LtmSettings, names: Names, stop: asyncio.Event, child
                 children.metrics = service.metrics
                 await spawned
             with prom.metrics_endpoint(settings.metrics_port, settings.metrics_host, settings.redis_url, names,
-                                       cluster=settings.redis_cluster, bus=settings.ltm_role != "ingest",
+                                       cluster=settings.redis_cluster, bus=settings.serves_requests,
                                        children=None if children is None else children.pages):
                 await serve_until(stop, service.run(), service.stop)
         finally:
             await redis.aclose()
     finally:
         await pool.close()
-
-
-def query_model_needed(settings: LtmSettings) -> bool:
-    """The int8 query model: for searches (and ``add``), and for ingest itself only with LTM_INGEST_INT8."""
-    return settings.query_int8 and (settings.ltm_role != "ingest" or settings.ingest_int8)
 
 
 def ingest_children(settings: LtmSettings) -> Children | None:
