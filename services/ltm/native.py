@@ -133,6 +133,8 @@ class NativeBackend:
         self.lifecycle = Lifecycle(store.pool, lifecycle_config(settings), redis,
                                    lambda user_id: lock_names.lock("ltm", "optimize", user_id))
         self.step_tokens = settings.ltm_ingest_step_tokens
+        # extraction's steps: small where searches share the process (a step holds its GIL), larger in an ingest child
+        self.extract_step_tokens = self.step_tokens if settings.serves_requests else settings.ltm_extract_step_tokens
         self._background = background_executor(settings.background_nice)  # ingest's threads (BACKGROUND_NICE)
         # requests first: LtmService's request server marks what it serves, ingest steps aside between its steps
         # (``foreground``: one that also tells the ingest children, or, in a child, also waits for the parent)
@@ -165,14 +167,15 @@ class NativeBackend:
             loads.append(asyncio.to_thread(lambda: self.extraction.rules.nlp if self.extraction else None))
         # ingest needs a copy of its own exactly when it would otherwise share the searches' model (a second float
         # one, or with LTM_INGEST_INT8 a second int8 one); with int8 queries and float storage it takes ``embedder``,
-        # which no search uses
+        # which no search uses; in a process that serves no search (an ingest child) it takes the model of what is
+        # stored: ``embedder``, or with LTM_INGEST_INT8 the int8 copy (``query_embedder``, loaded for ingest there)
         copy = self._own_model and self._reuse_queries and settings.serves_requests  # (no searches: no need)
         if copy:
             loads.append(asyncio.to_thread(self._ingest_copy))
         await asyncio.gather(*loads)
         if self._own_model:  # its passes at background priority: a search's embedding gets the CPU first
-            self.ingest_embedder = Embedder(self._ingest_copy() if copy else self.embedder.model,
-                                            executor=self._background)
+            stored = self.query_embedder if self._ingest_int8 else self.embedder
+            self.ingest_embedder = Embedder(self._ingest_copy() if copy else stored.model, executor=self._background)
         if self._warm_rows and settings.serves_requests:  # LTM_ROLE=ingest serves no search
             self._warm_task = asyncio.create_task(self._warm_recent(), name="ltm.index_warm")
 
@@ -224,11 +227,13 @@ class NativeBackend:
         return Turn(update.content, update.timestamp, subject, update.source)
 
     async def _extract_batch(self, updates: list[MemoryUpdate]) -> list[Staged | None]:
-        """The updates not ingested yet (one query), extracted in steps of LTM_INGEST_STEP_TOKENS."""
+        """The updates not ingested yet (one query), extracted in steps of LTM_INGEST_STEP_TOKENS (an ingest child:
+        LTM_EXTRACT_STEP_TOKENS)."""
         done = await self.store.ingested([(u.user_id, u.message_id) for u in updates])
         todo = [u for u in updates if (u.user_id, u.message_id) not in done]
         out: dict[tuple[str, str], Staged] = {}
-        for step in steps([(u, self._turn(u)) for u in todo], lambda ut: tokens(ut[0].content), self.step_tokens):
+        for step in steps([(u, self._turn(u)) for u in todo], lambda ut: tokens(ut[0].content),
+                          self.extract_step_tokens):
             await self.foreground.turn()  # requests first
             for (u, turn), items in zip(step, await asyncio.gather(*(self._extract(t) for _, t in step)), strict=True):
                 out[(u.user_id, u.message_id)] = Staged(u, turn, items)

@@ -324,6 +324,19 @@ async def test_with_int8_ingest_what_is_stored_is_the_int8_copys_and_a_searched_
     added = await b.add("u-i8", AddData(content="I collect vintage typewriters.", type="fact"))
     found = await b.search("u-i8", SearchData(query="What do I collect?", limit=3))
     assert added.memory_id in {m.memory_id for m in found}
+    # an ingest child (LTM_ROLE=ingest, the default layout) stores the int8 copy's vectors too (it once took the
+    # float model there, since it makes no copy of its own)
+    child = build_backend(settings.model_copy(update={"ltm_role": "ingest"}), mesh.pool, mesh.model, mesh.redis,
+                          mesh.names)
+    assert isinstance(child, NativeBackend)
+    await child.start()
+    assert child.ingest_embedder.model is int8
+    third = "A turn ingested by a process that serves no search, about kayaks."
+    assert await child.ingest(MemoryUpdate(user_id="u-i8", content=third, timestamp=time.time(),
+                                           meta={"message_id": "m-i8c"})) is True
+    # the int8 copy's vector, not the float model's (which is the same in any pass): int8 quantizes each pass's
+    # activations with one scale, so a text's vector moves a little with what shares its pass (cos ~0.99)
+    assert 0.97 < float(np.dot(await stored_vector(mesh, "u-i8", "m-i8c"), mesh.model.encode([third])[0])) < 0.999
     off = build_backend(settings.model_copy(update={"ltm_query_int8": False}), mesh.pool, mesh.model, mesh.redis,
                         mesh.names)
     assert isinstance(off, NativeBackend)
@@ -435,3 +448,30 @@ async def test_ingest_counts_the_tokens_it_stores_so_a_search_tokenizes_nothing(
     found = await b.search("tok", SearchData(query="Where does Dana live now?", limit=5))
     assert found and any(m.context for m in found)  # results and their neighbouring turns were packed
     assert len(retrieval._TOKEN_CACHE) == 0
+
+
+@pytest.mark.parametrize("role", ["all", "ingest"])
+async def test_extraction_steps_are_larger_where_no_search_shares_the_process(mesh: Mesh, role: str) -> None:
+    """Where searches share the process a spaCy step holds their GIL: LTM_INGEST_STEP_TOKENS (256 tokens); an
+    ingest child (LTM_ROLE=ingest) extracts in LTM_EXTRACT_STEP_TOKENS (1024) steps, which cost less per turn."""
+    from shared.runtime.passes import tokens
+
+    b = backend(mesh, ltm_role=role)
+    assert b.extraction is not None
+    calls: list[int] = []
+    run = b.extraction.rules.extract_batch
+
+    def counting(turns: Any) -> Any:
+        calls.append(len(turns))
+        return run(turns)
+
+    b.extraction.rules.extract_batch = counting  # type: ignore[method-assign]
+    t0 = time.time()
+    texts = [f"Dana said the ferry to the island leaves at nine and the hostel by the harbour is cheap ({i})."
+             for i in range(30)]
+    oks = await asyncio.gather(*(b.ingest(MemoryUpdate(user_id=f"u-step-{role}", content=text, timestamp=t0 + i,
+                                                       meta={"message_id": f"st{i}"}))
+                                 for i, text in enumerate(texts)))
+    assert all(oks) and sum(calls) == len(texts)
+    small = 256 // tokens(texts[0])  # turns in one step of 256 tokens
+    assert (max(calls) <= small) if role == "all" else (max(calls) > 2 * small), (calls, small)
