@@ -22,9 +22,12 @@ With ``ENABLE_RAG``, :func:`prompt_block` adds the passages of the user's docume
 from __future__ import annotations
 
 import re
+from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cache, lru_cache
+from typing import Any
 
 from shared.contracts import Memory
 from shared.contracts.messages import DocPassage
@@ -110,42 +113,88 @@ class MemoryBlock:
 HEAD_CHARS_PER_TOKEN = 6  # a long text is first tokenized only this far (English averages 4-5 per token)
 
 
-def _truncate(text: str, tokens: int) -> str:
-    """The longest head of ``text`` within ``tokens`` tokens, cut at a word boundary.
+class Cutter:
+    """Texts cut to a number of WordPiece tokens, each text tokenized once however often it is cut.
 
-    A long text is tokenized only as far as its head of ``HEAD_CHARS_PER_TOKEN * tokens`` characters, ended at a
-    space (the tokenizer splits words at spaces, so the head's tokens are the text's first tokens): the whole text
-    only when that head is short of ``tokens``. Long assistant turns cost their head, not their length.
+    :meth:`cut` gives the longest head of a text within a number of tokens, cut at a word boundary (and marked
+    ``…``), with the head's token count. A long text is first tokenized only as far as its head of
+    ``HEAD_CHARS_PER_TOKEN * tokens`` characters, ended at a space (the tokenizer splits words at whitespace, so the
+    head's tokens are the text's first tokens): the whole text only when that head is short of ``tokens``. Long
+    assistant turns cost their head, not their length.
+
+    The count needs no second tokenization: BERT's pre-tokenizer splits at whitespace and every normalisation it
+    does is per character, so no token spans whitespace, and the tokens of a text are those of its whitespace-
+    separated parts, concatenated. A head cut at whitespace has exactly the text's tokens that end inside it, and
+    a labelled line (``label: text``) has the label's tokens plus the text's. Only a head cut inside a word (a text
+    with no space before the limit) is counted again.
     """
-    enc = None
-    limit = HEAD_CHARS_PER_TOKEN * max(tokens, 1)
-    if len(text) > limit:
-        space = text.rfind(" ", 0, limit)
-        if space > 0:
-            head_enc = wordpiece().encode(text[:space], add_special_tokens=False)
-            if len(head_enc.ids) > tokens:
-                enc = head_enc
-    if enc is None:
-        enc = wordpiece().encode(text, add_special_tokens=False)
-    if len(enc.ids) <= tokens:
-        return text
-    end = enc.offsets[max(tokens - 1, 0)][1]
-    head = text[:end]
-    if end < len(text) and not text[end].isspace() and " " in head:
-        head = head.rsplit(" ", 1)[0]
-    return head.rstrip() + CUT
+
+    __slots__ = ("_encodings",)
+
+    def __init__(self) -> None:
+        self._encodings: dict[str, tuple[Any, bool]] = {}  # text -> (its encoding or its head's, whole text?)
+
+    def _encoding(self, text: str, tokens: int) -> Any:
+        known = self._encodings.get(text)
+        if known is not None and (known[1] or len(known[0].ids) > tokens):
+            return known[0]
+        limit = HEAD_CHARS_PER_TOKEN * max(tokens, 1)
+        if len(text) > limit:
+            space = text.rfind(" ", 0, limit)
+            if space > 0:
+                head = wordpiece().encode(text[:space], add_special_tokens=False)
+                if len(head.ids) > tokens:
+                    self._encodings[text] = (head, False)
+                    return head
+        whole = wordpiece().encode(text, add_special_tokens=False)
+        self._encodings[text] = (whole, True)
+        return whole
+
+    def cut(self, text: str, tokens: int) -> tuple[str, int]:
+        """``text`` within ``tokens`` tokens (cut at a word boundary and marked ``…`` when longer) and its count."""
+        enc = self._encoding(text, tokens)
+        if len(enc.ids) <= tokens:
+            return text, len(enc.ids)
+        end = enc.offsets[max(tokens - 1, 0)][1]
+        head = text[:end]
+        inside_word = end < len(text) and not text[end].isspace()
+        if inside_word and " " in head:
+            head, inside_word = head.rsplit(" ", 1)[0], False
+        head = head.rstrip()
+        if inside_word:  # no space to cut at: the head's last word may split into other pieces on its own
+            return head + CUT, count_tokens(head) + _cut_tokens()
+        return head + CUT, bisect_right(enc.offsets, len(head), key=lambda o: o[1]) + _cut_tokens()
+
+
+@cache
+def _cut_tokens() -> int:
+    return count_tokens(CUT)
+
+
+@lru_cache(maxsize=4096)
+def _label_tokens(label: str) -> int:
+    """Tokens of a line's label (date, speaker, kind or a passage's place): the same few labels recur."""
+    return count_tokens(label)
 
 
 def memory_block(memories: Sequence[Memory], max_tokens: int, turn_tokens: int) -> MemoryBlock:
     """Results and their context turns as one labelled block within ``max_tokens`` (module docstring)."""
     seen_ids: set[str] = set()
     seen_text: set[str] = set()
+    normed: dict[str, str] = {}
+    cutter = Cutter()
     entries: list[MemoryEntry] = []
     lines: list[str] = [MEMORY_HEADER]
-    used = count_tokens(MEMORY_HEADER)
+    used = tokens = _label_tokens(MEMORY_HEADER)  # used: + 1 a line for the newlines (a margin); tokens: exact
+
+    def norm_of(content: str) -> str:
+        key = normed.get(content)
+        if key is None:
+            key = normed[content] = norm(content)
+        return key
 
     def fresh(message_id: str | None, content: str) -> bool:
-        return not ((message_id and message_id in seen_ids) or norm(content) in seen_text)
+        return not ((message_id and message_id in seen_ids) or norm_of(content) in seen_text)
 
     for m in memories:
         anchor = BlockTurn(m.content, speaker_label(m.source.speaker), m.source.timestamp, m.source.message_id,
@@ -163,28 +212,30 @@ def memory_block(memories: Sequence[Memory], max_tokens: int, turn_tokens: int) 
         # the result first, then its context turns nearest in time first; printed in time order
         ranked = [anchor, *sorted(context, key=lambda t: abs((t.timestamp or 0.0) - (anchor.timestamp or 0.0)))]
         chosen: list[tuple[BlockTurn, str]] = []
+        entry_tokens = 0
         for turn in ranked:
             if not fresh(turn.message_id, turn.content) or any(t is turn for t, _ in chosen):
                 continue
-            text = _truncate(turn.content, turn_tokens)
-            cost = count_tokens(turn.line(text)) + 1  # + the newline
-            if used + cost > max_tokens:
-                room = max_tokens - used - count_tokens(turn.line("")) - 1
+            label = _label_tokens(turn.line(""))
+            text, size = cutter.cut(turn.content, turn_tokens)
+            if used + label + size + 1 > max_tokens:  # + 1: the newline
+                room = max_tokens - used - label - 1
                 if not turn.anchor or room < 24:
                     continue  # a context turn that does not fit is left out; the next may be shorter
-                text = _truncate(turn.content, room)
-                cost = count_tokens(turn.line(text)) + 1
-                if used + cost > max_tokens:
+                text, size = cutter.cut(turn.content, room)
+                if used + label + size + 1 > max_tokens:
                     continue
             turn.cut = text != turn.content
             chosen.append((turn, text))
-            used += cost
+            used += label + size + 1
+            entry_tokens += label + size
             if turn.message_id:
                 seen_ids.add(turn.message_id)
-            seen_text.add(norm(turn.content))
+            seen_text.add(norm_of(turn.content))
         if not chosen or chosen[0][0] is not anchor:
             continue  # the result itself did not fit: its context alone would mislead
         chosen.sort(key=lambda pair: pair[0].timestamp or 0.0)
+        tokens += entry_tokens
         entry.turns = [t for t, _ in chosen]
         entries.append(entry)
         lines.extend(t.line(text) for t, text in chosen)
@@ -192,8 +243,7 @@ def memory_block(memories: Sequence[Memory], max_tokens: int, turn_tokens: int) 
             break
     if not entries:
         return MemoryBlock([], "", 0)
-    text = "\n".join(lines)
-    return MemoryBlock(entries, text, count_tokens(text))
+    return MemoryBlock(entries, "\n".join(lines), tokens)
 
 
 def prompt_block(memories: Sequence[Memory], passages: Sequence[DocPassage], max_tokens: int, turn_tokens: int,
@@ -203,7 +253,9 @@ def prompt_block(memories: Sequence[Memory], passages: Sequence[DocPassage], max
         return memory_block(memories, max_tokens, turn_tokens)
     mem = memory_block(memories, max(max_tokens - min(reserve, max_tokens), 0), turn_tokens) if memories \
         else MemoryBlock([], "", 0)
-    used = mem.tokens + count_tokens(DOCS_HEADER) + 1
+    used = mem.tokens + _label_tokens(DOCS_HEADER) + 1
+    tokens = used - 1  # exact: the block's text is the memories', the header and the lines, joined by newlines
+    cutter = Cutter()
     lines: list[str] = [DOCS_HEADER]
     chosen: list[BlockPassage] = []
     seen: set[str] = {norm(t.content) for t in mem.turns}
@@ -212,25 +264,25 @@ def prompt_block(memories: Sequence[Memory], passages: Sequence[DocPassage], max
         if not content or norm(content) in seen:
             continue
         item = BlockPassage(p.label, p.source, p.doc_id, content, p.score)
-        text = _truncate(content, turn_tokens)
-        cost = count_tokens(item.line(text)) + 1
-        if used + cost > max_tokens:
-            room = max_tokens - used - count_tokens(item.line("")) - 1
+        label = _label_tokens(item.line(""))
+        text, size = cutter.cut(content, turn_tokens)
+        if used + label + size + 1 > max_tokens:
+            room = max_tokens - used - label - 1
             if room < 24:
                 continue  # a shorter passage further down may still fit
-            text = _truncate(content, room)
-            cost = count_tokens(item.line(text)) + 1
-            if used + cost > max_tokens:
+            text, size = cutter.cut(content, room)
+            if used + label + size + 1 > max_tokens:
                 continue
         item.cut = text != content
         chosen.append(item)
         lines.append(item.line(text))
         seen.add(norm(content))
-        used += cost
+        used += label + size + 1
+        tokens += label + size
     if not chosen:
         return mem
     text = "\n".join([*([mem.text] if mem.text else []), *lines])
-    return MemoryBlock(mem.entries, text, count_tokens(text), chosen)
+    return MemoryBlock(mem.entries, text, tokens, chosen)
 
 
 def contains_turn(block_text: str, content: str, prefix_chars: int = 200) -> bool:

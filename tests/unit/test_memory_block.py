@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import random
+
 from services.chat_ai.prompt import (
+    CUT,
     DOCS_HEADER,
     MEMORY_HEADER,
+    Cutter,
     contains_turn,
     count_tokens,
     memory_block,
@@ -15,6 +19,7 @@ from shared.contracts import Memory, MemorySource
 from shared.contracts.messages import ContextTurn, DocPassage
 from shared.runtime.stm import Stm
 from shared.runtime.text import is_question
+from shared.runtime.tokens import wordpiece
 
 T0 = 1_684_000_000.0  # 2023-05-13
 
@@ -156,3 +161,55 @@ def test_offline_responder_cites_the_passage_it_answers_from() -> None:
     assert '"My favourite mountain for hiking is Ben Nevis."' in memory_reply.text
     assert "According to" not in memory_reply.text  # no passage shares a word with it
     assert offline_reply("How many eggs?", prompt_block([], [], 1500, 200), Stm()).text.endswith('"How many eggs?"')
+
+
+def _reference_cut(text: str, tokens: int) -> tuple[str, int]:
+    """The cut the slow way: the whole text tokenized, its head cut at a word boundary, the head tokenized again."""
+    enc = wordpiece().encode(text, add_special_tokens=False)
+    if len(enc.ids) <= tokens:
+        return text, len(enc.ids)
+    head = text[:enc.offsets[max(tokens - 1, 0)][1]]
+    if len(head) < len(text) and not text[len(head)].isspace() and " " in head:
+        head = head.rsplit(" ", 1)[0]
+    body = head.rstrip() + CUT
+    return body, count_tokens(body)
+
+
+_PIECES = ["Caroline", "went", "to", "the", "LGBTQ", "support", "group", "yesterday,", "naïve", "café", "résumé",
+           "hello,world!!!", "...", "日本語の", "テキスト", "😀", "\u200b", "a\x00b\x07c", "unbelievably" * 30,
+           "x" * 700, "co-op's", "3.14159", "$1,200", "\t", "\n", "  ", "(see:",
+           "https://example.com/a?b=c", "Œuvre", "ﬁne"]
+
+
+def _texts(rng: random.Random, n: int) -> list[str]:
+    out = []
+    for _ in range(n):
+        words = [rng.choice(_PIECES) for _ in range(rng.choice([1, 3, 12, 60, 400]))]
+        out.append("".join(w + rng.choice([" ", " ", " ", "", "\n", "  "]) for w in words))
+    return [t for t in out if t.strip()]
+
+
+def test_cuts_and_counts_match_tokenizing_the_cut_text_again() -> None:
+    """The block counts each turn from one tokenization (no token spans whitespace): the same cut and count as
+    tokenizing every cut text again, for texts with accents, CJK, emoji, control characters and endless words."""
+    rng = random.Random(7)
+    cutter = Cutter()
+    for text in _texts(rng, 400):
+        for tokens in (1, 5, 24, 100, 200, 2000):
+            assert cutter.cut(text, tokens) == _reference_cut(text, tokens), (text[:80], tokens)
+
+
+def test_the_block_count_is_the_count_of_its_text() -> None:
+    rng = random.Random(11)
+    texts = _texts(rng, 300)
+    for trial in range(150):
+        memories = [mem(f"{trial}-{i}", rng.choice(texts), 10.0 - i, type_=rng.choice(["episodic", "fact"]),
+                        ts=T0 + rng.randint(0, 10**7), speaker=rng.choice(["user", "ai", "Caroline"]),
+                        context=[ctx(f"c{trial}-{i}-{j}", rng.choice(texts), T0 + j) for j in range(rng.randint(0, 4))])
+                    for i in range(rng.randint(1, 10))]
+        passages = [DocPassage(doc_id="d", chunk_id=f"k{k}", chunk=k, source="notes.md", title="Notes",
+                               heading=["Trips"], text=rng.choice(texts)) for k in range(rng.choice([0, 2]))]
+        budget = rng.choice([60, 300, 1500])
+        block = prompt_block(memories, passages, budget, rng.choice([20, 200]), rng.choice([0, 100]))
+        assert block.tokens == (count_tokens(block.text) if block.text else 0)
+        assert block.tokens <= budget
