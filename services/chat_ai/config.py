@@ -30,7 +30,12 @@ class ChatSettings(MeshSettings):
     rag_prompt_tokens: int = Field(default=500, ge=0, le=32_000, description=(
         "of LTM_PROMPT_TOKENS, what document passages keep when some were found: memories fill the block first up "
         "to LTM_PROMPT_TOKENS minus this, passages get the rest"))
-    chat_concurrency: int = Field(default=64, ge=1)
+    chat_concurrency: int = Field(default=64, ge=1, description="turns one chat_ai process answers at once")
+    chat_recall_concurrency: int = Field(default=16, ge=1, description=(
+        "of those, how many may be waiting for ltm at once; further input waits in user_input_queue, where its "
+        "LTM_TIMEOUT_MS has not started, so a burst is answered later but with memory rather than at the timeout "
+        "without it (docs/operations.md). Lifted while ltm answers nothing (this many timeouts in a row), so a "
+        "down ltm costs a turn LTM_TIMEOUT_MS and no queueing"))
     system_prompt: str = SYSTEM_PROMPT
     reply_dedup_ttl_s: int = 24 * 3600
     ai_responses_maxlen: int = Field(default=1_000_000, ge=1000, description=(

@@ -45,7 +45,7 @@ from shared.runtime.logging import content, get_logger
 from shared.runtime.metrics import Metrics
 from shared.runtime.requests import RequestServer, RpcClient, Unavailable
 from shared.runtime.stm import Stm, Turn, read_stm
-from shared.runtime.streams import StreamConsumer
+from shared.runtime.streams import StreamConsumer, leave_intake
 
 log = get_logger(__name__)
 
@@ -66,11 +66,13 @@ class ChatService:
             reply_channel=names.reply_channel(names.memory_responses, self.instance),
             adapter=MEMORY_RESPONSE, metrics=self.metrics,
         )
+        self._recall_timeouts = 0  # ltm requests in a row that timed out (any answer resets it)
         self.consumer = StreamConsumer(
             redis, stream=names.user_input, group=names.chat_group, consumer=settings.consumer_name,
             handler=self._on_user_input, metrics=self.metrics, concurrency=settings.chat_concurrency,
             claim_idle_ms=settings.claim_idle_ms, max_deliveries=settings.max_deliveries,
             retention_s=settings.stream_retention_s or None, drain_s=settings.shutdown_grace_s, operation="reply",
+            intake=self._recall_intake if self._asks_ltm else None,
         )
         # chat_requests: only ``ping``, served once the reply subscriptions are up (mesh up waits for it)
         self.requests: RequestServer[ChatRequest] = RequestServer(
@@ -85,6 +87,15 @@ class ChatService:
     @property
     def _asks_ltm(self) -> bool:
         return self.settings.enable_ltm or self.settings.enable_rag
+
+    def _recall_intake(self) -> int:
+        """How many turns may wait for ltm at once (CHAT_RECALL_CONCURRENCY): a turn's first stage ends when its
+        memories are in (or its wait is over). While ltm answers nothing, no limit: queueing turns behind timeouts
+        would only delay them."""
+        s = self.settings
+        if self._recall_timeouts >= s.chat_recall_concurrency:
+            return s.chat_concurrency
+        return s.chat_recall_concurrency
 
     async def run(self) -> None:
         if self._asks_ltm:
@@ -147,9 +158,11 @@ class ChatService:
         try:
             resp = await self.ltm.call(request, self.settings.ltm_timeout_ms / 1000)
         except TimeoutError:
+            self._recall_timeouts += 1
             return "timeout"
         except Unavailable:
             return "error"
+        self._recall_timeouts = 0
         if not resp.success:
             log.warning(f"chat_ai.{event}", error=resp.error.model_dump() if resp.error else None)
             return "error"
@@ -248,6 +261,7 @@ class ChatService:
         if status != "disabled":  # the wait for long-term memory, as the turn sees it
             prom.RETRIEVAL_MS.labels("chat_ai", status).observe((time.perf_counter() - started) * 1000)
         passages, docs = await docs_task
+        leave_intake()  # the wait for ltm is over: the consumer may take the next input in this one's place
         stm = await stm_task
         s = self.settings
         block = prompt_block(memories, passages, s.ltm_prompt_tokens, s.ltm_turn_tokens, s.rag_prompt_tokens)

@@ -12,6 +12,12 @@ durable). Failures are sorted three ways:
 
 Connection errors on the loop itself back off and reconnect; a vanished group
 (FLUSHALL, stream deleted) is recreated.
+
+**Intake.** A consumer reads no more entries than can start now (an entry read but queued locally would look idle to
+the other consumers): at most ``concurrency`` handlers in flight, and with ``intake`` at most ``intake()`` of them
+in their first stage, which a handler leaves by calling :func:`leave_intake`. chat_ai's first stage is the wait for
+memory: a burst of turns then waits in the stream, where its clock does not run against ``LTM_TIMEOUT_MS``, instead
+of in ltm's request list, where it does (docs/operations.md).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -43,6 +50,17 @@ TRIM_EVERY_S = 30.0  # how often a consumer trims its stream (when it has a rete
 
 Handler = Callable[[str, bytes | str | None], Awaitable[None]]
 """``handler(entry_id, raw_json)``: decode, do the work durably, return. Raise to fail."""
+
+_LEAVE_INTAKE: ContextVar[Callable[[], None] | None] = ContextVar("leave_intake", default=None)
+
+
+def leave_intake() -> None:
+    """The running handler's entry has passed its first stage: its consumer may read another entry in its place
+    (this one stays in flight, acknowledged when its handler returns). A no-op outside a consumer's handler, when
+    the consumer has no ``intake`` limit, and after the first call."""
+    leave = _LEAVE_INTAKE.get()
+    if leave is not None:
+        leave()
 
 
 def _s(value: Any) -> str:
@@ -77,10 +95,13 @@ class StreamConsumer:
         retention_s: float | None = None,
         drain_s: float = 10.0,
         operation: str | None = None,
+        intake: Callable[[], int] | None = None,
     ) -> None:
         """``retention_s``: entries older than this that every group of the stream has read and acknowledged
         are trimmed (XTRIM MINID, checked every TRIM_EVERY_S); None keeps everything. ``drain_s``: on stop,
-        handlers still running after this long are cancelled, their entries left pending for another consumer."""
+        handlers still running after this long are cancelled, their entries left pending for another consumer.
+        ``intake``: how many handlers may be in their first stage at once, asked before every read (module
+        docstring); None: no stages, only ``concurrency``."""
         self.redis = redis
         self.stream, self.group, self.consumer = stream, group, consumer
         self.handler = handler
@@ -91,6 +112,9 @@ class StreamConsumer:
         self._sem = asyncio.Semaphore(concurrency)
         self._inflight: set[asyncio.Task[None]] = set()
         self._inflight_ids: set[str] = set()
+        self.intake = intake
+        self._staged: set[str] = set()  # in-flight entries still in their first stage (with ``intake``)
+        self._freed = asyncio.Event()  # a handler ended or left its first stage
         self._stop = asyncio.Event()
         self._group_ready = False
         self._last_claim = 0.0
@@ -152,8 +176,11 @@ class StreamConsumer:
         # to the other consumers, which could claim it while it waits here.
         # Never block here for long: the loop must come round to heartbeat its in-flight entries.
         if self._free_slots() == 0:
-            await asyncio.wait(set(self._inflight), timeout=self.block_ms / 1000,
-                               return_when=asyncio.FIRST_COMPLETED)
+            self._freed.clear()
+            try:
+                await asyncio.wait_for(self._freed.wait(), self.block_ms / 1000)
+            except TimeoutError:
+                pass
             return
         free = min(self.batch, self._free_slots())
         resp: Any = await self.redis.xreadgroup(
@@ -238,18 +265,25 @@ class StreamConsumer:
                 log.info("consumer.reaped", stream=self.stream, group=self.group, consumer=name)
 
     def _free_slots(self) -> int:
-        return max(0, self.concurrency - len(self._inflight))
+        free = self.concurrency - len(self._inflight)
+        if self.intake is not None:
+            free = min(free, self.intake() - len(self._staged))
+        return max(0, free)
 
     # ------------------------------------------------------------------ handling
     async def _dispatch(self, entry_id: str, fields: dict[Any, Any]) -> None:
         await self._sem.acquire()
         self._inflight_ids.add(entry_id)
+        if self.intake is not None:
+            self._staged.add(entry_id)
         task = asyncio.create_task(self._process(entry_id, fields))
         self._inflight.add(task)
 
         def _done(t: asyncio.Task[None]) -> None:
             self._inflight.discard(t)
             self._inflight_ids.discard(entry_id)
+            self._staged.discard(entry_id)
+            self._freed.set()
             self._sem.release()
             if not t.cancelled() and t.exception() is not None:  # never dropped unseen; the entry stays pending
                 self.metrics.incr("task_errors")
@@ -258,6 +292,8 @@ class StreamConsumer:
         task.add_done_callback(_done)
 
     async def _process(self, entry_id: str, fields: dict[Any, Any]) -> None:
+        if self.intake is not None:
+            _LEAVE_INTAKE.set(lambda: self._leave_intake(entry_id))  # this task's context only
         raw = _field(fields)
         backoff = Backoff(base=0.2, cap=5.0)
         while True:
@@ -286,6 +322,11 @@ class StreamConsumer:
                 prom.OPERATIONS.labels(self.metrics.service, self.operation).inc()
                 await self._retry_redis(lambda: self.redis.xack(self.stream, self.group, entry_id))
                 return
+
+    def _leave_intake(self, entry_id: str) -> None:
+        if entry_id in self._staged:
+            self._staged.discard(entry_id)
+            self._freed.set()
 
     async def _retry_redis(self, op: Callable[[], Awaitable[Any]]) -> None:
         """An ack or dead-letter must not be lost to a Redis blip; give up only on shutdown."""

@@ -238,3 +238,52 @@ async def test_a_slow_ltm_never_delays_a_reply_and_its_late_replies_are_dropped(
         await wait_until(lambda: chat.ltm.metrics.get("rpc.late_reply") >= turns + 1, timeout=10,
                          message="every late reply seen and dropped")
         assert chat.ltm._pending == {}, f"{len(chat.ltm._pending)} entries left in the pending map"
+
+
+def _fake_ltm(mesh: Mesh, delay_s: float, concurrency: int):  # type: ignore[no-untyped-def]
+    """An ltm that answers every search after ``delay_s``, ``concurrency`` at a time, finding nothing."""
+    import asyncio
+
+    from shared.contracts import LTM_REQUEST, LTMResponse
+    from shared.runtime.metrics import Metrics
+    from shared.runtime.requests import RequestServer
+
+    async def answer(req) -> LTMResponse:  # type: ignore[no-untyped-def]
+        await asyncio.sleep(delay_s)
+        return LTMResponse(request_id=req.request_id, user_id=getattr(req, "user_id", None), memories=[])
+
+    return RequestServer(mesh.redis, queue=mesh.names.ltm_requests, reply_channel=mesh.names.ltm_responses,
+                         adapter=LTM_REQUEST, handler=answer, error_reply=LTMResponse.failure, metrics=Metrics(),
+                         max_content_bytes=32768, concurrency=concurrency)
+
+
+async def test_a_burst_waits_for_memory_in_the_stream_not_past_its_timeout(mesh: Mesh) -> None:
+    """16 turns at once against an ltm that serves one search at a time in 0.1 s: asked all at once, the last ones
+    would wait 1.6 s for their memories and give up at LTM_TIMEOUT_MS (1 s). With CHAT_RECALL_CONCURRENCY 2 only two
+    wait for ltm at once, the others in user_input_queue before their clock starts: every turn gets its answer."""
+    turns = 16
+    async with running(mesh.memory()), running(_fake_ltm(mesh, 0.1, 1)), \
+            running(mesh.chat(ltm_timeout_ms=1000, chat_recall_concurrency=2)):
+        msgs = [await mesh.send(f"Turn {i}: I like plums.", user_id="u-burst", session_id=f"burst-{i}")
+                for i in range(turns)]
+        replies = [await mesh.reply_to(m, timeout=30) for m in msgs]
+    assert [r.meta.ltm for r in replies] == ["miss"] * turns
+
+
+async def test_recall_intake_is_lifted_while_ltm_answers_nothing(mesh: Mesh) -> None:
+    """While ltm is down every turn would wait LTM_TIMEOUT_MS in its recall stage: after CHAT_RECALL_CONCURRENCY
+    timeouts in a row chat_ai stops limiting that stage (turns are not queued behind timeouts), and the first answer
+    from ltm puts the limit back."""
+    chat = mesh.chat(ltm_timeout_ms=200, chat_recall_concurrency=3, chat_concurrency=20)
+    async with running(mesh.memory()), running(chat):
+        async with running(_fake_ltm(mesh, 0.0, 4)):
+            first = await mesh.send("Hello there.", user_id="u-lift", session_id="lift-0")
+            assert (await mesh.reply_to(first)).meta.ltm == "miss"
+        assert chat._recall_intake() == 3
+        down = [await mesh.send(f"Are you there {i}?", user_id="u-lift", session_id=f"lift-{i + 1}") for i in range(3)]
+        assert [(await mesh.reply_to(m)).meta.ltm for m in down] == ["timeout"] * 3
+        assert chat._recall_intake() == 20
+        async with running(_fake_ltm(mesh, 0.0, 4)):
+            back = await mesh.send("Back again.", user_id="u-lift", session_id="lift-9")
+            assert (await mesh.reply_to(back)).meta.ltm == "miss"
+        assert chat._recall_intake() == 3

@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 from shared.contracts import Names
 from shared.runtime.errors import TransientError
 from shared.runtime.metrics import Metrics
-from shared.runtime.streams import StreamConsumer
+from shared.runtime.streams import StreamConsumer, leave_intake
 from tests.helpers import running, wait_until
 
 
@@ -158,3 +158,45 @@ async def test_a_task_that_fails_outside_its_handler_is_counted_and_logged(
     async with running(c):
         await wait_until(lambda: c.metrics.get("task_errors") == 1, message="the failed task seen")
     assert int((await redis.xpending(stream, "g"))["pending"]) == 1  # not acked: claimed again later
+
+
+async def test_intake_bounds_the_first_stage_not_the_entries_in_flight(redis: aioredis.Redis, names: Names) -> None:
+    """With ``intake``, a consumer reads a new entry only while fewer than intake() handlers are in their first
+    stage; one that has called leave_intake() stays in flight (acked when done) without holding back the next."""
+    stream = names.user_input
+    started: list[str] = []
+    passed = {raw: asyncio.Event() for raw in (b"0", b"1", b"2", b"3", b"4")}  # end of each one's first stage
+    finish = asyncio.Event()
+
+    async def staged(entry_id: str, raw: bytes | str | None) -> None:
+        assert isinstance(raw, bytes)
+        started.append(raw.decode())
+        await passed[raw].wait()
+        leave_intake()
+        leave_intake()  # a second call changes nothing
+        await finish.wait()
+
+    for i in range(5):
+        await redis.xadd(stream, {"data": str(i)})
+    c = consumer(redis, stream, "c", staged, concurrency=4, intake=lambda: 2, claim_idle_ms=200)
+    async with running(c):
+        await wait_until(lambda: len(started) == 2, message=lambda: f"started {started}")
+        await wait_until(lambda: c.metrics.get("claim_runs") >= 3, message="a few loop rounds")
+        assert started == ["0", "1"]  # two in their first stage: nothing more is read
+        passed[b"0"].set()
+        await wait_until(lambda: len(started) == 3, message=lambda: f"started {started}")
+        passed[b"1"].set()
+        passed[b"2"].set()
+        await wait_until(lambda: len(started) == 4, message=lambda: f"started {started}")
+        passed[b"3"].set()
+        await wait_until(lambda: c.metrics.get("claim_runs") >= 6, message="a few more rounds")
+        assert started == ["0", "1", "2", "3"]  # four in flight: concurrency still bounds them all
+        finish.set()
+        passed[b"4"].set()
+        await wait_until(lambda: c.metrics.get("processed") == 5,
+                         message=lambda: f"processed {c.metrics.get('processed')}")
+    assert int((await redis.xpending(stream, "g"))["pending"]) == 0
+
+
+def test_leave_intake_outside_a_consumer_does_nothing() -> None:
+    leave_intake()
