@@ -68,6 +68,7 @@ class BlockTurn:
     anchor: bool  # the result itself (not a context turn)
     kind: str = "episodic"  # the memory type of a result; context turns are episodic
     cut: bool = False
+    tokens: int | None = None  # of content, as ltm counted them (None: counted here)
 
     def line(self, text: str | None = None) -> str:
         body = self.content if text is None else text
@@ -150,8 +151,12 @@ class Cutter:
         self._encodings[text] = (whole, True)
         return whole
 
-    def cut(self, text: str, tokens: int) -> tuple[str, int]:
-        """``text`` within ``tokens`` tokens (cut at a word boundary and marked ``…`` when longer) and its count."""
+    def cut(self, text: str, tokens: int, known: int | None = None) -> tuple[str, int]:
+        """``text`` within ``tokens`` tokens (cut at a word boundary and marked ``…`` when longer) and its count.
+        ``known``: the text's count as its sender gave it (ltm counts every turn it returns); a text known to fit
+        is not tokenized at all."""
+        if known is not None and known <= tokens:
+            return text, known
         enc = self._encoding(text, tokens)
         if len(enc.ids) <= tokens:
             return text, len(enc.ids)
@@ -198,14 +203,15 @@ def memory_block(memories: Sequence[Memory], max_tokens: int, turn_tokens: int) 
 
     for m in memories:
         anchor = BlockTurn(m.content, speaker_label(m.source.speaker), m.source.timestamp, m.source.message_id,
-                           anchor=True, kind=m.type)
-        context = [BlockTurn(c.content, speaker_label(c.speaker), c.timestamp, c.message_id, anchor=False)
-                   for c in m.context]
+                           anchor=True, kind=m.type, tokens=m.tokens)
+        context = [BlockTurn(c.content, speaker_label(c.speaker), c.timestamp, c.message_id, anchor=False,
+                             tokens=c.tokens) for c in m.context]
         source = next((c for c in context if m.type != "episodic" and c.message_id
                        and c.message_id == m.source.message_id), None)
         if source is not None:  # a fact read from a turn: the turn's own words stand for it
             context.remove(source)
-            anchor = BlockTurn(source.content, source.speaker, source.timestamp, source.message_id, anchor=True)
+            anchor = BlockTurn(source.content, source.speaker, source.timestamp, source.message_id, anchor=True,
+                               tokens=source.tokens)
         if not fresh(anchor.message_id, anchor.content):
             continue
         entry = MemoryEntry(score=m.score)
@@ -217,12 +223,12 @@ def memory_block(memories: Sequence[Memory], max_tokens: int, turn_tokens: int) 
             if not fresh(turn.message_id, turn.content) or any(t is turn for t, _ in chosen):
                 continue
             label = _label_tokens(turn.line(""))
-            text, size = cutter.cut(turn.content, turn_tokens)
+            text, size = cutter.cut(turn.content, turn_tokens, turn.tokens)
             if used + label + size + 1 > max_tokens:  # + 1: the newline
                 room = max_tokens - used - label - 1
                 if not turn.anchor or room < 24:
                     continue  # a context turn that does not fit is left out; the next may be shorter
-                text, size = cutter.cut(turn.content, room)
+                text, size = cutter.cut(turn.content, room, turn.tokens)
                 if used + label + size + 1 > max_tokens:
                     continue
             turn.cut = text != turn.content

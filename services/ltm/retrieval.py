@@ -420,6 +420,10 @@ def pack(scores: Sequence[float], anchors: Sequence[Turn], neighbours: Sequence[
 
 
 # --------------------------------------------------------------------------- the query path
+def _known(turn: Turn) -> int | None:
+    return turn.tokens if turn.tokens >= 0 else None
+
+
 def _turn(row: tuple[Any, ...]) -> Turn:
     """A turn of a _ROWS_AND_NEIGHBOURS row (anchor, memory_id, content, source_message_id, source_session_id,
     source_timestamp, speaker, side, content_tokens): plain tuples and text ids, no dict or UUID per row (a search
@@ -492,6 +496,7 @@ async def search(pool: AsyncConnectionPool, user_id: str, data: SearchData, embe
             source=MemorySource(message_id=row["source_message_id"], session_id=row["source_session_id"],
                                 timestamp=row["source_timestamp"], speaker=row["speaker"]),
             context=[ContextTurn(message_id=t.message_id, content=t.content, timestamp=t.timestamp,
-                                 speaker=t.speaker) for t in context],
+                                 speaker=t.speaker, tokens=_known(t)) for t in context],
+            tokens=_known(full),  # every turn was counted (counted() above): chat_ai need not tokenize it again
         ))
     return out

@@ -376,11 +376,16 @@ class MemorySource(Message):
     speaker: str | None = None
 
 
+TOKENS_FIELD = ("all-MiniLM-L6-v2 WordPiece tokens of content, special tokens not counted (the mesh's unit of text "
+                "size), when the sender counted them: a reader budgeting a prompt need not tokenize the text again")
+
+
 class ContextTurn(Message):
     message_id: str | None = None
     content: str
     timestamp: float | None = None
     speaker: str | None = None
+    tokens: int | None = Field(default=None, ge=0, description=TOKENS_FIELD)
 
 
 class Memory(Message):
@@ -398,6 +403,7 @@ class Memory(Message):
     valid_to: float | None = None
     superseded_by: str | None = None
     context: list[ContextTurn] = Field(default_factory=list)
+    tokens: int | None = Field(default=None, ge=0, description=TOKENS_FIELD)
 
 
 class DocAdded(Message):

@@ -116,6 +116,9 @@ async def test_neighbouring_turns_come_as_context_within_the_token_budget(mesh: 
     assert context == [t for t in turns if t in context]  # chronological
     assert {turns[2], turns[4]} <= set(context) and turns[3] not in context
     assert all(c.startswith(("Ann:", "Ben:")) and "Porto trip" not in c for c in context)
+    # every returned turn carries its token count, so chat_ai's prompt need not tokenize it again
+    counted = [found[0], *found[0].context]
+    assert [t.tokens for t in counted] == count_tokens([t.content for t in counted])
     # a smaller budget: fewer context turns, and everything returned fits in it
     budget = sum(count_tokens([turns[3], turns[2], turns[4]]))
     small = await ask(mesh, "u1", "Did Ben's sister move to a flat in Porto?", replace(HYBRID, max_tokens=budget),

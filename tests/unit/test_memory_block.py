@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from services.chat_ai.prompt import (
     CUT,
     DOCS_HEADER,
@@ -213,3 +215,37 @@ def test_the_block_count_is_the_count_of_its_text() -> None:
         block = prompt_block(memories, passages, budget, rng.choice([20, 200]), rng.choice([0, 100]))
         assert block.tokens == (count_tokens(block.text) if block.text else 0)
         assert block.tokens <= budget
+
+
+def test_counts_from_ltm_spare_the_tokenizer_and_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Memories whose turns carry ltm's token counts give the very same block; with room for every turn, only turns
+    longer than a line may be are tokenized (to find where to cut them)."""
+    import services.chat_ai.prompt as prompt
+
+    rng = random.Random(5)
+    texts = _texts(rng, 200)
+    encoded: list[str] = []
+    real = prompt.wordpiece
+
+    class Counting:
+        def encode(self, text: str, add_special_tokens: bool = False):  # type: ignore[no-untyped-def]
+            encoded.append(text)
+            return real().encode(text, add_special_tokens=add_special_tokens)
+
+    for trial in range(60):
+        plain = [mem(f"{trial}-{i}", rng.choice(texts), 10.0 - i, ts=T0 + i,
+                     context=[ctx(f"c{trial}-{i}-{j}", rng.choice(texts), T0 + i + j / 10) for j in range(3)])
+                 for i in range(rng.randint(1, 8))]
+        known = [m.model_copy(update={"tokens": count_tokens(m.content), "context": [
+            c.model_copy(update={"tokens": count_tokens(c.content)}) for c in m.context]}) for m in plain]
+        turn_tokens = rng.choice([20, 200])
+        for budget in (80, 400, 1500, 100_000):
+            expected = memory_block(plain, budget, turn_tokens)
+            encoded.clear()
+            monkeypatch.setattr(prompt, "wordpiece", Counting)
+            got = memory_block(known, budget, turn_tokens)
+            monkeypatch.setattr(prompt, "wordpiece", real)
+            assert (got.text, got.tokens) == (expected.text, expected.tokens)
+        # with room for everything (the last budget), what was tokenized is the text, or the head, of a long turn
+        long = [t.content for m in plain for t in (m, *m.context) if count_tokens(t.content) > turn_tokens]
+        assert all(any(text.startswith(e) for text in long) for e in encoded), [e[:60] for e in encoded]
