@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -332,3 +335,11 @@ async def test_a_redelivered_update_is_not_extracted_again(mesh: Mesh, rules: Ru
     assert len(extraction.turns) == 1
     assert await mesh.count("SELECT count(*) FROM ltm_memories WHERE user_id = %s AND type = 'preference'",
                             "u-redeliver") == 1
+
+
+def test_loading_the_pipeline_does_not_import_torch() -> None:
+    """torch is installed (for the ONNX export) but the pipeline runs on numpy: importing it would cost ltm's start
+    ~1.5 s and ~200 MB (it did, when thinc was imported before torch was hidden)."""
+    code = ("import sys; from services.ltm.extraction.rules import load_spacy; load_spacy(); "
+            "assert 'torch' not in sys.modules or sys.modules['torch'] is None, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": os.getcwd()})

