@@ -34,8 +34,8 @@ class ChatSettings(MeshSettings):
     chat_recall_concurrency: int = Field(default=16, ge=1, description=(
         "of those, how many may be waiting for ltm at once; further input waits in user_input_queue, where its "
         "LTM_TIMEOUT_MS has not started, so a burst is answered later but with memory rather than at the timeout "
-        "without it (docs/operations.md). Lifted while ltm answers nothing (this many timeouts in a row), so a "
-        "down ltm costs a turn LTM_TIMEOUT_MS and no queueing"))
+        "without it (docs/operations.md). Lifted while ltm is silent (this many failed searches in a row and no "
+        "reply at all for LTM_TIMEOUT_MS), so a down ltm costs a turn LTM_TIMEOUT_MS and no queueing"))
     system_prompt: str = SYSTEM_PROMPT
     reply_dedup_ttl_s: int = 24 * 3600
     ai_responses_maxlen: int = Field(default=1_000_000, ge=1000, description=(

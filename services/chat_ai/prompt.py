@@ -226,11 +226,12 @@ def memory_block(memories: Sequence[Memory], max_tokens: int, turn_tokens: int) 
             text, size = cutter.cut(turn.content, turn_tokens, turn.tokens)
             if used + label + size + 1 > max_tokens:  # + 1: the newline
                 room = max_tokens - used - label - 1
-                if not turn.anchor or room < 24:
-                    continue  # a context turn that does not fit is left out; the next may be shorter
-                text, size = cutter.cut(turn.content, room, turn.tokens)
+                if turn.anchor and room >= 24:
+                    text, size = cutter.cut(turn.content, room, turn.tokens)
                 if used + label + size + 1 > max_tokens:
-                    continue
+                    if turn.anchor:
+                        break  # the result itself does not fit: none of its context goes in (nor spends the budget)
+                    continue  # a context turn that does not fit is left out; the next may be shorter
             turn.cut = text != turn.content
             chosen.append((turn, text))
             used += label + size + 1
@@ -238,7 +239,7 @@ def memory_block(memories: Sequence[Memory], max_tokens: int, turn_tokens: int) 
             if turn.message_id:
                 seen_ids.add(turn.message_id)
             seen_text.add(norm_of(turn.content))
-        if not chosen or chosen[0][0] is not anchor:
+        if not chosen:
             continue  # the result itself did not fit: its context alone would mislead
         chosen.sort(key=lambda pair: pair[0].timestamp or 0.0)
         tokens += entry_tokens

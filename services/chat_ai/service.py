@@ -43,7 +43,7 @@ from shared.runtime import heap, prom
 from shared.runtime.llm import ChatModel, chat_model
 from shared.runtime.logging import content, get_logger
 from shared.runtime.metrics import Metrics
-from shared.runtime.requests import RequestServer, RpcClient, Unavailable
+from shared.runtime.requests import NotSubscribed, RequestServer, RpcClient, Unavailable
 from shared.runtime.stm import Stm, Turn, read_stm
 from shared.runtime.streams import StreamConsumer, leave_intake
 
@@ -90,10 +90,13 @@ class ChatService:
 
     def _recall_intake(self) -> int:
         """How many turns may wait for ltm at once (CHAT_RECALL_CONCURRENCY): a turn's first stage ends when its
-        memories are in (or its wait is over). While ltm answers nothing, no limit: queueing turns behind timeouts
-        would only delay them."""
+        memories are in (or its wait is over). While ltm is silent, no limit: queueing turns behind timeouts would
+        only delay them. Silent = the last CHAT_RECALL_CONCURRENCY memory searches failed (timed out or found no
+        reply subscription) and nothing at all came back from ltm, not even a late reply, for LTM_TIMEOUT_MS; an
+        overloaded ltm still answers, late or to the newest requests, and keeps the limit."""
         s = self.settings
-        if self._recall_timeouts >= s.chat_recall_concurrency:
+        if (self._recall_timeouts >= s.chat_recall_concurrency
+                and time.monotonic() - self.ltm.last_reply > s.ltm_timeout_ms / 1000):
             return s.chat_concurrency
         return s.chat_recall_concurrency
 
@@ -147,22 +150,27 @@ class ChatService:
         request = SearchRequest(request_id=new_id(), type="search", user_id=msg.user_id, data=SearchData(
             query=msg.content, limit=self.settings.ltm_top_k, exclude_session_id=msg.session_id, now=msg.timestamp,
             max_tokens=self.settings.ltm_prompt_tokens, turn_tokens=self.settings.ltm_turn_tokens, source_turns=True))
-        resp = await self._ask_ltm(request, "ltm_error")
+        resp = await self._ask_ltm(request, "ltm_error", recall=True)
         if isinstance(resp, str):
             return [], resp
         return resp.memories, ("hit" if resp.memories else "miss")
 
-    async def _ask_ltm(self, request: SearchRequest | DocSearchRequest, event: str) -> LTMResponse | LtmStatus:
+    async def _ask_ltm(self, request: SearchRequest | DocSearchRequest, event: str,
+                       recall: bool = False) -> LTMResponse | LtmStatus:
         """One ltm request within LTM_TIMEOUT_MS: its successful reply, or what the turn records instead
-        (``timeout``, ``error``: logged as ``chat_ai.<event>``); never raises, so the turn goes on without it."""
+        (``timeout``: no reply in time, or no reply subscription for the whole wait; ``error``: logged as
+        ``chat_ai.<event>``); never raises, so the turn goes on without it. ``recall``: the turn's memory search,
+        whose failed waits in a row :meth:`_recall_intake` counts (doc_search's are not)."""
         try:
             resp = await self.ltm.call(request, self.settings.ltm_timeout_ms / 1000)
-        except TimeoutError:
-            self._recall_timeouts += 1
+        except (TimeoutError, NotSubscribed):
+            if recall:
+                self._recall_timeouts += 1
             return "timeout"
-        except Unavailable:
+        except Unavailable:  # Redis failed the send
             return "error"
-        self._recall_timeouts = 0
+        if recall:
+            self._recall_timeouts = 0
         if not resp.success:
             log.warning(f"chat_ai.{event}", error=resp.error.model_dump() if resp.error else None)
             return "error"
@@ -243,6 +251,7 @@ class ChatService:
                 return None
             if claimed:
                 return claim_key, token
+            leave_intake()  # waiting for another delivery's answer (its LLM call too) is no wait for ltm
             await asyncio.sleep(0.05)
 
     async def _release_turn(self, claim: tuple[str, str]) -> None:

@@ -202,6 +202,10 @@ class Unavailable(Exception):
     """The requester could not reach the bus (its subscription is down)."""
 
 
+class NotSubscribed(Unavailable):
+    """The reply subscription was not up for the whole wait: nothing was sent."""
+
+
 class RpcClient(Generic[Resp]):
     def __init__(
         self,
@@ -218,6 +222,7 @@ class RpcClient(Generic[Resp]):
         self._ready = asyncio.Event()
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self.last_reply = 0.0  # time.monotonic() of the last reply heard, in time or late: the server is alive
 
     async def start(self, timeout: float = 5.0) -> None:
         self._task = asyncio.create_task(
@@ -243,7 +248,7 @@ class RpcClient(Generic[Resp]):
             try:
                 await asyncio.wait_for(self._ready.wait(), timeout)
             except TimeoutError:
-                raise Unavailable("reply subscription is not ready") from None
+                raise NotSubscribed("reply subscription is not ready") from None
         request_id = request.request_id
         request = request.model_copy(update={"reply_to": self.reply_channel,
                                              "deadline": time.time() + timeout})
@@ -265,6 +270,7 @@ class RpcClient(Generic[Resp]):
             self.metrics.incr("rpc.bad_reply")
             log.warning("rpc.bad_reply", error=err.message)
             return
+        self.last_reply = time.monotonic()
         fut = self._pending.get(str(getattr(response, "request_id", "")))
         if fut is None or fut.done():
             self.metrics.incr("rpc.late_reply")

@@ -270,16 +270,24 @@ async def test_a_burst_waits_for_memory_in_the_stream_not_past_its_timeout(mesh:
     assert [r.meta.ltm for r in replies] == ["miss"] * turns
 
 
-async def test_recall_intake_is_lifted_while_ltm_answers_nothing(mesh: Mesh) -> None:
-    """While ltm is down every turn would wait LTM_TIMEOUT_MS in its recall stage: after CHAT_RECALL_CONCURRENCY
-    timeouts in a row chat_ai stops limiting that stage (turns are not queued behind timeouts), and the first answer
-    from ltm puts the limit back."""
+async def test_recall_intake_is_lifted_while_ltm_is_silent_not_while_it_is_slow(mesh: Mesh) -> None:
+    """While ltm is down every turn would wait LTM_TIMEOUT_MS in its recall stage: once CHAT_RECALL_CONCURRENCY
+    searches in a row failed and nothing came back from ltm for LTM_TIMEOUT_MS, chat_ai stops limiting that stage
+    (turns are not queued behind timeouts); an ltm that answers, even late, keeps the limit; the first answer in
+    time puts it back."""
     chat = mesh.chat(ltm_timeout_ms=200, chat_recall_concurrency=3, chat_concurrency=20)
     async with running(mesh.memory()), running(chat):
         async with running(_fake_ltm(mesh, 0.0, 4)):
             first = await mesh.send("Hello there.", user_id="u-lift", session_id="lift-0")
             assert (await mesh.reply_to(first)).meta.ltm == "miss"
         assert chat._recall_intake() == 3
+        async with running(_fake_ltm(mesh, 0.3, 4)):  # alive but late: every search times out
+            slow = [await mesh.send(f"Slow {i}?", user_id="u-lift", session_id=f"lift-s{i}") for i in range(3)]
+            assert [(await mesh.reply_to(m)).meta.ltm for m in slow] == ["timeout"] * 3
+            await wait_until(lambda: chat.ltm.metrics.get("rpc.late_reply") >= 3, message="the late replies heard")
+            assert chat._recall_intake() == 3  # it answers: overloaded, not down
+        # down: the failures in a row stand and nothing comes back any more
+        await wait_until(lambda: chat._recall_intake() == 20, timeout=5, message="the limit lifted")
         down = [await mesh.send(f"Are you there {i}?", user_id="u-lift", session_id=f"lift-{i + 1}") for i in range(3)]
         assert [(await mesh.reply_to(m)).meta.ltm for m in down] == ["timeout"] * 3
         assert chat._recall_intake() == 20

@@ -197,7 +197,9 @@ def test_cuts_and_counts_match_tokenizing_the_cut_text_again() -> None:
     rng = random.Random(7)
     cutter = Cutter()
     for text in _texts(rng, 400):
-        for tokens in (1, 5, 24, 100, 200, 2000):
+        limits = [1, 5, 24, 100, 200, 2000]
+        rng.shuffle(limits)  # the block cuts to a line's size, then to the room left: a kept head serves both
+        for tokens in limits:
             assert cutter.cut(text, tokens) == _reference_cut(text, tokens), (text[:80], tokens)
 
 
@@ -249,3 +251,25 @@ def test_counts_from_ltm_spare_the_tokenizer_and_change_nothing(monkeypatch: pyt
         # with room for everything (the last budget), what was tokenized is the text, or the head, of a long turn
         long = [t.content for m in plain for t in (m, *m.context) if count_tokens(t.content) > turn_tokens]
         assert all(any(text.startswith(e) for text in long) for e in encoded), [e[:60] for e in encoded]
+
+
+def test_a_result_left_out_leaves_the_block_as_if_it_were_not_there() -> None:
+    """A result that does not fit adds nothing, spends nothing and hides nothing: none of its context turns take
+    budget or count as shown (they once did, and a later result lost the room and its own context turns)."""
+    rng = random.Random(3)
+    texts = _texts(rng, 120)
+    shared = [ctx(f"shared-{j}", rng.choice(texts), T0 + j) for j in range(6)]
+    checked = 0
+    for trial in range(150):
+        memories = [mem(f"{trial}-{i}", rng.choice(texts), 10.0 - i, ts=T0 + i,
+                        context=[*rng.sample(shared, 3), ctx(f"c{trial}-{i}", rng.choice(_PIECES[:8]), T0 + i)])
+                    for i in range(rng.randint(2, 8))]
+        budget = rng.randint(60, 600)
+        block = memory_block(memories, budget, 200)
+        shown = {t.message_id for t in block.turns if t.anchor}
+        for m in memories:
+            if m.source.message_id not in shown:
+                others = [o for o in memories if o is not m]
+                assert memory_block(others, budget, 200).text == block.text, (trial, budget, m.memory_id)
+                checked += 1
+    assert checked > 50
