@@ -66,7 +66,7 @@ class ChatService:
             reply_channel=names.reply_channel(names.memory_responses, self.instance),
             adapter=MEMORY_RESPONSE, metrics=self.metrics,
         )
-        self._recall_timeouts = 0  # ltm requests in a row that timed out (any answer resets it)
+        self._recall_timeouts = 0  # memory searches in a row that got no reply in time (a reply resets it)
         self.consumer = StreamConsumer(
             redis, stream=names.user_input, group=names.chat_group, consumer=settings.consumer_name,
             handler=self._on_user_input, metrics=self.metrics, concurrency=settings.chat_concurrency,

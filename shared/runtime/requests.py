@@ -199,7 +199,7 @@ class RequestServer(Generic[Req]):
 
 
 class Unavailable(Exception):
-    """The requester could not reach the bus (its subscription is down)."""
+    """The requester could not reach the bus (Redis failed the send, or see :class:`NotSubscribed`)."""
 
 
 class NotSubscribed(Unavailable):

@@ -198,5 +198,25 @@ async def test_intake_bounds_the_first_stage_not_the_entries_in_flight(redis: ai
     assert int((await redis.xpending(stream, "g"))["pending"]) == 0
 
 
-def test_leave_intake_outside_a_consumer_does_nothing() -> None:
-    leave_intake()
+async def test_leave_intake_frees_nothing_in_a_consumer_without_intake(redis: aioredis.Redis, names: Names) -> None:
+    """Without ``intake`` a handler's leave_intake() is a no-op (outside a consumer too): ``concurrency`` alone
+    bounds what is read, one at a time here."""
+    leave_intake()  # outside any consumer
+    stream = names.user_input
+    started: list[str] = []
+    release = asyncio.Event()
+
+    async def leaving(entry_id: str, raw: bytes | str | None) -> None:
+        started.append(entry_id)
+        leave_intake()
+        await release.wait()
+
+    for i in range(3):
+        await redis.xadd(stream, {"data": str(i)})
+    c = consumer(redis, stream, "c", leaving, concurrency=1, claim_idle_ms=200)
+    async with running(c):
+        await wait_until(lambda: c.metrics.get("claim_runs") >= 3, message="a few loop rounds")
+        assert len(started) == 1
+        release.set()
+        await wait_until(lambda: c.metrics.get("processed") == 3,
+                         message=lambda: f"processed {c.metrics.get('processed')}")
