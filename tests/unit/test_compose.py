@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -16,6 +17,9 @@ from shared.runtime.settings import MeshSettings
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = {"memory": MemorySettings, "ltm": LtmSettings, "chat_ai": ChatSettings, "gateway": GatewaySettings}
 NOT_FOR_CONTAINERS = {"CONSUMER_NAME"}  # defaults to host-pid, unique per container already
+# where a container's value differs from the code's default on purpose: addresses, paths, log format, metrics
+DEPLOYMENT = {"REDIS_URL", "DATABASE_URL", "LOG_FORMAT", "METRICS_PORT", "METRICS_HOST", "GATEWAY_HOST",
+              "MEMORY_ENCRYPTION_KEY_FILE", "MEM0_DIR", "SYSTEM_PROMPT"}
 
 
 def env_vars(settings: type[MeshSettings]) -> set[str]:
@@ -36,6 +40,33 @@ def test_compose_names_every_service_and_every_variable_the_code_reads() -> None
         assert not missing, f"{name} reads {sorted(missing)} but docker-compose.yml does not pass them"
     for store in ("redis", "postgres"):
         assert "healthcheck" in services[store]
+
+
+def _same(compose_default: str, code_default: object) -> bool:
+    if code_default is None:
+        return compose_default == ""
+    if isinstance(code_default, bool):
+        return compose_default.lower() == str(code_default).lower()
+    if isinstance(code_default, int | float):
+        return float(compose_default) == float(code_default)
+    return compose_default == str(code_default)
+
+
+def test_compose_defaults_are_the_codes_defaults() -> None:
+    """A tuning value compose sets by itself would silently differ from what the code and the docs say (compose
+    once capped CHAT_CONCURRENCY at 16 against the code's 64, which made CHAT_RECALL_CONCURRENCY bind nothing)."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    differ = []
+    for name, settings in SERVICES.items():
+        for var, value in compose["services"][name]["environment"].items():
+            field = settings.model_fields.get(var.lower())
+            if field is None or var in DEPLOYMENT or value is None:
+                continue
+            m = re.fullmatch(r"\$\{(\w+):-(.*)\}", str(value))
+            default = m.group(2) if m else str(value)
+            if not _same(default, field.default):
+                differ.append(f"{name} {var}: compose {default!r}, code {field.default!r}")
+    assert not differ, differ
 
 
 def test_compose_runs_redis_with_one_user_per_service() -> None:
