@@ -49,6 +49,8 @@ def figures(results: dict[str, Any]) -> dict[str, Any]:
     v["ingest_per_s_1"] = _get(ingest, "short", "1", "per_s")
     v["ingest_per_s_1_long"] = _get(ingest, "long", "1", "per_s")
     v["ingest_scale_2"] = _get(ingest, "short", "scale_2")
+    v["ingest_per_s_1_uncarried"] = _get(ingest, "short", "uncarried", "per_s")
+    v["ingest_per_s_1_long_uncarried"] = _get(ingest, "long", "uncarried", "per_s")
     ready = _get(results, "mesh", "ready") or {}
     v["ready_s"] = max((r["median_s"] for r in ready.values()), default=None)
     counted = [r for group in ("single", "concurrency") for r in (mem0.get(group) or {}).values()]

@@ -37,10 +37,12 @@ from shared.contracts.messages import (
     SearchData,
     SearchEntitiesData,
 )
+from shared.runtime.carried import Refused, model_id, vector_of
 from shared.runtime.embedding import Embedder, SyncEmbedder, dedicated_model
 from shared.runtime.errors import is_transient
 from shared.runtime.llm import chat_model
 from shared.runtime.logging import get_logger
+from shared.runtime.metrics import Metrics
 from shared.runtime.passes import embed_in_steps, steps, tokens
 from shared.runtime.priority import Foreground, background_executor
 from shared.runtime.text import is_question
@@ -125,6 +127,7 @@ class NativeBackend:
         self._queries: OrderedDict[str, np.ndarray] = OrderedDict()  # query text -> embedding (search)
         self._embedding: dict[str, asyncio.Future[np.ndarray]] = {}  # query text -> its pass in flight
         self.reused_query_vectors = 0  # ingested turns whose vector came from the query cache
+        self._metrics: Metrics | None = None  # bind_metrics
         self._query_cache = settings.ltm_query_cache
         self._warm_rows = settings.ltm_search_index_warm_rows
         self._warm_task: asyncio.Task[None] | None = None
@@ -250,30 +253,61 @@ class NativeBackend:
         # cached vectors first (the same text always has the same vector), then one stepped pass over the rest
         texts = from_cache(self._texts, {it.content: it.content for items in items_of for it in items})
         names = from_cache(self._names, {key: name for ns in names_of for key, name in ns.items()})
+        salient = self.salience is not None and getattr(self.ingest_embedder.model, "has_tokens", False)
+        # a turn whose publisher sent its vector (memory embeds every message it stores) is not embedded again
+        carried = {i: got for i, u in enumerate(todo) if (got := self._carried(u, salient)) is not None}
+        own = [u for i, u in enumerate(todo) if i not in carried]
         # a user's turn was usually searched for a moment ago (chat_ai's query is the turn itself): its vector is
         # in the query cache, and embedding it again would cost the most expensive step of ingest once more; only
         # when that vector is the stored vectors' model's (not with int8 queries and float storage, the default)
-        searched = {u.content: vec for u in todo
+        searched = {u.content: vec for u in own
                     if self._reuse_queries and (vec := self._queries.get(u.content)) is not None}
-        salient = self.salience is not None and getattr(self.ingest_embedder.model, "has_tokens", False)
         turn_tokens: dict[str, np.ndarray] = {}
-        vectors = await embed_in_steps(self.ingest_embedder, [*(u.content for u in todo if u.content not in searched),
+        vectors = await embed_in_steps(self.ingest_embedder, [*(u.content for u in own if u.content not in searched),
                                                               *texts.missing.values(), *names.missing.values()],
                                        self.step_tokens, self.foreground.turn,
-                                       with_tokens={u.content for u in todo} if salient else None,
+                                       with_tokens={u.content for u in own} if salient else None,
                                        tokens_out=turn_tokens)
         vectors.update(searched)
         if searched:
             self.reused_query_vectors += len(searched)
         texts.fill(self._texts, vectors)
         names.fill(self._names, vectors)
-        scores: list[float | None] = [None] * len(todo)
-        if salient and todo:
-            scores = list(await asyncio.get_running_loop().run_in_executor(
-                self._background, self._salience, todo, vectors, turn_tokens))
-        return [self._write_of(u, t, items, mentioned, ns, vectors[u.content], texts.found, names.found, sal)
-                for u, t, items, mentioned, ns, sal in zip(todo, turns, items_of, mentioned_of, names_of, scores,
-                                                           strict=True)]
+        turn_vectors = [carried[i][0] if i in carried else vectors[u.content] for i, u in enumerate(todo)]
+        scores: list[float | None] = [carried[i][1] if i in carried else None for i in range(len(todo))]
+        if salient and own:  # a carried score came from the publisher's state of the session; the rest from ours
+            computed = iter(await asyncio.get_running_loop().run_in_executor(
+                self._background, self._salience, own, vectors, turn_tokens))
+            scores = [s if i in carried else next(computed) for i, s in enumerate(scores)]
+        return [self._write_of(u, t, items, mentioned, ns, vec, texts.found, names.found, sal)
+                for u, t, items, mentioned, ns, vec, sal in zip(todo, turns, items_of, mentioned_of, names_of,
+                                                                turn_vectors, scores, strict=True)]
+
+    def _carried(self, update: MemoryUpdate, salient: bool) -> tuple[np.ndarray, float | None] | None:
+        """The update's carried vector and salience, when they are what ingest would compute (shared/runtime/
+        carried.py); None: ingest embeds the turn itself (counted by reason)."""
+        if update.embedding is None:
+            return None
+        model = self.ingest_embedder.model
+        try:
+            vector = vector_of(update.embedding, model_id(model), model.dim)
+        except Refused as exc:
+            self._count(f"ingest.carried_refused.{exc.reason}")
+            log.warning("ltm.carried_vector_refused", reason=exc.reason, detail=str(exc))
+            return None
+        if salient and update.embedding.salience is None:
+            self._count("ingest.carried_unscored")  # the salience model reads the turn's token vectors: one pass
+            return None
+        self._count("ingest.carried")
+        return vector, update.embedding.salience
+
+    def bind_metrics(self, metrics: Metrics) -> None:
+        """The service's counters (LtmService binds them): carried vectors used and refused."""
+        self._metrics = metrics
+
+    def _count(self, name: str) -> None:
+        if self._metrics is not None:
+            self._metrics.incr(name)
 
     def _salience(self, todo: list[MemoryUpdate], vectors: dict[str, np.ndarray],
                   turn_tokens: dict[str, np.ndarray]) -> list[float]:

@@ -65,6 +65,8 @@ class LtmService:
                  metrics: Metrics | None = None) -> None:
         self.settings, self.names, self.redis, self.backend = settings, names, redis, backend
         self.metrics = metrics or Metrics(redis, names.metrics("ltm"))
+        if (bind := getattr(backend, "bind_metrics", None)) is not None:  # the native backend's ingest counters
+            bind(self.metrics)
         self._stop = asyncio.Event()
         self._stored_users: set[str] = set()  # announced on ltm_index_warm (see _warm_announce)
         self._stored = asyncio.Event()

@@ -21,10 +21,11 @@ from redis.asyncio.client import Pipeline
 
 from services.memory import erase
 from services.memory.cache import SessionCache
+from services.memory.carry import Carrier, Embedded
 from services.memory.importer import HistoryImporter
 from services.memory.salience import MessageSalience
 from services.memory.stm import StmWriter
-from services.memory.store import Conflict, ConversationStore, NotFound, StoredMessage
+from services.memory.store import NOBODY, Conflict, ConversationStore, NotFound, StoredMessage, Unembedded
 from services.memory.tokens import TokenCounter
 from services.memory.updates import Publish, memory_update
 from shared.contracts import new_id
@@ -78,7 +79,7 @@ class MemoryApi:
                  metrics: Metrics, *, embedder: Callable[[], Awaitable[Embedder | None]] | None = None,
                  publish: Publish | None = None, ping: Callable[[], dict[str, Any]] | None = None,
                  import_max_batch: int = 500, background_nice: int = 0,
-                 salience: MessageSalience | None = None) -> None:
+                 salience: MessageSalience | None = None, carrier: Carrier | None = None) -> None:
         self.store, self.stm, self.cache, self.counter, self.metrics = store, stm, cache, counter, metrics
         self._ping = ping  # the service's PingInfo (shared/contracts/ping.py)
         self._embedder = embedder
@@ -87,6 +88,7 @@ class MemoryApi:
         self._background_nice = background_nice  # BACKGROUND_NICE of the background embedding's passes
         self._background: Embedder | None = None
         self.salience = salience  # STM_SALIENCE_WEIGHT > 0: score messages as they are embedded
+        self.carrier = carrier  # MEMORY_CARRY_VECTORS: embed on the write path, the vector on the MemoryUpdate
         self.importer = HistoryImporter(store, stm, cache, counter, metrics, publish, import_max_batch)
 
     # ------------------------------------------------------------------ the write path of every turn
@@ -95,16 +97,23 @@ class MemoryApi:
 
         Idempotent by message_id: a redelivered message is not stored twice, and re-adding its turn
         to the window is a no-op. True when the message was new. Which messages are published:
-        services/memory/updates.py (not the offline responder's replies).
+        services/memory/updates.py (not the offline responder's replies). With a carrier (MEMORY_CARRY_VECTORS)
+        the message is embedded first: its vector is stored with it and sent on its update (services/memory/carry.py).
         """
         structlog.contextvars.bind_contextvars(user_id=m.user_id, message_id=m.message_id, session_id=m.session_id)
         try:
             if not m.token_count:
                 m.token_count = self.counter.count(m.content)
-            new = await self.store.store_message(m)
+            embedded = await self.carrier.embed(m) if self.carrier is not None else None
+            new = await self.store.store_message(m, embedding=embedded.vector if embedded else None)
             self.metrics.incr("stored" if new else "duplicates")
             role = {"human": "user", "ai": "ai"}.get(m.role, "system")
             update = memory_update(m, self.metrics) if self._publish is not None else None
+            if embedded is not None and new:
+                if update is not None and self.carrier is not None:
+                    update.embedding = self.carrier.carried(m, embedded)
+                if self.salience is not None and embedded.tokens is not None:  # the STM summary's score, as stored
+                    await self._score_for_stm(m, embedded)
 
             def also(pipe: Pipeline) -> None:  # one MULTI: STM window, cache generation, memory_updates
                 self.cache.queue_invalidate(pipe, m.session_id, m.user_id)
@@ -154,6 +163,8 @@ class MemoryApi:
         deletion = await erase.delete_user(self.store.pool, self.stm.redis, self.stm.names, user_id)
         if self.salience is not None:
             self.salience.forget()
+        if self.carrier is not None:
+            self.carrier.forget()
         self.metrics.incr("users_deleted")
         return deletion
 
@@ -231,6 +242,15 @@ class MemoryApi:
                                                  for m, sal in zip(pending, scores, strict=True)])
                 done += len(pending)
                 self.metrics.incr("embedded", len(pending))
+
+    async def _score_for_stm(self, m: StoredMessage, embedded: Embedded) -> None:
+        """STM_SALIENCE_WEIGHT > 0: the score the background pass would have given the message (its vector is stored
+        already, so that pass will not see it)."""
+        assert self.salience is not None and embedded.tokens is not None
+        scores = self.salience.score([Unembedded(m.user_id or NOBODY, m.message_id, m.content, m.session_id,
+                                                 m.role == "ai")],
+                                     {m.content: embedded.vector}, {m.content: embedded.tokens})
+        await self.store.set_embeddings([(m.user_id or NOBODY, m.message_id, embedded.vector, scores[0])])
 
     def _background_embedder(self, embedder: Embedder) -> Embedder:
         """The same model, its passes in the background threads (one front per model); the embedder itself when

@@ -30,6 +30,10 @@ class MemorySettings(MeshSettings):
                                     description="TTL of the session read cache in Redis; 0 turns the cache off")
     memory_embed_messages: bool = Field(
         default=True, description="embed stored messages in the background, for search_messages")
+    memory_carry_vectors: bool = Field(default=True, description=(
+        "embed each message as it is stored (one forward pass, on the write path) instead of in the background, and "
+        "send the vector with the turn's salience on its MemoryUpdate, so that ltm does not embed it again (one "
+        "embedding per message in the mesh; services/memory/carry.py); needs MEMORY_EMBED_MESSAGES"))
     memory_embed_interval_s: float = Field(default=1.0, gt=0,
                                            description="how often the background embedder looks for new messages")
     memory_embed_yield_ms: int = Field(

@@ -16,6 +16,7 @@ from redis.asyncio.client import Pipeline
 
 from services.memory.api import MemoryApi
 from services.memory.cache import SessionCache
+from services.memory.carry import Carrier
 from services.memory.config import MemorySettings
 from services.memory.crypto import LazyCipher
 from services.memory.salience import MessageSalience
@@ -82,6 +83,8 @@ class MemoryService:
             publish=self.queue_update if settings.enable_ltm_publish else None,
             import_max_batch=settings.memory_import_max_batch, background_nice=settings.background_nice,
             ping=lambda: self.ping_info().model_dump(), salience=message_salience(settings),
+            carrier=(Carrier(self._get_embedder, self.metrics, settings.stm_salience_sessions)
+                     if settings.memory_carry_vectors and settings.memory_embed_messages else None),
         )
         self._stop = asyncio.Event()
         common = dict(group=names.memory_group, consumer=settings.consumer_name, metrics=self.metrics,

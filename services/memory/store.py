@@ -215,7 +215,7 @@ class ConversationStore:
         return (row is not None, (row[0] or None) if row else None)
 
     # ------------------------------------------------------------------ messages
-    async def store_message(self, m: StoredMessage) -> bool:
+    async def store_message(self, m: StoredMessage, embedding: np.ndarray | None = None) -> bool:
         """Store once (idempotent by the user's message_id); True when it was new.
 
         One statement, so one round trip and one commit: the session is upserted (created on first
@@ -225,7 +225,8 @@ class ConversationStore:
         :class:`SessionOwnershipError` (the new session's id is taken: migration 004's trigger fails the
         statement, nothing is written), and so does a message without a user_id for a session that has one, or a
         user's message for a session that belongs to nobody. Message ids are per user: another user's message
-        with the same id is a message of that user, stored in that user's rows.
+        with the same id is a message of that user, stored in that user's rows. ``embedding``: its vector, when
+        the write path embedded it (services/memory/carry.py); else the background job embeds it.
         """
         uid = m.user_id or NOBODY
         try:
@@ -238,14 +239,16 @@ class ConversationStore:
                     " RETURNING message_count),"
                     " ins AS ("
                     " INSERT INTO conversation_messages (message_id, session_id, user_id, role, content, message_type,"
-                    "  message_index, parent_message_id, metadata, is_context_message, token_count, timestamp)"
+                    "  message_index, parent_message_id, metadata, is_context_message, token_count, timestamp,"
+                    "  embedding)"
                     " SELECT %(mid)s, %(sid)s, %(uid)s, %(role)s, %(content)s, %(mtype)s, s.message_count, %(parent)s,"
-                    "  %(meta)s, %(ctx)s, %(tokens)s, to_timestamp(%(ts)s) FROM s"
+                    "  %(meta)s, %(ctx)s, %(tokens)s, to_timestamp(%(ts)s), %(emb)s FROM s"
                     " ON CONFLICT (user_id, message_id) DO NOTHING RETURNING 1)"
                     " SELECT count(*) FROM ins",
                     {"sid": m.session_id, "uid": uid, "ts": m.timestamp, "mid": m.message_id, "role": m.role,
                      "content": m.content, "mtype": m.message_type, "parent": m.parent_message_id,
-                     "meta": Jsonb(m.metadata), "ctx": m.is_context_message, "tokens": m.token_count},
+                     "meta": Jsonb(m.metadata), "ctx": m.is_context_message, "tokens": m.token_count,
+                     "emb": embedding},
                 )
                 row = await cur.fetchone()
         except errors.UniqueViolation as exc:

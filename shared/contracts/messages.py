@@ -136,14 +136,34 @@ class MemoryUpdateMeta(Message):
     message_id: str | None = None
 
 
+MAX_VECTOR_DIM = 16_000  # EMBEDDING_DIM's bound
+
+
+class CarriedEmbedding(Message):
+    """The sentence vector of a MemoryUpdate's ``content``, computed by its publisher (memory embeds each message
+    as it stores it), so that ltm need not embed the same text again; and the turn's salience when the publisher
+    scored it. Optional: ltm uses it only when ``model`` is the model of the vectors it stores and the values are
+    sound (``dim`` finite float32 of unit length), else it embeds the content itself and counts the refusal."""
+
+    model: str = Field(min_length=1, max_length=200, description=(
+        "the model of the vector, as the publisher names it: `all-MiniLM-L6-v2` (the local float model), "
+        "`all-MiniLM-L6-v2/int8` (its int8 copy), or a remote model's name"))
+    dim: int = Field(ge=1, le=MAX_VECTOR_DIM)
+    vector: str = Field(min_length=4, max_length=(MAX_VECTOR_DIM * 4 + 2) // 3 * 4, description=(
+        "base64 of `dim` little-endian float32 values"))
+    salience: float | None = Field(default=None, ge=0.0, le=1.0, description=(
+        "the turn's salience (services/ltm/salience) from the publisher's state of the session; none: not scored"))
+
+
 class MemoryUpdate(Message):
-    """The seed contract, kept field for field."""
+    """The seed contract, kept field for field, and an optional ``embedding``."""
 
     user_id: Id
     content: str = Field(min_length=1)
     source: Source = "user"
     timestamp: float = Field(default_factory=time.time)
     meta: MemoryUpdateMeta = Field(default_factory=MemoryUpdateMeta)
+    embedding: CarriedEmbedding | None = None
 
     _size = field_validator("content")(_check_size)
 

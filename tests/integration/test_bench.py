@@ -102,5 +102,9 @@ def test_bench_runs_every_workload_as_processes_over_the_bus(tmp_path: Path, red
     assert ops["rehydration"]["n"] == spec.memory_reps and ops["message_store_first_turns"]["n"] == spec.memory_turns
     for kind, n in (("short", spec.ingest_short), ("long", spec.ingest_long)):
         assert r["ingest"][kind]["1"]["ingested"] == r["ingest"][kind]["2"]["ingested"] == n
+        assert r["ingest"][kind]["uncarried"]["ingested"] == n and r["ingest"][kind]["1"]["vectors_carried"]
+        assert not r["ingest"][kind]["uncarried"]["vectors_carried"]
+    both = spec.ingest_short + spec.ingest_long  # ltm stored the carried vectors, embedded none of those turns
+    assert r["ingest"]["vectors_used"] == {"1": both, "2": both, "uncarried": 0}
     assert len(report["plots"]) == 2 and all((out.parent / p).stat().st_size > 0 for p in report["plots"])
     assert "| figure | measured | target | met |" in readme_block(report, "tiny.json")

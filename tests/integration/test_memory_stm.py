@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -234,39 +235,49 @@ async def test_a_failed_catch_up_is_made_good_by_the_next_write(mesh: Mesh) -> N
 
 
 async def test_with_stm_salience_the_summary_is_given_the_stored_scores(mesh: Mesh) -> None:
-    """STM_SALIENCE_WEIGHT > 0: the background embedding scores each stored message with the salience model (in
-    its forward pass), the score is stored on the message, and every fold is given the scores of its turns; a
-    deletion of the user clears the model's per-session state. (What the scores change: test_memory_summary.)"""
-    svc = mesh.memory(stm_max_messages=3, stm_max_tokens=60, stm_salience_weight=2.0)
-    assert svc.api.salience is not None
-    given: list[tuple[list[str], dict[str, float]]] = []
-    original = svc.stm.summariser.fold
-
-    async def recording_fold(state: SummaryState, turns: Sequence[Turn],
-                             scores: Mapping[str, float] | None = None) -> SummaryState:
-        given.append(([t.message_id for t in turns], dict(scores or {})))
-        return await original(state, turns, scores)
-
-    svc.stm.summariser.fold = recording_fold  # type: ignore[method-assign]
+    """STM_SALIENCE_WEIGHT > 0: each stored message is scored with the salience model in its forward pass (on the
+    write path with MEMORY_CARRY_VECTORS, the default; else in the background pass), the score is stored on the
+    message, and every fold is given the scores of its turns; a deletion of the user clears the model's per-session
+    state. Both ways store the same scores. (What the scores change: test_memory_summary.)"""
     texts = ["My passport number ends in 4471 and it expires in March.",
              "Sure, I will remember your passport details for the trip.",
              "We watched a film about a lighthouse keeper and his dog on Sunday evening.",
              "That sounds like a lovely and relaxing weekend at home.", "ok", "thanks", "bye"]
-    for i, text in enumerate(texts):
-        await svc.api.record(StoredMessage(message_id=f"sal-{i}", session_id="sal", user_id="u-sal",
-                                           role="human" if i % 2 == 0 else "ai", content=text, timestamp=BASE + i))
-        assert await svc._embed_pending() == 1  # scored as stored, long before the turn leaves the window
-    await svc.stm.drain()
-    stored = await svc.store.turns_after("u-sal", "sal", 0.0)
-    assert set(stored.scores) == {f"sal-{i}" for i in range(len(texts))}  # every message scored
-    assert all(0.0 <= v <= 1.0 for v in stored.scores.values()) and len(set(stored.scores.values())) > 1
-    folded = [m for ids, _ in given for m in ids]
-    assert folded == [f"sal-{i}" for i in range(len(texts) - 3)]
-    assert all(scores == {m: stored.scores[m] for m in ids} for ids, scores in given), given
-    assert (await svc.store.load_summary("u-sal", "sal")).turns == len(texts) - 3
-    assert len(svc.api.salience.states) == 1
-    await svc.api.delete_user("u-sal")
-    assert len(svc.api.salience.states) == 0
+    stored_scores = []
+    for carry in (True, False):
+        user, sess = f"u-sal-{carry}", f"sal-{carry}"
+        svc = mesh.memory(stm_max_messages=3, stm_max_tokens=60, stm_salience_weight=2.0, memory_carry_vectors=carry)
+        assert svc.api.salience is not None and (svc.api.carrier is not None) == carry
+        given: list[tuple[list[str], dict[str, float]]] = []
+        original = svc.stm.summariser.fold
+
+        async def recording_fold(state: SummaryState, turns: Sequence[Turn],
+                                 scores: Mapping[str, float] | None = None,
+                                 given: list[tuple[list[str], dict[str, float]]] = given,
+                                 original: Any = original) -> SummaryState:
+            given.append(([t.message_id for t in turns], dict(scores or {})))
+            return await original(state, turns, scores)
+
+        svc.stm.summariser.fold = recording_fold  # type: ignore[method-assign]
+        for i, text in enumerate(texts):
+            await svc.api.record(StoredMessage(message_id=f"{sess}-{i}", session_id=sess, user_id=user,
+                                               role="human" if i % 2 == 0 else "ai", content=text, timestamp=BASE + i))
+            # scored as stored (carry: by the write itself), long before the turn leaves the window
+            assert await svc._embed_pending() == (0 if carry else 1)
+        await svc.stm.drain()
+        stored = await svc.store.turns_after(user, sess, 0.0)
+        assert set(stored.scores) == {f"{sess}-{i}" for i in range(len(texts))}  # every message scored
+        assert all(0.0 <= v <= 1.0 for v in stored.scores.values()) and len(set(stored.scores.values())) > 1
+        folded = [m for ids, _ in given for m in ids]
+        assert folded == [f"{sess}-{i}" for i in range(len(texts) - 3)]
+        assert all(scores == {m: stored.scores[m] for m in ids} for ids, scores in given), given
+        assert (await svc.store.load_summary(user, sess)).turns == len(texts) - 3
+        assert len(svc.api.salience.states) == 1
+        await svc.api.delete_user(user)
+        assert len(svc.api.salience.states) == 0
+        stored_scores.append([stored.scores[f"{sess}-{i}"] for i in range(len(texts))])
+    carried, background = stored_scores
+    assert all(abs(a - b) < 1e-5 for a, b in zip(carried, background, strict=True)), stored_scores
 
 
 async def test_without_stm_salience_nothing_is_scored(mesh: Mesh) -> None:
@@ -274,5 +285,7 @@ async def test_without_stm_salience_nothing_is_scored(mesh: Mesh) -> None:
     assert svc.settings.stm_salience_weight == 0 and svc.api.salience is None
     await svc.api.record(StoredMessage(message_id="ns-0", session_id="ns", user_id="u-ns", role="human",
                                        content="My passport number ends in 4471.", timestamp=BASE))
-    assert await svc._embed_pending() == 1
+    assert await svc._embed_pending() == 0  # embedded as stored (MEMORY_CARRY_VECTORS)
+    assert await mesh.count("SELECT count(*) FROM conversation_messages WHERE user_id = 'u-ns'"
+                            " AND embedding IS NOT NULL") == 1
     assert (await svc.store.turns_after("u-ns", "ns", 0.0)).scores == {}

@@ -155,8 +155,10 @@ async def test_messages_store_get_paginate(mesh: Mesh) -> None:
 
 async def test_the_background_embedding_steps_aside_for_messages_and_requests(mesh: Mesh) -> None:
     """Under load the background embedding of stored messages waits for its turn (MEMORY_EMBED_YIELD_MS) outside its
-    lock, so a search_messages meanwhile embeds what it needs at once; released, the background does the rest."""
-    service = mesh.memory(memory_encryption_key=KEY, memory_embed_yield_ms=60_000)
+    lock, so a search_messages meanwhile embeds what it needs at once; released, the background does the rest.
+    (With MEMORY_CARRY_VECTORS, the default, the write path embeds published messages; the background job embeds
+    the rest: imports, and any message whose pass failed.)"""
+    service = mesh.memory(memory_encryption_key=KEY, memory_embed_yield_ms=60_000, memory_carry_vectors=False)
     api = service.api
     for i, text in enumerate(("I keep bees on the roof.", "My bees made honey this summer.")):
         await api.store_message("u-bg", StoreMessageData(session_id="bg", content=text))
@@ -172,8 +174,10 @@ async def test_the_background_embedding_steps_aside_for_messages_and_requests(me
     assert await mesh.count(unembedded, "u-bg-other") == 0
 
 
-async def test_semantic_search_over_messages(mesh: Mesh) -> None:
-    api = api_of(mesh)
+@pytest.mark.parametrize("carry", [True, False])
+async def test_semantic_search_over_messages(mesh: Mesh, carry: bool) -> None:
+    """Embedded as stored (MEMORY_CARRY_VECTORS) or at the search, only the searcher's messages (without)."""
+    api = api_of(mesh, memory_carry_vectors=carry)
     for sid, text in (("s1", "My sister Maria lives in Barcelona and teaches piano."),
                       ("s1", "The weather was rainy all week."),
                       ("s2", "I am allergic to peanuts, so no satay for me.")):
@@ -186,7 +190,8 @@ async def test_semantic_search_over_messages(mesh: Mesh) -> None:
     assert {h.session_id for h in in_s1} == {"s1"}
     strict = await api.search_messages("u1", "who teaches music?", threshold=0.35)
     assert strict and all((h.similarity or 0) >= 0.35 for h in strict) and "Maria" in strict[0].content
-    assert await mesh.count("SELECT count(*) FROM conversation_messages WHERE embedding IS NULL") == 1  # u2's
+    assert await mesh.count("SELECT count(*) FROM conversation_messages WHERE embedding IS NULL") == (0 if carry
+                                                                                                    else 1)  # u2's
 
 
 async def test_context_merge_get_and_expiry_cleanup(mesh: Mesh) -> None:

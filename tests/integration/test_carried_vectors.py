@@ -1,0 +1,163 @@
+"""One embedding per message: memory embeds a message as it stores it and carries the vector (and the turn's
+salience) on its MemoryUpdate; ltm stores that vector as its own and embeds only what it cannot trust."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+import pytest
+
+from services.ltm.config import LtmSettings
+from services.ltm.native import NativeBackend
+from services.ltm.store import LtmStore
+from services.memory.store import StoredMessage
+from shared.contracts import MEMORY_UPDATE, DecodeError, MemoryUpdate, decode
+from shared.contracts.messages import CarriedEmbedding
+from shared.runtime.carried import carry
+from shared.runtime.embedding import MODEL_NAME, Embedder
+from shared.runtime.metrics import Metrics
+from tests.helpers import Mesh, common
+
+TURNS = ["Hi! How are you?", "Good, thanks. And you?",
+         "My sister Anna moved to Lisbon last week, she works at a bakery.",
+         "That is a big move, how does she like it?", "She loves it. I am flying there in May to see her.", "Cool!"]
+
+
+def backend(mesh: Mesh, **kw: Any) -> tuple[NativeBackend, Metrics]:
+    settings = LtmSettings(**{**common(mesh.redis_url, mesh.database_url), "ltm_extraction": "rules", **kw})
+    native = NativeBackend(LtmStore(mesh.pool), Embedder(mesh.model), settings=settings, redis=mesh.redis,
+                           names=mesh.names)
+    metrics = Metrics()
+    native.bind_metrics(metrics)
+    return native, metrics
+
+
+async def episodic(mesh: Mesh, user: str) -> dict[str, tuple[np.ndarray, float | None]]:
+    """content -> (stored vector, salience) of the user's episodic memories."""
+    async with mesh.pool.connection() as conn:
+        cur = await conn.execute("SELECT content, embedding::text, salience FROM ltm_memories"
+                                 " WHERE user_id = %s AND type = 'episodic'", (user,))
+        return {r[0]: (np.array(json.loads(r[1]), dtype=np.float32), r[2]) for r in await cur.fetchall()}
+
+
+async def published(mesh: Mesh) -> list[MemoryUpdate]:
+    return [decode(MEMORY_UPDATE, f[b"data"]) for _, f in await mesh.redis.xrange(mesh.names.memory_updates)]
+
+
+def cos(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+async def test_memory_carries_each_new_messages_vector_and_ltm_stores_it_with_the_same_salience(mesh: Mesh) -> None:
+    """A session through memory's write path: every update carries the message's own vector (the one stored for
+    search_messages) and a salience; ltm stores those, not vectors of its own, and they equal what ltm computes
+    itself for the same turns published without a vector (another user): the same vectors, the same scores."""
+    memory = mesh.memory()
+    assert memory.api.carrier is not None  # MEMORY_CARRY_VECTORS, the default
+    now = time.time()
+    for i, text in enumerate(TURNS):
+        await memory.api.record(StoredMessage(message_id=f"cv-{i}", session_id="cv", user_id="u-cv",
+                                              role="human" if i % 2 == 0 else "ai", content=text, timestamp=now + i))
+    updates = await published(mesh)
+    assert [u.content for u in updates] == TURNS
+    own = mesh.model.encode(TURNS)
+    for u, vec in zip(updates, own, strict=True):
+        assert u.embedding is not None and u.embedding.model == MODEL_NAME and u.embedding.dim == 384
+        assert u.embedding.salience is not None and 0.0 <= u.embedding.salience <= 1.0
+        assert cos(np.frombuffer(base64.b64decode(u.embedding.vector), "<f4"), vec) > 0.9999
+    assert await mesh.count("SELECT count(*) FROM conversation_messages WHERE user_id = 'u-cv'"
+                            " AND embedding IS NOT NULL") == len(TURNS)  # the same pass, stored for search_messages
+    # a redelivered message is published again, without a vector: it was scored once, when it was new
+    await memory.api.record(StoredMessage(message_id="cv-2", session_id="cv", user_id="u-cv", role="human",
+                                          content=TURNS[2], timestamp=now + 2))
+    assert (await published(mesh))[-1].embedding is None
+    assert len(memory.api.carrier.states) == 1  # the session's salience state, until the user is deleted
+
+    carried, counts = backend(mesh)
+    for u in updates:
+        assert await carried.ingest(u)
+    assert counts.get("ingest.carried") == len(TURNS)
+    plain, plain_counts = backend(mesh)
+    for u in updates:
+        assert await plain.ingest(u.model_copy(update={"user_id": "u-cv-plain", "embedding": None}))
+    assert plain_counts.get("ingest.carried") == 0
+    await memory.api.delete_user("u-cv-gone")  # any deletion: no state derived from a user's turns stays
+    assert len(memory.api.carrier.states) == 0
+    got, expected = await episodic(mesh, "u-cv"), await episodic(mesh, "u-cv-plain")
+    assert set(got) == set(expected) == set(TURNS)
+    for text in TURNS:
+        assert cos(got[text][0], expected[text][0]) > 0.9999
+        assert got[text][1] is not None and expected[text][1] is not None
+        assert abs(got[text][1] - expected[text][1]) < 1e-4, (text, got[text][1], expected[text][1])
+
+
+def update(user: str, text: str, embedding: CarriedEmbedding | None) -> MemoryUpdate:
+    return MemoryUpdate(user_id=user, content=text, meta={"session_id": "s", "message_id": str(uuid.uuid4())},
+                        embedding=embedding)
+
+
+async def test_ltm_stores_the_carried_vector_not_one_of_its_own(mesh: Mesh) -> None:
+    """The carried vector is what is stored: here, on purpose, another text's (so a recomputed vector would show)."""
+    native, counts = backend(mesh)
+    other = mesh.model.encode(["Penguins live in the southern hemisphere."])[0]
+    assert await native.ingest(update("u-cv2", "I play the cello on Sundays.", carry(other, MODEL_NAME, 0.7)))
+    stored = (await episodic(mesh, "u-cv2"))["I play the cello on Sundays."]
+    assert cos(stored[0], other) > 0.9999 and stored[1] == pytest.approx(0.7)
+    assert counts.get("ingest.carried") == 1
+
+
+def _raw(**fields: Any) -> CarriedEmbedding:
+    return CarriedEmbedding.model_construct(**{"model": MODEL_NAME, "dim": 384, "salience": 0.5, **fields})
+
+
+async def test_a_vector_ltm_cannot_use_is_refused_and_the_turn_embedded_anyway(mesh: Mesh) -> None:
+    """Another model's vector, a wrong size, a broken encoding, NaN, a vector not of unit length, and (with the
+    salience model on) a vector without a score: each turn is ingested with ltm's own vector, the refusal counted."""
+    native, counts = backend(mesh)
+    good = mesh.model.encode(["something else entirely"])[0]
+    nan = good.copy()
+    nan[3] = np.nan
+    cases = {
+        "model": carry(good, "text-embedding-3-small", 0.5),
+        "model ": carry(good, f"{MODEL_NAME}/int8", 0.5),
+        "dim": carry(good[:100] / np.linalg.norm(good[:100]), MODEL_NAME, 0.5),
+        "encoding": _raw(vector="not base64!"),
+        "encoding ": _raw(vector=carry(good[:383], MODEL_NAME).vector),
+        "values": carry(nan, MODEL_NAME, 0.5),
+        "norm": carry(good * 2, MODEL_NAME, 0.5),
+        "unscored": carry(good, MODEL_NAME, None),
+    }
+    texts = {reason: f"Turn number {i}: I keep {i + 2} hens in the garden." for i, reason in enumerate(cases)}
+    for reason, embedding in cases.items():
+        assert await native.ingest(update("u-cv3", texts[reason], embedding))
+    stored = await episodic(mesh, "u-cv3")
+    own = dict(zip(texts.values(), mesh.model.encode(list(texts.values())), strict=True))
+    for text, (vec, salience) in stored.items():
+        assert cos(vec, own[text]) > 0.9999, text  # ltm's own vector, not the carried one
+        assert salience is not None and salience != 0.5  # and ltm's own score
+    assert counts.get("ingest.carried") == 0
+    assert {name: counts.get(f"ingest.carried_refused.{name}") for name in ("model", "dim", "encoding", "values",
+                                                                             "norm")} == {
+        "model": 2, "dim": 1, "encoding": 2, "values": 1, "norm": 1}
+    assert counts.get("ingest.carried_unscored") == 1
+    # without the salience model, a vector without a score is all ingest needs
+    off, off_counts = backend(mesh, ltm_salience=False)
+    assert await off.ingest(update("u-cv4", "I bake bread on Fridays.", carry(good, MODEL_NAME, None)))
+    assert off_counts.get("ingest.carried") == 1
+
+
+def test_an_embedding_that_is_not_one_is_a_decode_error() -> None:
+    """Structure is the contract's: a vector that is not a string, a size out of range, a salience outside 0-1."""
+    base = {"user_id": "u", "content": "hello"}
+    for bad in ({"model": MODEL_NAME, "dim": 3, "vector": 5},
+                {"model": MODEL_NAME, "dim": 0, "vector": "AAAA"},
+                {"model": "", "dim": 1, "vector": "AAAA"},
+                {"model": MODEL_NAME, "dim": 1, "vector": "AAAA", "salience": 1.5}):
+        with pytest.raises(DecodeError):
+            decode(MEMORY_UPDATE, json.dumps({**base, "embedding": bad}))
+    assert decode(MEMORY_UPDATE, json.dumps({**base, "embedding": {"model": "m", "dim": 1, "vector": "AACAPw=="}}))
