@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -21,11 +23,11 @@ from redis.asyncio.client import Pipeline
 
 from services.memory import erase
 from services.memory.cache import SessionCache
-from services.memory.carry import Carrier, Embedded
+from services.memory.carry import Carrier
 from services.memory.importer import HistoryImporter
 from services.memory.salience import MessageSalience
 from services.memory.stm import StmWriter
-from services.memory.store import NOBODY, Conflict, ConversationStore, NotFound, StoredMessage, Unembedded
+from services.memory.store import NOBODY, Conflict, ConversationStore, NotFound, StoredMessage
 from services.memory.tokens import TokenCounter
 from services.memory.updates import Publish, memory_update
 from shared.contracts import new_id
@@ -74,6 +76,12 @@ EMBED_BATCH = 128
 EMBED_STEP_TOKENS = 256  # one background forward pass (shared/runtime/passes.py)
 
 
+@dataclass(slots=True)
+class _Ordered:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+
+
 class MemoryApi:
     def __init__(self, store: ConversationStore, stm: StmWriter, cache: SessionCache, counter: TokenCounter,
                  metrics: Metrics, *, embedder: Callable[[], Awaitable[Embedder | None]] | None = None,
@@ -89,7 +97,9 @@ class MemoryApi:
         self._background: Embedder | None = None
         self.salience = salience  # STM_SALIENCE_WEIGHT > 0: score messages as they are embedded
         self.carrier = carrier  # MEMORY_CARRY_VECTORS: embed on the write path, the vector on the MemoryUpdate
-        self.importer = HistoryImporter(store, stm, cache, counter, metrics, publish, import_max_batch)
+        self._writing: dict[str, _Ordered] = {}  # session -> its writes in order (carrier only, _in_order)
+        self.importer = HistoryImporter(store, stm, cache, counter, metrics, publish, import_max_batch,
+                                        carrier=carrier, salience=salience)
 
     # ------------------------------------------------------------------ the write path of every turn
     async def record(self, m: StoredMessage) -> bool:
@@ -104,8 +114,12 @@ class MemoryApi:
         try:
             if not m.token_count:
                 m.token_count = self.counter.count(m.content)
-            embedded = await self.carrier.embed(m) if self.carrier is not None else None
-            new = await self.store.store_message(m, embedding=embedded.vector if embedded else None)
+            if self.carrier is not None:
+                async with self._in_order(m.session_id):
+                    embedded = await self.carrier.embed(m)
+                    new = await self.store.store_message(m, embedding=embedded.vector if embedded else None)
+            else:
+                embedded, new = None, await self.store.store_message(m)
             self.metrics.incr("stored" if new else "duplicates")
             role = {"human": "user", "ai": "ai"}.get(m.role, "system")
             update = memory_update(m, self.metrics) if self._publish is not None else None
@@ -113,7 +127,9 @@ class MemoryApi:
                 if update is not None and self.carrier is not None:
                     update.embedding = self.carrier.carried(m, embedded)
                 if self.salience is not None and embedded.tokens is not None:  # the STM summary's score, as stored
-                    await self._score_for_stm(m, embedded)
+                    scores = Carrier.stm_scores(self.salience, [m], {m.message_id: embedded})
+                    await self.store.set_embeddings([(m.user_id or NOBODY, m.message_id, embedded.vector,
+                                                      scores.get(m.message_id))])
 
             def also(pipe: Pipeline) -> None:  # one MULTI: STM window, cache generation, memory_updates
                 self.cache.queue_invalidate(pipe, m.session_id, m.user_id)
@@ -243,14 +259,20 @@ class MemoryApi:
                 done += len(pending)
                 self.metrics.incr("embedded", len(pending))
 
-    async def _score_for_stm(self, m: StoredMessage, embedded: Embedded) -> None:
-        """STM_SALIENCE_WEIGHT > 0: the score the background pass would have given the message (its vector is stored
-        already, so that pass will not see it)."""
-        assert self.salience is not None and embedded.tokens is not None
-        scores = self.salience.score([Unembedded(m.user_id or NOBODY, m.message_id, m.content, m.session_id,
-                                                 m.role == "ai")],
-                                     {m.content: embedded.vector}, {m.content: embedded.tokens})
-        await self.store.set_embeddings([(m.user_id or NOBODY, m.message_id, embedded.vector, scores[0])])
+    @asynccontextmanager
+    async def _in_order(self, session_id: str) -> AsyncIterator[None]:
+        """One session's messages embedded and stored one at a time, in the order they came: a pass takes the model's
+        lock, which is not fair, so concurrent writes of one session would otherwise reach PostgreSQL in any order,
+        and a turn stored after newer turns had left the STM window would never be folded into the summary."""
+        entry = self._writing.setdefault(session_id, _Ordered())
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if not entry.users:
+                del self._writing[session_id]
 
     def _background_embedder(self, embedder: Embedder) -> Embedder:
         """The same model, its passes in the background threads (one front per model); the embedder itself when

@@ -16,19 +16,20 @@ update goes out without one.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from services.ltm.salience.infer import SalienceModel, SessionStates, TextTurn
-from services.memory.store import StoredMessage
+from services.memory.salience import MessageSalience
+from services.memory.store import NOBODY, StoredMessage, Unembedded
 from shared.contracts.messages import CarriedEmbedding
 from shared.runtime.carried import carry, model_id
 from shared.runtime.embedding import Embedder
 from shared.runtime.logging import get_logger
 from shared.runtime.metrics import Metrics
-from shared.runtime.passes import SALIENCE_TOKENS
+from shared.runtime.passes import SALIENCE_TOKENS, embed_in_steps
 
 log = get_logger(__name__)
 
@@ -63,6 +64,22 @@ class Carrier:
             log.warning("memory.carry_embed_failed", error=type(exc).__name__)
             return None
 
+    async def embed_many(self, messages: Sequence[StoredMessage], budget_tokens: int) -> dict[str, Embedded]:
+        """Each message's vectors (by message_id), in passes of ``budget_tokens`` (an import); {} when a pass failed
+        (counted, logged: the messages are stored all the same and embedded by the background job)."""
+        try:
+            embedder = await self._embedder()
+            model, tokens = model_id(embedder.model), embedder.model.has_tokens
+            token_vectors: dict[str, np.ndarray] = {}
+            vectors = await embed_in_steps(embedder, [m.content for m in messages], budget_tokens,
+                                           with_tokens={m.content for m in messages} if tokens else None,
+                                           tokens_out=token_vectors)
+        except Exception as exc:  # noqa: BLE001 - the messages are stored all the same; the background embeds them
+            self.metrics.incr("carry.embed_failed", len(messages))
+            log.warning("memory.carry_embed_failed", error=type(exc).__name__, messages=len(messages))
+            return {}
+        return {m.message_id: Embedded(vectors[m.content], token_vectors.get(m.content), model) for m in messages}
+
     def carried(self, m: StoredMessage, e: Embedded) -> CarriedEmbedding:
         """The update's ``embedding``; advances the session's salience state (call once per new published turn)."""
         score = None
@@ -71,6 +88,21 @@ class Carrier:
             score = self.salience.score_texts([turn], {m.content: e.vector}, {m.content: e.tokens}, self.states)[0]
         self.metrics.incr("carry.vectors")
         return carry(e.vector, e.model, score)
+
+    @staticmethod
+    def stm_scores(salience: MessageSalience, messages: Sequence[StoredMessage],
+                   embedded: Mapping[str, Embedded]) -> dict[str, float]:
+        """STM_SALIENCE_WEIGHT > 0: the scores the background pass would have stored for these messages (their
+        vectors are stored already, so that pass will not see them), in order; only messages with token vectors."""
+        tokens = {m.content: toks for m in messages
+                  if m.message_id in embedded and (toks := embedded[m.message_id].tokens) is not None}
+        scored = [m for m in messages if m.message_id in embedded and m.content in tokens]
+        if not scored:
+            return {}
+        scores = salience.score(
+            [Unembedded(m.user_id or NOBODY, m.message_id, m.content, m.session_id, m.role == "ai") for m in scored],
+            {m.content: embedded[m.message_id].vector for m in scored}, tokens)
+        return {m.message_id: s for m, s in zip(scored, scores, strict=True)}
 
     def forget(self) -> None:
         """After a user's deletion: no state derived from their turns stays in the process."""

@@ -25,14 +25,16 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from psycopg import AsyncConnection, errors
 
 from services.memory.cache import SessionCache
+from services.memory.carry import Carrier, Embedded
+from services.memory.salience import MessageSalience
 from services.memory.stm import StmWriter
-from services.memory.store import SESSION_IDS_KEY, ConversationStore, NotFound, StoredMessage
+from services.memory.store import NOBODY, SESSION_IDS_KEY, ConversationStore, NotFound, StoredMessage
 from services.memory.tokens import TokenCounter
 from services.memory.updates import Publish, memory_update
 from shared.contracts.errors import BadRequest
@@ -44,6 +46,7 @@ from shared.runtime.runner import batch
 log = get_logger(__name__)
 
 STM_PARALLEL = 4  # sessions whose STM is rebuilt at once (each takes a pool connection and a Redis lock)
+IMPORT_STEP_TOKENS = 512  # one forward pass of an import's embedding (shared/runtime/passes.py)
 
 # a session id another user holds fails the statement (migration 004's trigger): the batch is rolled back
 _UPSERT_SESSIONS = (
@@ -65,10 +68,13 @@ _INSERT_MESSAGES = (
 
 class HistoryImporter:
     def __init__(self, store: ConversationStore, stm: StmWriter, cache: SessionCache, counter: TokenCounter,
-                 metrics: Metrics, publish: Publish | None, max_batch: int) -> None:
+                 metrics: Metrics, publish: Publish | None, max_batch: int, *, carrier: Carrier | None = None,
+                 salience: MessageSalience | None = None) -> None:
         self.store, self.stm, self.cache, self.counter, self.metrics = store, stm, cache, counter, metrics
         self._publish = publish
         self.max_batch = max_batch
+        self.carrier = carrier  # MEMORY_CARRY_VECTORS: new messages embedded here, their vectors on their updates
+        self.salience = salience  # STM_SALIENCE_WEIGHT > 0: their STM scores stored with the vectors
 
     async def import_messages(self, user_id: str, messages: Sequence[ImportMessage]) -> ImportResult:
         if len(messages) > self.max_batch:
@@ -88,7 +94,12 @@ class HistoryImporter:
         for m, n in zip(fresh, counts, strict=True):
             m.token_count = n
         sessions = sorted({m.session_id for m in rows})
-        inserted, published = await self._store(user_id, rows, sessions, known)
+        # one embedding per message: the new ones' vectors before the transaction (not inside it), carried on their
+        # updates and stored after the commit
+        embedded = await self.carrier.embed_many(fresh, IMPORT_STEP_TOKENS) if self.carrier is not None else {}
+        inserted, published = await self._store(user_id, rows, sessions, known, embedded)
+        if embedded and inserted:
+            await self._store_vectors([m for m in rows if m.message_id in inserted], embedded)
         await self._invalidate_cache(user_id, sessions)
         await self._rebuild_stm(user_id, sessions)
         result = ImportResult(imported=len(inserted), duplicates=len(messages) - len(inserted),
@@ -101,7 +112,7 @@ class HistoryImporter:
         return result
 
     async def _store(self, user_id: str, rows: list[StoredMessage], sessions: list[str],
-                     known: set[str]) -> tuple[set[str], int]:
+                     known: set[str], embedded: Mapping[str, Embedded]) -> tuple[set[str], int]:
         """One transaction: sessions, duplicates, the new rows, then their MemoryUpdates before the commit."""
         firsts: dict[str, float] = {}
         for m in rows:
@@ -134,7 +145,7 @@ class HistoryImporter:
                 "tss": [m.timestamp for m in new],
             })
             inserted = {r[0] for r in await cur.fetchall()}  # short of `new` only if a live turn took an id meanwhile
-            published = await self._publish_updates([m for m in new if m.message_id in inserted])
+            published = await self._publish_updates([m for m in new if m.message_id in inserted], embedded)
         return inserted, published
 
     async def _stored_ids(self, conn: AsyncConnection[Any] | None, user_id: str, ids: list[str]) -> set[str]:
@@ -146,16 +157,34 @@ class HistoryImporter:
         cur = await conn.execute(sql, (user_id, ids))
         return {r[0] for r in await cur.fetchall()}
 
-    async def _publish_updates(self, new: list[StoredMessage]) -> int:
+    async def _publish_updates(self, new: list[StoredMessage], embedded: Mapping[str, Embedded]) -> int:
         if self._publish is None:
             return 0
-        updates = [u for u in (memory_update(m, self.metrics) for m in new) if u is not None]
+        updates = []
+        for m in new:  # in time order: the carried salience follows each session's published turns in order
+            update = memory_update(m, self.metrics)
+            if update is None:
+                continue
+            if self.carrier is not None and (e := embedded.get(m.message_id)) is not None:
+                update.embedding = self.carrier.carried(m, e)
+            updates.append(update)
         if updates:
             async with batch(self.stm.redis) as pipe:
                 for update in updates:
                     self._publish(pipe, update)
                 await pipe.execute()
         return len(updates)
+
+    async def _store_vectors(self, messages: list[StoredMessage], embedded: Mapping[str, Embedded]) -> None:
+        """The imported messages' vectors (and STM scores) for search_messages. After the commit, so a failure here
+        loses nothing: the rows are in, and the background job embeds what has no vector yet (counted, logged)."""
+        scores = Carrier.stm_scores(self.salience, messages, embedded) if self.salience is not None else {}
+        try:
+            await self.store.set_embeddings([(m.user_id or NOBODY, m.message_id, embedded[m.message_id].vector,
+                                              scores.get(m.message_id)) for m in messages if m.message_id in embedded])
+        except Exception as exc:  # noqa: BLE001 - best effort: the background job embeds these messages instead
+            self.metrics.incr("carry.store_failed", len(messages))
+            log.warning("memory.import_vectors_not_stored", error=type(exc).__name__, messages=len(messages))
 
     async def _invalidate_cache(self, user_id: str, sessions: list[str]) -> None:
         if not self.cache.enabled:

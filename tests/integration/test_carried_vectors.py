@@ -3,6 +3,7 @@ salience) on its MemoryUpdate; ltm stores that vector as its own and embeds only
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -17,6 +18,7 @@ from services.ltm.native import NativeBackend
 from services.ltm.store import LtmStore
 from services.memory.store import StoredMessage
 from shared.contracts import MEMORY_UPDATE, DecodeError, MemoryUpdate, decode
+from shared.contracts.memory_api import ImportMessage
 from shared.contracts.messages import CarriedEmbedding
 from shared.runtime.carried import carry
 from shared.runtime.embedding import MODEL_NAME, Embedder
@@ -161,3 +163,50 @@ def test_an_embedding_that_is_not_one_is_a_decode_error() -> None:
         with pytest.raises(DecodeError):
             decode(MEMORY_UPDATE, json.dumps({**base, "embedding": bad}))
     assert decode(MEMORY_UPDATE, json.dumps({**base, "embedding": {"model": "m", "dim": 1, "vector": "AACAPw=="}}))
+
+
+async def test_an_import_carries_the_same_vectors_and_salience_and_stores_them(mesh: Mesh) -> None:
+    """import_messages embeds its new messages before its transaction: their updates carry the vectors and scores
+    the write path gives the same turns (another user, turn by turn), the vectors are stored for search_messages,
+    and importing the history again publishes nothing."""
+    memory = mesh.memory()
+    now = time.time()
+    history = [ImportMessage(session_id="imp", role="user" if i % 2 == 0 else "assistant", content=text,
+                             timestamp=now + i) for i, text in enumerate(TURNS)]
+    result = await memory.api.importer.import_messages("u-imp", history)
+    assert result.imported == result.updates_published == len(TURNS)
+    imported = await published(mesh)
+    assert await mesh.count("SELECT count(*) FROM conversation_messages WHERE user_id = 'u-imp'"
+                            " AND embedding IS NULL") == 0
+    for i, text in enumerate(TURNS):
+        await memory.api.record(StoredMessage(message_id=f"live-{i}", session_id="live", user_id="u-imp-live",
+                                              role="human" if i % 2 == 0 else "ai", content=text, timestamp=now + i))
+    live = (await published(mesh))[len(imported):]
+    assert [u.content for u in imported] == [u.content for u in live] == TURNS
+    for a, b in zip(imported, live, strict=True):
+        assert a.embedding is not None and b.embedding is not None
+        assert a.embedding.salience is not None and b.embedding.salience is not None
+        assert abs(a.embedding.salience - b.embedding.salience) < 1e-5
+        va, vb = (np.frombuffer(base64.b64decode(e.vector), "<f4") for e in (a.embedding, b.embedding))
+        assert cos(va, vb) > 0.9999
+    again = await memory.api.importer.import_messages("u-imp", history)
+    assert again.imported == again.updates_published == 0
+
+
+async def test_one_sessions_concurrent_writes_are_stored_in_the_order_they_came(mesh: Mesh) -> None:
+    """The embedding pass takes the model's lock, which is not fair: without ordering, concurrent writes of one
+    session reached PostgreSQL in any order (and a turn stored after newer ones had left the STM window was never
+    folded into the summary). Each session's writes are embedded and stored in the order they came."""
+    memory = mesh.memory(stm_max_messages=5)
+    now = time.time()
+    messages = [StoredMessage(message_id=f"ord-{i}", session_id="ord", user_id="u-ord", role="human",
+                              content=f"Turn {i}: " + "the quick brown fox jumps over the lazy dog " * (1 + i % 7),
+                              timestamp=now + i) for i in range(40)]
+    await asyncio.gather(*(memory.api.record(m) for m in messages))
+    async with mesh.pool.connection() as conn:
+        cur = await conn.execute("SELECT message_id FROM conversation_messages WHERE user_id = 'u-ord'"
+                                 " ORDER BY message_index")
+        assert [r[0] for r in await cur.fetchall()] == [m.message_id for m in messages]
+    await memory.stm.drain()
+    assert (await memory.store.load_summary("u-ord", "ord")).turns == 35
+    assert not memory.api._writing  # no lock left behind
