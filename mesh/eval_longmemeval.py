@@ -285,9 +285,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--reply-timeout", type=float, default=120.0, help="seconds to wait for each reply")
     p.add_argument("--judge-model", help="model that grades answers when an LLM is configured (default LLM_MODEL)")
     p.add_argument("--no-llm", action="store_true", help="record prompts only, even when OPENAI_* is set")
-    p.add_argument("--memory-embed", action="store_true",
-                   help="let the memory service embed stored messages (off by default: it only serves "
-                        "search_messages, never the prompt, and competes with ltm for the CPU)")
+    p.add_argument("--no-memory-embed", dest="memory_embed", action="store_false",
+                   help="the memory service embeds nothing (MEMORY_EMBED_MESSAGES=false): ltm embeds every turn "
+                        "itself (by default memory embeds each message as it is imported and the vector is carried "
+                        "to ltm, as deployed)")
     p.add_argument("--keep", action="store_true", help="keep the run's users, sessions and bus keys")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
