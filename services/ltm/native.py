@@ -128,6 +128,7 @@ class NativeBackend:
         self._embedding: dict[str, asyncio.Future[np.ndarray]] = {}  # query text -> its pass in flight
         self.reused_query_vectors = 0  # ingested turns whose vector came from the query cache
         self._metrics: Metrics | None = None  # bind_metrics
+        self._refusals_logged: set[str] = set()
         self._query_cache = settings.ltm_query_cache
         self._warm_rows = settings.ltm_search_index_warm_rows
         self._warm_task: asyncio.Task[None] | None = None
@@ -293,7 +294,10 @@ class NativeBackend:
             vector = vector_of(update.embedding, model_id(model), model.dim)
         except Refused as exc:
             self._count(f"ingest.carried_refused.{exc.reason}")
-            log.warning("ltm.carried_vector_refused", reason=exc.reason, detail=str(exc))
+            if exc.reason not in self._refusals_logged:  # once per reason: a misconfigured publisher refuses them all
+                self._refusals_logged.add(exc.reason)
+                log.warning("ltm.carried_vector_refused", reason=exc.reason, detail=str(exc),
+                            note="counted as ingest.carried_refused.<reason>; logged once per reason")
             return None
         if salient and update.embedding.salience is None:
             self._count("ingest.carried_unscored")  # the salience model reads the turn's token vectors: one pass
