@@ -21,7 +21,7 @@ from services.ltm.ingest import VectorCache, from_cache
 from services.ltm.lifecycle import Lifecycle, LifecycleConfig
 from services.ltm.profile import build_profile
 from services.ltm.retrieval import RetrievalConfig, clear_token_cache, token_counts
-from services.ltm.salience.infer import SalienceModel, SessionStates, TextTurn
+from services.ltm.salience.infer import SalienceModel, SessionStates, TextTurn, session_key
 from services.ltm.store import IngestWrite, LtmStore, MemoryKey, NewMemory, content_hash
 from shared.contracts import Memory, MemoryUpdate, Names
 from shared.contracts.messages import (
@@ -318,7 +318,7 @@ class NativeBackend:
         """The batch's salience, in arrival order, each session from the state its previous turns left."""
         assert self.salience is not None
         return self.salience.score_texts(
-            [TextTurn(f"{u.user_id}\x00{u.meta.session_id or ''}", u.content, u.source == "ai") for u in todo],
+            [TextTurn(session_key(u.user_id, u.meta.session_id), u.content, u.source == "ai") for u in todo],
             vectors, turn_tokens, self._salience_states)
 
     @staticmethod

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.ltm.salience.infer import SalienceModel, SessionStates, TextTurn
+from services.ltm.salience.infer import SalienceModel, SessionStates, TextTurn, session_key
 from services.memory.salience import MessageSalience
 from services.memory.store import NOBODY, StoredMessage, Unembedded
 from shared.contracts.messages import CarriedEmbedding
@@ -29,7 +29,7 @@ from shared.runtime.carried import carry, model_id
 from shared.runtime.embedding import Embedder
 from shared.runtime.logging import get_logger
 from shared.runtime.metrics import Metrics
-from shared.runtime.passes import SALIENCE_TOKENS, embed_in_steps
+from shared.runtime.passes import MAX_TOKENS, embed_in_steps
 
 log = get_logger(__name__)
 
@@ -53,16 +53,7 @@ class Carrier:
 
     async def embed(self, m: StoredMessage) -> Embedded | None:
         """The message's vectors, from one forward pass; None when the pass failed (counted, logged)."""
-        try:
-            embedder = await self._embedder()
-            if embedder.model.has_tokens:
-                vectors, tokens = await embedder.embed_many_with_tokens([m.content], SALIENCE_TOKENS)
-                return Embedded(vectors[0], tokens[0], model_id(embedder.model))
-            return Embedded((await embedder.embed_many([m.content]))[0], None, model_id(embedder.model))
-        except Exception as exc:  # noqa: BLE001 - the message is stored all the same; the background embeds it
-            self.metrics.incr("carry.embed_failed")
-            log.warning("memory.carry_embed_failed", error=type(exc).__name__)
-            return None
+        return (await self.embed_many([m], MAX_TOKENS)).get(m.message_id)
 
     async def embed_many(self, messages: Sequence[StoredMessage], budget_tokens: int) -> dict[str, Embedded]:
         """Each message's vectors (by message_id), in passes of ``budget_tokens`` (an import); {} when a pass failed
@@ -84,7 +75,7 @@ class Carrier:
         """The update's ``embedding``; advances the session's salience state (call once per new published turn)."""
         score = None
         if e.tokens is not None:
-            turn = TextTurn(f"{m.user_id}\x00{m.session_id}", m.content, m.role == "ai")
+            turn = TextTurn(session_key(m.user_id, m.session_id), m.content, m.role == "ai")
             score = self.salience.score_texts([turn], {m.content: e.vector}, {m.content: e.tokens}, self.states)[0]
         self.metrics.incr("carry.vectors")
         return carry(e.vector, e.model, score)

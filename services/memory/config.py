@@ -29,7 +29,8 @@ class MemorySettings(MeshSettings):
     memory_cache_ttl_s: int = Field(default=300, ge=0,
                                     description="TTL of the session read cache in Redis; 0 turns the cache off")
     memory_embed_messages: bool = Field(
-        default=True, description="embed stored messages in the background, for search_messages")
+        default=True, description="embed stored messages, for search_messages (as they are stored with "
+                                  "MEMORY_CARRY_VECTORS, else in the background)")
     memory_carry_vectors: bool = Field(default=True, description=(
         "embed each message as it is stored (one forward pass, on the write path) instead of in the background, and "
         "send the vector with the turn's salience on its MemoryUpdate, so that ltm does not embed it again (one "

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from services.ltm.salience.infer import SalienceModel, SessionStates, TextTurn
+from services.ltm.salience.infer import SalienceModel, SessionStates, TextTurn, session_key
 from services.memory.store import Unembedded
 
 
@@ -27,8 +27,8 @@ class MessageSalience:
     def score(self, pending: Sequence[Unembedded], vectors: dict[str, np.ndarray],
               token_vectors: dict[str, np.ndarray]) -> list[float]:
         """The messages' salience, oldest first (each session's turns in order)."""
-        return self.model.score_texts([TextTurn(f"{m.user_id}\x00{m.session_id}", m.content, m.ai) for m in pending],
-                                      vectors, token_vectors, self.states)
+        turns = [TextTurn(session_key(m.user_id, m.session_id), m.content, m.ai) for m in pending]
+        return self.model.score_texts(turns, vectors, token_vectors, self.states)
 
     def forget(self) -> None:
         """After a user's deletion: no state derived from their turns stays in the process."""

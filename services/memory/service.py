@@ -77,13 +77,15 @@ class MemoryService:
         self.foreground = Foreground(settings.memory_embed_yield_ms / 1000, self.metrics)
         self.started_at = time.time()
         self.summariser_kind = f"llm:{llm.name}" if llm else "extractive"
+        stm_salience = message_salience(settings)
         self.api = MemoryApi(
             store, self.stm, SessionCache(redis, names, settings.memory_cache_ttl_s, self.metrics), counter,
             self.metrics, embedder=self._get_embedder if settings.memory_embed_messages else None,
             publish=self.queue_update if settings.enable_ltm_publish else None,
             import_max_batch=settings.memory_import_max_batch, background_nice=settings.background_nice,
-            ping=lambda: self.ping_info().model_dump(), salience=message_salience(settings),
-            carrier=(Carrier(self._get_embedder, self.metrics, settings.stm_salience_sessions)
+            ping=lambda: self.ping_info().model_dump(), salience=stm_salience,
+            carrier=(Carrier(self._get_embedder, self.metrics, settings.stm_salience_sessions,
+                             salience=stm_salience.model if stm_salience else None)  # one copy of the weights
                      if settings.memory_carry_vectors and settings.memory_embed_messages else None),
         )
         self._stop = asyncio.Event()

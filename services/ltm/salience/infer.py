@@ -56,6 +56,12 @@ class TextTurn(NamedTuple):
     assistant: bool
 
 
+def session_key(user_id: str | None, session_id: str | None) -> str:
+    """TextTurn.session: one key for a user's session wherever a score is computed (ltm's ingest, memory's STM and
+    the salience memory carries to ltm must key a session alike to give the same scores)."""
+    return f"{user_id or ''}\x00{session_id or ''}"
+
+
 class SalienceModel:
     """Weights (float32 arrays; gates stacked i, f, g, o in ``w_x`` (input, 4H) and ``w_h`` (H, 4H))."""
 
