@@ -16,8 +16,9 @@ One batch is one PostgreSQL transaction of four statements, whatever its size:
 After the commit the session cache is invalidated and each session's STM is rebuilt from PostgreSQL once (the
 same :meth:`StmWriter.rehydrate` as after a Redis loss: the stored summary, the newest ``STM_MAX_MESSAGES`` turns as
 the window, older ones folded into the summary). A re-import rebuilds the STM again (idempotent), which also
-repairs one that an interrupted import left behind. Turns imported into a session whose summary already covers a
-later time are stored but not folded into that summary.
+repairs one that an interrupted import left behind. Turns imported into a live session with timestamps older than
+its window are folded into its summary by that rebuild, whatever the summary covered before (services/memory/stm.py:
+the summary's fold point goes by message index, not by time).
 """
 
 from __future__ import annotations

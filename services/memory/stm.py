@@ -4,10 +4,15 @@ The memory service is the only writer (layout in shared/contracts/names.py). App
 MULTI pipeline that adds the turn and trims the window to ``STM_MAX_MESSAGES``; that is all a store
 waits for. When turns fell out of the window, a background *catch-up* for the session folds them
 into the summary (see services/memory/summary.py): under a per-session Redis lock, it folds every
-stored turn between what the summary covers and the window's oldest turn, read from PostgreSQL.
-So a catch-up that was lost (crash, error) is made good by the next one, and several writers of one
-session, in one process or several, never fold a turn twice or skip one. The summary is written to
-Redis for readers and to PostgreSQL (``conversation_sessions``) as the durable copy.
+stored turn older than the window's oldest turn that the summary has not folded in yet, read from
+PostgreSQL. What is folded in is kept by message_index (the summary's *fold point*: every index up to
+one, but the few turns skipped because they were still in the window), not by time: message indexes are
+given under the session's row lock, so in commit order, and a turn stored late with an older timestamp
+than turns already folded (an import into a live session, two writers racing, a client's clock) is
+folded by the next catch-up like any other. So a catch-up that was lost (crash, error) is made good by
+the next one, and several writers of one session, in one process or several, never fold a turn twice or
+skip one. The summary is written to Redis for readers and to PostgreSQL (``conversation_sessions``) as the
+durable copy.
 
 PostgreSQL is the source of truth. When the STM is gone from Redis (restart, eviction, FLUSHALL,
 TTL) the first write or read rebuilds it: the stored summary, plus the turns it does not cover yet,
@@ -20,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -125,7 +131,7 @@ class StmWriter:
             self._tasks.pop(session_id, None)
 
     async def catch_up(self, session_id: str, user_id: str | None) -> None:
-        """Fold every stored turn older than the window that the summary does not cover yet."""
+        """Fold every stored turn older than the window that the summary has not folded in yet."""
         try:
             async with self._lock(session_id):
                 async with self.redis.pipeline(transaction=False) as pipe:
@@ -136,8 +142,8 @@ class StmWriter:
                     return  # no window (expired, flushed): the next access rebuilds everything
                 cached = SummaryState.from_redis(summary)
                 state = cached if cached is not None else await self.store.load_summary(user_id, session_id)
-                backlog = await self.store.turns_after(user_id, session_id, state.covered_until,
-                                                       before=float(oldest[0][1]))
+                state = await self.store.fold_point_of(user_id, session_id, state)
+                backlog = await self.store.unfolded_turns(user_id, session_id, state, before=float(oldest[0][1]))
                 if backlog.turns:
                     await self._fold_locked(session_id, user_id, backlog, state)
         except LockError as exc:
@@ -162,12 +168,19 @@ class StmWriter:
             log.warning("memory.stm_forget_failed", session_id=session_id)
 
     async def _fold_locked(self, session_id: str, user_id: str | None, backlog: Backlog,
-                           state: SummaryState) -> SummaryState:
-        new_state = await self.summariser.fold(state, backlog.turns, backlog.scores)
+                           state: SummaryState) -> None:
+        new_state = await self._fold(state, backlog)
         if new_state is not state:
             await self._write_summary(session_id, new_state)
             await self.store.save_summary(user_id, session_id, new_state)
-        return new_state
+
+    async def _fold(self, state: SummaryState, backlog: Backlog) -> SummaryState:
+        """The summary with the backlog's turns folded in, its fold point moved past them (held under the lock)."""
+        if not backlog.turns:
+            return state
+        folded = await self.summariser.fold(state, backlog.turns, backlog.scores)
+        through, holes = state.folding(backlog.indexes[t.message_id] for t in backlog.turns)
+        return replace(folded, folded_through=through, not_folded=holes)
 
     async def _write_summary(self, session_id: str, state: SummaryState) -> None:
         key = self.names.stm_summary(session_id)
@@ -181,12 +194,13 @@ class StmWriter:
         """Rebuild the session's STM from PostgreSQL."""
         try:
             async with self._lock(session_id):
-                state = await self.store.load_summary(user_id, session_id)
-                stored = await self.store.turns_after(user_id, session_id, state.covered_until)
+                state = await self.store.fold_point_of(user_id, session_id,
+                                                       await self.store.load_summary(user_id, session_id))
+                stored = await self.store.unfolded_turns(user_id, session_id, state)
                 rows = stored.turns
                 window, backlog = rows[-self.max_messages:], rows[: -self.max_messages]
                 if backlog:
-                    state = await self.summariser.fold(state, backlog, stored.scores)
+                    state = await self._fold(state, stored._replace(turns=backlog))
                     await self.store.save_summary(user_id, session_id, state)
                 if state.text or state.turns:
                     await self._write_summary(session_id, state)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -44,10 +44,12 @@ class Unembedded(NamedTuple):
 
 
 class Backlog(NamedTuple):
-    """Turns for the summary, oldest first, and the salience (by message_id) of those that have one."""
+    """Turns for the summary, oldest first, the salience (by message_id) of those that have one, and each turn's
+    message_index (by message_id: what the summary's fold point records)."""
 
     turns: list[Turn]
     scores: dict[str, float]
+    indexes: dict[str, int]
 """The user_id of sessions (and their messages) stored without one: never a user id (ids have a character at least)."""
 SESSION_IDS_KEY = "conversation_session_ids_pkey"
 """The constraint a new session violates when another user holds its id (migration 004's trigger raises it)."""
@@ -349,24 +351,47 @@ class ConversationStore:
                 (state.text, Jsonb(state.state_json()), user_id or NOBODY, session_id, state.turns),
             )
 
-    async def turns_after(self, user_id: str | None, session_id: str, after: float,
-                          before: float | None = None) -> Backlog:
-        """The session's turns in (after, before), oldest first: what the summary does not cover yet, with the
-        salience of those that have one.
-
-        Half a microsecond (the stored precision) is taken off both ends against float noise.
-        """
+    async def unfolded_turns(self, user_id: str | None, session_id: str, state: SummaryState,
+                             before: float | None = None) -> Backlog:
+        """The session's turns the summary has not folded in (by ``state``'s fold point, which must be known:
+        :meth:`fold_point_of`), oldest first; with ``before``, only those older than that timestamp (the window's
+        oldest turn). On the (session_id, message_index) index: the turns after the fold point and the few it
+        skipped, whatever their timestamps. Half a microsecond (the stored precision) is taken off ``before``
+        against float noise."""
+        assert state.folded_through is not None
         async with self.pool.connection() as conn:
             cur = await conn.execute(
-                "SELECT message_id, role, content, extract(epoch from timestamp)::float8, salience"
-                " FROM conversation_messages WHERE user_id = %s AND session_id = %s AND timestamp > to_timestamp(%s)"
-                " AND (%s::float8 IS NULL OR timestamp < to_timestamp(%s))"
-                " ORDER BY timestamp, message_index",
-                (user_id or NOBODY, session_id, after + 5e-7, before, None if before is None else before - 5e-7),
+                "SELECT message_id, role, content, extract(epoch from timestamp)::float8, salience, message_index"
+                " FROM conversation_messages WHERE user_id = %s AND session_id = %s"
+                " AND (message_index > %s OR message_index = ANY(%s))"
+                " AND (%s::float8 IS NULL OR timestamp < to_timestamp(%s)) ORDER BY timestamp, message_index",
+                (user_id or NOBODY, session_id, state.folded_through, state.not_folded, before,
+                 None if before is None else before - 5e-7),
             )
             rows = await cur.fetchall()
         return Backlog([Turn(r[0], "user" if r[1] == "human" else "ai" if r[1] == "ai" else "system", r[2], r[3])
-                        for r in rows], {r[0]: float(r[4]) for r in rows if r[4] is not None})
+                        for r in rows], {r[0]: float(r[4]) for r in rows if r[4] is not None},
+                       {r[0]: int(r[5]) for r in rows})
+
+    async def fold_point_of(self, user_id: str | None, session_id: str, state: SummaryState) -> SummaryState:
+        """``state`` with its fold point, for a state written before fold points were kept: it covered the turns up
+        to ``covered_until`` (by their timestamps, half a microsecond of float noise allowed). Two index reads: the
+        session's highest message index, and the indexes of the turns after that time (the window, a few more)."""
+        if state.folded_through is not None:
+            return state
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT (SELECT max(message_index) FROM conversation_messages WHERE user_id = %(uid)s"
+                "   AND session_id = %(sid)s),"
+                "  ARRAY(SELECT message_index FROM conversation_messages WHERE user_id = %(uid)s"
+                "   AND session_id = %(sid)s AND timestamp > to_timestamp(%(after)s))",
+                {"uid": user_id or NOBODY, "sid": session_id, "after": state.covered_until + 5e-7})
+            row = await cur.fetchone()
+        assert row is not None
+        through, unfolded = (-1 if row[0] is None else int(row[0])), {int(i) for i in row[1]}
+        while through in unfolded:
+            through -= 1
+        return replace(state, folded_through=through, not_folded=sorted(i for i in unfolded if i < through))
 
     # ------------------------------------------------------------------ context
     async def store_context(self, user_id: str, session_id: str, context_type: str, key: str, value: Any, *,

@@ -21,7 +21,7 @@ import heapq
 import json
 import re
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -92,25 +92,46 @@ class SummaryState:
     kind: str = ""
     tokens: int = 0
     turns: int = 0  # turns folded in so far
-    covered_until: float = 0.0  # timestamp of the newest folded turn: older evictions are already in
+    covered_until: float = 0.0  # timestamp of the newest folded turn (shown to readers; folding goes by index)
     sentences: list[Sentence] = field(default_factory=list)
     entities: dict[str, float] = field(default_factory=dict)  # name -> weight, decayed like sentences
+    # Which turns are folded in, by the session's message_index (assigned under the session's row lock, so in
+    # commit order): every index up to ``folded_through`` except those in ``not_folded`` (turns still in the window
+    # when a later-indexed turn with an older timestamp was folded: an import into a live session, two writers
+    # racing, a client's clock; at most about a window of them). None: a state written before this was kept, which
+    # covered every turn up to ``covered_until`` (ConversationStore.fold_point_of converts it).
+    folded_through: int | None = -1
+    not_folded: list[int] = field(default_factory=list)
 
     def state_json(self) -> dict[str, Any]:
         """The non-text part, for ``conversation_sessions.summary_state``."""
-        return {"kind": self.kind, "tokens": self.tokens, "turns": self.turns, "covered_until": self.covered_until,
-                "sentences": [s.to_json() for s in self.sentences],
-                "entities": {k: round(v, 4) for k, v in self.entities.items()}}
+        out = {"kind": self.kind, "tokens": self.tokens, "turns": self.turns, "covered_until": self.covered_until,
+               "sentences": [s.to_json() for s in self.sentences],
+               "entities": {k: round(v, 4) for k, v in self.entities.items()}}
+        if self.folded_through is not None:
+            out["folded_through"], out["not_folded"] = self.folded_through, self.not_folded
+        return out
 
     @classmethod
     def from_parts(cls, text: str | None, state: dict[str, Any] | None) -> SummaryState:
         s = state or {}
+        turns = int(s.get("turns", 0))
         return cls(
             text=text or "", kind=str(s.get("kind", "")), tokens=int(s.get("tokens", 0)),
-            turns=int(s.get("turns", 0)), covered_until=float(s.get("covered_until", 0.0)),
+            turns=turns, covered_until=float(s.get("covered_until", 0.0)),
             sentences=[Sentence.from_json(x) for x in s.get("sentences", [])],
             entities={str(k): float(v) for k, v in (s.get("entities") or {}).items()},
+            folded_through=int(s["folded_through"]) if "folded_through" in s else (None if turns else -1),
+            not_folded=[int(i) for i in s.get("not_folded", [])],
         )
+
+    def folding(self, indexes: Iterable[int]) -> tuple[int, list[int]]:
+        """(folded_through, not_folded) once the turns of these message indexes are folded in too (needs a known
+        fold point): the indexes skipped on the way up to the highest one are the turns still in the window."""
+        assert self.folded_through is not None, "a state from before fold points: convert it first (fold_point_of)"
+        new = set(indexes)
+        top = max(self.folded_through, *new) if new else self.folded_through
+        return top, sorted(({*self.not_folded} | set(range(self.folded_through + 1, top + 1))) - new)
 
     def redis_mapping(self, now: float) -> dict[str, str]:
         return {"text": self.text, "kind": self.kind, "tokens": str(self.tokens), "turns": str(self.turns),
@@ -223,8 +244,9 @@ class ExtractiveSummariser:
 
     def fold_sync(self, state: SummaryState, turns: Sequence[Turn],
                   scores: Mapping[str, float] | None = None) -> SummaryState:
-        """``scores``: message_id -> the salience model's score of the turn (missing: unknown)."""
-        new = [t for t in turns if t.timestamp > state.covered_until]
+        """``scores``: message_id -> the salience model's score of the turn (missing: unknown). ``turns``: turns not
+        folded in before (the caller's fold point says which; a turn given twice would count twice)."""
+        new = list(turns)
         if not new:
             return state
         decay = DECAY ** len(new)
@@ -249,7 +271,8 @@ class ExtractiveSummariser:
                                      born=state.turns + n)
         result = SummaryState(kind=EXTRACTIVE, turns=state.turns + len(new),
                               covered_until=max(state.covered_until, max(t.timestamp for t in new)),
-                              entities=dict(_strongest(entities, 4 * MAX_ENTITIES)))
+                              entities=dict(_strongest(entities, 4 * MAX_ENTITIES)),
+                              folded_through=state.folded_through, not_folded=state.not_folded)  # the caller's
         return self._fit(result, list(pool.values()))
 
     def _inherited(self, state: SummaryState) -> list[Sentence]:
@@ -344,7 +367,7 @@ class LlmSummariser:
 
     async def fold(self, state: SummaryState, turns: Sequence[Turn],
                    scores: Mapping[str, float] | None = None) -> SummaryState:
-        new = sorted((t for t in turns if t.timestamp > state.covered_until), key=lambda t: t.timestamp)
+        new = sorted(turns, key=lambda t: t.timestamp)
         if not new:
             return state
         lines = [f"{'user' if t.role == 'user' else 'assistant'}: {t.content}" for t in new]
@@ -362,7 +385,8 @@ class LlmSummariser:
             return await self.fallback.fold(state, new, scores)
         text, tokens = self._cut(text)
         return SummaryState(text=text, kind=f"llm:{self.model.name}", tokens=tokens, turns=state.turns + len(new),
-                            covered_until=max(state.covered_until, new[-1].timestamp), entities=state.entities)
+                            covered_until=max(state.covered_until, new[-1].timestamp), entities=state.entities,
+                            folded_through=state.folded_through, not_folded=state.not_folded)
 
     def _cut(self, text: str) -> tuple[str, int]:
         """Whole sentences, from the start, while they fit the budget (models overrun word limits)."""

@@ -15,6 +15,7 @@ from services.memory.service import MemoryService
 from services.memory.store import ConversationStore, NotFound, StoredMessage
 from services.memory.summary import LlmSummariser, SummaryState
 from services.memory.tokens import default_counter
+from shared.contracts.memory_api import ImportMessage
 from shared.runtime.llm import chat_model
 from shared.runtime.stm import Turn, read_stm
 from tests.fake_llm import fake_llm
@@ -211,6 +212,80 @@ async def test_concurrent_writers_of_one_session_fold_every_turn_once(mesh: Mesh
     assert stm.summary == state.text and "Lisbon" in state.text
 
 
+LATE = "My sister Beatriz lives in Porto and teaches violin at the conservatory."
+
+
+async def summary_of(svc: MemoryService, session_id: str) -> SummaryState:
+    state = await svc.store.load_summary("u1", session_id)
+    cached = SummaryState.from_redis(await svc.stm.redis.hgetall(svc.stm.names.stm_summary(session_id)))
+    assert cached is not None and cached.text == state.text and cached.turns == state.turns, "Redis and PostgreSQL"
+    return state
+
+
+async def test_a_turn_stored_late_with_an_older_time_is_folded_once(mesh: Mesh) -> None:
+    """A turn whose timestamp is older than turns the summary already folded (a client's clock, a replay, two
+    writers racing) leaves the window at once; the summary folds it all the same, and a redelivery adds nothing."""
+    svc = mesh.memory(stm_max_messages=5)
+    await seed(svc, "s", "u1", 30)
+    before = await summary_of(svc, "s")
+    assert before.turns == 25 and before.covered_until == BASE + 24 and before.folded_through == 24
+    late = StoredMessage(message_id="late", session_id="s", user_id="u1", role="human", content=LATE,
+                         timestamp=BASE - 10)
+    assert await svc.api.record(late)
+    await svc.stm.drain()
+    stm = await read_stm(mesh.redis, mesh.names, "s")
+    assert [t.message_id for t in stm.turns] == [f"s-{i}" for i in range(25, 30)]  # the window is the newest 5
+    state = await summary_of(svc, "s")
+    assert state.turns == 26 and "Beatriz" in state.text, state.text
+    assert (state.folded_through, state.not_folded) == (30, [25, 26, 27, 28, 29])  # 25-29: in the window
+    assert not await svc.api.record(late)  # a redelivery: not stored again, not folded again
+    await svc.stm.drain()
+    assert (await summary_of(svc, "s")).turns == 26
+    await seed(svc, "s", "u1", 5, start=30)  # turns 25-29 leave the window: the fold point closes the gap
+    state = await summary_of(svc, "s")
+    assert state.turns == 31 and (state.folded_through, state.not_folded) == (30, [])
+    assert "Beatriz" in state.text and "Lisbon" in state.text
+
+
+async def test_turns_imported_into_a_live_session_are_folded_into_its_summary(mesh: Mesh) -> None:
+    svc = mesh.memory(stm_max_messages=5)
+    await seed(svc, "s", "u1", 30)
+    result = await svc.api.import_messages("u1", [
+        ImportMessage(session_id="s", role="user", content=LATE, timestamp=BASE - 20),
+        ImportMessage(session_id="s", role="assistant", content="Porto has a fine conservatory.", timestamp=BASE - 19),
+    ])
+    assert result.imported == 2
+    await svc.stm.drain()
+    state = await summary_of(svc, "s")
+    assert state.turns == 27 and "Beatriz" in state.text, state.text
+    stm = await read_stm(mesh.redis, mesh.names, "s")
+    assert [t.message_id for t in stm.turns] == [f"s-{i}" for i in range(25, 30)]
+    await mesh.redis.flushall()  # a rebuild from PostgreSQL folds nothing twice
+    info = await svc.api.get_stm("u1", "s")
+    assert info.rehydrated and info.summary == state.text
+    assert (await svc.store.load_summary("u1", "s")).turns == 27
+
+
+async def test_a_summary_saved_before_fold_points_is_converted_and_goes_on(mesh: Mesh) -> None:
+    """A state written by an earlier version (no fold point: it covered every turn up to covered_until)."""
+    svc = mesh.memory(stm_max_messages=5)
+    await seed(svc, "s", "u1", 30)
+    async with svc.store.pool.connection() as conn:
+        await conn.execute("UPDATE conversation_sessions SET summary_state = summary_state - 'folded_through'"
+                           " - 'not_folded' WHERE session_id = 's'")
+    await mesh.redis.delete(mesh.names.stm_summary("s"))  # the catch-up reads PostgreSQL's copy
+    assert (await svc.store.load_summary("u1", "s")).folded_through is None
+    await seed(svc, "s", "u1", 1, start=30)  # turn 25 leaves the window: converted (up to 24), then folded
+    state = await summary_of(svc, "s")
+    assert state.turns == 26 and (state.folded_through, state.not_folded) == (25, [])
+    assert await svc.api.record(StoredMessage(message_id="late", session_id="s", user_id="u1", role="human",
+                                              content=LATE, timestamp=BASE - 10))
+    await svc.stm.drain()
+    state = await summary_of(svc, "s")
+    assert state.turns == 27 and "Beatriz" in state.text
+    assert (state.folded_through, state.not_folded) == (31, [26, 27, 28, 29, 30])
+
+
 async def test_a_failed_catch_up_is_made_good_by_the_next_write(mesh: Mesh) -> None:
     svc = mesh.memory(stm_max_messages=3)
     summariser = svc.stm.summariser
@@ -265,7 +340,7 @@ async def test_with_stm_salience_the_summary_is_given_the_stored_scores(mesh: Me
             # scored as stored (carry: by the write itself), long before the turn leaves the window
             assert await svc._embed_pending() == (0 if carry else 1)
         await svc.stm.drain()
-        stored = await svc.store.turns_after(user, sess, 0.0)
+        stored = await svc.store.unfolded_turns(user, sess, SummaryState())
         assert set(stored.scores) == {f"{sess}-{i}" for i in range(len(texts))}  # every message scored
         assert all(0.0 <= v <= 1.0 for v in stored.scores.values()) and len(set(stored.scores.values())) > 1
         folded = [m for ids, _ in given for m in ids]
@@ -288,4 +363,4 @@ async def test_without_stm_salience_nothing_is_scored(mesh: Mesh) -> None:
     assert await svc._embed_pending() == 0  # embedded as stored (MEMORY_CARRY_VECTORS)
     assert await mesh.count("SELECT count(*) FROM conversation_messages WHERE user_id = 'u-ns'"
                             " AND embedding IS NOT NULL") == 1
-    assert (await svc.store.turns_after("u-ns", "ns", 0.0)).scores == {}
+    assert (await svc.store.unfolded_turns("u-ns", "ns", SummaryState())).scores == {}

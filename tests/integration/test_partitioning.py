@@ -412,7 +412,7 @@ async def test_each_statement_of_the_memory_service_touches_one_partition(
                             ConversationStore(pool))
         api = svc.api
         await api.create_session("u1", "s1", name="plans")
-        for i in range(6):  # the STM window is 3: older turns are folded (load_summary, turns_after, save_summary)
+        for i in range(6):  # the STM window is 3: older turns are folded (load_summary, unfolded_turns, save_summary)
             await api.record(StoredMessage(message_id=f"m{i}", session_id="s1", user_id="u1", role="human",
                                            content=f"turn {i} about the garden", timestamp=BASE + i))
         await svc.stm.drain()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from cryptography.fernet import Fernet
@@ -58,8 +59,7 @@ async def test_extractive_fold_is_progressive_and_within_budget() -> None:
     assert state.kind == EXTRACTIVE and state.turns == 2 and state.covered_until == 101.0
     assert "Ines" in state.text and state.text.startswith("Extractive summary of 2 earlier turns")
     assert default_counter().count(state.text) == state.tokens <= 120
-    # the same turns again (a redelivery) change nothing
-    assert await s.fold(state, turns("My daughter Ines starts school in Coimbra in September.")) is state
+    assert await s.fold(state, []) is state  # nothing to fold (which turns are new is the fold point's business)
     # many more turns: still under budget, and the strong early fact survives the chatter
     chatter = [f"Turn {i}: we chatted about the weather and lunch plans again." for i in range(200)]
     for t in turns(*chatter, start=200.0):
@@ -67,6 +67,22 @@ async def test_extractive_fold_is_progressive_and_within_budget() -> None:
     assert state.turns == 202 and state.tokens <= 120 and "Ines" in state.text
     restored = SummaryState.from_parts(state.text, json.loads(json.dumps(state.state_json())))
     assert [x.text for x in restored.sentences] == [x.text for x in state.sentences] and restored.turns == 202
+
+
+def test_the_fold_point_rises_to_the_highest_index_folded_and_keeps_the_ones_it_skipped() -> None:
+    state = SummaryState(folded_through=9)
+    assert state.folding([]) == (9, [])
+    assert state.folding([10, 11]) == (11, [])
+    assert state.folding([14, 12]) == (14, [10, 11, 13])  # 10, 11, 13 still in the window: 12 and 14 came late
+    later = replace(state, folded_through=14, not_folded=[10, 11, 13])
+    assert later.folding([10, 11]) == (14, [13]) and later.folding([10, 11, 13, 15]) == (15, [])
+    saved = SummaryState.from_parts("", json.loads(json.dumps(later.state_json())))
+    assert (saved.folded_through, saved.not_folded) == (14, [10, 11, 13])
+    # a state written before fold points were kept: unknown (the store converts it); an empty one: nothing folded
+    old = later.state_json()
+    del old["folded_through"], old["not_folded"]
+    assert SummaryState.from_parts("x", {**old, "turns": 3}).folded_through is None
+    assert SummaryState.from_parts("", {}).folded_through == -1
 
 
 async def test_an_llm_summary_is_carried_on_by_the_extractive_fold() -> None:
