@@ -14,8 +14,10 @@ it builds is captured.
    turn's index in seconds, message ids derived from user, session and turn (a re-import dedups).
 2. The command waits until the ``ltm`` group on ``memory_updates`` has nothing left (lag 0, pending 0).
 3. Each question is then a ``UserInput`` on ``user_input_queue`` in a new session, timestamped
-   ``question_date``; the reply is read from ``ai_responses``. Questions are asked one at a time, and the
-   recorded prompt is the one whose last user message is the question.
+   ``question_date``; the reply is read from ``ai_responses``. Questions are asked one at a time, or
+   ``--concurrency N`` at once (N people asking at the same time: the next question goes as soon as one is
+   answered, so the memory search runs under that load, at the default ``LTM_TIMEOUT_MS``), and the recorded
+   prompt is the one whose last user message is the question.
 4. The memory block is the prompt's system message that starts with ``MEMORY_HEADER``
    (services/chat_ai/prompt.py). A ``has_answer`` turn counts as found when ``contains_turn`` finds it in the
    block; a question's ``evidence_turn_any``/``_all`` say whether one / every such turn was found.
@@ -289,6 +291,9 @@ def add_parser(sub: Any) -> None:
                    help="the memory service embeds nothing (MEMORY_EMBED_MESSAGES=false): ltm embeds every turn "
                         "itself (by default memory embeds each message as it is imported and the vector is carried "
                         "to ltm, as deployed)")
+    p.add_argument("--concurrency", type=int, default=1,
+                   help="questions asked at once, each by its own user, the next as soon as one is answered (default "
+                        "1: one after another); e.g. 10 for ten people chatting at the same time")
     p.add_argument("--keep", action="store_true", help="keep the run's users, sessions and bus keys")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -300,6 +305,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"no such file: {args.data}")
     if args.ltm_workers < 1:
         raise SystemExit("--ltm-workers must be at least 1")
+    if args.concurrency < 1:
+        raise SystemExit("--concurrency must be at least 1")
     try:
         questions = load(args.data)
         if args.ids:
@@ -315,7 +322,7 @@ def run(args: argparse.Namespace) -> int:
     options = RunOptions(data=args.data, backend=args.backend, ltm_workers=args.ltm_workers, run_id=args.run_id,
                          run_dir=args.run_dir, reply_timeout=args.reply_timeout, judge_model=args.judge_model,
                          use_llm=not args.no_llm, memory_embed=args.memory_embed, keep=args.keep,
-                         progress=not args.no_progress, prompts=prompts)
+                         progress=not args.no_progress, prompts=prompts, concurrency=args.concurrency)
     rows, config, ingest = evaluate(questions, options)
     result = report(rows, config, ingest)
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
@@ -323,8 +330,8 @@ def run(args: argparse.Namespace) -> int:
     chart(result, png)
     s = result["summary"]
     qa = f", QA accuracy {s['qa_accuracy']} ({config['judge_model']})" if "qa_accuracy" in s else ""
-    print(f"longmemeval ({config['backend']}, {s['questions']} questions): evidence turn any "
-          f"{s['evidence_turn_any']}, all {s['evidence_turn_all']}, session any {s['evidence_session_any']}, "
+    print(f"longmemeval ({config['backend']}, {s['questions']} questions, {args.concurrency} at once): evidence "
+          f"turn any {s['evidence_turn_any']}, all {s['evidence_turn_all']}, session any {s['evidence_session_any']}, "
           f"block {s['memory_block_tokens']['mean']} tokens mean, ltm {s['ltm']}{qa}; ingest "
           f"{s['ingest_per_s']} updates/s -> {args.out}, {png}, {prompts}")
     return 0

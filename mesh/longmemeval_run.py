@@ -41,6 +41,7 @@ class RunOptions:
     keep: bool
     progress: bool
     prompts: Path
+    concurrency: int = 1  # questions in flight at once (each its own user): people asking at the same time
 
 
 def user_of(q: Question, run_id: str) -> str:
@@ -92,7 +93,7 @@ def evaluate(questions: list[Question], options: RunOptions) -> tuple[list[dict[
         "data": str(options.data), "backend": options.backend, "ltm_workers": options.ltm_workers, "run_id": run_id,
         "run_dir": str(run_dir), "questions": len(questions), "key_prefix": prefix,
         "llm": "proxy" if proxy else "recording", "upstream": upstream, "model": chat.llm_model,
-        "judge_model": judge_model, "memory_embed_messages": options.memory_embed,
+        "judge_model": judge_model, "memory_embed_messages": options.memory_embed, "concurrency": options.concurrency,
         "chat_ai": {k: v for k, v in chat.model_dump().items() if k.startswith(("ltm_", "enable_ltm", "memory_stm"))},
         "ltm": {k: v for k, v in ltm.model_dump().items()
                 if k in ("ltm_rank_profile", "ltm_context_turns", "ltm_result_tokens", "ltm_min_similarity",
@@ -323,16 +324,26 @@ class Drive:
     async def ask_all(self) -> list[dict[str, Any]]:
         from tqdm import tqdm
 
-        rows = []
         bar = tqdm(total=len(self.questions), desc="questions", unit="q", disable=not self.options.progress)
-        with self.options.prompts.open("w", encoding="utf-8") as prompts:
-            for q in self.questions:
-                rows.append(await self.ask(q, prompts))
-                bar.update()
-        bar.close()
-        return rows
+        at_once = asyncio.Semaphore(self.options.concurrency)
 
-    async def ask(self, q: Question, prompts: Any) -> dict[str, Any]:
+        same_text: dict[str, asyncio.Lock] = {}  # a prompt is found by its question: one such question at a time
+
+        async def one(q: Question) -> tuple[dict[str, Any], str]:
+            # a closed loop: the next question is asked as soon as one is answered
+            async with same_text.setdefault(q.question, asyncio.Lock()), at_once:
+                asked = await self.ask(q)
+            bar.update()
+            return asked
+
+        asked = await asyncio.gather(*(one(q) for q in self.questions))
+        bar.close()
+        with self.options.prompts.open("w", encoding="utf-8") as prompts:  # in question order, however answered
+            prompts.writelines(line for _, line in asked)
+        return [row for row, _ in asked]
+
+    async def ask(self, q: Question) -> tuple[dict[str, Any], str]:
+        """The question's row and its prompts.jsonl line."""
         user = user_of(q, self.run_id)
         since = self.rec.count()
         started = time.perf_counter()
@@ -355,12 +366,12 @@ class Drive:
         if self.judge is not None and reply is not None:
             verdict = await self.judge.grade(q.question_id, q.question_type, q.question, q.answer, reply.content)
             row["judge"] = {"correct": verdict.correct, "raw": verdict.raw, "error": verdict.error}
-        prompts.write(json.dumps({
+        line = json.dumps({
             "question_id": q.question_id, "question_type": q.question_type,
             "messages": record.messages if record else None, "model_reply": record.reply if record else None,
             "status": record.status if record else None, "upstream": record.upstream if record else None,
-            "error": record.error if record else None}) + "\n")
-        return row
+            "error": record.error if record else None}) + "\n"
+        return row, line
 
     # ------------------------------------------------------------------ cleanup
     async def cleanup(self) -> None:

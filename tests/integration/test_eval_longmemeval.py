@@ -166,7 +166,7 @@ def test_eval_command_end_to_end(tmp_path: Path, redis_url: str, database_url: s
     data, out = tmp_path / "tiny.json", tmp_path / "report.json"
     data.write_text(json.dumps(dataset()))
     assert main(["eval", "longmemeval", "--data", str(data), "--out", str(out), "--ltm-workers", "1",
-                 "--run-dir", str(tmp_path / "run"), "--run-id", "t1", "--no-progress"]) == 0
+                 "--run-dir", str(tmp_path / "run"), "--run-id", "t1", "--no-progress", "--concurrency", "3"]) == 0
     result = json.loads(out.read_text())
     assert set(result) == {"summary", "per_type", "config", "questions"}
     s = result["summary"]
@@ -181,6 +181,7 @@ def test_eval_command_end_to_end(tmp_path: Path, redis_url: str, database_url: s
     assert sum(t["questions"] for t in result["per_type"].values()) == 3
     config = result["config"]
     assert config["llm"] == "recording" and config["judge_model"] is None and config["ltm_workers"] == 1
+    assert config["concurrency"] == 3  # the three questions asked at once; rows and prompts in question order
     assert config["chat_ai"]["ltm_timeout_ms"] > 0 and config["backend"] == "native"
     rows = {r["question_id"]: r for r in result["questions"]}
     assert set(rows) == {"q_tortoise", "q_assistant", "q_multi"}
