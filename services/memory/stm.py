@@ -142,7 +142,7 @@ class StmWriter:
                     return  # no window (expired, flushed): the next access rebuilds everything
                 cached = SummaryState.from_redis(summary)
                 state = cached if cached is not None else await self.store.load_summary(user_id, session_id)
-                state = await self.store.fold_point_of(user_id, session_id, state)
+                state = await self._with_fold_point(session_id, user_id, state)
                 backlog = await self.store.unfolded_turns(user_id, session_id, state, before=float(oldest[0][1]))
                 if backlog.turns:
                     await self._fold_locked(session_id, user_id, backlog, state)
@@ -174,6 +174,16 @@ class StmWriter:
             await self._write_summary(session_id, new_state)
             await self.store.save_summary(user_id, session_id, new_state)
 
+    async def _with_fold_point(self, session_id: str, user_id: str | None, state: SummaryState) -> SummaryState:
+        """A state saved before fold points were kept, converted and saved at once (held under the lock): converted
+        again later, a turn stored late meanwhile would pass for folded by its timestamp."""
+        if state.folded_through is not None:
+            return state
+        state = await self.store.fold_point_of(user_id, session_id, state)
+        await self._write_summary(session_id, state)
+        await self.store.save_summary(user_id, session_id, state)
+        return state
+
     async def _fold(self, state: SummaryState, backlog: Backlog) -> SummaryState:
         """The summary with the backlog's turns folded in, its fold point moved past them (held under the lock)."""
         if not backlog.turns:
@@ -194,8 +204,8 @@ class StmWriter:
         """Rebuild the session's STM from PostgreSQL."""
         try:
             async with self._lock(session_id):
-                state = await self.store.fold_point_of(user_id, session_id,
-                                                       await self.store.load_summary(user_id, session_id))
+                state = await self._with_fold_point(session_id, user_id,
+                                                    await self.store.load_summary(user_id, session_id))
                 stored = await self.store.unfolded_turns(user_id, session_id, state)
                 rows = stored.turns
                 window, backlog = rows[-self.max_messages:], rows[: -self.max_messages]

@@ -267,15 +267,25 @@ async def test_turns_imported_into_a_live_session_are_folded_into_its_summary(me
 
 
 async def test_a_summary_saved_before_fold_points_is_converted_and_goes_on(mesh: Mesh) -> None:
-    """A state written by an earlier version (no fold point: it covered every turn up to covered_until)."""
+    """A state written by an earlier version (no fold point: it covered every turn up to covered_until) is
+    converted by the next catch-up or rebuild, and saved at once."""
     svc = mesh.memory(stm_max_messages=5)
     await seed(svc, "s", "u1", 30)
-    async with svc.store.pool.connection() as conn:
-        await conn.execute("UPDATE conversation_sessions SET summary_state = summary_state - 'folded_through'"
-                           " - 'not_folded' WHERE session_id = 's'")
+
+    async def saved_by_an_earlier_version() -> None:
+        async with svc.store.pool.connection() as conn:
+            await conn.execute("UPDATE conversation_sessions SET summary_state = summary_state - 'folded_through'"
+                               " - 'not_folded' WHERE session_id = 's'")
+        assert (await svc.store.load_summary("u1", "s")).folded_through is None
+
+    await saved_by_an_earlier_version()
     await mesh.redis.delete(mesh.names.stm_summary("s"))  # the catch-up reads PostgreSQL's copy
-    assert (await svc.store.load_summary("u1", "s")).folded_through is None
     await seed(svc, "s", "u1", 1, start=30)  # turn 25 leaves the window: converted (up to 24), then folded
+    state = await summary_of(svc, "s")
+    assert state.turns == 26 and (state.folded_through, state.not_folded) == (25, [])
+    await saved_by_an_earlier_version()
+    await mesh.redis.delete(*(key("s") for key in (mesh.names.stm_turns, mesh.names.stm_meta, mesh.names.stm_summary)))
+    assert (await svc.api.get_stm("u1", "s")).rehydrated  # nothing to fold: converted and saved all the same
     state = await summary_of(svc, "s")
     assert state.turns == 26 and (state.folded_through, state.not_folded) == (25, [])
     assert await svc.api.record(StoredMessage(message_id="late", session_id="s", user_id="u1", role="human",
