@@ -267,14 +267,18 @@ class ChatService:
         stm_task = asyncio.create_task(self.load_stm(msg))
         docs_task = asyncio.create_task(self.recall_docs(msg))  # beside the memory search, the same wait
         memories, status = await self.recall(msg)
+        ltm_ms = (time.perf_counter() - started) * 1000
         if status != "disabled":  # the wait for long-term memory, as the turn sees it
-            prom.RETRIEVAL_MS.labels("chat_ai", status).observe((time.perf_counter() - started) * 1000)
+            prom.RETRIEVAL_MS.labels("chat_ai", status).observe(ltm_ms)
         passages, docs = await docs_task
         leave_intake()  # the wait for ltm is over: the consumer may take the next input in this one's place
         stm = await stm_task
+        ready_ms = (time.perf_counter() - started) * 1000  # memories, passages and STM in hand
         s = self.settings
         block = prompt_block(memories, passages, s.ltm_prompt_tokens, s.ltm_turn_tokens, s.rag_prompt_tokens)
+        generating = time.perf_counter()
         reply = await self._generate(msg, block, stm)
+        llm_ms = (time.perf_counter() - generating) * 1000
         response = AIResponse(
             message_id=derive_id("reply", msg.user_id or "", msg.message_id), in_reply_to=msg.message_id,
             user_id=msg.user_id, session_id=msg.session_id, content=reply.text,
@@ -292,8 +296,8 @@ class ChatService:
         if docs != "disabled":
             self.metrics.incr(f"replies.docs_{docs}")
         log.info("chat_ai.replied", ltm=status, memories=len(memories), docs=docs, passages=len(block.passages),
-                 model=reply.model,
-                 latency_ms=response.meta.latency_ms, content=content(msg.content))
+                 model=reply.model, latency_ms=response.meta.latency_ms, ltm_ms=round(ltm_ms, 1),
+                 ready_ms=round(ready_ms, 1), llm_ms=round(llm_ms, 1), content=content(msg.content))
 
     async def _generate(self, msg: UserInput, block: MemoryBlock, stm: Stm) -> Reply:
         if self.llm is None:
