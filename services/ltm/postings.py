@@ -39,14 +39,23 @@ class Postings:
 
     def add(self, row: int, lexemes: Sequence[str], counts: Sequence[int]) -> None:
         """Row ``row`` holds ``lexemes`` (each ``counts[i]`` times); into the tail."""
+        self.add_rows(row, [lexemes], [counts])
+
+    def add_rows(self, first: int, lexemes: Sequence[Sequence[str]], counts: Sequence[Sequence[int]]) -> None:
+        """Rows ``first``, ``first + 1``, ... hold ``lexemes[j]`` (each ``counts[j][i]`` times): :meth:`add` for a
+        chunk of rows at once (a load's), without a Python step per posting but the lexeme's lookup."""
         ids = self._ids
-        for lexeme, tf in zip(lexemes, counts, strict=True):
-            k = ids.get(lexeme)
-            if k is None:
-                k = ids[lexeme] = len(ids)
-            self._tail_lex.append(k)
-            self._tail_rows.append(row)
-            self._tail_tfs.append(tf)
+        flat = [lexeme for row in lexemes for lexeme in row]
+        if not flat:
+            return
+        ks = [ids.setdefault(lexeme, len(ids)) for lexeme in flat]  # a new lexeme gets the next number
+        sizes = np.fromiter((len(row) for row in lexemes), np.int64, len(lexemes))
+        tfs = [tf for row in counts for tf in row]
+        if len(tfs) != len(ks):
+            raise ValueError("lexemes and counts differ in length")
+        self._tail_lex.extend(ks)
+        self._tail_rows.frombytes(np.repeat(np.arange(first, first + len(lexemes), dtype=np.int32), sizes).tobytes())
+        self._tail_tfs.extend(tfs)
 
     def get(self, lexeme: str) -> tuple[np.ndarray, np.ndarray] | None:
         """(rows, counts as int32) of ``lexeme``, None when no row holds it. Read only: views of the arrays."""

@@ -207,11 +207,10 @@ class _User:
             self.txids[i] = _xid(r[_TXID])
             self.id_hi[i], self.id_lo[i] = divmod(r[0].int, 1 << 64)
             self.pos[self.rows[i]["memory_id"]] = i
-            lexemes, counts = r[_VEC + 1], r[_VEC + 2]
-            self.dl[i] = len(lexemes)
+            self.dl[i] = len(r[_VEC + 1])
             self.types[i] = self.code("t:" + r[_TYPE])
             self.sessions[i] = self.code(None if r[_SESSION] is None else "s:" + r[_SESSION])
-            self.postings.add(i, lexemes, counts)
+        self.postings.add_rows(start, [r[_VEC + 1] for r in fresh.values()], [r[_VEC + 2] for r in fresh.values()])
         return k
 
     def _columns(self, i: int, row: dict[str, Any]) -> None:

@@ -22,10 +22,16 @@ def test_postings_match_a_dict_of_lists_before_and_after_every_merge() -> None:
     p, plain = Postings(), {}
     row = 0
     for step in range(40):  # a load (forced merge), then catch-ups of a few rows, merged when the tail is large
+        chunk: list[tuple[list[str], list[int]]] = []
         for _ in range(rng.choice([1, 3, 50])):
             lexemes = rng.sample(vocab, rng.randint(0, 12))
-            counts = [rng.randint(1, 4) for _ in lexemes]
-            p.add(row, lexemes, counts)
+            chunk.append((lexemes, [rng.randint(1, 4) for _ in lexemes]))
+        if step % 2:  # a row at a time (a catch-up) or the chunk at once (a load)
+            for j, (lexemes, counts) in enumerate(chunk):
+                p.add(row + j, lexemes, counts)
+        else:
+            p.add_rows(row, [lx for lx, _ in chunk], [tf for _, tf in chunk])
+        for lexemes, counts in chunk:
             for lexeme, tf in zip(lexemes, counts, strict=True):
                 plain.setdefault(lexeme, []).append((row, tf))
             row += 1
