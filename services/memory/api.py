@@ -127,7 +127,7 @@ class MemoryApi:
                 if update is not None and self.carrier is not None:
                     update.embedding = self.carrier.carried(m, embedded)
                 if self.salience is not None and embedded.tokens is not None:  # the STM summary's score, as stored
-                    scores = Carrier.stm_scores(self.salience, [m], {m.message_id: embedded})
+                    scores = self.salience.score_embedded([m], {m.message_id: embedded})
                     await self.store.set_embeddings([(m.user_id or NOBODY, m.message_id, embedded.vector,
                                                       scores.get(m.message_id))])
 

@@ -16,14 +16,13 @@ update goes out without one.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from services.ltm.salience.infer import SalienceModel, SessionStates, TextTurn, session_key
-from services.memory.salience import MessageSalience
-from services.memory.store import NOBODY, StoredMessage, Unembedded
+from services.memory.store import StoredMessage
 from shared.contracts.messages import CarriedEmbedding
 from shared.runtime.carried import carry, model_id
 from shared.runtime.embedding import Embedder
@@ -79,21 +78,6 @@ class Carrier:
             score = self.salience.score_texts([turn], {m.content: e.vector}, {m.content: e.tokens}, self.states)[0]
         self.metrics.incr("carry.vectors")
         return carry(e.vector, e.model, score)
-
-    @staticmethod
-    def stm_scores(salience: MessageSalience, messages: Sequence[StoredMessage],
-                   embedded: Mapping[str, Embedded]) -> dict[str, float]:
-        """STM_SALIENCE_WEIGHT > 0: the scores the background pass would have stored for these messages (their
-        vectors are stored already, so that pass will not see them), in order; only messages with token vectors."""
-        tokens = {m.content: toks for m in messages
-                  if m.message_id in embedded and (toks := embedded[m.message_id].tokens) is not None}
-        scored = [m for m in messages if m.message_id in embedded and m.content in tokens]
-        if not scored:
-            return {}
-        scores = salience.score(
-            [Unembedded(m.user_id or NOBODY, m.message_id, m.content, m.session_id, m.role == "ai") for m in scored],
-            {m.content: embedded[m.message_id].vector for m in scored}, tokens)
-        return {m.message_id: s for m, s in zip(scored, scores, strict=True)}
 
     def forget(self) -> None:
         """After a user's deletion: no state derived from their turns stays in the process."""

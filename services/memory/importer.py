@@ -179,7 +179,7 @@ class HistoryImporter:
     async def _store_vectors(self, messages: list[StoredMessage], embedded: Mapping[str, Embedded]) -> None:
         """The imported messages' vectors (and STM scores) for search_messages. After the commit, so a failure here
         loses nothing: the rows are in, and the background job embeds what has no vector yet (counted, logged)."""
-        scores = Carrier.stm_scores(self.salience, messages, embedded) if self.salience is not None else {}
+        scores = self.salience.score_embedded(messages, embedded) if self.salience is not None else {}
         try:
             await self.store.set_embeddings([(m.user_id or NOBODY, m.message_id, embedded[m.message_id].vector,
                                               scores.get(m.message_id)) for m in messages if m.message_id in embedded])
