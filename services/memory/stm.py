@@ -42,6 +42,16 @@ from shared.runtime.stm import Stm, Turn, read_stm
 
 log = get_logger(__name__)
 
+# The summary's HSET and TTL, only while the session's meta exists (KEYS: summary, meta; ARGV: ttl, then field and
+# value pairs): a fold that ends after the session's keys were dropped (a failed catch-up, a deletion) or expired
+# leaves no summary behind without its owner. 1 when written.
+_SUMMARY_IF_PRESENT = """
+if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
 
 class StmWriter:
     def __init__(self, redis: aioredis.Redis, names: Names, store: ConversationStore, summariser: Summariser,
@@ -161,9 +171,11 @@ class StmWriter:
         await self.drain()
 
     async def _forget(self, session_id: str) -> None:
-        """After a failed catch-up: drop the meta key, so the next access rebuilds from PostgreSQL (nothing is lost)."""
+        """After a failed catch-up: drop the session's STM, so the next access rebuilds it from PostgreSQL (nothing
+        is lost). All three keys: turns or a summary left without their meta have no owner to check a reader
+        against (shared/runtime/stm.py)."""
         try:
-            await self.redis.delete(self.names.stm_meta(session_id))
+            await self.forget_session(session_id)
         except Exception:  # noqa: BLE001 - best effort; the original error is what the caller must see
             log.warning("memory.stm_forget_failed", session_id=session_id)
 
@@ -192,12 +204,20 @@ class StmWriter:
         through, holes = state.folding(backlog.indexes[t.message_id] for t in backlog.turns)
         return replace(folded, folded_through=through, not_folded=holes)
 
-    async def _write_summary(self, session_id: str, state: SummaryState) -> None:
+    async def _write_summary(self, session_id: str, state: SummaryState, *, rebuilding: bool = False) -> None:
+        """The summary for readers: while the session's STM is in Redis (its meta there), or unconditionally when
+        ``rebuilding`` it from PostgreSQL (under the lock, just before its window and meta are written)."""
         key = self.names.stm_summary(session_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(key, mapping=state.redis_mapping(time.time()))  # type: ignore[arg-type]
-            pipe.expire(key, self.ttl_s)
-            await pipe.execute()
+        mapping = state.redis_mapping(time.time())
+        if rebuilding:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hset(key, mapping=mapping)  # type: ignore[arg-type]
+                pipe.expire(key, self.ttl_s)
+                await pipe.execute()
+            return
+        pairs = [x for k, v in mapping.items() for x in (k, v)]
+        await self.redis.eval(_SUMMARY_IF_PRESENT, 2, key, self.names.stm_meta(session_id),  # type: ignore[misc]
+                              self.ttl_s, *pairs)
 
     # ------------------------------------------------------------------ rebuilding
     async def rehydrate(self, session_id: str, user_id: str | None) -> None:
@@ -213,7 +233,9 @@ class StmWriter:
                     state = await self._fold(state, stored._replace(turns=backlog))
                     await self.store.save_summary(user_id, session_id, state)
                 if state.text or state.turns:
-                    await self._write_summary(session_id, state)
+                    await self._write_summary(session_id, state, rebuilding=True)
+                else:  # nothing to summarise yet: no summary left over from before either
+                    await self.redis.delete(self.names.stm_summary(session_id))
                 # A turn the write path added just before (the one that found the STM missing) is in the
                 # window too, but its timestamp from PostgreSQL is rounded to microseconds: a different
                 # member. Keep the one already there.

@@ -17,7 +17,9 @@ Short-term memory (STM) layout, written only by the memory service:
     the summariser's JSON state). Kept under ``STM_MAX_TOKENS`` tokens.
 ``stm:{session_id}:meta``
     hash with ``user_id`` and ``rehydrated_at``. Its absence means "rebuild
-    from PostgreSQL" (services/memory/stm.py).
+    from PostgreSQL" (services/memory/stm.py): turns or a summary found
+    without it are never read (their owner is unknown), and a summary is
+    written only while it exists (or by the rebuild itself).
 ``lock:stm:{session_id}``
     the memory service's lock around summary folds and rebuilds of a session.
 

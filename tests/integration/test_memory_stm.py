@@ -311,12 +311,38 @@ async def test_a_failed_catch_up_is_made_good_by_the_next_write(mesh: Mesh) -> N
     summariser.fold = flaky  # type: ignore[method-assign]
     await seed(svc, "s", "u1", 4)  # turn 0 leaves the window; its fold fails
     assert svc.stm.failures == 1
-    assert not await mesh.redis.exists(mesh.names.stm_meta("s"))  # marked for a rebuild
+    # the session's STM dropped for a rebuild: all of it, so no turn or summary is left without its owner
+    assert not await mesh.redis.exists(mesh.names.stm_meta("s"), mesh.names.stm_turns("s"),
+                                       mesh.names.stm_summary("s"))
     await seed(svc, "s", "u1", 1, start=4)  # the next write rebuilds: turns 0 and 1 are folded
     state = await svc.store.load_summary("u1", "s")
     assert state.turns == 2 and "Lisbon" in state.text
     stm = await read_stm(mesh.redis, mesh.names, "s")
     assert [t.message_id for t in stm.turns] == ["s-2", "s-3", "s-4"] and stm.summary == state.text
+
+
+async def test_a_fold_ending_after_its_session_was_dropped_leaves_no_summary(mesh: Mesh) -> None:
+    """A catch-up still folding when the session's STM is dropped (its deletion, or its keys expiring) writes the
+    durable copy but no summary in Redis: a summary without its meta has no owner a reader could be checked
+    against."""
+    svc = mesh.memory(stm_max_messages=3)
+    summariser = svc.stm.summariser
+    working = summariser.fold
+
+    async def dropped_meanwhile(state: SummaryState, turns: Sequence[Turn],
+                                scores: Mapping[str, float] | None = None) -> SummaryState:
+        await svc.stm.forget_session("s")
+        return await working(state, turns, scores)
+
+    summariser.fold = dropped_meanwhile  # type: ignore[method-assign]
+    await seed(svc, "s", "u1", 4)  # turn 0 leaves the window and is folded while the STM is dropped
+    assert svc.stm.failures == 0
+    assert not await mesh.redis.exists(mesh.names.stm_summary("s"))
+    assert not (await read_stm(mesh.redis, mesh.names, "s")).exists
+    assert "Lisbon" in (await svc.store.load_summary("u1", "s")).text  # the fold itself is kept in PostgreSQL
+    summariser.fold = working  # type: ignore[method-assign]
+    info = await svc.api.get_stm("u1", "s")  # and the rebuild serves it
+    assert info.rehydrated and "Lisbon" in info.summary and [t.message_id for t in info.turns] == ["s-1", "s-2", "s-3"]
 
 
 async def test_with_stm_salience_the_summary_is_given_the_stored_scores(mesh: Mesh) -> None:

@@ -75,7 +75,13 @@ async def test_another_users_session_id_never_shows_that_session(mesh: Mesh) -> 
                                     session_id="s-own")
             reply = await mesh.reply_to(probe)
             assert "PIN3272c9" not in reply.content, (intruder, reply.content)
-        # the owner still gets the session's own short-term memory
+        # the session's turns and summary left in Redis without their meta (whose user_id names the owner), as a
+        # summary written after the session's keys expired leaves them: nobody may read them, not even by guessing
+        await mesh.redis.delete(mesh.names.stm_meta("s-own"))
+        probe = await mesh.send("What was my last message before this one?", user_id="u-intruder", session_id="s-own")
+        reply = await mesh.reply_to(probe)
+        assert "PIN3272c9" not in reply.content, reply.content
+        # the owner still gets the session's own short-term memory (rebuilt by memory, which checks the owner)
         again = await mesh.send("What was my last message before this one?", user_id="u-owner", session_id="s-own")
         assert "PIN3272c9" in (await mesh.reply_to(again)).content
 
