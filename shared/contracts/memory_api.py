@@ -14,7 +14,16 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, TypeAdapter, field_validator
 
 from shared.contracts.errors import ErrorInfo
-from shared.contracts.messages import EmptyData, Id, Message, PingRequest, RequestEnvelope, _check_size, derive_id
+from shared.contracts.messages import (
+    EmptyData,
+    Id,
+    Message,
+    PingRequest,
+    RequestEnvelope,
+    Timestamp,
+    _check_size,
+    derive_id,
+)
 
 Role = Literal["human", "ai", "system"]
 ImportRole = Literal["user", "assistant", "human", "ai", "system"]
@@ -44,7 +53,7 @@ class StoreMessageData(Message):
     message_id: Id | None = None  # made by the service when absent; storing the same id twice is a no-op
     parent_message_id: Id | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
-    timestamp: float | None = None
+    timestamp: Timestamp | None = None
     is_context_message: bool = False
 
     _size = field_validator("content")(_check_size)
@@ -119,7 +128,7 @@ class ImportMessage(Message):
     session_id: Id
     role: ImportRole
     content: str = Field(min_length=1)
-    timestamp: float = Field(ge=0.0, lt=32_503_680_000.0)  # epoch seconds, before the year 3000
+    timestamp: Timestamp
     meta: dict[str, Any] = Field(default_factory=dict)
 
     _size = field_validator("content")(_check_size)

@@ -28,6 +28,10 @@ DEFAULT_MAX_DOCUMENT_BYTES = 1024 * 1024  # doc_add's text (LTM_DOC_MAX_BYTES); 
 ID_NAMESPACE = uuid.UUID("6f1c8a52-3d5e-4f0b-9a51-5b8f0d7c2e11")
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=256, strip_whitespace=True)]
+# Epoch seconds from 1970 to before the year 3000: a timestamp in milliseconds (or NaN, or infinity) is refused at
+# the edge with a clear error, instead of failing a date conversion deep in a consumer.
+EPOCH_MAX = 32_503_680_000.0
+Timestamp = Annotated[float, Field(ge=0.0, lt=EPOCH_MAX, description="epoch seconds (1970 to before 3000)")]
 MemoryType = Literal["preference", "fact", "commitment", "instruction", "entity", "episodic"]
 LtmStatus = Literal["hit", "miss", "timeout", "error", "disabled"]
 Source = Literal["user", "ai"]
@@ -75,7 +79,7 @@ class UserInput(Message):
     user_id: Id | None = None
     session_id: Id
     content: str = Field(min_length=1)
-    timestamp: float = Field(default_factory=time.time)
+    timestamp: Timestamp = Field(default_factory=time.time)
     meta: dict[str, Any] = Field(default_factory=dict)
 
     _size = field_validator("content")(_check_size)
@@ -107,7 +111,7 @@ class AIResponse(Message):
     user_id: Id | None = None
     session_id: Id
     content: str
-    timestamp: float = Field(default_factory=time.time)
+    timestamp: Timestamp = Field(default_factory=time.time)
     meta: AIResponseMeta = Field(default_factory=AIResponseMeta)
 
     _size = field_validator("content")(_check_size)
@@ -161,7 +165,7 @@ class MemoryUpdate(Message):
     user_id: Id
     content: str = Field(min_length=1)
     source: Source = "user"
-    timestamp: float = Field(default_factory=time.time)
+    timestamp: Timestamp = Field(default_factory=time.time)
     meta: MemoryUpdateMeta = Field(default_factory=MemoryUpdateMeta)
     embedding: CarriedEmbedding | None = None
 
@@ -190,7 +194,7 @@ class SearchData(Message):
     types: list[MemoryType] | None = None
     session_id: str | None = None  # only memories of this session
     exclude_session_id: str | None = None  # none of this session (chat_ai: the STM already holds it)
-    now: float | None = None  # "now" for relative dates and recency (the turn's own timestamp); None = the clock
+    now: Timestamp | None = None  # "now" for relative dates and recency (the turn's own timestamp); None = the clock
     max_tokens: int | None = Field(default=None, ge=50, le=32_000)  # results + context budget; None = LTM_RESULT_TOKENS
     turn_tokens: int | None = Field(default=None, ge=10, le=32_000)  # a turn counts at most this (the reader cuts it)
     source_turns: bool = False  # a fact extracted from a turn brings that turn along as context (chat_ai's block)

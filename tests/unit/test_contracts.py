@@ -61,6 +61,24 @@ def test_bad_requests_become_typed_errors_that_keep_the_request_id(raw: str | by
     assert "é" not in info.value.message  # errors never carry the content
 
 
+@pytest.mark.parametrize("when", [1.7e12, float("nan"), float("inf"), -1.0, 32_503_680_000.0])
+def test_a_timestamp_that_is_not_epoch_seconds_is_refused_at_the_edge(when: float) -> None:
+    """Milliseconds (or NaN, infinity, before 1970, after 2999) fail decoding with a clear error, in every message
+    that carries a time: not a date conversion deep in a consumer, in a batch with other users' updates."""
+    raws = {
+        USER_INPUT: {"session_id": "s", "content": "hi", "timestamp": when},
+        MEMORY_UPDATE: {"user_id": "u", "content": "hi", "timestamp": when},
+        LTM_REQUEST: {"request_id": "r", "type": "search", "user_id": "u", "data": {"query": "q", "now": when}},
+    }
+    for adapter, raw in raws.items():
+        with pytest.raises(DecodeError) as info:
+            decode(adapter, json.dumps(raw))  # json.dumps writes NaN and Infinity, as a hostile sender may
+        assert info.value.reason is DeadLetterReason.INVALID
+        assert "timestamp" in info.value.message or "now" in info.value.message
+    ok = decode(USER_INPUT, json.dumps({"session_id": "s", "content": "hi", "timestamp": 1_765_000_000.5}))
+    assert ok.timestamp == 1_765_000_000.5
+
+
 def test_size_limit_is_configurable() -> None:
     raw = json.dumps({"session_id": "s", "content": "x" * 100})
     assert decode(USER_INPUT, raw).content == "x" * 100

@@ -10,6 +10,7 @@ from typing import Generic, TypeVar
 from services.ltm.extraction.llm import LlmExtractor
 from services.ltm.extraction.rules import RuleExtractor
 from services.ltm.extraction.types import Extracted, Turn
+from shared.runtime.errors import is_transient
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -33,16 +34,27 @@ class Batcher(Generic[T, R]):
     async def _pump(self) -> None:
         while self._queue:
             batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch:]
-            try:
-                results = await self.run([item for item, _ in batch])
-            except Exception as exc:  # noqa: BLE001 - handed to every waiter
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                continue
-            for (_, fut), result in zip(batch, results, strict=True):
+            await self._settle(batch)
+
+    async def _settle(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+        """Run a batch and hand each waiter its result. A batch that fails for a reason that will not pass (one
+        item's own fault: a value no stage can take) is run again an item at a time, so only that item fails: its
+        neighbours in the batch must not share its fate (nor, redelivered together, its dead letter). A passing
+        failure (a store down) is every item's and is handed to all at once."""
+        try:
+            results = await self.run([item for item, _ in batch])
+        except Exception as exc:  # noqa: BLE001 - handed to the waiters, each of which raises it
+            if len(batch) > 1 and not is_transient(exc):
+                for one in batch:
+                    await self._settle([one])
+                return
+            for _, fut in batch:
                 if not fut.done():
-                    fut.set_result(result)
+                    fut.set_exception(exc)
+            return
+        for (_, fut), result in zip(batch, results, strict=True):
+            if not fut.done():
+                fut.set_result(result)
 
 
 class Extraction:
