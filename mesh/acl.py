@@ -62,7 +62,7 @@ def rules(names: Names) -> dict[str, str]:
         _sel([n.metrics("memory")], METRICS),
         _sel([n.user_input, n.ai_responses], CONSUME),
         _sel([n.memory_updates], "+xadd +xrange +xdel +xinfo|groups +xinfo|stream +xlen"),
-        _sel([n.memory_requests], "+blpop +rpop +llen"),
+        _sel([n.memory_requests], "+blpop +rpop +lpop +lindex +llen"),
         _sel([f"{p}*{dead('')}"], DEAD),
     ])
     ltm = " ".join([
@@ -71,7 +71,7 @@ def rules(names: Names) -> dict[str, str]:
         _sel([n.lock("ltm", "*")], LOCK),
         _sel([n.metrics("ltm")], METRICS),
         _sel([n.memory_updates], CONSUME),
-        _sel([n.ltm_requests], "+blpop +rpop +llen"),
+        _sel([n.ltm_requests], "+blpop +rpop +lpop +lindex +llen"),
         _sel([dead(n.memory_updates), dead(n.ltm_requests), dead(n.ltm_warm)], DEAD),
     ])
     chat = " ".join([
@@ -83,7 +83,7 @@ def rules(names: Names) -> dict[str, str]:
         _sel([n.user_input], CONSUME),
         _sel([n.ai_responses], "+xadd +xrevrange +xlen"),
         _sel([n.ltm_requests, n.memory_requests], "+rpush"),
-        _sel([n.chat_requests], "+blpop +rpop +llen"),
+        _sel([n.chat_requests], "+blpop +rpop +lpop +lindex +llen"),
         _sel([dead(n.user_input), dead(n.chat_requests)], DEAD),
     ])
     # the HTTP gateway: a client of the bus, like a chat front-end. It sends turns and requests and reads replies;

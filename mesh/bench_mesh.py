@@ -4,19 +4,20 @@
   from process start until it answers ``ping`` on its request list (``ltm_requests``,
   ``memory_requests``, ``chat_requests``; for a chat_ai without that list: until it answers a turn sent
   at its start). Repeated ``ready_reps`` times.
-- ``chat``: on the mesh just started, ``chat_sessions`` sessions at once (users holding 1k memories each),
-  each sending ``chat_turns`` turns one after another with no pause: a closed loop that keeps 50 turns
-  always in flight, i.e. a stress test of how far the mesh falls behind when offered more than two cores
-  can serve. A turn is timed from its ``XADD`` to ``user_input_queue`` until its AIResponse arrives on
-  ``ai_responses``. Offline responder, default ``LTM_TIMEOUT_MS``; turns whose ``meta.ltm`` is not
-  ``hit`` were answered without memory. Before the timed turns, three warm-up turns and one ltm search
-  per user (returning users: nothing a user's first search loads is in their turns).
+- ``chat``: on the mesh just started, ``chat_sessions`` sessions at once (users holding 1k memories each), each
+  sending ``chat_turns`` turns one after another with no pause: a closed loop that keeps 50 turns always in
+  flight, i.e. a stress test of how far the mesh falls behind when offered more than two cores can serve. 20 turns
+  each, 1,000 in all, about 20 s: long enough for the steady state (4 each showed the first two seconds only; 40
+  each lost memory on a third of the turns where 4 lost none). A turn is timed from its ``XADD`` to
+  ``user_input_queue`` until its AIResponse arrives on ``ai_responses``. Offline responder, default
+  ``LTM_TIMEOUT_MS``; turns whose ``meta.ltm`` is not ``hit`` were answered without memory. Before the timed
+  turns, three warm-up turns and one ltm search per user (returning users: nothing a user's first search loads is
+  in their turns).
 - ``chat_paced``: the same 50 sessions as people chat: each session starts at a random moment within
-  ``chat_think_s`` and pauses 0.5-1.5 x ``chat_think_s`` (seeded) between its turns, which offers about
-  ``chat_sessions / chat_think_s`` turns per second. Started once ltm has ingested the saturated run's
-  backlog (``memory_updates`` lag and pending 0), so it measures the steady state, ingest of its own
-  turns included. What the turns added to the seeded users (memories of the bench's sessions) is
-  removed afterwards.
+  ``chat_think_s`` and pauses 0.5-1.5 x ``chat_think_s`` (seeded) between its ``chat_paced_turns`` turns, which
+  offers about ``chat_sessions / chat_think_s`` turns per second. Started once ltm has ingested the saturated
+  run's backlog (``memory_updates`` lag and pending 0), so it measures the steady state, ingest of its own turns
+  included. What the turns added to the seeded users (memories of the bench's sessions) is removed afterwards.
 - ``memory``: mesh/bench_memory.py on the same mesh's memory process, through ``memory_requests``.
 """
 
@@ -147,6 +148,7 @@ async def chat_turns(ctx: Ctx, names: Names, procs: list[ServiceProcess], think_
     pauses 0.5-1.5 x ``think_s`` between turns and starts within ``think_s``."""
     spec = ctx.spec
     tag = "paced-" if think_s > 0 else ""
+    turns = spec.chat_paced_turns if think_s > 0 else spec.chat_turns
     waiting: dict[str, asyncio.Future[AIResponse]] = {}
     stop = asyncio.Event()
 
@@ -190,7 +192,7 @@ async def chat_turns(ctx: Ctx, names: Names, procs: list[ServiceProcess], think_
         pause = random.Random(f"{ctx.run_id}-{s}")
         if think_s > 0:
             await asyncio.sleep(pause.uniform(0, think_s))
-        for n in range(spec.chat_turns):
+        for n in range(turns):
             if n and think_s > 0:
                 await asyncio.sleep(pause.uniform(0.5, 1.5) * think_s)
             await turn(s, n, True)
@@ -201,7 +203,7 @@ async def chat_turns(ctx: Ctx, names: Names, procs: list[ServiceProcess], think_
             for n in range(3):  # warm: the first turns load what every later turn finds ready
                 await turn(spec.chat_sessions, n, False)
             await warm_users(ctx, names, sorted({_chat_user(ctx, s) for s in range(spec.chat_sessions)}))
-        say(f"chat: {spec.chat_sessions} sessions at once, {spec.chat_turns} turns each"
+        say(f"chat: {spec.chat_sessions} sessions at once, {turns} turns each"
             + (f", pausing 0.5-1.5 x {think_s:g}s between turns" if think_s else ", no pause"))
         started = time.perf_counter()
         await asyncio.gather(*(session(s) for s in range(spec.chat_sessions)))
@@ -212,10 +214,10 @@ async def chat_turns(ctx: Ctx, names: Names, procs: list[ServiceProcess], think_
     for p in procs:
         p.check()
     without = sum(n for s, n in status.items() if s != "hit") + lost
-    r: dict[str, Any] = {"sessions": spec.chat_sessions, "turns_per_session": spec.chat_turns, "think_s": think_s,
+    r: dict[str, Any] = {"sessions": spec.chat_sessions, "turns_per_session": turns, "think_s": think_s,
          "turn": latency(samples),
          "chat_ai_latency": latency(server_ms), "by_ltm_status": dict(status), "no_reply": lost,
          "without_memory": without, "turns_per_s": round(len(samples) / wall, 2), "seconds": round(wall, 2)}
     say(f"  turn p50 {r['turn']['p50_ms']} ms, p95 {r['turn']['p95_ms']} ms; without memory {without} of "
-        f"{spec.chat_sessions * spec.chat_turns} ({dict(status)}, no reply {lost})")
+        f"{spec.chat_sessions * turns} ({dict(status)}, no reply {lost})")
     return r

@@ -32,8 +32,9 @@ class Spec:
     mem0_sizes: tuple[int, ...]
     mem0_searches: int
     chat_sessions: int
-    chat_turns: int  # per session
+    chat_turns: int  # per session, saturated run (long enough to show the steady state, not the first seconds)
     chat_think_s: float  # paced run: mean pause between a session's turns (0: only the saturated run)
+    chat_paced_turns: int  # per session, paced run
     ingest_short: int  # LoCoMo turns per ingest measurement
     ingest_long: int  # LongMemEval turns per ingest measurement
     ingest_processes: tuple[int, ...]
@@ -57,14 +58,16 @@ FULL = Spec(
     name="full", seed=SeedPlan(sizes=(1000, 10_000, 100_000), filler_users=889), single_searches=300,
     concurrency=(1, 2, 4, 8), searches_per_requester=50, search_processes=(1, 2), scale_size=10_000,
     ingesting_backlog=2760, ingesting_searches=200, mem0_sizes=(1000, 10_000), mem0_searches=200,
-    chat_sessions=50, chat_turns=4, chat_think_s=5.0, ingest_short=2760, ingest_long=2000, ingest_processes=(1, 2),
+    chat_sessions=50, chat_turns=20, chat_think_s=5.0, chat_paced_turns=4,
+    ingest_short=2760, ingest_long=2000, ingest_processes=(1, 2),
     ingest_timebox_s=600.0, ready_reps=3, memory_turns=1000, memory_reps=100,
 )
 QUICK = Spec(
     name="quick", seed=SeedPlan(sizes=(1000, 10_000), filler_users=50), single_searches=60,
     concurrency=(1, 2, 4, 8), searches_per_requester=10, search_processes=(1, 2), scale_size=10_000,
     ingesting_backlog=800, ingesting_searches=40, mem0_sizes=(1000,), mem0_searches=40,
-    chat_sessions=50, chat_turns=2, chat_think_s=5.0, ingest_short=400, ingest_long=40, ingest_processes=(1, 2),
+    chat_sessions=50, chat_turns=4, chat_think_s=5.0, chat_paced_turns=2,
+    ingest_short=400, ingest_long=40, ingest_processes=(1, 2),
     ingest_timebox_s=90.0, ready_reps=1, memory_turns=300, memory_reps=20,
 )
 
@@ -74,7 +77,8 @@ def tiny(locomo: Path, longmemeval: Path) -> Spec:
     return replace(QUICK, name="tiny", seed=SeedPlan(sizes=(30, 120), filler_users=3, filler_size=30, pool_size=200),
                    single_searches=4, concurrency=(1, 2), searches_per_requester=2, scale_size=120,
                    ingesting_backlog=30, ingesting_searches=4, mem0_sizes=(30,), mem0_searches=4, chat_sessions=3,
-                   chat_turns=1, chat_think_s=0.2, ingest_short=12, ingest_long=4, ingest_timebox_s=120.0,
+                   chat_turns=1, chat_think_s=0.2, chat_paced_turns=1, ingest_short=12, ingest_long=4,
+                   ingest_timebox_s=120.0,
                    memory_turns=20, memory_reps=3, locomo=locomo, longmemeval=longmemeval)
 
 

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from services.chat_ai.config import ChatSettings
 from services.chat_ai.prompt import MemoryBlock, build_messages, prompt_block
+from services.chat_ai.recall_limit import RecallLimit
 from services.chat_ai.responder import Reply, llm_reply, offline_reply
 from shared.contracts import (
     LTM_RESPONSE,
@@ -67,6 +68,7 @@ class ChatService:
             adapter=MEMORY_RESPONSE, metrics=self.metrics,
         )
         self._recall_timeouts = 0  # memory searches in a row that got no reply in time (a reply resets it)
+        self.recall_limit = RecallLimit(settings.chat_recall_concurrency, settings.ltm_timeout_ms / 1000)
         self.consumer = StreamConsumer(
             redis, stream=names.user_input, group=names.chat_group, consumer=settings.consumer_name,
             handler=self._on_user_input, metrics=self.metrics, concurrency=settings.chat_concurrency,
@@ -89,16 +91,17 @@ class ChatService:
         return self.settings.enable_ltm or self.settings.enable_rag
 
     def _recall_intake(self) -> int:
-        """How many turns may wait for ltm at once (CHAT_RECALL_CONCURRENCY): a turn's first stage ends when its
-        memories are in (or its wait is over). While ltm is silent, no limit: queueing turns behind timeouts would
-        only delay them. Silent = the last CHAT_RECALL_CONCURRENCY memory searches failed (timed out or found no
-        reply subscription) and nothing at all came back from ltm, not even a late reply, for LTM_TIMEOUT_MS; an
-        overloaded ltm still answers, late or to the newest requests, and keeps the limit."""
+        """How many turns may wait for ltm at once: a turn's first stage ends when its memories are in (or its wait
+        is over). At most CHAT_RECALL_CONCURRENCY, fewer while ltm answers slowly (services/chat_ai/recall_limit.py).
+        While ltm is silent, no limit: queueing turns behind timeouts would only delay them. Silent = the last
+        CHAT_RECALL_CONCURRENCY memory searches failed (timed out or found no reply subscription) and nothing at all
+        came back from ltm, not even a late reply, for LTM_TIMEOUT_MS; an overloaded ltm still answers, late or to
+        the newest requests, and keeps the limit."""
         s = self.settings
         if (self._recall_timeouts >= s.chat_recall_concurrency
                 and time.monotonic() - self.ltm.last_reply > s.ltm_timeout_ms / 1000):
             return s.chat_concurrency
-        return s.chat_recall_concurrency
+        return self.recall_limit.limit
 
     async def run(self) -> None:
         if self._asks_ltm:
@@ -161,20 +164,31 @@ class ChatService:
         (``timeout``: no reply in time, or no reply subscription for the whole wait; ``error``: logged as
         ``chat_ai.<event>``); never raises, so the turn goes on without it. ``recall``: the turn's memory search,
         whose failed waits in a row :meth:`_recall_intake` counts (doc_search's are not)."""
+        asked = time.monotonic()
         try:
             resp = await self.ltm.call(request, self.settings.ltm_timeout_ms / 1000)
         except (TimeoutError, NotSubscribed):
             if recall:
                 self._recall_timeouts += 1
+                self._record_recall(None)
             return "timeout"
         except Unavailable:  # Redis failed the send
             return "error"
         if recall:
             self._recall_timeouts = 0
+            self._record_recall(time.monotonic() - asked)
         if not resp.success:
             log.warning(f"chat_ai.{event}", error=resp.error.model_dump() if resp.error else None)
             return "error"
         return resp
+
+    def _record_recall(self, seconds: float | None) -> None:
+        cuts = self.recall_limit.cuts
+        self.recall_limit.record(seconds)
+        if self.recall_limit.cuts != cuts:
+            self.metrics.incr("recall.limit_cut")
+            log.info("chat_ai.recall_limit_cut", limit=self.recall_limit.limit,
+                     waited_ms=None if seconds is None else round(seconds * 1000, 1))
 
     async def recall_docs(self, msg: UserInput) -> tuple[list[DocPassage], LtmStatus]:
         """ENABLE_RAG: the passages of the user's documents for this turn, waiting at most LTM_TIMEOUT_MS (run beside

@@ -11,6 +11,7 @@ on every path and late replies dropped.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
@@ -39,6 +40,16 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp", bound=BaseModel)
 ErrorReply = Callable[[str, ErrorInfo, str | None], BaseModel]
 """``error_reply(request_id, error, user_id)`` builds the failure response."""
+
+
+def _expired(raw: bytes | str) -> bool:
+    """Whether a request still in the list is past its deadline (read without decoding the rest; a request that
+    does not parse is not: it is rejected when taken)."""
+    try:
+        deadline = json.loads(raw).get("deadline")
+        return isinstance(deadline, int | float) and time.time() > deadline
+    except (ValueError, AttributeError):
+        return False
 
 
 class RequestServer(Generic[Req]):
@@ -72,6 +83,7 @@ class RequestServer(Generic[Req]):
         self._inflight: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
         self._congested = False  # see _pop
+        self._drop_oldest = False  # see _pop
 
     def stop(self) -> None:
         self._stop.set()
@@ -103,14 +115,30 @@ class RequestServer(Generic[Req]):
 
     async def _pop(self) -> bytes | str | None:
         """The next request: the oldest (BLPOP, blocking briefly) while the list keeps up; the newest (RPOP) while it
-        is congested, i.e. since a request was found expired when taken, until the list is empty. Under overload
-        the requests with time left go first and the ones whose requester gave up expire unserved, instead of every
-        request waiting out its deadline behind them (adaptive LIFO)."""
-        if self._congested:
-            raw = await self.redis.rpop(self.queue)
+        is congested, i.e. since a request was found expired when taken, until the list is empty or its oldest
+        request has time left again. Under overload the requests with time left go first and the ones whose
+        requester gave up expire unserved, instead of every request waiting out its deadline behind them (adaptive
+        LIFO). Newest first only while the oldest has expired: once requesters send no more than the list keeps up
+        with (chat_ai adapts how many it sends, services/chat_ai/recall_limit.py), newest first would leave the
+        few oldest at the bottom, below a steady trickle of new ones, until they expire. While the oldest has
+        expired, every other pop takes it (to be dropped as expired, at the cost of its decoding), so the bottom
+        of the list drains and shows when the list keeps up again."""
+        if self._drop_oldest:
+            self._drop_oldest = False
+            raw = await self.redis.lpop(self.queue)
             if raw is not None:
-                return raw  # type: ignore[no-any-return,return-value]
-            self._congested = False
+                return raw  # type: ignore[return-value]
+        if self._congested:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.rpop(self.queue)
+                pipe.lindex(self.queue, 0)
+                raw, oldest = await pipe.execute()
+            if raw is None or oldest is None or not _expired(oldest):
+                self._congested = False
+            else:
+                self._drop_oldest = True
+            if raw is not None:
+                return raw  # type: ignore[no-any-return]
         item = await self.redis.blpop([self.queue], timeout=self.block_s)
         return None if item is None else item[1]
 

@@ -270,6 +270,25 @@ async def test_a_burst_waits_for_memory_in_the_stream_not_past_its_timeout(mesh:
     assert [r.meta.ltm for r in replies] == ["miss"] * turns
 
 
+async def test_a_sustained_burst_finds_how_many_turns_may_wait_for_ltm(mesh: Mesh) -> None:
+    """60 turns at once against an ltm that serves one search at a time in 50 ms, at the default
+    CHAT_RECALL_CONCURRENCY (16): 16 waiting at once would each wait 0.8 s, past LTM_TIMEOUT_MS (0.5 s), turn after
+    turn. chat_ai cuts the number waiting while replies come back slowly (services/chat_ai/recall_limit.py), and
+    ltm's list, newest first while congested, drains its expired bottom (shared/runtime/requests.py): once both
+    have settled, every turn gets its memories (the first ones, asked before any reply came back, may not)."""
+    turns = 60
+    chat = mesh.chat(ltm_timeout_ms=500)
+    assert chat.settings.chat_recall_concurrency == 16
+    async with running(mesh.memory()), running(_fake_ltm(mesh, 0.05, 1)), running(chat):
+        msgs = [await mesh.send(f"Turn {i}: I like plums.", user_id="u-sustained", session_id=f"sus-{i}")
+                for i in range(turns)]
+        replies = [await mesh.reply_to(m, timeout=60) for m in msgs]
+    statuses = [r.meta.ltm for r in replies]
+    assert chat.recall_limit.cuts >= 1 and chat.recall_limit.limit < 16
+    seen = "".join("m" if s == "miss" else "T" for s in statuses)
+    assert statuses[30:] == ["miss"] * (turns - 30) and seen.count("T") <= 20, seen
+
+
 async def test_recall_intake_is_lifted_while_ltm_is_silent_not_while_it_is_slow(mesh: Mesh) -> None:
     """While ltm is down every turn would wait LTM_TIMEOUT_MS in its recall stage: once CHAT_RECALL_CONCURRENCY
     searches in a row failed and nothing came back from ltm for LTM_TIMEOUT_MS, chat_ai stops limiting that stage
@@ -285,7 +304,7 @@ async def test_recall_intake_is_lifted_while_ltm_is_silent_not_while_it_is_slow(
             slow = [await mesh.send(f"Slow {i}?", user_id="u-lift", session_id=f"lift-s{i}") for i in range(3)]
             assert [(await mesh.reply_to(m)).meta.ltm for m in slow] == ["timeout"] * 3
             await wait_until(lambda: chat.ltm.metrics.get("rpc.late_reply") >= 3, message="the late replies heard")
-            assert chat._recall_intake() == 3  # it answers: overloaded, not down
+            assert chat._recall_intake() == chat.recall_limit.limit < 3  # it answers: overloaded (fewer), not down
         # down: the failures in a row stand and nothing comes back any more
         await wait_until(lambda: chat._recall_intake() == 20, timeout=5, message="the limit lifted")
         down = [await mesh.send(f"Are you there {i}?", user_id="u-lift", session_id=f"lift-{i + 1}") for i in range(3)]
@@ -294,4 +313,4 @@ async def test_recall_intake_is_lifted_while_ltm_is_silent_not_while_it_is_slow(
         async with running(_fake_ltm(mesh, 0.0, 4)):
             back = await mesh.send("Back again.", user_id="u-lift", session_id="lift-9")
             assert (await mesh.reply_to(back)).meta.ltm == "miss"
-        assert chat._recall_intake() == 3
+        assert chat._recall_intake() == chat.recall_limit.limit < 3  # limited again; fast replies raise it

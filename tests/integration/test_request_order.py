@@ -1,5 +1,6 @@
 """The request server's order on a real Redis list: oldest first while the list keeps up, newest first while it is
-congested (a request taken had expired: its requester gave up), back to oldest first once the list is empty."""
+congested (a request taken had expired: its requester gave up), back to oldest first once the list is empty or its
+oldest request has time left."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from shared.runtime.requests import RequestServer
 from tests.helpers import wait_until
 
 
-async def test_a_congested_list_is_served_newest_first_until_it_empties(redis: aioredis.Redis,
-                                                                         names: Names) -> None:
+async def test_a_congested_list_is_served_newest_first_while_its_oldest_has_expired(redis: aioredis.Redis,
+                                                                                   names: Names) -> None:
     queue, channel = f"{names.prefix}order:requests", f"{names.prefix}order:replies"
     served: list[str] = []
 
@@ -30,20 +31,27 @@ async def test_a_congested_list_is_served_newest_first_until_it_empties(redis: a
         return json.dumps({"request_id": request_id, "type": "ping", "data": {}, "deadline": deadline})
 
     now = time.time()
-    # the requester of "late" gave up a second ago; three more wait behind it with time left
-    await redis.rpush(queue, request("late", now - 1), *(request(f"fresh-{i}", now + 600) for i in range(3)))
+    # the requesters of the three "late" gave up a second ago; four more wait behind them with time left
+    await redis.rpush(queue, *(request(f"late-{i}", now - 1) for i in range(3)),
+                      *(request(f"fresh-{i}", now + 600) for i in range(4)))
     metrics = Metrics()
     server: RequestServer[Any] = RequestServer(
         redis, queue=queue, reply_channel=channel, adapter=CHAT_REQUEST, handler=handle,
         error_reply=PingResponse.failure, metrics=metrics, max_content_bytes=1024, concurrency=1, block_s=0.1)
     task = asyncio.create_task(server.run())
     try:
-        await wait_until(lambda: len(served) == 3, message=lambda: f"three served (saw {served})")
-        assert served == ["fresh-2", "fresh-1", "fresh-0"]  # newest first, once "late" showed the list behind
-        assert metrics.get("expired") == 1
+        await wait_until(lambda: len(served) == 4, message=lambda: f"four served (saw {served})")
+        # newest first once "late-0" showed the list behind, the expired bottom taken in between and dropped; once
+        # the oldest left has time, oldest first: it would otherwise wait below every newer request
+        assert served == ["fresh-3", "fresh-2", "fresh-1", "fresh-0"]
+        assert metrics.get("expired") == 3
         await redis.rpush(queue, request("next-0", time.time() + 600), request("next-1", time.time() + 600))
-        await wait_until(lambda: len(served) == 5, message=lambda: f"five served (saw {served})")
-        assert served[3:] == ["next-0", "next-1"]  # the list emptied: oldest first again
+        await wait_until(lambda: len(served) == 6, message=lambda: f"six served (saw {served})")
+        assert served[4:] == ["next-0", "next-1"]  # the list emptied: oldest first again
+        await redis.rpush(queue, request("late-3", time.time() - 1), request("old", time.time() + 600),
+                          *(request(f"new-{i}", time.time() + 600) for i in range(2)))
+        await wait_until(lambda: len(served) == 9, message=lambda: f"nine served (saw {served})")
+        assert served[6:] == ["new-1", "old", "new-0"]  # one newest, then the oldest has time left: oldest first
     finally:
         server.stop()
         await asyncio.wait_for(task, 10)
