@@ -77,6 +77,14 @@ EXTEND = ("if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexp
           " else return 0 end")
 
 
+# When the user was last optimized, for a user that still has memories: an optimize that overlaps the user's
+# deletion must not write the user's id back after it (deleting a user removes every row of it).
+MARK_OPTIMIZED = """
+INSERT INTO ltm_user_state (user_id, last_optimized_at)
+SELECT %(user_id)s, now() WHERE EXISTS (SELECT 1 FROM ltm_memories WHERE user_id = %(user_id)s)
+ON CONFLICT (user_id) DO UPDATE SET last_optimized_at = now()"""
+
+
 class RedisLock:
     """A lock one holder at a time: ``SET key token NX PX ttl``; released only by its own token
     (compare-and-delete script). While held through :meth:`held`, a watchdog extends the TTL every third of it,
@@ -202,8 +210,7 @@ class Lifecycle:
         archived = await self.cleanup(user_id)
         async with self.pool.connection() as conn:
             await conn.execute(
-                "INSERT INTO ltm_user_state (user_id, last_optimized_at) VALUES (%s, now())"
-                " ON CONFLICT (user_id) DO UPDATE SET last_optimized_at = now()", (user_id,))
+                MARK_OPTIMIZED, {"user_id": user_id})
             cur = await conn.execute("SELECT count(*) FROM ltm_memories WHERE user_id = %s", (user_id,))
             row = await cur.fetchone()
         out = {"consolidated": merged, "decayed": decayed, "archived": archived, "memories": row[0] if row else 0,
@@ -327,6 +334,5 @@ class Lifecycle:
                 out.append({"user_id": user_id, "status": "failed", "error": type(exc).__name__})
                 async with self.pool.connection() as conn:  # retried after the interval, not every round
                     await conn.execute(
-                        "INSERT INTO ltm_user_state (user_id, last_optimized_at) VALUES (%s, now())"
-                        " ON CONFLICT (user_id) DO UPDATE SET last_optimized_at = now()", (user_id,))
+                        MARK_OPTIMIZED, {"user_id": user_id})
         return out

@@ -194,6 +194,22 @@ async def test_budgeted_cleanup_archives_the_lowest_value_first(mesh: Mesh) -> N
     assert left == {"User instructs: Always answer in French", "haha", "fine", "cool", "right", "great"}
 
 
+async def test_an_optimize_ending_after_the_users_deletion_writes_nothing_back(mesh: Mesh) -> None:
+    backend = native(mesh)
+    assert await backend.ingest(update("u-late", "I love chess.", time.time()))
+    consolidate = backend.lifecycle.consolidate
+
+    async def deleted_meanwhile(user_id: str) -> int:
+        merged = await consolidate(user_id)
+        await backend.store.delete_user(user_id)  # the user's deletion lands while the optimize runs
+        return merged
+
+    backend.lifecycle.consolidate = deleted_meanwhile  # type: ignore[method-assign]
+    assert (await backend.optimize("u-late"))["status"] == "done"
+    assert await mesh.count("SELECT count(*) FROM ltm_user_state WHERE user_id = %s", "u-late") == 0
+    assert await mesh.count("SELECT count(*) FROM ltm_memories WHERE user_id = %s", "u-late") == 0
+
+
 async def test_optimize_runs_for_one_user_at_a_time(mesh: Mesh) -> None:
     a, b = native(mesh), native(mesh)
     assert await a.ingest(update("u1", "I love chess.", time.time()))
@@ -272,7 +288,7 @@ async def test_optimize_needs_the_lock(mesh: Mesh) -> None:
 
 async def test_a_memory_dated_decades_back_decays_without_failing_the_optimize(mesh: Mesh) -> None:
     backend = native(mesh)
-    for i, ts in enumerate((1_262_304_000.0, -1.0, 0.0)):  # 2010-01-01, and the epoch's edge
+    for i, ts in enumerate((1_262_304_000.0, 0.0)):  # 2010-01-01, and the epoch's edge (before it: refused)
         assert await backend.ingest(update("u-old", f"I planted an oak tree number {i}.", ts))
     resp = await backend.optimize("u-old")
     assert resp["status"] == "done"
