@@ -89,6 +89,15 @@ FROM ltm_memories m CROSS JOIN LATERAL (
 ) AS t
 WHERE m.user_id = %(user_id)s"""
 
+# Before a load: a user with memories gets an epoch row if it has none. Without one, the index held the user with
+# epoch NULL, and a deletion of the whole user (which removes the row too) left it NULL: an index of another process
+# that missed the deletion's broadcast could not tell and kept the deleted rows (store.delete_user).
+_EPOCH_ROW = """
+INSERT INTO ltm_search_epochs (user_id, epoch)
+SELECT %(user_id)s, nextval('ltm_search_epoch_seq')
+WHERE EXISTS (SELECT 1 FROM ltm_memories WHERE user_id = %(user_id)s)
+ON CONFLICT (user_id) DO NOTHING"""
+
 _STATE = """
 SELECT pg_snapshot_xmin(pg_current_snapshot())::text AS horizon,
        (SELECT epoch FROM ltm_search_epochs WHERE user_id = %(user_id)s) AS epoch,
@@ -288,6 +297,7 @@ class SearchIndex:
         self._users: OrderedDict[str, _User] = OrderedDict()
         self._loads: dict[str, asyncio.Task[None]] = {}
         self._too_large: dict[str, float] = {}  # user -> when it did not fit (tried again after TOO_LARGE_S)
+        self._stale: set[str] = set()  # users dropped while a load of theirs was under way: not installed
         self.rows = 0  # rows held over all users (plus _ROW_COST per user)
         self.read = 0  # rows read again before searches since the start (new, or changed in place)
 
@@ -298,6 +308,13 @@ class SearchIndex:
         return user_id in self._users
 
     def drop(self, user_id: str) -> None:
+        """Forget the user (deleted, or its entry no longer usable); a load of it under way is not kept either (it
+        may have read the rows before the deletion)."""
+        self._remove(user_id)
+        if user_id in self._loads:
+            self._stale.add(user_id)
+
+    def _remove(self, user_id: str) -> None:
         u = self._users.pop(user_id, None)
         if u is not None:
             self.rows -= u.n + _ROW_COST
@@ -446,9 +463,14 @@ class SearchIndex:
         """``evict`` False: warming (at start, after ingest), which never evicts and steps aside for requests."""
         try:
             async with self.pool.connection() as conn:
+                await conn.execute(_EPOCH_ROW, {"user_id": user_id})
                 u = await self._read(conn, user_id, None if evict else self.warming_turn)
         except Exception:  # searches go on in SQL; the next one tries again
             log.warning("ltm.index_load_failed", exc_info=True)
+            self._stale.discard(user_id)
+            return
+        if user_id in self._stale:  # dropped while it loaded
+            self._stale.discard(user_id)
             return
         if u is None:
             self._too_large[user_id] = time.monotonic()
@@ -456,7 +478,7 @@ class SearchIndex:
             return
         if not evict and self.rows + u.n + _ROW_COST > self.capacity and user_id not in self._users:
             return  # warming: no room without evicting a user searched before
-        self.drop(user_id)
+        self._remove(user_id)
         self._users[user_id] = u
         self.rows += u.n + _ROW_COST
         self._evict(keep=user_id)
@@ -493,7 +515,7 @@ class SearchIndex:
             if oldest == keep:
                 self._users.move_to_end(oldest)
                 continue
-            self.drop(oldest)
+            self._remove(oldest)
 
 
 def _first_stage(u: _User, lexemes: list[str], embedding: np.ndarray, keep: np.ndarray | None, *, limit: int,

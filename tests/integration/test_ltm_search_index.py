@@ -288,6 +288,32 @@ async def test_capacity_bounds_the_index_and_larger_users_are_searched_in_sql(me
     assert await index_rows(mesh, off, "small", SearchData(query=query), vec, CFG) is None and len(off) == 0
 
 
+async def test_a_process_that_missed_a_users_deletion_reloads_the_user(mesh: Mesh) -> None:
+    """Two ltm processes hold a user never deleted from before; one deletes the user and the other misses the
+    broadcast that drops it (pub/sub is fire and forget): at its next search of the user (back with a new memory)
+    it reloads instead of keeping the deleted rows. A load under way when a user is dropped is not kept either."""
+    await seed(mesh, "u-gone", 30)
+    here, there = LtmStore(mesh.pool), LtmStore(mesh.pool)
+    query = "Who plays the theremin in the garage band?"
+    vec = mesh.model.encode([query])[0]
+    for store in (here, there):
+        rows = await index_rows(mesh, store.index, "u-gone", SearchData(query=query), vec, CFG)
+        assert rows and float(rows[0]["n"]) == 30
+    await here.delete_user("u-gone")
+    assert "u-gone" not in here.index and "u-gone" in there.index  # the broadcast never reached it
+    text = "Jon: I moved to Porto and sold the theremin."
+    await here.add(NewMemory(user_id="u-gone", type="episodic", content=text, embedding=mesh.model.encode([text])[0]))
+    rows = await index_rows(mesh, there.index, "u-gone", SearchData(query=query), vec, CFG)
+    assert rows and float(rows[0]["n"]) == 1, "the deleted rows are still held"
+    found = await there.search("u-gone", SearchData(query=query, limit=50), vec, CFG)
+    assert [m.content for m in found] == [text]
+    there.index.drop("u-gone")
+    there.index._load_later("u-gone")  # a load starts, and the user is dropped before it ends
+    there.index.drop("u-gone")
+    await there.index.settle()
+    assert "u-gone" not in there.index and not there.index._stale
+
+
 async def test_an_unknown_user_is_empty_and_then_grows(mesh: Mesh) -> None:
     store = LtmStore(mesh.pool)
     vec = mesh.model.encode(["anything"])[0]
