@@ -47,6 +47,10 @@ log = get_logger(__name__)
 
 CONSUMER_IDLE_S = 24 * 3600  # a consumer of a group idle this long, with nothing pending, is removed
 TRIM_EVERY_S = 30.0  # how often a consumer trims its stream (when it has a retention)
+# A passing failure (is_transient) is retried in place, since a store down fails every entry alike; after this many
+# attempts, while more than this many other entries went through meanwhile, it is the entry's own (_process). A
+# consumer with concurrency 1 sees no others while it retries: it retries in place, as through an outage.
+OWN_TRANSIENT_AFTER = 5
 
 Handler = Callable[[str, bytes | str | None], Awaitable[None]]
 """``handler(entry_id, raw_json)``: decode, do the work durably, return. Raise to fail."""
@@ -114,6 +118,7 @@ class StreamConsumer:
         self._inflight_ids: set[str] = set()
         self.intake = intake
         self._staged: set[str] = set()  # in-flight entries still in their first stage (with ``intake``)
+        self._succeeded = 0  # entries handled so far (a transient failure others do not have is the entry's own)
         self._freed = asyncio.Event()  # a handler ended or left its first stage
         self._stop = asyncio.Event()
         self._group_ready = False
@@ -296,6 +301,7 @@ class StreamConsumer:
             _LEAVE_INTAKE.set(lambda: self._leave_intake(entry_id))  # this task's context only
         raw = _field(fields)
         backoff = Backoff(base=0.2, cap=5.0)
+        failures, others_before = 0, 0
         while True:
             try:
                 await self.handler(entry_id, raw)
@@ -309,6 +315,16 @@ class StreamConsumer:
                 return
             except Exception as exc:
                 if is_transient(exc) and not self._stop.is_set():
+                    failures += 1
+                    others_before = self._succeeded if failures == 1 else others_before
+                    if failures > OWN_TRANSIENT_AFTER and self._succeeded - others_before > OWN_TRANSIENT_AFTER:
+                        # other entries went through all along: not an outage but this entry's own failure (a
+                        # dependency that fails on this input only). Left pending: claimed again later and
+                        # dead-lettered after max_deliveries, instead of retried in place for good.
+                        self.metrics.incr("transient_own")
+                        log.warning("consumer.transient_own", stream=self.stream, entry_id=entry_id,
+                                    attempts=failures, error=f"{type(exc).__name__}: {exc}")
+                        return
                     self.metrics.incr("transient_errors")
                     log.warning("consumer.transient_error", stream=self.stream, entry_id=entry_id,
                                 error=f"{type(exc).__name__}: {exc}")
@@ -318,6 +334,7 @@ class StreamConsumer:
                 log.exception("consumer.handler_error", stream=self.stream, entry_id=entry_id)
                 return  # left pending: claimed again later, dead-lettered after max_deliveries
             else:
+                self._succeeded += 1
                 self.metrics.incr("processed")
                 prom.OPERATIONS.labels(self.metrics.service, self.operation).inc()
                 await self._retry_redis(lambda: self.redis.xack(self.stream, self.group, entry_id))

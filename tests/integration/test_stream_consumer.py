@@ -78,6 +78,36 @@ async def test_a_passing_failure_is_retried_in_place_not_dead_lettered(redis: ai
     assert await redis.xlen(Names.dead(stream)) == 0
 
 
+async def test_a_passing_failure_only_one_entry_has_is_that_entrys_own(
+        redis: aioredis.Redis, names: Names, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A "transient" failure of one entry while the others go through (a dependency that fails on this input only)
+    is not an outage: after a few attempts in place the entry is left pending, claimed again and dead-lettered after
+    max_deliveries, instead of retried in place for good."""
+    import shared.runtime.streams as streams
+
+    monkeypatch.setattr(streams, "OWN_TRANSIENT_AFTER", 1)
+    stream = names.user_input
+    handled: list[bytes | str | None] = []
+
+    async def picky(entry_id: str, raw: bytes | str | None) -> None:
+        if raw in (b"bad", "bad"):
+            raise TransientError("the embedding server answers 503 to this input")
+        handled.append(raw)
+
+    await redis.xadd(stream, {"data": "bad"})
+    c = consumer(redis, stream, "c", picky, claim_idle_ms=100, max_deliveries=2, concurrency=4)
+    async with running(c):
+        for i in range(200):  # other entries keep going through while it fails
+            await redis.xadd(stream, {"data": f"good-{i}"})
+            if c.metrics.get("dead_lettered"):
+                break
+            await asyncio.sleep(0.02)  # a steady trickle of other work, not a wait for a condition
+        await wait_until(lambda: c.metrics.get("dead_lettered") == 1, message=lambda: f"the bad entry dead-lettered ({c.metrics.get('processed')} processed, {len(handled)} handled, {c.metrics.get('transient_own')} own, {c.metrics.get('claimed')} claimed)")
+    dead = await redis.xrange(Names.dead(stream))
+    assert len(dead) == 1 and dead[0][1][b"data"] == b"bad" and dead[0][1][b"reason"] == b"max_retries"
+    assert c.metrics.get("transient_own") >= 1 and len(handled) >= 2
+
+
 async def test_old_entries_every_group_has_acknowledged_are_trimmed(
         redis: aioredis.Redis, names: Names, monkeypatch: pytest.MonkeyPatch) -> None:
     """The streams hold message text: an entry leaves once it is older than the retention and every group has
