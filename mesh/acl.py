@@ -82,7 +82,7 @@ def rules(names: Names) -> dict[str, str]:
         _sel([n.metrics("chat_ai")], METRICS),
         _sel([n.user_input], CONSUME),
         _sel([n.ai_responses], "+xadd +xrevrange +xlen"),
-        _sel([n.ltm_requests, n.memory_requests], "+rpush"),
+        _sel([n.ltm_requests, n.memory_requests], "+rpush +ltrim"),
         _sel([n.chat_requests], "+blpop +rpop +lpop +lindex +llen"),
         _sel([dead(n.user_input), dead(n.chat_requests)], DEAD),
     ])
@@ -96,7 +96,7 @@ def rules(names: Names) -> dict[str, str]:
         _c(f"{n.ltm_responses}:*", f"{n.memory_responses}:*", f"{n.chat_responses}:*"),
         _sel([n.user_input], "+xadd"),
         _sel([n.ai_responses], "+xread +xrevrange"),
-        _sel(requests, "+rpush +llen"),
+        _sel(requests, "+rpush +ltrim +llen"),
         _sel(streams, "+xlen +xinfo|groups +xinfo|consumers +xinfo|stream +xpending"),
         _sel([f"{p}*{dead('')}"], "+xlen"),
         _sel([n.metrics("gateway")], METRICS),

@@ -43,9 +43,7 @@ async def listen(client: aioredis.Redis, channel: str, on_message: OnMessage, st
                     if ready is not None:
                         ready.set()
                 elif msg["type"] == "message":
-                    result = on_message(msg["data"])
-                    if inspect.isawaitable(result):
-                        await result
+                    await _deliver(on_message, msg["data"], channel, metrics)
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             if ready is not None:
                 ready.clear()
@@ -60,3 +58,15 @@ async def listen(client: aioredis.Redis, channel: str, on_message: OnMessage, st
                 pass
     if ready is not None:
         ready.clear()
+
+
+async def _deliver(on_message: OnMessage, data: bytes, channel: str, metrics: Metrics) -> None:
+    """One message to the callback: its failure is that message's (counted, logged); the subscription goes on (a
+    callback's error ending the listener would leave the process deaf to the channel until it restarts)."""
+    try:
+        result = on_message(data)
+        if inspect.isawaitable(result):
+            await result
+    except Exception:  # any callback failure: counted and logged with its traceback, never silent
+        metrics.incr("pubsub.handler_errors")
+        log.exception("pubsub.handler_failed", channel=channel)

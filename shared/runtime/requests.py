@@ -226,6 +226,11 @@ class RequestServer(Generic[Req]):
             log.warning("requests.reply_failed", error=str(exc))
 
 
+# A request list longer than this is cut to its newest requests by the requester that pushed past it: while no
+# server pops it (ltm down, chat_ai still answering without memory) it would grow by one request a turn.
+MAX_QUEUE = 10_000
+
+
 class Unavailable(Exception):
     """The requester could not reach the bus (Redis failed the send, or see :class:`NotSubscribed`)."""
 
@@ -243,9 +248,10 @@ class RpcClient(Generic[Resp]):
         reply_channel: str,
         adapter: TypeAdapter[Resp],
         metrics: Metrics,
+        max_queue: int = MAX_QUEUE,
     ) -> None:
         self.redis, self.queue, self.reply_channel = redis, queue, reply_channel
-        self.adapter, self.metrics = adapter, metrics
+        self.adapter, self.metrics, self.max_queue = adapter, metrics, max_queue
         self._pending: dict[str, asyncio.Future[Resp]] = {}
         self._ready = asyncio.Event()
         self._stop = asyncio.Event()
@@ -283,7 +289,10 @@ class RpcClient(Generic[Resp]):
         fut: asyncio.Future[Resp] = loop.create_future()
         self._pending[request_id] = fut
         try:
-            await self.redis.rpush(self.queue, encode(request))
+            if await self.redis.rpush(self.queue, encode(request)) > self.max_queue:
+                # nobody serves the list (ltm down) or far too slowly: its oldest requests go, not Redis's memory
+                await self.redis.ltrim(self.queue, -self.max_queue, -1)
+                self.metrics.incr("rpc.queue_trimmed")
             remaining = max(0.0, timeout - (loop.time() - start))
             return await asyncio.wait_for(fut, remaining)
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
