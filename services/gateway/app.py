@@ -23,7 +23,7 @@ import redis.exceptions
 from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from services.gateway.auth import Scope, lookup, parse_keys
 from services.gateway.config import GatewaySettings
@@ -246,10 +246,22 @@ def create_app(settings: GatewaySettings | None = None, names: Names | None = No
         if not scope.allows(user_id):
             raise GatewayError(403, "forbidden", "this key may not act for that user")
 
-    async def turn(body: ChatIn, scope: Scope, bus: Bus, sent: asyncio.Event | None = None) -> ChatOut:
+    def message(body: ChatIn, scope: Scope) -> UserInput:
+        """The turn as the bus carries it, or the refusal (403, 413, 422) as JSON before anything is sent."""
         allowed(scope, body.user_id)
-        msg = UserInput(message_id=new_id(), user_id=body.user_id, session_id=body.session_id or new_id(),
-                        content=body.content)
+        size = len(body.content.encode("utf-8"))
+        if size > settings.max_content_bytes:  # the bus would refuse it (MAX_CONTENT_BYTES): say so, not a 500
+            raise GatewayError(413, "bad_request", f"content is {size} bytes, over the limit of "
+                                                   f"{settings.max_content_bytes}")
+        try:
+            return UserInput.model_validate(
+                {"message_id": new_id(), "user_id": body.user_id, "session_id": body.session_id or new_id(),
+                 "content": body.content}, context={"max_content_bytes": settings.max_content_bytes})
+        except ValidationError as exc:  # what the bus's model refuses beyond ChatIn's own checks (a blank session id)
+            fields = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+            raise GatewayError(422, "bad_request", fields) from None
+
+    async def turn(msg: UserInput, body: ChatIn, bus: Bus, sent: asyncio.Event | None = None) -> ChatOut:
         timeout = body.timeout_s or settings.gateway_timeout_s
         with bus.replies.expect(msg.message_id) as fut:
             await bus.redis.xadd(names.user_input, {"data": encode(msg)})
@@ -268,13 +280,13 @@ def create_app(settings: GatewaySettings | None = None, names: Names | None = No
         """Send one turn and wait for its reply (at most ``timeout_s``, default GATEWAY_TIMEOUT_S). ``stream=true``
         answers with server-sent events instead: ``accepted`` once the turn is on the bus, then ``reply`` (the same
         body) or ``error``. The services reply in one piece, so the reply is one event, not tokens."""
+        msg = message(body, scope)  # before a stream starts: refusals stay plain JSON errors
         if not stream:
-            return await turn(body, scope, bus)
-        allowed(scope, body.user_id)  # before the stream starts: refusals stay plain JSON errors
+            return await turn(msg, body, bus)
 
         async def events() -> AsyncIterator[str]:
             sent = asyncio.Event()
-            task = asyncio.create_task(turn(body, scope, bus, sent))
+            task = asyncio.create_task(turn(msg, body, bus, sent))
             waiter = asyncio.create_task(sent.wait())
             await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
@@ -366,7 +378,7 @@ def create_app(settings: GatewaySettings | None = None, names: Names | None = No
     @app.post("/api/v1/conversation", response_model=ChatOut)
     async def conversation(body: ChatIn, scope: Caller, bus: BusDep) -> ChatOut:
         """The seed's name for a chat turn: the same as ``POST /v1/chat``."""
-        return await turn(body, scope, bus)
+        return await turn(message(body, scope), body, bus)
 
     @app.post("/v1/users/{user_id}/import")
     async def import_history(user_id: UserId, body: ImportIn, scope: Caller, bus: BusDep) -> dict[str, Any]:

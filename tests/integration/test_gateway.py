@@ -26,6 +26,7 @@ async def gateway(mesh: Mesh, redis_url: str) -> AsyncIterator[httpx.AsyncClient
     port = free_port()
     env = {**os.environ, "REDIS_URL": redis_url, "MESH_KEY_PREFIX": mesh.names.prefix, "GATEWAY_PORT": str(port),
            "GATEWAY_API_KEYS": f"{ADMIN}=admin; {TENANT}=alice|acme-*", "GATEWAY_MAX_BODY_BYTES": "4096",
+           "MAX_CONTENT_BYTES": "2048",
            "GATEWAY_TIMEOUT_S": "20", "LOG_FORMAT": "json"}
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "services.gateway", cwd=ROOT, env=env,
                                                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
@@ -142,6 +143,13 @@ async def test_the_gateway_refuses_with_json_errors(gateway: httpx.AsyncClient) 
                                                                      "type": "nonsense"}), 422, "bad_request"),
         (await c.post("/v1/chat", headers=auth(ADMIN), content=b'{"user_id": "u", "content": "' + b"x" * 5000 + b'"}',
                       ), 413, "bad_request"),
+        # under the body's limit, over the bus's (MAX_CONTENT_BYTES): refused as such, not a server error
+        (await c.post("/v1/chat", headers=auth(ADMIN), json={"user_id": "u", "content": "é" * 1500}), 413,
+         "bad_request"),
+        (await c.post("/v1/chat", headers=auth(ADMIN), json={"user_id": "u", "content": "hi", "session_id": "   "}),
+         422, "bad_request"),
+        (await c.post("/v1/chat?stream=true", headers=auth(ADMIN), json={"user_id": "u", "content": "é" * 1500}),
+         413, "bad_request"),  # refused before a stream starts, as JSON
         (await c.post("/v1/chat", headers=auth(ADMIN), json={"user_id": "u", "content": "hi", "timeout_s": 0.0001}),
          504, "timeout"),
     ]
