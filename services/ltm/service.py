@@ -17,6 +17,7 @@ from shared.contracts import (
     LTM_WARM,
     MEMORY_UPDATE,
     AddRequest,
+    DeadLetterReason,
     DecodeError,
     DeleteRequest,
     DeleteUserRequest,
@@ -210,9 +211,14 @@ class LtmService:
             return
         try:
             await self.ingest_update(update)
-        except Exception:
+        except Exception as exc:  # a channel redelivers nothing: kept as a dead letter (mesh replay), not lost
             self.metrics.incr("pubsub.failed")
             log.exception("ltm.pubsub_ingest_failed")
+            try:
+                await dead_letter(self.redis, channel, raw, DeadLetterReason.HANDLER_ERROR.value,
+                                  f"{type(exc).__name__}: {exc}")
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                log.warning("ltm.pubsub_dead_letter_failed")
 
     # ------------------------------------------------------------------ deletion
     async def delete_user(self, user_id: str) -> dict[str, Any]:

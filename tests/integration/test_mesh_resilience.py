@@ -106,6 +106,20 @@ async def test_bad_input_is_dead_lettered_everywhere_and_the_next_good_message_i
         await mesh.redis.publish(names.memory_updates_pubsub, encode(good))
         await wait_until(lambda: _ingested_eq(mesh, "u-pub", 1), message="pubsub update ingested")
         assert ltm.metrics.get("pubsub.rejected.invalid_json") == 1  # type: ignore[attr-defined]
+        # an update the channel brought whose ingest fails is kept as a dead letter (a channel redelivers nothing)
+        failing = MemoryUpdate(user_id="u-pub", content="I also collect old maps.", source="user",
+                               meta=MemoryUpdateMeta(session_id="s", message_id="pub-2"))
+        real_ingest = ltm.ingest_update  # type: ignore[attr-defined]
+
+        async def store_down(update: MemoryUpdate) -> None:
+            raise OSError("the store went away")
+
+        ltm.ingest_update = store_down  # type: ignore[attr-defined]
+        await mesh.redis.publish(names.memory_updates_pubsub, encode(failing))
+        kept = await wait_until(lambda: _dead_count(mesh, names.memory_updates_pubsub, n + 2),
+                                message="the failed pub/sub update dead-lettered")
+        assert any(d["reason"] == "handler_error" and "old maps" in d["data"] for d in kept)
+        ltm.ingest_update = real_ingest  # type: ignore[attr-defined]
 
         # ltm_requests: error replies where a request_id is readable, nothing where it is not
         async with ltm_replies(mesh) as replies:
