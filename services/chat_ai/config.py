@@ -32,8 +32,8 @@ class ChatSettings(MeshSettings):
         "to LTM_PROMPT_TOKENS minus this, passages get the rest"))
     chat_concurrency: int = Field(default=64, ge=1, description="turns one chat_ai process answers at once")
     chat_recall_concurrency: int = Field(default=16, ge=1, description=(
-        "of those, how many may be waiting for ltm at once, at most: fewer while ltm answers slowly (cut on replies "
-        "slower than half LTM_TIMEOUT_MS, raised on fast ones); further input waits in user_input_queue, where its "
+        "of those, how many may be waiting for ltm at once, at most: from 4, raised on fast replies while that many "
+        "wait, cut on replies slower than half LTM_TIMEOUT_MS; further input waits in user_input_queue, where its "
         "LTM_TIMEOUT_MS has not started, so a burst is answered later but with memory rather than at the timeout "
         "without it (docs/operations.md). Lifted while ltm is silent (this many failed searches in a row and no "
         "reply at all for LTM_TIMEOUT_MS), so a down ltm costs a turn LTM_TIMEOUT_MS and no queueing"))

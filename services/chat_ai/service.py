@@ -69,6 +69,7 @@ class ChatService:
         )
         self._recall_timeouts = 0  # memory searches in a row that got no reply in time (a reply resets it)
         self.recall_limit = RecallLimit(settings.chat_recall_concurrency, settings.ltm_timeout_ms / 1000)
+        self._recalling = 0  # turns waiting for their memory search now
         self.consumer = StreamConsumer(
             redis, stream=names.user_input, group=names.chat_group, consumer=settings.consumer_name,
             handler=self._on_user_input, metrics=self.metrics, concurrency=settings.chat_concurrency,
@@ -165,6 +166,7 @@ class ChatService:
         ``chat_ai.<event>``); never raises, so the turn goes on without it. ``recall``: the turn's memory search,
         whose failed waits in a row :meth:`_recall_intake` counts (doc_search's are not)."""
         asked = time.monotonic()
+        self._recalling += recall
         try:
             resp = await self.ltm.call(request, self.settings.ltm_timeout_ms / 1000)
         except (TimeoutError, NotSubscribed):
@@ -174,17 +176,19 @@ class ChatService:
             return "timeout"
         except Unavailable:  # Redis failed the send
             return "error"
+        finally:
+            self._recalling -= recall
         if recall:
             self._recall_timeouts = 0
-            self._record_recall(time.monotonic() - asked)
+            self._record_recall(time.monotonic() - asked, self._recalling + 1)
         if not resp.success:
             log.warning(f"chat_ai.{event}", error=resp.error.model_dump() if resp.error else None)
             return "error"
         return resp
 
-    def _record_recall(self, seconds: float | None) -> None:
+    def _record_recall(self, seconds: float | None, waiting: int = 0) -> None:
         cuts = self.recall_limit.cuts
-        self.recall_limit.record(seconds)
+        self.recall_limit.record(seconds, waiting)
         if self.recall_limit.cuts != cuts:
             self.metrics.incr("recall.limit_cut")
             log.info("chat_ai.recall_limit_cut", limit=self.recall_limit.limit,
