@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path as Path_
@@ -73,6 +73,11 @@ class GatewayError(Exception):
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+
+
+def _fields(errors: Sequence[Any]) -> str:
+    """A validation failure's fields and reasons, for a 422's message (FastAPI's and pydantic's errors alike)."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors)
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
@@ -239,8 +244,7 @@ def create_app(settings: GatewaySettings | None = None, names: Names | None = No
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        fields = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        return _error(422, "bad_request", fields)
+        return _error(422, "bad_request", _fields(exc.errors()))
 
     def allowed(scope: Scope, user_id: str) -> None:
         if not scope.allows(user_id):
@@ -258,8 +262,7 @@ def create_app(settings: GatewaySettings | None = None, names: Names | None = No
                 {"message_id": new_id(), "user_id": body.user_id, "session_id": body.session_id or new_id(),
                  "content": body.content}, context={"max_content_bytes": settings.max_content_bytes})
         except ValidationError as exc:  # what the bus's model refuses beyond ChatIn's own checks (a blank session id)
-            fields = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-            raise GatewayError(422, "bad_request", fields) from None
+            raise GatewayError(422, "bad_request", _fields(exc.errors())) from None
 
     async def turn(msg: UserInput, body: ChatIn, bus: Bus, sent: asyncio.Event | None = None) -> ChatOut:
         timeout = body.timeout_s or settings.gateway_timeout_s
