@@ -56,7 +56,7 @@ def rules(names: Names) -> dict[str, str]:
         "resetkeys resetchannels -@all", CONNECT, "+publish +scan",
         _c(n.memory_updates_pubsub, f"{n.memory_responses}*"),
         # one selector: a command's keys must all be allowed by one (delete_user DELs STM, locks and cache at once)
-        _sel([*stm, n.lock("stm", "*"), n.cache("*"), n.reply_dedup("*")],
+        _sel([*stm, n.lock("stm", "*"), n.cache("*"), n.reply_dedup_all()],
              "+zadd +zrange +zremrangebyrank +zcard +expire +pexpire +get +set +del +unlink +exists +ttl +hset +hget "
              "+hmget +hgetall +eval +evalsha +script|load"),
         _sel([n.metrics("memory")], METRICS),
@@ -78,7 +78,7 @@ def rules(names: Names) -> dict[str, str]:
         "resetkeys resetchannels -@all", CONNECT, "+publish +subscribe +unsubscribe",
         _c(f"{n.ltm_responses}:*", f"{n.memory_responses}:*", f"{n.chat_responses}*"),
         _sel(stm, "+zrange +get +hgetall +hmget"),  # the STM, read only
-        _sel([n.reply_dedup("*")], "+exists +set +get +del"),
+        _sel([n.reply_dedup_all()], "+exists +set +get +del"),
         _sel([n.metrics("chat_ai")], METRICS),
         _sel([n.user_input], CONSUME),
         _sel([n.ai_responses], "+xadd +xrevrange +xlen"),

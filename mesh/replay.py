@@ -8,8 +8,11 @@ publish reaches only who listens at that instant), ``RPUSH`` to a request list. 
 of the dead letter are one MULTI/EXEC, so a replay interrupted half way replays nothing twice, and running it
 again finds nothing left: it is idempotent. The services are idempotent by ``message_id`` too, so an entry of a
 stream read by two groups (``user_input_queue``: memory and chat-ai), replayed to both, changes nothing for the
-group that had handled it. A dead letter whose ``data`` was truncated (over 256 KiB) cannot be replayed and is
-left in place; one that fails again is dead-lettered again, with its new reason.
+group that had handled it. A message that named no id or time got them from its first stream entry (its id's
+milliseconds); the replay writes those into it, so its new entry is the same message, not a second one. Only the
+dead letters there when the replay starts are replayed: one that fails again is not met twice in one run. A dead
+letter whose ``data`` was truncated (over 256 KiB) cannot be replayed and is left in place; one that fails again
+is dead-lettered again, with its new reason.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from shared.contracts import Names
+from shared.contracts import MEMORY_UPDATE, USER_INPUT, DecodeError, Names, decode
 from shared.contracts.names import DEAD_LETTER_SUFFIX
 from shared.runtime.runner import batch
 
@@ -45,6 +48,29 @@ def origin_of(names: Names, name: str) -> tuple[str, str]:
     raise SystemExit(f"{name!r} is not a name the mesh consumes; choose from {', '.join(known)}")
 
 
+def _as_first_delivered(names: Names, target: str, data: str, entry_id: str | None) -> str:
+    """``data`` with the message id and timestamp its first delivery derived (from ``entry_id``, the entry it came
+    in) written in, for the streams whose messages may leave them out; unchanged when it names them, or does not
+    decode (it is replayed as it was, and refused again with its reason)."""
+    if target not in (names.user_input, names.memory_updates):
+        return data
+    try:
+        doc = json.loads(data)
+        if not isinstance(doc, dict):
+            return data
+        if target == names.user_input:
+            msg = decode(USER_INPUT, data, max_content_bytes=1 << 30, entry_id=entry_id)
+            doc["message_id"], doc["timestamp"] = msg.message_id, msg.timestamp
+        else:
+            update = decode(MEMORY_UPDATE, data, max_content_bytes=1 << 30, entry_id=entry_id)
+            meta = doc.get("meta")
+            doc["meta"] = {**(meta if isinstance(meta, dict) else {}), "message_id": update.message_id}
+            doc["timestamp"] = update.timestamp
+    except (ValueError, RecursionError, DecodeError):
+        return data
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
+
+
 def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
@@ -57,16 +83,17 @@ async def replay(redis: aioredis.Redis, names: Names, name: str, *, reason: str 
     dead = Names.dead(base if base.startswith(names.prefix) else names.prefix + base)
     replayed: Counter[str] = Counter()
     skipped: Counter[str] = Counter()
+    last: Any = await redis.xrevrange(dead, count=1)
+    end = _text(last[0][0]) if last else None  # what fails again meanwhile is dead-lettered past it
     cursor = "-"
     done = 0
-    while limit is None or done < limit:
-        rows: Any = await redis.xrange(dead, min=cursor, count=BATCH)
-        if cursor != "-":
-            rows = rows[1:]  # the cursor entry itself was seen
+    while end is not None and (limit is None or done < limit):
+        rows: Any = await redis.xrange(dead, min=cursor, max=end, count=BATCH)
         if not rows:
             break
         for entry_id, fields in rows:
-            cursor = _text(entry_id)
+            cursor = "(" + _text(entry_id)  # the next page starts after it (it may be deleted by then)
+            dead_id = _text(entry_id)
             f = {_text(k): _text(v) for k, v in fields.items()}
             why = f.get("reason", "?")
             if reason is not None and why != reason:
@@ -79,8 +106,8 @@ async def replay(redis: aioredis.Redis, names: Names, name: str, *, reason: str 
                     if kind == "list":
                         pipe.rpush(target, f["data"])
                     else:
-                        pipe.xadd(target, {"data": f["data"]})
-                    pipe.xdel(dead, cursor)
+                        pipe.xadd(target, {"data": _as_first_delivered(names, target, f["data"], f.get("entry_id"))})
+                    pipe.xdel(dead, dead_id)
                     await pipe.execute()
             replayed[why] += 1
             done += 1

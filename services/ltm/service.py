@@ -48,6 +48,7 @@ from shared.runtime.children import Children, announce_ready
 from shared.runtime.deadletter import dead_letter
 from shared.runtime.drain import run_service
 from shared.runtime.erase import erase_entries, ltm_streams
+from shared.runtime.errors import REDIS_ERRORS
 from shared.runtime.logging import get_logger
 from shared.runtime.metrics import Metrics
 from shared.runtime.priority import Foreground, SharedCount
@@ -116,7 +117,7 @@ class LtmService:
         announce_ready()  # to the parent, when this is one of its ingest children
         try:
             await run_service(core, background, self._stop, self.settings.shutdown_grace_s, what="ltm",
-                              metrics=self.metrics)
+                              metrics=self.metrics, stop_core=self.stop)
         finally:
             await self.backend.close()
             await self.metrics.flush()
@@ -140,7 +141,7 @@ class LtmService:
 
     # ------------------------------------------------------------------ ingest
     async def _on_update_entry(self, entry_id: str, raw: bytes | str | None) -> None:
-        update = decode(MEMORY_UPDATE, raw, max_content_bytes=self.settings.max_content_bytes)
+        update = decode(MEMORY_UPDATE, raw, max_content_bytes=self.settings.max_content_bytes, entry_id=entry_id)
         await self.ingest_update(update)
 
     async def ingest_update(self, update: MemoryUpdate) -> bool:
@@ -217,8 +218,8 @@ class LtmService:
             try:
                 await dead_letter(self.redis, channel, raw, DeadLetterReason.HANDLER_ERROR.value,
                                   f"{type(exc).__name__}: {exc}")
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
-                log.warning("ltm.pubsub_dead_letter_failed")
+            except REDIS_ERRORS:
+                log.warning("ltm.pubsub_dead_letter_failed", exc_info=True)
 
     # ------------------------------------------------------------------ deletion
     async def delete_user(self, user_id: str) -> dict[str, Any]:

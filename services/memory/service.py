@@ -126,7 +126,7 @@ class MemoryService:
         log.info("memory.ready")
         try:
             await run_service(core, background, self._stop, self.settings.shutdown_grace_s, what="memory",
-                              metrics=self.metrics)
+                              metrics=self.metrics, stop_core=self.stop)
         finally:
             await self.metrics.flush()
 

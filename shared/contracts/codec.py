@@ -58,17 +58,26 @@ def _str_or_none(obj: dict[str, Any], key: str) -> str | None:
     return value
 
 
-def _bad_text(obj: Any) -> str | None:
+MAX_DEPTH = 64
+"""Deepest nesting of arrays and objects a message may have (the parser takes about 1,000, but pydantic cannot
+encode past 255: a deeper value stored from one message would make every later reply that carries it fail)."""
+
+
+def _unsendable(obj: Any) -> str | None:
     """Why a string in the message cannot be stored or sent on (NUL: PostgreSQL text refuses it; a lone UTF-16
-    surrogate: not UTF-8), keys included; None when every string is fine."""
-    stack = [obj]
+    surrogate: not UTF-8), keys included, or why its shape cannot (nested deeper than :data:`MAX_DEPTH`); None when
+    every string is fine."""
+    stack: list[tuple[Any, int]] = [(obj, 0)]
     while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth >= MAX_DEPTH:
+                return f"message is nested deeper than {MAX_DEPTH} levels"
+            if isinstance(item, dict):
+                stack.extend((k, depth) for k in item)
+                stack.extend((v, depth + 1) for v in item.values())
+            else:
+                stack.extend((v, depth + 1) for v in item)
         elif isinstance(item, str):
             if "\x00" in item:
                 return "text contains NUL (U+0000)"
@@ -113,7 +122,7 @@ def decode(
         raise DecodeError(DeadLetterReason.TOO_LARGE, f"message is {size} bytes, over the limit of {limit}", **ids)
     if not isinstance(obj, dict):
         raise DecodeError(DeadLetterReason.INVALID, "message must be a JSON object")
-    bad = _bad_text(obj)
+    bad = _unsendable(obj)
     if bad:
         raise DecodeError(DeadLetterReason.INVALID, bad, **ids)
     try:

@@ -49,6 +49,18 @@ def derive_id(*parts: object) -> str:
     return str(uuid.uuid5(ID_NAMESPACE, "\x1f".join(str(p) for p in parts)))
 
 
+def entry_time(info: ValidationInfo) -> float | None:
+    """When the stream entry being decoded was added (its id's milliseconds), if one is: the time of a message that
+    carries none, the same on every delivery of the entry (the clock at decoding would differ each time)."""
+    entry = (info.context or {}).get("entry_id")
+    if not isinstance(entry, str):
+        return None
+    try:
+        return int(entry.split("-", 1)[0]) / 1000
+    except ValueError:
+        return None
+
+
 def new_id() -> str:
     return str(uuid.uuid4())
 
@@ -86,6 +98,8 @@ class UserInput(Message):
 
     @model_validator(mode="after")
     def _default_id(self, info: ValidationInfo) -> UserInput:
+        if "timestamp" not in self.model_fields_set and (added := entry_time(info)) is not None:
+            self.timestamp = added  # a redelivery is the same turn, at the same time (memory's STM member)
         if not self.message_id:
             entry = (info.context or {}).get("entry_id")
             # A redelivered stream entry keeps its id, so its derived message id is stable.
@@ -172,12 +186,17 @@ class MemoryUpdate(Message):
     _size = field_validator("content")(_check_size)
 
     @model_validator(mode="after")
-    def _derive_message_id(self) -> MemoryUpdate:
+    def _derive_message_id(self, info: ValidationInfo) -> MemoryUpdate:
+        given = "timestamp" in self.model_fields_set
         if not self.meta.message_id:
+            # from what the producer sent: a timestamp filled in here differs between deliveries (and between the
+            # stream's and the channel's copy), so it is no part of the id
             self.meta.message_id = derive_id(
-                "memory_update", self.user_id, self.source, repr(self.timestamp),
+                "memory_update", self.user_id, self.source, repr(self.timestamp) if given else "",
                 self.meta.session_id or "", self.content,
             )
+        if not given and (added := entry_time(info)) is not None:
+            self.timestamp = added
         return self
 
     @property

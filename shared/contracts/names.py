@@ -193,8 +193,15 @@ class Names:
     def reply_dedup(self, user_id: str, *parts: str) -> str:
         """chat_ai's keys of one input (``done``: its reply's id; ``answering``: who is answering it), hash-tagged
         with the ``ai_responses`` stream's name: on a Redis Cluster they live in that stream's slot, so the reply's
-        XADD and its ``done`` key are one MULTI there too. ``reply_dedup(user_id, "*")`` matches a user's keys."""
-        return self._p(":".join((self.dedup_prefix, f"{{{self.ai_responses}}}", "chat", user_id, *parts)))
+        XADD and its ``done`` key are one MULTI there too. The user id goes in with its length in front (ids may
+        hold ``:``: user ``a`` with message ``b:c`` is not user ``a:b`` with message ``c``), so
+        ``reply_dedup(user_id) + ":*"`` matches one user's keys and no other's."""
+        return self._p(":".join((self.dedup_prefix, f"{{{self.ai_responses}}}", "chat", str(len(user_id)), user_id,
+                                 *parts)))
+
+    def reply_dedup_all(self) -> str:
+        """The pattern of every user's :meth:`reply_dedup` keys (an ACL's key pattern)."""
+        return self._p(":".join((self.dedup_prefix, f"{{{self.ai_responses}}}", "chat", "*")))
 
     def all_bus_names(self) -> list[str]:
         return [

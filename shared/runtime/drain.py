@@ -9,6 +9,7 @@ request type is idempotent or reports what it did). Nothing is dropped unseen.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from shared.runtime.logging import get_logger
@@ -34,13 +35,27 @@ async def drain_within(tasks: set[asyncio.Task[Any]], grace_s: float, *, what: s
 
 
 async def run_service(core: list[asyncio.Task[Any]], background: list[asyncio.Task[Any]], stop: asyncio.Event,
-                      grace_s: float, *, what: str, metrics: Metrics) -> None:
+                      grace_s: float, *, what: str, metrics: Metrics, stop_core: Callable[[], None]) -> None:
     """Run a service's tasks: ``core`` (consumers, request servers: each drains itself within the grace once
     stopped) until they end, then ``background`` (metrics flush, maintenance, cleanup) gets ``grace_s`` to
-    notice ``stop`` and finish a pass it is in, and is cancelled after that. A core task's exception is raised
-    once the rest are stopped; a background task's is logged (it never decides the service's fate)."""
+    notice ``stop`` and finish a pass it is in, and is cancelled after that. A core task that fails stops the
+    others (``stop_core``: the service's stop) and its exception is raised once they have drained; a background
+    task's is logged (it never decides the service's fate)."""
     try:
-        await asyncio.gather(*core)
+        try:
+            await asyncio.wait(core, return_when=asyncio.FIRST_EXCEPTION)
+        except asyncio.CancelledError:
+            for task in core:
+                task.cancel()
+            await asyncio.gather(*core, return_exceptions=True)
+            raise
+        failed = [t for t in core if t.done() and not t.cancelled() and t.exception() is not None]
+        if failed:
+            log.error("shutdown.core_failed", what=what, task=failed[0].get_name(), exc_info=failed[0].exception())
+            stop_core()
+            await asyncio.gather(*core, return_exceptions=True)  # the others drain, each within its grace
+            raise failed[0].exception()  # type: ignore[misc]
+        await asyncio.gather(*core)  # all ended: a cancelled one raises here
     finally:
         stop.set()
         await drain_within(set(background), grace_s, what=f"{what} background", metrics=metrics)

@@ -26,6 +26,7 @@ import numpy as np
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.runtime.batching import Batcher
 from shared.runtime.logging import get_logger
 from shared.runtime.remote_embedding import RemoteEmbeddingModel
 
@@ -274,15 +275,18 @@ def dedicated_model(role: Literal["ingest", "query"], settings: EmbeddingSetting
 
 
 class Embedder:
-    """Async front: concurrent ``embed`` calls are coalesced into batches in a worker thread."""
+    """Async front: concurrent ``embed`` calls are coalesced into batches (the mesh's one batching pump), each
+    pass in a worker thread. A pass that fails for a text's own fault (a remote model refusing it) is run again
+    a text at a time, so only that text's caller fails."""
 
     def __init__(self, model: SyncEmbedder, max_batch: int = 64, executor: Executor | None = None) -> None:
         self.model = model
         self.max_batch = max_batch
         self.executor = executor  # where passes run (None: the loop's default; priority.background_executor)
-        self._queue: list[tuple[str, asyncio.Future[np.ndarray]]] = []
-        self._running = False
-        self._pump_task: asyncio.Task[None] | None = None
+        self._batcher: Batcher[str, np.ndarray] = Batcher(self._pass, max_batch)
+
+    async def _pass(self, texts: list[str]) -> list[np.ndarray]:
+        return list(await asyncio.get_running_loop().run_in_executor(self.executor, self.model.encode, texts))
 
     async def embed(self, text: str) -> np.ndarray:
         return (await self.embed_many([text]))[0]
@@ -296,31 +300,4 @@ class Embedder:
         return list(vecs), toks
 
     async def embed_many(self, texts: list[str]) -> list[np.ndarray]:
-        loop = asyncio.get_running_loop()
-        futs: list[asyncio.Future[np.ndarray]] = []
-        for t in texts:
-            fut: asyncio.Future[np.ndarray] = loop.create_future()
-            self._queue.append((t, fut))
-            futs.append(fut)
-        if not self._running:
-            self._running = True
-            self._pump_task = asyncio.create_task(self._pump())
-        return list(await asyncio.gather(*futs))
-
-    async def _pump(self) -> None:
-        try:
-            while self._queue:
-                batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch:]
-                try:
-                    vecs = await asyncio.get_running_loop().run_in_executor(
-                        self.executor, self.model.encode, [t for t, _ in batch])
-                except Exception as exc:  # noqa: BLE001 - handed to every waiter
-                    for _, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(exc)
-                    continue
-                for (_, fut), vec in zip(batch, vecs, strict=True):
-                    if not fut.done():
-                        fut.set_result(vec)
-        finally:
-            self._running = False
+        return await self._batcher.submit_many(list(texts))

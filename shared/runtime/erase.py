@@ -59,13 +59,22 @@ class _Matcher:
         spelled = "|".join(re.escape(s) for s in sorted(spellings))
         self._raw = re.compile(r'"(?:user_id|session_id)"\s*:\s*"(?:' + spelled + r')"')
 
+    def named_in(self, fields: dict[Any, Any]) -> bool:
+        """Whether a dead letter's own ``user_id``/``session_id`` fields (kept beside a truncated ``data``) name the
+        user or one of the sessions."""
+        def field(name: str) -> str | None:
+            value = fields.get(name, fields.get(name.encode()))
+            return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+        return field("user_id") == self.user_id or (bool(self.sessions) and field("session_id") in self.sessions)
+
     def owns(self, raw: Any) -> bool:
         if raw is None:
             return False
         text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
         try:
             doc = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past the parser (a dead letter of such input)
             doc = None
         if isinstance(doc, dict):
             if doc.get("user_id") == self.user_id or (self.sessions and doc.get("session_id") in self.sessions):
@@ -90,7 +99,7 @@ async def erase_entries(redis: aioredis.Redis, streams: Iterable[str], user_id: 
             for entry_id, fields in page:
                 last = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
                 raw = (fields or {}).get(FIELD, (fields or {}).get(FIELD.encode()))
-                if match.owns(raw):
+                if match.owns(raw) or match.named_in(fields or {}):
                     doomed.append(last)
             if len(page) < PAGE:
                 break

@@ -45,7 +45,7 @@ class Metrics:
                 for name, n in delta.items():
                     pipe.hincrby(self._key, name, n)
                 await pipe.execute()
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException):
             self._pending.update(delta)  # try again next time
 
     async def run(self, stop: asyncio.Event, interval: float = 2.0) -> None:

@@ -7,10 +7,10 @@ import inspect
 from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
-import redis.exceptions
 from redis.asyncio.client import PubSub
 
 from shared.runtime.backoff import Backoff
+from shared.runtime.errors import REDIS_ERRORS, is_redis_down
 from shared.runtime.logging import get_logger
 from shared.runtime.metrics import Metrics
 from shared.runtime.runner import pubsub_for
@@ -44,11 +44,14 @@ async def listen(client: aioredis.Redis, channel: str, on_message: OnMessage, st
                         ready.set()
                 elif msg["type"] == "message":
                     await _deliver(on_message, msg["data"], channel, metrics)
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        except REDIS_ERRORS as exc:  # an outage, or a refusal (NOPERM on the channel): not ready until it is back
             if ready is not None:
                 ready.clear()
             metrics.incr("pubsub.reconnects")
-            log.warning("pubsub.subscription_lost", channel=channel, error=str(exc))
+            if is_redis_down(exc):
+                log.warning("pubsub.subscription_lost", channel=channel, error=str(exc))
+            else:
+                log.error("pubsub.subscription_failed", channel=channel, exc_info=exc)
             await backoff.sleep(stop)
         finally:
             try:

@@ -14,10 +14,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import redis.asyncio as aioredis
-import redis.exceptions
 
 from shared.contracts import AI_RESPONSE, AIResponse, DecodeError, decode
 from shared.runtime.backoff import Backoff
+from shared.runtime.errors import REDIS_ERRORS, redis_failed
 from shared.runtime.logging import get_logger
 
 log = get_logger(__name__)
@@ -64,12 +64,8 @@ class ReplyWaiter:
             try:
                 rows: Any = await self.redis.xread({self.stream: self._cursor}, block=self.block_ms, count=200)
                 backoff.reset()
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-                log.warning("replies.redis_unavailable", error=str(exc))
-                await backoff.sleep()
-                continue
-            except redis.exceptions.ResponseError as exc:  # NOPERM (an ACL without XREAD), a deleted stream...
-                log.error("replies.read_refused", stream=self.stream, error=str(exc))  # never dies unseen
+            except REDIS_ERRORS as exc:  # an outage; NOPERM (an ACL without XREAD)...: never dies unseen
+                redis_failed(exc, None, "replies", stream=self.stream)
                 await backoff.sleep()
                 continue
             for _stream, entries in rows or []:

@@ -17,7 +17,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 import redis.asyncio as aioredis
-import redis.exceptions
 from pydantic import BaseModel, TypeAdapter
 
 from shared.contracts import DecodeError, ErrorCode, ErrorInfo, decode, encode
@@ -27,7 +26,7 @@ from shared.runtime import prom
 from shared.runtime.backoff import Backoff
 from shared.runtime.deadletter import dead_letter
 from shared.runtime.drain import drain_within
-from shared.runtime.errors import is_transient
+from shared.runtime.errors import REDIS_ERRORS, is_transient, redis_failed
 from shared.runtime.logging import get_logger
 from shared.runtime.metrics import Metrics
 from shared.runtime.priority import Foreground
@@ -48,7 +47,7 @@ def _expired(raw: bytes | str) -> bool:
     try:
         deadline = json.loads(raw).get("deadline")
         return isinstance(deadline, int | float) and time.time() > deadline
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return False
 
 
@@ -106,9 +105,8 @@ class RequestServer(Generic[Req]):
                 task = asyncio.create_task(self._serve(raw))
                 self._inflight.add(task)
                 task.add_done_callback(self._done)
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-                self.metrics.incr("redis_reconnects")
-                log.warning("requests.redis_unavailable", queue=self.queue, error=str(exc))
+            except REDIS_ERRORS as exc:  # an outage, or an error an operator must fix (NOPERM): wait, never stop
+                redis_failed(exc, self.metrics, "requests", queue=self.queue)
                 await backoff.sleep(self._stop)
         await drain_within(self._inflight, self.drain_s, what=self.queue, metrics=self.metrics)
         log.info("requests.stopped", queue=self.queue)
@@ -217,12 +215,21 @@ class RequestServer(Generic[Req]):
         return kind, outcome
 
     async def _reply(self, reply_to: str | None, response: BaseModel) -> None:
-        await self._safe(self.redis.publish(reply_to or self.reply_channel, encode(response)))
+        try:
+            data = encode(response)
+        except ValueError:  # pydantic cannot serialise it (a value nested past its limit): say so, never go silent
+            self.metrics.incr("reply_unencodable")
+            log.exception("requests.reply_unencodable")
+            request_id = str(getattr(response, "request_id", ""))
+            info = ErrorInfo(code=ErrorCode.INTERNAL, message="the reply could not be encoded")
+            data = encode(self.error_reply(request_id, info, getattr(response, "user_id", None)))
+        await self._safe(self.redis.publish(reply_to or self.reply_channel, data))
 
     async def _safe(self, op: Awaitable[Any]) -> None:
         try:
             await op
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        except REDIS_ERRORS as exc:
+            self.metrics.incr("reply_failed")
             log.warning("requests.reply_failed", error=str(exc))
 
 
@@ -261,6 +268,7 @@ class RpcClient(Generic[Resp]):
     async def start(self, timeout: float = 5.0) -> None:
         self._task = asyncio.create_task(
             listen(self.redis, self.reply_channel, self._deliver, self._stop, metrics=self.metrics, ready=self._ready))
+        self._task.add_done_callback(self._listener_ended)
         try:
             await asyncio.wait_for(self._ready.wait(), timeout)
         except TimeoutError:
@@ -295,10 +303,18 @@ class RpcClient(Generic[Resp]):
                 self.metrics.incr("rpc.queue_trimmed")
             remaining = max(0.0, timeout - (loop.time() - start))
             return await asyncio.wait_for(fut, remaining)
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        except REDIS_ERRORS as exc:
             raise Unavailable(str(exc)) from exc
         finally:
             self._pending.pop(request_id, None)
+
+    def _listener_ended(self, task: asyncio.Task[None]) -> None:
+        """The reply listener ends only on close; ended otherwise (a bug), no call may wait for a reply: every call
+        raises NotSubscribed from now on, and the failure is logged, never dropped unseen."""
+        self._ready.clear()
+        if not task.cancelled() and task.exception() is not None:
+            self.metrics.incr("rpc.listener_failed")
+            log.error("rpc.listener_failed", channel=self.reply_channel, exc_info=task.exception())
 
     def _deliver(self, raw: bytes | str) -> None:
         try:

@@ -36,9 +36,9 @@ from shared.contracts.errors import MeshError
 from shared.contracts.names import Names
 from shared.runtime import prom
 from shared.runtime.backoff import Backoff
-from shared.runtime.deadletter import dead_letter_fields
+from shared.runtime.deadletter import DEAD_LETTER_MAXLEN, dead_letter_fields
 from shared.runtime.drain import drain_within
-from shared.runtime.errors import is_transient
+from shared.runtime.errors import REDIS_ERRORS, is_redis_down, is_transient, redis_failed
 from shared.runtime.logging import get_logger
 from shared.runtime.metrics import Metrics
 from shared.runtime.runner import batch
@@ -147,16 +147,11 @@ class StreamConsumer:
                     await self._trim()
                 await self._read()
                 backoff.reset()
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            except REDIS_ERRORS as exc:
                 self._group_ready = False
-                self.metrics.incr("redis_reconnects")
-                log.warning("consumer.redis_unavailable", stream=self.stream, error=str(exc))
-                await backoff.sleep(self._stop)
-            except redis.exceptions.ResponseError as exc:
-                if "NOGROUP" in str(exc):
-                    self._group_ready = False
-                    continue
-                log.exception("consumer.redis_error", stream=self.stream)
+                if isinstance(exc, redis.exceptions.ResponseError) and "NOGROUP" in str(exc):
+                    continue  # the stream or group was deleted: made again at once
+                redis_failed(exc, self.metrics, "consumer", stream=self.stream)
                 await backoff.sleep(self._stop)
         await self.drain()
         log.info("consumer.stopped", stream=self.stream, group=self.group)
@@ -352,7 +347,9 @@ class StreamConsumer:
             try:
                 await op()
                 return
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            except REDIS_ERRORS as exc:
+                if not is_redis_down(exc):
+                    raise
                 if self._stop.is_set():
                     return  # stays pending; another consumer will claim it
                 await backoff.sleep(self._stop)
@@ -361,7 +358,7 @@ class StreamConsumer:
         fields = dead_letter_fields(raw, reason.value, message, entry_id=entry_id, group=self.group,
                                     consumer=self.consumer)
         async with batch(self.redis) as pipe:  # on a cluster two slots: a crash between gives a second dead letter
-            pipe.xadd(Names.dead(self.stream), fields, maxlen=100_000, approximate=True)  # type: ignore[arg-type]
+            pipe.xadd(Names.dead(self.stream), fields, maxlen=DEAD_LETTER_MAXLEN, approximate=True)  # type: ignore[arg-type]
             pipe.xack(self.stream, self.group, entry_id)
             await pipe.execute()
         self.metrics.incr("dead_lettered")

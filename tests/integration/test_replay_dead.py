@@ -9,10 +9,13 @@ import io
 import json
 import os
 import sys
+from typing import Any
+
+import redis.asyncio as aioredis
 
 from mesh.inspector import inspect_bus, tail_updates
 from mesh.replay import replay
-from shared.contracts import UserInput, encode, new_id
+from shared.contracts import USER_INPUT, Names, UserInput, decode, derive_id, encode, new_id
 from shared.contracts.ping import PING_RESPONSE
 from tests.conftest import ROOT
 from tests.helpers import Mesh, Replies, running, wait_until
@@ -80,3 +83,25 @@ async def test_dead_letters_replayed_after_a_fix_are_handled_once(mesh: Mesh, re
         # the replayed input reached both groups twice (two dead letters): handled once all the same
         assert [r.in_reply_to for r in await mesh.replies()].count(msg.message_id) == 1
         assert await mesh.dead(names.user_input) == []
+
+
+async def test_a_replay_takes_every_page_and_keeps_the_ids_and_times_first_derived(redis: aioredis.Redis,
+                                                                                   names: Names) -> None:
+    """More dead letters than a page, of inputs that named no id or time: every one replayed in one run (a page
+    once skipped the entry after the last one replayed), as the same message its first delivery made of it."""
+    dead = Names.dead(names.user_input)
+    first: dict[str, str] = {}  # content -> the entry it first came in
+    for i in range(450):
+        entry_id = f"{1_700_000_000_000 + i}-0"
+        first[f"hello {i}"] = entry_id
+        await redis.xadd(dead, {"data": json.dumps({"user_id": "u", "session_id": "s", "content": f"hello {i}"}),
+                                "reason": "max_retries", "entry_id": entry_id})
+    result = await replay(redis, names, "user_input_queue")
+    assert (result["replayed"], result["left"]) == (450, 0)
+    entries: Any = await redis.xrange(names.user_input)
+    assert len(entries) == 450
+    for _id, fields in entries:
+        msg = decode(USER_INPUT, fields[b"data"])
+        entry_id = first[msg.content]
+        assert msg.message_id == derive_id("user_input", entry_id)
+        assert msg.timestamp == int(entry_id.split("-")[0]) / 1000

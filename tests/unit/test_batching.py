@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from services.ltm.extraction.batching import Batcher
+from shared.runtime.batching import Batcher
 from shared.runtime.errors import TransientError
 
 
@@ -68,3 +68,25 @@ async def test_a_single_item_batch_fails_once() -> None:
     with pytest.raises(ValueError):
         await batcher.submit(1)
     assert calls == 1
+
+
+async def test_a_text_the_model_refuses_fails_only_its_own_caller() -> None:
+    import numpy as np
+
+    from shared.runtime.embedding import Embedder
+
+    class Model:  # a remote model that answers 400 to any pass holding the one text it refuses
+        passes: list[list[str]] = []
+
+        def encode(self, texts: list[str]) -> np.ndarray:
+            self.passes.append(list(texts))
+            if "bad" in texts:
+                raise ValueError("400: input refused")
+            return np.ones((len(texts), 4), dtype=np.float32)
+
+    model = Model()
+    embedder = Embedder(model, max_batch=8)  # type: ignore[arg-type]
+    results = await asyncio.gather(*(embedder.embed(t) for t in ("a", "bad", "c")), return_exceptions=True)
+    assert isinstance(results[1], ValueError)
+    assert all(isinstance(r, np.ndarray) for r in (results[0], results[2]))
+    assert model.passes[0] == ["a", "bad", "c"]  # one pass first, then a text at a time

@@ -103,3 +103,67 @@ def test_user_input_without_message_id_is_stable_per_stream_entry() -> None:
     c = decode(USER_INPUT, raw, entry_id="2-0")
     assert a.message_id == b.message_id != c.message_id
     assert a.user_id is None  # allowed: stored and answered, no long-term memory
+
+
+def test_nesting_past_the_limit_is_refused_and_never_raises_past_decode() -> None:
+    from shared.contracts.codec import MAX_DEPTH
+
+    def nested(depth: int) -> str:  # a memory update whose meta holds arrays `depth` levels below the message
+        arrays = json.loads("[" * (depth - 2) + "]" * (depth - 2))
+        return json.dumps({"user_id": "u", "content": "x", "meta": {"k": arrays}})
+
+    assert decode(MEMORY_UPDATE, nested(MAX_DEPTH)).user_id == "u"
+    for raw in (nested(MAX_DEPTH + 1), "[" * 5000, '{"a":' * 5000):  # past the limit; past the JSON parser's own
+        with pytest.raises(DecodeError) as err:
+            decode(MEMORY_UPDATE, raw)
+        assert err.value.reason in (DeadLetterReason.INVALID, DeadLetterReason.INVALID_JSON)
+
+
+def test_a_message_without_id_or_time_is_the_same_message_on_every_delivery() -> None:
+    update = '{"user_id": "u", "content": "hello"}'
+    ids = {decode(MEMORY_UPDATE, update).message_id, decode(MEMORY_UPDATE, update).message_id,
+           decode(MEMORY_UPDATE, update, entry_id="1712345678901-0").message_id}  # the channel's copy, the stream's
+    assert len(ids) == 1
+    assert decode(MEMORY_UPDATE, update, entry_id="1712345678901-0").timestamp == 1712345678.901
+    timed = '{"user_id": "u", "content": "hello", "timestamp": 1712345678.5}'
+    assert decode(MEMORY_UPDATE, timed, entry_id="1712345678901-0").timestamp == 1712345678.5
+    assert decode(MEMORY_UPDATE, timed).message_id not in ids  # a time given is part of what the message is
+    said = '{"user_id": "u", "session_id": "s", "content": "hi"}'
+    first, again = (decode(USER_INPUT, said, entry_id="1712345678901-0") for _ in range(2))
+    assert (first.message_id, first.timestamp) == (again.message_id, again.timestamp)
+    assert first.timestamp == 1712345678.901
+
+
+def test_reply_keys_of_two_users_never_meet_whatever_their_ids_hold() -> None:
+    from fnmatch import fnmatchcase
+
+    from shared.runtime.erase import glob_escape
+
+    names = Names().with_prefix("p:")
+    assert names.reply_dedup("a", "b:c", "done") != names.reply_dedup("a:b", "c", "done")
+    pattern = glob_escape(names.reply_dedup("org")) + ":*"  # what deleting user "org" removes
+    assert fnmatchcase(names.reply_dedup("org", "m1", "done"), pattern)
+    assert not fnmatchcase(names.reply_dedup("org:alice", "m1", "done"), pattern)
+    assert fnmatchcase(names.reply_dedup("org:alice", "m1", "done"), names.reply_dedup_all())
+
+
+def test_hostile_json_in_a_stream_or_list_is_not_anyones_and_never_expired() -> None:
+    from shared.runtime.erase import _Matcher
+    from shared.runtime.requests import _expired
+
+    for junk in ("[" * 5000, '{"user_id":' * 5000):
+        assert not _Matcher("u", ["s"]).owns(junk)
+        assert not _expired(junk)
+
+
+def test_a_truncated_dead_letter_still_names_its_user_for_a_deletion() -> None:
+    from shared.runtime.deadletter import KEEP_BYTES, dead_letter_fields
+    from shared.runtime.erase import _Matcher
+
+    # a doc_add whose client put user_id after a text longer than what a dead letter keeps
+    raw = json.dumps({"request_id": "r", "type": "doc_add", "data": {"source": "a.md", "text": "x" * (KEEP_BYTES + 10)},
+                      "user_id": "u-big"})
+    fields = dead_letter_fields(raw, "too_large", "over the limit")
+    assert "u-big" not in fields["data"] and fields["user_id"] == "u-big"
+    assert _Matcher("u-big", []).named_in(fields) and not _Matcher("u-other", []).named_in(fields)
+    assert "user_id" not in dead_letter_fields(json.dumps({"user_id": "u"}), "invalid", "short")  # data holds it
