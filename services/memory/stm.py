@@ -23,6 +23,7 @@ whose summary is current that is two indexed queries, whatever the session's len
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -35,7 +36,7 @@ from redis.exceptions import LockError
 from services.memory.store import Backlog, ConversationStore
 from services.memory.summary import Summariser, SummaryState
 from shared.contracts import Names
-from shared.runtime.errors import TransientError
+from shared.runtime.errors import REDIS_ERRORS, TransientError
 from shared.runtime.logging import get_logger
 from shared.runtime.runner import batch, is_cluster
 from shared.runtime.stm import Stm, Turn, read_stm
@@ -73,24 +74,36 @@ class StmWriter:
         this turn). Turns that left the window are folded into the summary in the background. ``also``
         queues the caller's own commands into the same MULTI (one round trip for the whole write).
         """
-        present, evicted = await self._add(session_id, user_id, [turn], also=also)
-        if not present:
-            await self.rehydrate(session_id, user_id)
+        owner, evicted = await self._add(session_id, user_id, [turn], also=also)
+        if owner is not None and owner != (user_id or ""):
+            # another user's STM under this session id (left by a deletion that raced its write): PostgreSQL gives
+            # the session to this user now, so none of it is theirs; rebuilt from what is (this turn included)
+            log.warning("memory.stm_foreign_dropped", session_id=session_id)
+            await self.forget_session(session_id)
+            owner = None
+        if owner is None:
+            try:
+                await self.rehydrate(session_id, user_id)
+            except BaseException:  # the write made the meta: without it again, the retry rebuilds (not a window
+                with contextlib.suppress(*REDIS_ERRORS):  # of this turn alone, taken for the session's STM)
+                    await self.redis.delete(self.names.stm_meta(session_id))
+                raise
         elif evicted:
             self.schedule_catch_up(session_id, user_id)
         return evicted
 
     async def _add(self, session_id: str, user_id: str | None, turns: Sequence[Turn],
                    rehydrated_at: float | None = None,
-                   also: Callable[[Pipeline], None] | None = None) -> tuple[bool, list[Turn]]:
-        """ZADD the turns, trim the window; (STM was present before, turns that left the window)."""
+                   also: Callable[[Pipeline], None] | None = None) -> tuple[str | None, list[Turn]]:
+        """ZADD the turns, trim the window; (the STM's owner before, None when it had no STM: its meta's
+        ``user_id``; turns that left the window)."""
         turns_key, meta_key = self.names.stm_turns(session_id), self.names.stm_meta(session_id)
         meta = {"user_id": user_id or ""}
         if rehydrated_at is not None:
             meta["rehydrated_at"] = repr(rehydrated_at)
         cluster = is_cluster(self.redis)  # the session's keys share a slot (names.py); the caller's may not
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.exists(meta_key)
+            pipe.hget(meta_key, "user_id")
             if turns:
                 pipe.zadd(turns_key, {t.member(): t.timestamp for t in turns})
             pipe.zrange(turns_key, 0, -(self.max_messages + 1))
@@ -107,7 +120,8 @@ class StmWriter:
                 also(other)
                 await other.execute()
         evicted_raw = res[2] if turns else res[1]
-        return bool(res[0]), [Turn.parse(m) for m in evicted_raw]
+        owner = None if res[0] is None else res[0].decode("utf-8", "replace")
+        return owner, [Turn.parse(m) for m in evicted_raw]
 
     def _lock(self, session_id: str):  # type: ignore[no-untyped-def]  # redis.asyncio.lock.Lock
         return self.redis.lock(self.names.lock("stm", session_id), timeout=self.lock_timeout_s, sleep=0.005,
@@ -252,8 +266,11 @@ class StmWriter:
     async def read(self, session_id: str, user_id: str | None) -> tuple[Stm, bool]:
         """The session's STM, rebuilt first when Redis lost it; (stm, rebuilt now)."""
         stm = await read_stm(self.redis, self.names, session_id)
-        if stm.exists:
+        if stm.exists and stm.readable_by(user_id):
             return stm, False
+        if stm.exists:  # another user's leftover (see append): the session is this user's in PostgreSQL now
+            log.warning("memory.stm_foreign_dropped", session_id=session_id)
+            await self.forget_session(session_id)
         await self.rehydrate(session_id, user_id)
         return await read_stm(self.redis, self.names, session_id), True
 

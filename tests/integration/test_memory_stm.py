@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+import psycopg
 import pytest
 
 from services.memory.config import MemorySettings
@@ -101,6 +102,29 @@ async def test_a_write_after_flushall_rebuilds_first(mesh: Mesh) -> None:
     assert summary_before.startswith("Extractive summary of 25 earlier turns")
 
 
+async def test_a_rebuild_that_fails_is_made_again_by_the_retry(mesh: Mesh) -> None:
+    """The write that finds no STM adds its turn (and the meta) before rebuilding; a rebuild that fails (PostgreSQL
+    gone for a moment) once left that meta, so the retry found an STM and the session's window was that one turn."""
+    svc = mesh.memory(stm_max_messages=5)
+    await seed(svc, "s", "u1", 10)
+    await mesh.redis.flushall()
+    original = svc.stm.store.unfolded_turns
+    failures = [psycopg.OperationalError("server closed the connection")]
+
+    async def flaky(*args: Any, **kwargs: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return await original(*args, **kwargs)
+
+    svc.stm.store.unfolded_turns = flaky  # type: ignore[method-assign]
+    with pytest.raises(psycopg.OperationalError):
+        await seed(svc, "s", "u1", 1, start=10)
+    assert not (await read_stm(mesh.redis, mesh.names, "s")).exists  # no STM is taken for the session's
+    await seed(svc, "s", "u1", 1, start=10)  # the redelivery
+    stm = await read_stm(mesh.redis, mesh.names, "s")
+    assert [t.message_id for t in stm.turns] == [f"s-{i}" for i in range(6, 11)]
+
+
 async def test_rehydration_folds_turns_that_were_never_summarised(mesh: Mesh) -> None:
     """Messages written straight to PostgreSQL (an import, a lost fold): the rebuild summarises the backlog."""
     svc = mesh.memory(stm_max_messages=5)
@@ -191,6 +215,34 @@ async def test_stm_without_a_session_owner_is_not_served(mesh: Mesh) -> None:
     assert len((await read_stm(mesh.redis, mesh.names, "anon")).turns) == 1  # STM is kept for the chat
     with pytest.raises(NotFound):
         await svc.api.get_stm("someone", "anon")
+
+
+async def test_a_deleted_users_stm_left_behind_is_never_anothers(mesh: Mesh) -> None:
+    """A deletion that raced a write can leave a session's STM in Redis after its rows are gone; when another user
+    then takes the session id, neither their turn nor a read of theirs shows the deleted user's turns (the write
+    once relabelled the STM to the new user, keeping the old turns)."""
+    svc = mesh.memory()
+    names = mesh.names
+    for session, first in (("shared-1", "write"), ("shared-2", "read")):
+        old = Turn(f"{session}-old", "human", "my pin is 4417", BASE)
+        await mesh.redis.zadd(names.stm_turns(session), {old.member(): old.timestamp})
+        await mesh.redis.hset(names.stm_meta(session), mapping={"user_id": "deleted-user"})
+        await mesh.redis.hset(names.stm_summary(session), mapping={"text": "the pin is 4417", "tokens": 5})
+        for key in (names.stm_turns(session), names.stm_meta(session), names.stm_summary(session)):
+            await mesh.redis.expire(key, 3600)
+        if first == "write":
+            await svc.api.record(StoredMessage(message_id=f"{session}-new", session_id=session, user_id="new-user",
+                                               role="human", content="hello", timestamp=BASE + 10))
+        else:  # the session's rows are the new user's, its STM keys the old one's
+            await svc.store.store_message(StoredMessage(message_id=f"{session}-new", session_id=session,
+                                                        user_id="new-user", role="human", content="hello",
+                                                        timestamp=BASE + 10))
+            info = await svc.api.get_stm("new-user", session)
+            assert [t.message_id for t in info.turns] == [f"{session}-new"] and "4417" not in info.summary
+        stm = await read_stm(mesh.redis, names, session)
+        assert stm.owner == "new-user", first
+        assert [t.message_id for t in stm.turns] == [f"{session}-new"], first
+        assert "4417" not in stm.summary, first
 
 
 async def test_concurrent_writers_of_one_session_fold_every_turn_once(mesh: Mesh) -> None:
