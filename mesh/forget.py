@@ -4,8 +4,10 @@
    entry of the user or of the user's sessions (services/memory/erase.py);
 2. ``delete_user`` on ``ltm_requests``: every long-term-memory table (mem0's rows with LTM_BACKEND=mem0),
    the search-index entries and text caches of every ltm process, stream entries (services/ltm/service.py);
-3. a turn memory was storing or ltm was ingesting at that instant could still commit after steps 1-2: once
-   their groups have nothing pending (at most ``settle_s``), both run again, and the streams are swept once more.
+3. a turn chat_ai was answering, memory storing or ltm ingesting at that instant could still commit after steps
+   1-2 (chat_ai's reply is stored by memory after it, and becomes an update ltm ingests): once each of those groups
+   has handled what its stream held by then, stage by stage in that order (at most ``settle_s`` in all), both run
+   again, and the streams are swept once more.
 
 ``--rewrite-aof`` then asks Redis for BGREWRITEAOF, so the append-only file stops holding the deleted entries
 (otherwise they stay in it until Redis rewrites it on its own). Deleting twice is harmless: everything counts 0.
@@ -20,6 +22,7 @@ import time
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from shared.contracts import LTM_RESPONSE, LTMResponse, Names, new_id
 from shared.contracts.memory_api import MEMORY_RESPONSE, MemoryDeleteUserRequest, MemoryResponse
@@ -33,28 +36,46 @@ class DeletionFailed(RuntimeError):
     pass
 
 
-async def _pending(redis: aioredis.Redis, stream: str, group: str) -> int:
+def _id(entry_id: Any) -> tuple[int, int]:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+async def _handled_through(redis: aioredis.Redis, stream: str, group: str, top: tuple[int, int]) -> bool:
+    """Whether ``group`` has read and acknowledged every entry of ``stream`` up to ``top`` (no group: nothing to
+    wait for; no copy of its service reads it)."""
     try:
-        groups = await redis.xinfo_groups(stream)
-    except Exception:  # noqa: BLE001 - no stream yet: nothing pending
-        return 0
-    for g in groups:
-        name = g.get("name")
-        if (name.decode() if isinstance(name, bytes) else name) == group:
-            return int(g.get("pending") or 0)
-    return 0
+        groups: Any = await redis.xinfo_groups(stream)
+    except ResponseError:  # no stream
+        return True
+    info = next((g for g in groups if (g.get("name") or b"").decode() == group), None)
+    if info is None:
+        return True
+    if _id(info.get("last-delivered-id") or "0-0") < top:
+        return False
+    pending: Any = await redis.xpending(stream, group)
+    return not pending["pending"] or _id(pending["min"]) > top
 
 
 async def _settle(redis: aioredis.Redis, names: Names, seconds: float) -> bool:
-    """Until memory and ltm have nothing pending (what they were working on is committed), at most ``seconds``."""
-    groups = ((names.user_input, names.memory_group), (names.ai_responses, names.memory_group),
-              (names.memory_updates, names.ltm_group))
+    """Until what chat_ai, memory and ltm had taken or were yet to take when this is called is handled, stage by
+    stage: the turns chat_ai was answering (their replies are in ai_responses then), what memory had to store of
+    them and of the input (its updates are in memory_updates then), what ltm had to ingest. Entries added later are
+    not waited for (a busy mesh is never idle). At most ``seconds``; False if that ran out."""
+    stages = ((names.user_input, names.chat_group), (names.user_input, names.memory_group),
+              (names.ai_responses, names.memory_group), (names.memory_updates, names.ltm_group))
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if not any([await _pending(redis, s, g) for s, g in groups]):
-            return True
-        await asyncio.sleep(0.2)
-    return False
+    for stream, group in stages:
+        try:  # the stream's newest id (XINFO STREAM: the gateway's ACL user has it, and reads no entry)
+            top = _id((await redis.xinfo_stream(stream))["last-generated-id"])
+        except ResponseError:  # no stream
+            continue
+        while not await _handled_through(redis, stream, group, top):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.1)
+    return True
 
 
 def _deletion(resp: MemoryResponse | LTMResponse, service: str) -> UserDeletion:

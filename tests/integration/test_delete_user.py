@@ -11,6 +11,7 @@ keeps everything; deleting again is harmless and counts zero; the deletion log n
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -168,3 +169,49 @@ async def test_delete_user_leaves_nothing_of_the_user_in_any_table_or_key(mesh: 
             assert not any(user in c or SECRET in c for _, c in log)
     finally:
         await rpc.close()
+
+
+async def test_a_reply_chat_ai_is_still_writing_is_deleted_too(mesh: Mesh) -> None:
+    """A deletion while chat_ai waits for its model: the reply it writes after the first pass is stored by memory
+    and ingested by ltm, and the second pass waits for that (it once waited only for memory and ltm, and the reply
+    came back after it: the user's session and turn again, in PostgreSQL and ltm)."""
+    import threading
+
+    from mesh.forget import _settle
+    from shared.runtime.llm import chat_model
+    from tests.fake_llm import fake_llm
+
+    user = f"u-late-{new_id()[:8]}"
+    release = threading.Event()
+
+    def slow(_body: dict[str, Any]) -> str:
+        release.wait(30)
+        return f"Noted, {SECRET}."
+
+    with fake_llm(slow) as (base_url, seen):
+        llm = chat_model(None, base_url, "fake-model")
+        async with running(mesh.memory()), running(mesh.ltm()), running(mesh.chat(llm=llm, enable_ltm=False)):
+            try:
+                await mesh.send(f"Keep this: {SECRET}.", user_id=user, session_id=f"{user}-s")
+                await wait_until(lambda: bool(seen), message="the model asked")  # chat_ai is answering
+
+                async def stored() -> bool:
+                    return await mesh.count("SELECT count(*) FROM conversation_messages WHERE user_id = %s",
+                                            user) == 1
+
+                await wait_until(stored, message="memory stored the input")
+                assert not await _settle(mesh.redis, mesh.names, 0.5), "settled while chat_ai was still answering"
+                forgetting = asyncio.create_task(forget_user(mesh.redis, mesh.names, user, settle_s=30))
+
+                async def first_pass_done() -> bool:
+                    return await mesh.count("SELECT count(*) FROM conversation_messages WHERE user_id = %s",
+                                            user) == 0
+
+                await wait_until(first_pass_done, message="the first pass deleted the user's input")
+            finally:
+                release.set()
+            result = await asyncio.wait_for(forgetting, 60)
+            assert result["settled"]
+            assert result["second_pass"]["memory"]["rows"].get("conversation_messages", 0) == 1  # the reply
+            for table in ("conversation_messages", "conversation_sessions", "ltm_ingested", "ltm_memories"):
+                assert await mesh.count(f"SELECT count(*) FROM {table} WHERE user_id = %s", user) == 0, table
