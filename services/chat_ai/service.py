@@ -31,6 +31,7 @@ from shared.contracts import (
 )
 from shared.contracts.memory_api import MEMORY_RESPONSE, GetStmRequest, MemoryResponse, SessionRef, StmInfo
 from shared.contracts.messages import (
+    DEFAULT_MAX_CONTENT_BYTES,
     DocPassage,
     DocSearchData,
     DocSearchRequest,
@@ -318,15 +319,17 @@ class ChatService:
                  ready_ms=round(ready_ms, 1), llm_ms=round(llm_ms, 1), content=content(msg.content))
 
     async def _generate(self, msg: UserInput, block: MemoryBlock, stm: Stm) -> Reply:
+        # the AIResponse is checked against the default limit; readers decode it with MAX_CONTENT_BYTES
+        limit = min(self.settings.max_content_bytes, DEFAULT_MAX_CONTENT_BYTES)
         if self.llm is None:
-            return offline_reply(msg.content, block, stm, msg.message_id)
+            return offline_reply(msg.content, block, stm, msg.message_id, limit)
         messages = build_messages(self.settings.system_prompt, block, stm, msg.content, msg.message_id)
         try:
             return await llm_reply(self.llm, messages, self.settings.llm_max_tokens)
         except Exception as exc:  # noqa: BLE001 - a failing LLM must not lose the turn
             self.metrics.incr("llm_errors")
             log.warning("chat_ai.llm_failed", error=f"{type(exc).__name__}: {exc}")
-            fallback = offline_reply(msg.content, block, stm, msg.message_id)
+            fallback = offline_reply(msg.content, block, stm, msg.message_id, limit)
             return Reply(text=fallback.text, model=f"offline (llm error: {type(exc).__name__})")
 
 
