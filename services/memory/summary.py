@@ -20,6 +20,7 @@ import asyncio
 import heapq
 import json
 import re
+import unicodedata
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,10 +41,38 @@ MAX_SENTENCE_CHARS = 320
 MAX_ENTITIES = 12
 SUMMARY_ROLE = "summary"  # a sentence inherited from a non-extractive summary text
 
-_SENTENCE_END = re.compile(r"(?<=[.!?…])\s+|\n+")
-_NAME_CHARS = r"[a-zA-Z'\u2019-]"  # letters, apostrophes (straight and typographic), hyphens
-_WORD = re.compile(rf"[A-Za-z]{_NAME_CHARS}*|\d[\d,.:/-]*")
-_CAPITALISED = re.compile(rf"\b[A-Z]{_NAME_CHARS}+(?:\s+(?:[A-Z]{_NAME_CHARS}+|of|de|da|van|von))*")
+
+def _class_of(categories: frozenset[str]) -> str:
+    """A regex character class's body: the Basic Multilingual Plane's characters of these Unicode categories, as
+    ranges (``re`` has no ``\\p{...}``)."""
+    ranges: list[tuple[int, int]] = []
+    for cp in range(0x10000):
+        if unicodedata.category(chr(cp)) in categories:
+            if ranges and ranges[-1][1] == cp - 1:
+                ranges[-1] = (ranges[-1][0], cp)
+            else:
+                ranges.append((cp, cp))
+    return "".join(re.escape(chr(a)) if a == b else f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in ranges)
+
+
+# Words in any script. Letters are Unicode letters; combining marks (Devanagari's vowel signs, Hebrew's points, a
+# decomposed accent) continue a word. Scripts written without spaces (Chinese, Japanese kana) have no words to find
+# by shape: each ideograph or kana is a word of its own, and a Han or katakana character is a content word.
+_MARKS = _class_of(frozenset({"Mn", "Mc", "Me"}))
+_UPPER = _class_of(frozenset({"Lu", "Lt"}))
+_IDEOGRAPHS = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f"
+_CONTENT_IDEOGRAPH = re.compile("[\u30a0-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f]")
+_LETTER = rf"[^\W\d_{_IDEOGRAPHS}]"
+_NAME_CHAR = rf"(?:{_LETTER}|[{_MARKS}'\u2019-])"  # letters, marks, apostrophes (straight and typographic), hyphens
+_WORD = re.compile(rf"[{_IDEOGRAPHS}]|{_LETTER}{_NAME_CHAR}*|\d[\d,.:/-]*")
+_CAPITALISED = re.compile(rf"\b[{_UPPER}]{_NAME_CHAR}+(?:\s+(?:[{_UPPER}]{_NAME_CHAR}+|of|de|da|van|von))*")
+# A sentence ends at . ! ? … (Arabic's question mark and full stop, Devanagari's danda too) before a space, at a
+# Chinese or Japanese full stop, exclamation or question mark (no space follows those, but maybe a closing quote or
+# bracket, which stays with its sentence), or at a line break.
+_CJK_ENDS = r"\u3002\uff01\uff1f"
+_SENTENCE_END = re.compile(rf"(?<=[.!?…\u061f\u06d4\u0964])\s+|(?<=[{_CJK_ENDS}])(?![{_CJK_ENDS}\u300d\u300f\uff09])\s*"
+                           r"|\n+")
+_QUESTION_MARKS = ("?", "\uff1f", "\u061f", "\u037e")  # Latin, full-width, Arabic, Greek
 _NUMBER = re.compile(r"\b\d[\d,.:/-]*(?:\s?(?:%|am|pm|km|kg|years?|days?|hours?|minutes?))?")
 _FIRST_PERSON = re.compile(r"\b(?:I|I'm|I've|I'd|I'll|my|mine|me|we|our)\b", re.IGNORECASE)
 _STOPWORD_TEXT = (
@@ -52,6 +81,7 @@ _STOPWORD_TEXT = (
     "which who whom when where why how not no yes just very really can could would should will shall may might must "
     "there here about into over after before up down out off again also too than only own same such more most some "
     "any all each few other both nor ok okay hi hello hey thanks thank please sure well like get got know think want"
+    " 的 了 是 在 和 也 就 都 吗 呢 吧 啊 着 个 这 那 们"  # Chinese function characters (each is a word of its own)
 )
 _STOPWORDS = frozenset(_STOPWORD_TEXT.split())
 _NOT_ENTITY_TEXT = (
@@ -192,7 +222,7 @@ def entities_of(sentence: str) -> list[str]:
 def salience(sentence: str, role: str, entities: list[str] | None = None) -> float:
     """How much a sentence is worth keeping (``entities``: its :func:`entities_of`, when known already)."""
     words = [w.lower() for w in _WORD.findall(sentence)]
-    content_words = {w for w in words if w not in _STOPWORDS and len(w) > 2}
+    content_words = {w for w in words if _is_content(w)}
     names = entities_of(sentence) if entities is None else entities
     if len(words) < 3 and not names:
         return 0.0  # "ok", "thanks!" and the like
@@ -200,15 +230,21 @@ def salience(sentence: str, role: str, entities: list[str] | None = None) -> flo
     score += 0.4 * min(len(names), 3)
     if role == "user" and _FIRST_PERSON.search(sentence):
         score += 0.6  # what users say about themselves is what a later turn most often needs
-    if sentence.endswith("?"):
+    if sentence.endswith(_QUESTION_MARKS):
         score -= 0.3
     if role == "ai":
         score *= 0.6  # replies mostly restate; the user's own words carry the facts
     return max(score, 0.0)
 
 
+def _is_content(word: str) -> bool:
+    """A lower-cased word that carries content: not a stopword, and longer than two letters or a Han or katakana
+    character (a word of its own in a script without spaces)."""
+    return word not in _STOPWORDS and (len(word) > 2 or _CONTENT_IDEOGRAPH.match(word) is not None)
+
+
 def _content_words(text: str) -> frozenset[str]:
-    return frozenset(w for w in (x.lower() for x in _WORD.findall(text)) if w not in _STOPWORDS and len(w) > 2)
+    return frozenset(w for w in (x.lower() for x in _WORD.findall(text)) if _is_content(w))
 
 
 def _overlap(words: frozenset[str], chosen: list[frozenset[str]]) -> float:
@@ -266,9 +302,11 @@ class ExtractiveSummariser:
                 if score <= 0 or not key:
                     continue
                 previous = pool.pop(key, None)  # said again: it is current; keep one copy at its best score
+                # the kept text is the new one, which may differ in what the key ignores (punctuation, case): its
+                # own count, or the summary could run over its budget while its tokens say otherwise
+                tokens = previous.tokens if previous is not None and previous.text == text else self.counter.count(text)
                 pool[key] = Sentence(text, turn.role, max(score, previous.score if previous else 0.0),
-                                     turn.timestamp, previous.tokens if previous else self.counter.count(text),
-                                     born=state.turns + n)
+                                     turn.timestamp, tokens, born=state.turns + n)
         result = SummaryState(kind=EXTRACTIVE, turns=state.turns + len(new),
                               covered_until=max(state.covered_until, max(t.timestamp for t in new)),
                               entities=dict(_strongest(entities, 4 * MAX_ENTITIES)),
@@ -283,8 +321,9 @@ class ExtractiveSummariser:
         if state.kind == EXTRACTIVE:  # our own rendering: a header line, maybe an entity line, then "- who: text"
             lines = [line.split(": ", 1)[-1] for line in lines if line.startswith("- ")]
         body = [line.removeprefix("- ") for line in lines]
-        return [Sentence(_clip(s), SUMMARY_ROLE, 1.0, state.covered_until, self.counter.count(s), born=state.turns)
-                for line in body for s in split_sentences(line)]
+        clipped = [_clip(s) for line in body for s in split_sentences(line)]
+        return [Sentence(s, SUMMARY_ROLE, 1.0, state.covered_until, self.counter.count(s), born=state.turns)
+                for s in clipped]
 
     def _render(self, turns: int, entities: list[str], chosen: list[Sentence]) -> str:
         lines = [self._header(turns)]

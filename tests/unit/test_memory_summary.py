@@ -171,3 +171,48 @@ def test_the_salience_model_weighs_in_what_the_summary_keeps() -> None:
                                                                              {"m0": 0.0, "m1": 1.0})
     assert [s.text for s in off.sentences] == [plain[0].content]  # the user's words win on the heuristic alone
     assert [s.text for s in on.sentences] == [plain[1].content]  # the model's score outweighs that
+
+
+NON_LATIN = {
+    "Cyrillic": "Моя собака Рекс живёт в Москве уже пять лет.",
+    "Chinese": "我的狗叫雷克斯，它住在北京。",  # noqa: RUF001 - a Chinese comma
+    "Greek": "Ο σκύλος μου λέγεται Ρεξ και ζει στην Αθήνα.",  # noqa: RUF001 - Greek letters
+    "Arabic": "كلبي اسمه ريكس ويعيش في القاهرة.",
+    "Devanagari": "मेरा कुत्ता रेक्स दिल्ली में रहता है।",
+}
+
+
+def test_non_latin_turns_are_summarised_like_latin_ones() -> None:
+    """Words, scores and keys in any script: a turn without Latin letters scored 0 (and had the key ""), so it was
+    skipped while its turn was marked folded, gone from the STM once out of the window."""
+    counter = default_counter()
+    for script, text in NON_LATIN.items():
+        assert salience(text, "user") > 0, script
+    assert salience("好的", "user") == salience("ок", "user") == 0.0  # "ok" in any script says nothing
+    assert "Рекс" in entities_of(NON_LATIN["Cyrillic"]) and "Αθήνα" in entities_of(NON_LATIN["Greek"])
+    chatter = [f"Turn {i}: the user and the assistant talked about the weather." for i in range(3)]
+    state = ExtractiveSummariser(counter, 400).fold_sync(SummaryState(), turns(*NON_LATIN.values(), *chatter))
+    for script, text in NON_LATIN.items():
+        assert text in state.text, script
+    assert counter.count(state.text) == state.tokens <= 400
+    # distinct sentences of one script are distinct keys (all were "" before): both kept, a repeat kept once
+    two = ExtractiveSummariser(counter, 400).fold_sync(SummaryState(), turns(
+        "Я работаю врачом в больнице Санкт-Петербурга.", "Моя сестра Анна учится в Казани.",
+        "Я работаю врачом в больнице Санкт-Петербурга."))
+    assert [s.text for s in two.sentences] == ["Моя сестра Анна учится в Казани.",
+                                               "Я работаю врачом в больнице Санкт-Петербурга."]
+
+
+def test_a_sentence_said_again_is_counted_as_it_is_kept() -> None:
+    """The same words again with other punctuation share a key, and the newer text is kept: its own token count,
+    not the first one's, or the summary ran over its budget while ``tokens`` reported less."""
+    counter = default_counter()
+    short, padded = "I told you my dog is called Rex", "I told you my dog is called Rex , , , , , , , , , , , , ...!"
+    said = turns(short, padded)
+    said[1] = Turn("m1", "user", padded, said[1].timestamp)
+    header = ExtractiveSummariser(counter, 1)._header(2)
+    entity = ExtractiveSummariser(counter, 1)._entity_line(["Rex"])
+    for budget in (counter.count(header) + counter.count(entity) + counter.count("- user: " + short) + 2, 400):
+        state = ExtractiveSummariser(counter, budget).fold_sync(SummaryState(), said)
+        assert counter.count(state.text) == state.tokens <= budget, budget
+    assert padded in state.text
