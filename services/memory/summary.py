@@ -395,10 +395,16 @@ LLM_INSTRUCTIONS = (
     "names, numbers, dates, decisions, open questions and tasks. Drop small talk. Write plain sentences, no "
     "headings. Stay under {words} words. Reply with the summary only."
 )
-MAX_LLM_INPUT_CHARS = 24_000
+MAX_LLM_INPUT_CHARS = 24_000  # the running summary and the turns of one call, together
+MIN_LLM_CHUNK_CHARS = 4_000  # the turns of one call however long the running summary is
+MIN_LLM_PART_CHARS = 500  # a turn too long for any call starts in the one before when that has this much room left
 
 
 class LlmSummariser:
+    """Folds the turns in calls that each fit MAX_LLM_INPUT_CHARS: a backlog larger than that (an import, a
+    rebuild) is folded chunk by chunk, each call rewriting the summary the one before wrote, so every turn reaches
+    the model, once. A turn longer than a call's room on its own is sent in parts, in successive calls."""
+
     def __init__(self, model: ChatModel, counter: TokenCounter, max_tokens: int,
                  fallback: ExtractiveSummariser | None = None) -> None:
         self.model, self.counter, self.max_tokens = model, counter, max_tokens
@@ -409,20 +415,22 @@ class LlmSummariser:
         new = sorted(turns, key=lambda t: t.timestamp)
         if not new:
             return state
-        lines = [f"{'user' if t.role == 'user' else 'assistant'}: {t.content}" for t in new]
-        transcript = "\n".join(lines)[-MAX_LLM_INPUT_CHARS:]
-        messages = [
-            {"role": "system", "content": LLM_INSTRUCTIONS.format(words=int(self.max_tokens * 0.6))},
-            {"role": "user", "content": f"Current summary:\n{state.text or '(none yet)'}\n\nNew turns:\n{transcript}"},
-        ]
-        try:
-            text = (await self.model.complete(messages, max_tokens=self.max_tokens, temperature=0.2)).strip()
-        except Exception as exc:  # noqa: BLE001 - a failing model must not lose the turns: fold extractively
-            log.warning("memory.summary_llm_failed", error=f"{type(exc).__name__}: {exc}")
-            return await self.fallback.fold(state, new, scores)
-        if not text:
-            return await self.fallback.fold(state, new, scores)
-        text, tokens = self._cut(text)
+        pending = [("user" if t.role == "user" else "assistant", t.content) for t in new]
+        text, tokens = state.text, state.tokens
+        while pending:
+            transcript = _take_chunk(pending, max(MAX_LLM_INPUT_CHARS - len(text), MIN_LLM_CHUNK_CHARS))
+            messages = [
+                {"role": "system", "content": LLM_INSTRUCTIONS.format(words=int(self.max_tokens * 0.6))},
+                {"role": "user", "content": f"Current summary:\n{text or '(none yet)'}\n\nNew turns:\n{transcript}"},
+            ]
+            try:
+                written = (await self.model.complete(messages, max_tokens=self.max_tokens, temperature=0.2)).strip()
+            except Exception as exc:  # noqa: BLE001 - a failing model must not lose the turns: fold extractively
+                log.warning("memory.summary_llm_failed", error=f"{type(exc).__name__}: {exc}")
+                return await self.fallback.fold(state, new, scores)  # all of them: a part may be folded already
+            if not written:
+                return await self.fallback.fold(state, new, scores)
+            text, tokens = self._cut(written)
         return SummaryState(text=text, kind=f"llm:{self.model.name}", tokens=tokens, turns=state.turns + len(new),
                             covered_until=max(state.covered_until, new[-1].timestamp), entities=state.entities,
                             folded_through=state.folded_through, not_folded=state.not_folded)
@@ -446,3 +454,30 @@ class LlmSummariser:
                 n = int(n * 0.9)
             out = " ".join(words[:n]) + " …"
         return out, self.counter.count(out)
+
+
+def _take_chunk(pending: list[tuple[str, str]], room: int) -> str:
+    """The transcript of the next call, taken off the front of ``pending`` ((speaker, text), oldest first): whole
+    turns, one a line, while they fit ``room`` characters; a turn longer than ``room`` on its own is taken in part
+    to fill the call (cut at a space near the end when there is one), the rest left first in ``pending``, marked as
+    continued."""
+    lines: list[str] = []
+    used = 0
+    while pending:
+        speaker, body = pending[0]
+        line = f"{speaker}: {body}"
+        cost = len(line) + (1 if lines else 0)
+        if used + cost <= room:
+            lines.append(line)
+            used += cost
+            del pending[0]
+            continue
+        left = room - used - (1 if lines else 0) - len(speaker) - 2  # for a part of its text in this call
+        if len(line) > room and (left >= MIN_LLM_PART_CHARS or not lines):
+            cut = max(left, 1)
+            space = body.rfind(" ", cut * 3 // 4, cut)
+            cut = space + 1 if space > 0 else cut
+            lines.append(f"{speaker}: {body[:cut]}")
+            pending[0] = (speaker if speaker.endswith(" (continued)") else f"{speaker} (continued)", body[cut:])
+        break
+    return "\n".join(lines)

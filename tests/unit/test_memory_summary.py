@@ -11,6 +11,7 @@ from cryptography.fernet import Fernet
 from services.memory.crypto import LazyCipher, PreferenceCipher, load_cipher
 from services.memory.summary import (
     EXTRACTIVE,
+    MAX_LLM_INPUT_CHARS,
     ExtractiveSummariser,
     LlmSummariser,
     SummaryState,
@@ -120,6 +121,48 @@ async def test_llm_summary_is_cut_to_the_budget_and_falls_back_on_failure() -> N
     broken = LlmSummariser(ScriptedModel(RuntimeError("down")), counter, 60)
     fallback = await broken.fold(SummaryState(), turns("I am Ana and I live in Faro."))
     assert fallback.kind == EXTRACTIVE and "Faro" in fallback.text
+
+
+class RecordingModel:
+    """A fake ChatModel that records each call's new turns and answers with a short summary of its own."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    async def complete(self, messages: list[dict[str, str]], **_: object) -> str:
+        prompt = messages[1]["content"]
+        assert len(prompt) <= MAX_LLM_INPUT_CHARS + 100, len(prompt)  # the summary and the turns fit one call
+        self.sent.append(prompt.split("\n\nNew turns:\n", 1)[1])
+        return f"Summary number {len(self.sent)} of the conversation so far."
+
+
+async def test_an_llm_fold_of_a_large_backlog_sends_every_turn_once() -> None:
+    """An import of 500 turns is folded in one call of the summariser: the turns go to the model in successive
+    chunks that each fit, every turn exactly once (the transcript was cut to its last 24,000 characters, and the
+    turns before them, marked folded, never reached the summary)."""
+    many = [Turn(f"m{i}", "user" if i % 2 == 0 else "ai", f"Turn {i:03d}: I planted {i} tulips by the old stone wall "
+                 f"in the garden on Sunday morning.", 100.0 + i) for i in range(500)]
+    model = RecordingModel()
+    state = await LlmSummariser(model, default_counter(), 200).fold(SummaryState(turns=3, text="Before."), many)
+    assert len(model.sent) >= 2 and state.turns == 503 and state.kind == "llm:recording"
+    assert state.text == f"Summary number {len(model.sent)} of the conversation so far."
+    sent = "\n".join(model.sent)
+    for t in many:
+        assert sent.count(t.content) == 1, t.message_id
+    assert sent.index(many[0].content) < sent.index(many[-1].content)  # in the order they were said
+
+
+async def test_a_turn_longer_than_a_call_is_sent_in_parts() -> None:
+    long = " ".join(f"word{i}" for i in range(8_000))  # about 70,000 characters
+    model = RecordingModel()
+    said = [Turn("a", "user", "I live in Porto.", 1.0), Turn("b", "ai", long, 2.0), Turn("c", "user", "Bye now.", 3.0)]
+    state = await LlmSummariser(model, default_counter(), 200).fold(SummaryState(), said)
+    assert len(model.sent) >= 3 and state.turns == 3
+    parts = [line.split(": ", 1)[1] for chunk in model.sent for line in chunk.split("\n")]
+    assert parts[0] == "I live in Porto." and parts[-1] == "Bye now." and "".join(parts[1:-1]) == long
+    assert all(chunk.startswith("assistant (continued): ") for chunk in model.sent[1:])
 
 
 def test_preference_cipher_round_trip_rotation_and_dev_key(tmp_path) -> None:  # type: ignore[no-untyped-def]
