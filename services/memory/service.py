@@ -70,8 +70,10 @@ class MemoryService:
         if store.cipher is None:
             store.cipher = LazyCipher(settings.memory_encryption_key, settings.memory_encryption_key_file)
         counter = default_counter()
+        cache = SessionCache(redis, names, settings.memory_cache_ttl_s, self.metrics)
         self.stm = StmWriter(redis, names, store, build_summariser(settings, counter, llm), settings.stm_max_messages,
-                             settings.stm_ttl_seconds, catch_up_delay_s=settings.memory_summary_delay_ms / 1000)
+                             settings.stm_ttl_seconds, catch_up_delay_s=settings.memory_summary_delay_ms / 1000,
+                             cache=cache)
         self._embedder = embedder
         # messages and requests first: the background embedding of stored messages steps aside between its passes
         self.foreground = Foreground(settings.memory_embed_yield_ms / 1000, self.metrics)
@@ -79,7 +81,7 @@ class MemoryService:
         self.summariser_kind = f"llm:{llm.name}" if llm else "extractive"
         stm_salience = message_salience(settings)
         self.api = MemoryApi(
-            store, self.stm, SessionCache(redis, names, settings.memory_cache_ttl_s, self.metrics), counter,
+            store, self.stm, cache, counter,
             self.metrics, embedder=self._get_embedder if settings.memory_embed_messages else None,
             publish=self.queue_update if settings.enable_ltm_publish else None,
             import_max_batch=settings.memory_import_max_batch, background_nice=settings.background_nice,

@@ -33,6 +33,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import LockError
 
+from services.memory.cache import SessionCache
 from services.memory.store import Backlog, ConversationStore
 from services.memory.summary import Summariser, SummaryState
 from shared.contracts import Names
@@ -56,8 +57,12 @@ return 1
 
 class StmWriter:
     def __init__(self, redis: aioredis.Redis, names: Names, store: ConversationStore, summariser: Summariser,
-                 max_messages: int, ttl_s: int, lock_timeout_s: float = 120.0, catch_up_delay_s: float = 0.0) -> None:
+                 max_messages: int, ttl_s: int, lock_timeout_s: float = 120.0, catch_up_delay_s: float = 0.0,
+                 cache: SessionCache | None = None) -> None:
+        """``cache``: the session read cache, whose reads carry the summary (``context_summary``, ``summary_turns``):
+        a saved summary invalidates them, as a write does."""
         self.redis, self.names, self.store, self.summariser = redis, names, store, summariser
+        self.cache = cache
         self.max_messages, self.ttl_s = max_messages, ttl_s
         self.lock_timeout_s = lock_timeout_s
         self.catch_up_delay_s = catch_up_delay_s
@@ -198,7 +203,15 @@ class StmWriter:
         new_state = await self._fold(state, backlog)
         if new_state is not state:
             await self._write_summary(session_id, new_state)
-            await self.store.save_summary(user_id, session_id, new_state)
+            await self._save_summary(user_id, session_id, new_state)
+
+    async def _save_summary(self, user_id: str | None, session_id: str, state: SummaryState) -> None:
+        """The durable copy in PostgreSQL, then the session's cached reads (and its user's session list) made stale:
+        they show the summary, and a read cached between a turn's write and its fold would otherwise show the old
+        one until its TTL (the background fold saves after the write's own invalidation)."""
+        await self.store.save_summary(user_id, session_id, state)
+        if self.cache is not None:
+            await self.cache.invalidate(session_id, user_id)
 
     async def _with_fold_point(self, session_id: str, user_id: str | None, state: SummaryState) -> SummaryState:
         """A state saved before fold points were kept, converted and saved at once (held under the lock): converted
@@ -207,7 +220,7 @@ class StmWriter:
             return state
         state = await self.store.fold_point_of(user_id, session_id, state)
         await self._write_summary(session_id, state)
-        await self.store.save_summary(user_id, session_id, state)
+        await self._save_summary(user_id, session_id, state)
         return state
 
     async def _fold(self, state: SummaryState, backlog: Backlog) -> SummaryState:
@@ -245,7 +258,7 @@ class StmWriter:
                 window, backlog = rows[-self.max_messages:], rows[: -self.max_messages]
                 if backlog:
                     state = await self._fold(state, stored._replace(turns=backlog))
-                    await self.store.save_summary(user_id, session_id, state)
+                    await self._save_summary(user_id, session_id, state)
                 if state.text or state.turns:
                     await self._write_summary(session_id, state, rebuilding=True)
                 else:  # nothing to summarise yet: no summary left over from before either

@@ -294,3 +294,23 @@ async def test_session_reads_are_cached_and_invalidated_on_write(mesh: Mesh) -> 
     assert {s.session_id for s in await api.get_user_sessions("u1")} == {"s1", "s2"}
     ttl = await mesh.redis.ttl(mesh.names.cache("memory", "gen", "s1"))
     assert 0 < ttl <= 4 * svc.settings.memory_cache_ttl_s
+
+
+async def test_a_summary_fold_invalidates_the_cached_session_reads(mesh: Mesh) -> None:
+    """The fold runs in the background after the write that evicted its turn, and the write's own invalidation:
+    reads cached in between (context_summary, summary_turns) are made stale when the fold saves the summary."""
+    svc = mesh.memory(memory_encryption_key=KEY, stm_max_messages=2, memory_summary_delay_ms=300)
+    api = svc.api
+    await api.create_session("u1", "s1")
+    await api.record(msg("s1", "u1", 0, content="I live in Lisbon and I work at the Oceanario."))
+    await api.record(msg("s1", "u1", 1, role="ai"))
+    await svc.stm.drain()
+    await api.record(msg("s1", "u1", 2))  # turn 0 leaves the window; its fold waits MEMORY_SUMMARY_DELAY_MS
+    # read (and cached) between the write and the fold
+    assert not (await api.get_session("u1", "s1")).context_summary
+    assert (await api.get_session_summary("u1", "s1")).summary_turns == 0
+    assert not (await api.get_user_sessions("u1"))[0].context_summary
+    await svc.stm.drain()
+    assert "Lisbon" in ((await api.get_session("u1", "s1")).context_summary or "")
+    assert (await api.get_session_summary("u1", "s1")).summary_turns == 1
+    assert "Lisbon" in ((await api.get_user_sessions("u1"))[0].context_summary or "")
