@@ -26,6 +26,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 
 from services.gateway.auth import Scope, lookup, parse_keys
+from services.gateway.body_limit import BodyLimit
 from services.gateway.config import GatewaySettings
 from shared.contracts import LTM_RESPONSE, AIResponse, LTMResponse, Memory, Names, UserInput, encode, new_id
 from shared.contracts.memory_api import (
@@ -214,12 +215,17 @@ def create_app(settings: GatewaySettings | None = None, names: Names | None = No
     app = FastAPI(title="memory mesh gateway", version=MESH_VERSION, lifespan=lifespan)
     app.state.keys = keys
 
+    def too_large() -> JSONResponse:
+        return _error(413, "bad_request", f"request body over {settings.gateway_max_body_bytes} bytes")
+
+    app.add_middleware(BodyLimit, max_bytes=settings.gateway_max_body_bytes, too_large=too_large)  # chunked bodies
+
     @app.middleware("http")
     async def limit_body(request: Request, call_next: Any) -> Any:
         started = time.perf_counter()
         size = request.headers.get("content-length")
         if size is not None and (not size.isdigit() or int(size) > settings.gateway_max_body_bytes):
-            response: Any = _error(413, "bad_request", f"request body over {settings.gateway_max_body_bytes} bytes")
+            response: Any = too_large()
         else:
             response = await call_next(request)
         route = request.scope.get("route")

@@ -52,6 +52,12 @@ def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
+async def chunked(body: bytes, size: int = 1000) -> AsyncIterator[bytes]:
+    """A body httpx sends with Transfer-Encoding: chunked (no Content-Length)."""
+    for i in range(0, len(body), size):
+        yield body[i:i + size]
+
+
 async def test_the_gateway_serves_the_mesh_over_http(gateway: httpx.AsyncClient, mesh: Mesh) -> None:
     c = gateway
     health = (await c.get("/api/v1/health")).json()
@@ -143,6 +149,11 @@ async def test_the_gateway_refuses_with_json_errors(gateway: httpx.AsyncClient) 
                                                                      "type": "nonsense"}), 422, "bad_request"),
         (await c.post("/v1/chat", headers=auth(ADMIN), content=b'{"user_id": "u", "content": "' + b"x" * 5000 + b'"}',
                       ), 413, "bad_request"),
+        # chunked (no Content-Length): refused as it is read, before the key is even looked at; a valid turn but
+        # for the padding the model ignores, so without the limit it would be answered
+        (await c.post("/v1/chat", headers={"Content-Type": "application/json"},
+                      content=chunked(b'{"user_id": "u", "content": "hi", "pad": "' + b"x" * 5000 + b'"}')), 413,
+         "bad_request"),
         # under the body's limit, over the bus's (MAX_CONTENT_BYTES): refused as such, not a server error
         (await c.post("/v1/chat", headers=auth(ADMIN), json={"user_id": "u", "content": "é" * 1500}), 413,
          "bad_request"),
@@ -155,6 +166,9 @@ async def test_the_gateway_refuses_with_json_errors(gateway: httpx.AsyncClient) 
     ]
     for resp, status, code in cases:
         assert (resp.status_code, resp.json()["error"]["code"]) == (status, code), resp.text
+    under = await c.post("/v1/chat", headers={**auth(ADMIN), "Content-Type": "application/json"},
+                         content=chunked(b'{"user_id": "u", "content": "Hello there, chunked."}'))
+    assert under.status_code == 200 and under.json()["reply"], under.text  # a chunked body under the limit: as before
 
 
 async def test_schemathesis_finds_no_server_error_and_every_error_is_json(gateway: httpx.AsyncClient) -> None:
