@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 
 import pytest
 
@@ -136,3 +137,66 @@ def test_doc_add_text_has_its_own_limit() -> None:
     with pytest.raises(DecodeError) as err:
         decode(LTM_REQUEST, raw, max_payload_bytes=1 << 20, context={"max_document_bytes": 50_000})
     assert err.value.reason.value == "too_large"
+
+
+@pytest.mark.parametrize(("markdown", "text"), [
+    ("They *fly* **very** ***far*** ~~never~~ _low_ __loud__ today.",
+     "They fly very far never low loud today."),
+    ("**bold *and italic* bold** and *a **b** c*", "bold and italic bold and a b c"),
+    ("snake_case_name and _emph_ and 2*3*4 and a * b * c", "snake_case_name and emph and 234 and a * b * c"),
+    ("An ![owl](img/owl.png \"Owl\") and [a link](https://x.org/a_(b)) and [ref][1] and [x] and [](y)",
+     "An owl and a link) and ref and [x] and [](y)"),
+    ("`code *not* here` and a * b", "code not here and a * b"),
+    ("an unclosed *star, [bracket, (paren, ![image and ~~strike stay",
+     "an unclosed *star, [bracket, (paren, ![image and ~~strike stay"),
+    ("*unclosed **still", "unclosed *still"),  # as before: the first closing * after a non-blank ends it
+])
+def test_markdown_inline_markup_keeps_its_text(markdown: str, text: str) -> None:
+    parsed = parse_markdown(markdown)
+    assert parsed.sections[0].paragraphs == [text]
+
+
+def test_markdown_heading_closing_sequences() -> None:
+    parsed = parse_markdown("# Title #\n\n## Sub ##   \n\nx\n\n### C# in #3 ###\n\ny\n\n#### ##\n\nz\n\n####### seven")
+    assert parsed.title == "Title"
+    assert [s.heading for s in parsed.sections] == [
+        ["Title", "Sub"], ["Title", "Sub", "C# in #3"], ["Title", "Sub", "C# in #3", "##"]]
+    assert parsed.sections[-1].paragraphs == ["z", "####### seven"]
+
+
+# Lines on which the former patterns rescanned the rest of the line from every position (quadratic: minutes at these
+# sizes, hours at LTM_DOC_MAX_BYTES, with the event loop and the GIL held): inline markup never closed, blanks inside
+# a heading or a table separator, runs of sentence marks.
+PATHOLOGICAL = {
+    "emphasis": lambda n: "*a " * (n // 3),
+    "strong": lambda n: "**a " * (n // 4),
+    "strike": lambda n: "~~a " * (n // 4),
+    "underscore": lambda n: "_a " * (n // 3),
+    "image": lambda n: "![" * (n // 2),
+    "image url": lambda n: "![](" * (n // 4),
+    "link": lambda n: "[" * n,
+    "link url": lambda n: "[a](" * (n // 4),
+    "heading blanks": lambda n: "# a" + " \t" * (n // 2) + "b",
+    "table blanks": lambda n: " " * n + "x",
+    "table tail": lambda n: "--" + " " * n + ":",
+    "marks": lambda n: "." * n,
+}
+
+
+@pytest.mark.timeout(30)  # the former patterns: this long each, not hours
+@pytest.mark.parametrize("name", sorted(PATHOLOGICAL))
+def test_a_pathological_markdown_line_parses_in_linear_time(name: str) -> None:
+    line = PATHOLOGICAL[name](1 << 18)
+    started = time.perf_counter()
+    parse_markdown(line)
+    sentences(line)
+    assert time.perf_counter() - started < 3.0, name  # linear: about 0.1 s here; quadratic: minutes
+
+
+@pytest.mark.timeout(120)
+def test_a_one_mib_line_of_unclosed_emphasis_chunks_in_seconds() -> None:
+    line = "*a " * ((1 << 20) // 3)
+    started = time.perf_counter()
+    title, chunks = chunk(line, "markdown")
+    assert time.perf_counter() - started < 30.0  # a few seconds, most of them tokenizing; it took hours
+    assert title is None and len(chunks) > 1000 and chunks[0].text.startswith("*a *a")

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import PurePosixPath
 
+from services.ltm.documents.inline import atx_name
+from services.ltm.documents.inline import strip_inline as _inline
 from shared.contracts.messages import DocFormat
 from shared.runtime.tokens import wordpiece
 
@@ -99,25 +101,15 @@ def parse_text(text: str) -> Parsed:
 
 
 # --------------------------------------------------------------------------- markdown
-_ATX = re.compile(r"^ {0,3}(#{1,6})(?:[ \t]+(.*?))?(?:[ \t]+#+)?[ \t]*$")
+# Every pattern here is linear in the line: none can rescan the rest of a long line from each of its positions (a
+# 1 MiB document is one request, and a regular expression holds the event loop and the GIL). Headings' closing
+# sequences and inline markup are found by services/ltm/documents/inline.py.
+_ATX = re.compile(r"^ {0,3}(#{1,6})(?:[ \t]+(.*))?$")
 _SETEXT = re.compile(r"^ {0,3}(=+|-+)[ \t]*$")
 _FENCE = re.compile(r"^ {0,3}(```+|~~~+)")
 _ITEM = re.compile(r"^ {0,3}(?:[-*+]|\d{1,9}[.)])[ \t]+")
 _RULE = re.compile(r"^ {0,3}(?:(?:-[ \t]*){3,}|(?:\*[ \t]*){3,}|(?:_[ \t]*){3,})$")
-_TABLE_SEP = re.compile(r"^\s*\|?\s*:?-{2,}:?\s*(?:\|\s*:?-{2,}:?\s*)*\|?\s*$")
-_IMAGE = re.compile(r"!\[([^\]]*)\]\([^)]*\)")
-_LINK = re.compile(r"\[([^\]]+)\]\([^)]*\)|\[([^\]]+)\]\[[^\]]*\]")
-_EMPHASIS = re.compile(r"(\*\*|\*|~~)(?=\S)(.+?)(?<=\S)\1|(?<!\w)(__|_)(?=\S)(.+?)(?<=\S)\3(?!\w)")
-_CODE = re.compile(r"`+([^`]*)`+")
-
-
-def _inline(text: str) -> str:
-    text = _IMAGE.sub(r"\1", text)
-    text = _LINK.sub(lambda m: m.group(1) or m.group(2), text)
-    text = _CODE.sub(r"\1", text)
-    for _ in range(2):  # nested emphasis (***x***)
-        text = _EMPHASIS.sub(lambda m: m.group(2) if m.group(2) is not None else m.group(4), text)
-    return text
+_TABLE_SEP = re.compile(r"\|?\s*:?-{2,}:?\s*(?:\|\s*:?-{2,}:?\s*)*\|?")  # of the stripped line (fullmatch)
 
 
 def parse_markdown(text: str) -> Parsed:
@@ -163,13 +155,13 @@ def parse_markdown(text: str) -> Parsed:
             continue
         if (m := _ATX.match(line)) is not None:
             flush()
-            set_heading(len(m.group(1)), m.group(2) or "")
+            set_heading(len(m.group(1)), atx_name(m.group(2)))
             continue
         if para and len(para) == 1 and (m := _SETEXT.match(line)) is not None and not _ITEM.match(para[0]):
             name = para.pop()
             set_heading(1 if m.group(1)[0] == "=" else 2, name)
             continue
-        if _RULE.match(line) or _TABLE_SEP.match(line):
+        if _RULE.match(line) or _TABLE_SEP.fullmatch(line.strip()):
             flush()
             continue
         stripped = line.strip()
@@ -304,7 +296,9 @@ _ABBREVIATIONS = frozenset({
     "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec",
 })
 _CLOSE, _OPEN = "\"'\u201d\u2019)\\]", "\"'\u201c\u2018(\\["  # closing and opening quotes and brackets
-_BREAK = re.compile(f"[.!?\u2026]+[{_CLOSE}]*\\s+(?=[{_OPEN}]?[A-Z0-9\u00c0-\u00dd])")
+# from the first mark of a run only, and nothing given back (no shorter run, CLOSE or space run can match instead):
+# a run of n marks is read once, not n times
+_BREAK = re.compile(f"(?<![.!?\u2026])[.!?\u2026]++[{_CLOSE}]*+\\s++(?=[{_OPEN}]?[A-Z0-9\u00c0-\u00dd])")
 _CLAUSE = re.compile(r"(?<=[;:])\s+")
 
 
@@ -336,17 +330,20 @@ def _counts(texts: Sequence[str]) -> list[int]:
 
 def _cut_words(text: str, max_tokens: int) -> list[str]:
     """``text`` in pieces of at most ``max_tokens`` tokens, cut between words where a word boundary is near."""
-    enc = wordpiece().encode(text, add_special_tokens=False)
+    # the encoding's lists once: each read of .ids or .offsets builds the whole list again (a 1 MiB sentence was
+    # read once per piece: quadratic)
+    offsets = wordpiece().encode(text, add_special_tokens=False).offsets
+    n = len(offsets)
     pieces: list[str] = []
     first = 0  # index of the first token of the current piece
-    while first < len(enc.ids):
-        last = min(first + max_tokens, len(enc.ids)) - 1
-        start, end = enc.offsets[first][0], enc.offsets[last][1]
-        if last < len(enc.ids) - 1:
+    while first < n:
+        last = min(first + max_tokens, n) - 1
+        start, end = offsets[first][0], offsets[last][1]
+        if last < n - 1:
             space = text.rfind(" ", start, end + 1)
             if space > start:
                 end = space
-                while last > first and enc.offsets[last][0] >= end:
+                while last > first and offsets[last][0] >= end:
                     last -= 1
         pieces.append(text[start:end].strip())
         first = last + 1
