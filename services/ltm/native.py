@@ -196,11 +196,13 @@ class NativeBackend:
             self.store.index.warm(user_id)
 
     def forget(self, user_ids: Sequence[str]) -> None:
-        """Drop the users' index entries; the caches keyed by text (query vectors, extracted texts and entity names,
-        token counts) cannot tell whose a text was, so they are emptied (they refill as searches and ingest run)."""
+        """Drop the users' index entries and their sessions' salience states (the other users' sessions keep theirs:
+        clearing every state made each session's next turns score as if the session had just begun); the caches
+        keyed by text (query vectors, extracted texts and entity names, token counts) cannot tell whose a text was,
+        so they are emptied (they refill as searches and ingest run)."""
         for user_id in user_ids:
             self.store.index.drop(user_id)
-        self._salience_states.clear()
+        self._salience_states.drop_users(user_ids)
         self._queries.clear()
         self._names.clear()
         self._texts.clear()

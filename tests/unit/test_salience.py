@@ -9,8 +9,11 @@ import sys
 import numpy as np
 import pytest
 
-from services.ltm.salience.infer import DIM, WEIGHTS, SalienceModel, SessionStates
-from shared.runtime.embedding import SyncEmbedder
+from services.ltm.config import LtmSettings
+from services.ltm.native import NativeBackend
+from services.ltm.salience.infer import DIM, WEIGHTS, SalienceModel, SessionStates, session_key
+from services.ltm.store import LtmStore
+from shared.runtime.embedding import Embedder, SyncEmbedder
 
 
 def _session(rng: np.random.Generator, n: int) -> tuple[np.ndarray, list[np.ndarray], list[bool]]:
@@ -69,6 +72,21 @@ def test_unseen_session_starts_from_zero_and_lru_is_bounded() -> None:
     assert len(states) == 2 and states.get("a") is None  # "a" left first
     again = model.score(["a"] * 3, sent, tokens, assistant, states)  # a zero state again: the same scores
     assert np.allclose(first, again) and ((first >= 0) & (first <= 1)).all()
+
+
+def test_forgetting_a_user_drops_that_users_session_states_only() -> None:
+    """A user's deletion (``forget``, in every ltm process) dropped every session's state: each other session's
+    next turn then scored as the first of its session."""
+    backend = NativeBackend(LtmStore(None), Embedder(object()), settings=LtmSettings())  # type: ignore[arg-type]
+    states, zero = backend._salience_states, SalienceModel.load().zero()
+    keys = [session_key(u, s) for u in ("u1", "u2", "u10", "") for s in ("s1", "s2", None)]
+    for key in keys:
+        states.put(key, zero)
+    backend.forget(["u1"])
+    assert {k for k in keys if states.get(k) is not None} == {k for k in keys if not k.startswith("u1\x00")}
+    assert len(states) == 9  # u2, u10 (not u1's, though "u1" begins it) and the anonymous sessions
+    backend.forget(["nobody"])
+    assert len(states) == 9
 
 
 def test_trained_model_ranks_evidence_above_chit_chat(sync_embedder: SyncEmbedder) -> None:

@@ -19,7 +19,7 @@ The *next* turn is not an input (it does not exist yet when a turn is ingested).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -179,6 +179,14 @@ class SessionStates:
 
     def clear(self) -> None:
         self._states.clear()
+
+    def drop_users(self, user_ids: Iterable[str]) -> int:
+        """Forget the sessions of these users (keyed by :func:`session_key`); how many states went."""
+        prefixes = tuple(session_key(u, None) for u in user_ids)
+        gone = [k for k in self._states if k.startswith(prefixes)] if prefixes else []
+        for k in gone:
+            del self._states[k]
+        return len(gone)
 
     def __len__(self) -> int:
         return len(self._states)
