@@ -157,8 +157,9 @@ class LtmService:
 
     # ------------------------------------------------------------------ search index warming
     def _announce(self, user_ids: list[str]) -> None:
-        """These users' memories changed here (ingest, optimize): every ltm process is told (_warm_announce)."""
-        if user_ids:
+        """These users' memories changed here (ingest, optimize): every ltm process is told (_warm_announce). Without
+        a search index (LTM_SEARCH_INDEX_ROWS=0) nothing is announced: nothing empties the set then."""
+        if user_ids and self.settings.ltm_search_index_rows:
             self._stored_users.update(user_ids)
             self._stored.set()
 
