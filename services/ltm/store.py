@@ -37,6 +37,15 @@ USER_TABLES = ("ltm_memory_entities", "ltm_relations", "ltm_memories", "ltm_enti
                "ltm_profiles", "ltm_archive", "ltm_user_state", "ltm_doc_chunks", "ltm_documents",
                "ltm_search_epochs")
 SEARCH_INDEX_ROWS = LtmSettings.model_fields["ltm_search_index_rows"].default
+# the archived rows merged into a memory, and those merged into them before (consolidation leaves an older merge's
+# merged_into pointing at the memory that was later archived in its turn)
+DELETE_MERGED = (
+    "WITH RECURSIVE merged (memory_id) AS ("
+    " SELECT memory_id FROM ltm_archive WHERE user_id = %(u)s AND merged_into = %(m)s"
+    " UNION SELECT a.memory_id FROM ltm_archive a JOIN merged g ON a.merged_into = g.memory_id"
+    " WHERE a.user_id = %(u)s)"
+    " DELETE FROM ltm_archive WHERE user_id = %(u)s AND memory_id IN (SELECT memory_id FROM merged)"
+)
 
 
 def content_hash(text: str) -> str:
@@ -258,14 +267,22 @@ class LtmStore:
 
     # ---- deletion and stats
     async def delete(self, user_id: str, memory_id: str) -> bool:
+        """The memory and, in the same transaction, what still holds it: the graph relations it states
+        (``ltm_relations.memory_id``, no foreign key) and the archived duplicates merged into it, or into one of
+        those (``ltm_archive.merged_into``: their whole rows, content included). Its entity links go by their
+        foreign key. False when the user has no such memory."""
         try:
             mid = uuid.UUID(memory_id)
         except ValueError:
             return False
-        async with self.pool.connection() as conn:
-            cur = await conn.execute("DELETE FROM ltm_memories WHERE user_id = %s AND memory_id = %s",
-                                     (user_id, mid))
-            return cur.rowcount > 0
+        params = {"u": user_id, "m": mid}
+        async with self.pool.connection() as conn, conn.transaction():
+            cur = await conn.execute("DELETE FROM ltm_memories WHERE user_id = %(u)s AND memory_id = %(m)s", params)
+            if cur.rowcount == 0:
+                return False
+            await conn.execute("DELETE FROM ltm_relations WHERE user_id = %(u)s AND memory_id = %(m)s", params)
+            await conn.execute(DELETE_MERGED, params)
+        return True
 
     async def delete_user(self, user_id: str) -> dict[str, int]:
         """Every row of the user in every ltm table, in one transaction, logged in ``user_deletions`` without

@@ -146,6 +146,36 @@ async def test_consolidation_merges_near_duplicates_and_keeps_provenance(mesh: M
     assert (await backend.optimize("u1"))["consolidated"] == 0
 
 
+async def test_deleting_a_memory_deletes_its_relations_and_the_duplicates_merged_into_it(mesh: Mesh) -> None:
+    """The relations a memory states (no foreign key) and the archived rows merged into it (their whole content)
+    went on with it; a chain of merges (an older duplicate merged into one archived later) goes too. Only the
+    user's own rows: another user's are never touched."""
+    backend = native(mesh)
+    ts = time.time() - DAY
+    for i, text in enumerate(("I love hiking in the mountains.", "I love hiking in mountains.",
+                              "I love baking sourdough bread.")):
+        assert await backend.ingest(update("u1", text, ts + 60 * i))
+    assert (await backend.optimize("u1"))["consolidated"] == 1
+    [(kept, archived)] = await rows(mesh, "SELECT merged_into, memory_id FROM ltm_archive WHERE user_id = %s", "u1")
+    older, foreign = uuid.uuid4(), uuid.uuid4()
+    async with mesh.pool.connection() as conn:  # an older merge into the archived one; another user's row
+        await conn.execute("INSERT INTO ltm_archive (user_id, memory_id, reason, merged_into, row)"
+                           " VALUES ('u1', %s, 'merged', %s, '{\"content\": \"I love hiking.\"}'),"
+                           " ('u2', %s, 'merged', %s, '{}')", (older, archived, foreign, kept))
+    relations = "SELECT count(*) FROM ltm_relations WHERE user_id = %s AND memory_id = %s"
+    assert await mesh.count(relations, "u1", kept) >= 1
+    others = await mesh.count("SELECT count(*) FROM ltm_relations WHERE user_id = %s", "u1") \
+        - await mesh.count(relations, "u1", kept)
+    assert others >= 1  # the bread's
+
+    await backend.delete("u1", str(kept))
+    assert await mesh.count("SELECT count(*) FROM ltm_memories WHERE user_id = %s AND memory_id = %s", "u1", kept) == 0
+    assert await mesh.count(relations, "u1", kept) == 0
+    assert await mesh.count("SELECT count(*) FROM ltm_relations WHERE user_id = %s", "u1") == others
+    assert await mesh.count("SELECT count(*) FROM ltm_archive WHERE user_id = %s", "u1") == 0
+    assert await rows(mesh, "SELECT memory_id FROM ltm_archive WHERE user_id = %s", "u2") == [(foreign,)]
+
+
 async def test_decay_orders_by_age_and_disuse(mesh: Mesh) -> None:
     backend = native(mesh, ltm_decay_half_life_days=30)
     now = time.time()
