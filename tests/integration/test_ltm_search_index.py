@@ -314,6 +314,25 @@ async def test_a_process_that_missed_a_users_deletion_reloads_the_user(mesh: Mes
     assert "u-gone" not in there.index and not there.index._stale
 
 
+async def test_a_change_of_salience_alone_is_read_again(mesh: Mesh) -> None:
+    """Ingest raises a repeated statement's salience in place (graph.TYPED_INSERT, GREATEST) and nothing else of the
+    row: the index must read the row again (migration 011: salience is one of the columns that give a new txid)."""
+    await seed(mesh, "u-sal", 20)
+    index = SearchIndex(mesh.pool, 10_000)
+    query = "What did Caroline say about the marathon?"
+    vec = mesh.model.encode([query])[0]
+    before = await index_rows(mesh, index, "u-sal", SearchData(query=query), vec, CFG)
+    assert before
+    target = before[0]["memory_id"]
+    async with mesh.pool.connection() as conn:
+        await conn.execute("UPDATE ltm_memories SET salience = 0.875 WHERE user_id = 'u-sal' AND memory_id = %s",
+                           (uuid.UUID(target),))
+    after = await index_rows(mesh, index, "u-sal", SearchData(query=query), vec, CFG)
+    assert after is not None
+    assert [r["salience"] for r in after if r["memory_id"] == target] == [0.875]
+    assert_same_rows(after, await sql_rows(mesh, "u-sal", SearchData(query=query), vec, CFG), "salience changed")
+
+
 async def test_an_unknown_user_is_empty_and_then_grows(mesh: Mesh) -> None:
     store = LtmStore(mesh.pool)
     vec = mesh.model.encode(["anything"])[0]
