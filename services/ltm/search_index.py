@@ -91,7 +91,10 @@ WHERE m.user_id = %(user_id)s"""
 
 # Before a load: a user with memories gets an epoch row if it has none. Without one, the index held the user with
 # epoch NULL, and a deletion of the whole user (which removes the row too) left it NULL: an index of another process
-# that missed the deletion's broadcast could not tell and kept the deleted rows (store.delete_user).
+# that missed the deletion's broadcast could not tell and kept the deleted rows (store.delete_user). So an entry holds
+# memories only with an epoch: a load that read memories but no epoch (written between the two) is not installed,
+# and a user held while it had no memories (no row: a user without memories gets none, so that nothing names a
+# deleted user whom a late warm or search loads again) is loaded again, with its row, once memories come.
 _EPOCH_ROW = """
 INSERT INTO ltm_search_epochs (user_id, epoch)
 SELECT %(user_id)s, nextval('ltm_search_epoch_seq')
@@ -369,7 +372,9 @@ class SearchIndex:
             await cur.execute(_CHANGES, {"user_id": user_id, "query": query, "since": str(max(u.horizon, 0))})
             head = await cur.fetchall()
             horizon, epoch, lexemes = head[0][:3]
-            if epoch != u.epoch:  # something was deleted: load the user again
+            # something was deleted (a new epoch); or memories came for a user held without any, and without an
+            # epoch (_EPOCH_ROW): load the user again, and with that its epoch row
+            if epoch != u.epoch or (epoch is None and head[0][3] is not None):
                 if self._users.get(user_id) is u:
                     self.drop(user_id)
                 self._load_later(user_id)
@@ -475,6 +480,8 @@ class SearchIndex:
         if u is None:
             self._too_large[user_id] = time.monotonic()
             log.info("ltm.index_user_too_large", capacity=self.capacity)
+            return
+        if u.epoch is None and u.n:  # memories written after _EPOCH_ROW found none: the next search loads again
             return
         if not evict and self.rows + u.n + _ROW_COST > self.capacity and user_id not in self._users:
             return  # warming: no room without evicting a user searched before

@@ -314,6 +314,30 @@ async def test_a_process_that_missed_a_users_deletion_reloads_the_user(mesh: Mes
     assert "u-gone" not in there.index and not there.index._stale
 
 
+async def test_a_process_that_missed_the_deletion_of_a_user_it_loaded_empty_drops_the_rows(mesh: Mesh) -> None:
+    """A process loads a user who has no memories yet; memories come (ingest writes no epoch row); the user is
+    deleted by another process whose broadcast never reaches the first. The deletion's epoch row is written and
+    removed in one transaction: the first process must still see that its entry is stale (it held the user with epoch
+    NULL, and NULL = NULL kept the deleted rows)."""
+    here, there = LtmStore(mesh.pool), LtmStore(mesh.pool)
+    query = "Who plays the theremin in the garage band?"
+    vec = mesh.model.encode([query])[0]
+    assert await index_rows(mesh, there.index, "u-fresh", SearchData(query=query), vec, CFG) == []
+    assert "u-fresh" in there.index
+    await seed(mesh, "u-fresh", 12)
+    rows = await index_rows(mesh, there.index, "u-fresh", SearchData(query=query), vec, CFG)
+    assert rows and float(rows[0]["n"]) == 12  # caught up
+    await here.delete_user("u-fresh")
+    assert await index_rows(mesh, there.index, "u-fresh", SearchData(query=query), vec, CFG) == [], \
+        "the deleted rows are still held"
+    text = "Jon: I moved to Porto and sold the theremin."
+    await here.add(NewMemory(user_id="u-fresh", type="episodic", content=text, embedding=mesh.model.encode([text])[0]))
+    rows = await index_rows(mesh, there.index, "u-fresh", SearchData(query=query), vec, CFG)
+    assert rows and float(rows[0]["n"]) == 1
+    found = await there.search("u-fresh", SearchData(query=query, limit=50), vec, CFG)
+    assert [m.content for m in found] == [text]
+
+
 async def test_a_change_of_salience_alone_is_read_again(mesh: Mesh) -> None:
     """Ingest raises a repeated statement's salience in place (graph.TYPED_INSERT, GREATEST) and nothing else of the
     row: the index must read the row again (migration 011: salience is one of the columns that give a new txid)."""
