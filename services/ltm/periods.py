@@ -37,12 +37,27 @@ def _iso_period(iso: str) -> Period | None:
     return (parts[0], parts[1] if len(parts) > 1 else None, parts[2] if len(parts) > 2 else None)
 
 
+_WHOLE_WEEK = re.compile(r"\b(?:last|this|next)\s+week\b", re.IGNORECASE)
+
+
+def _week_centre(phrase: str) -> int:
+    """Days from the date a week phrase is grounded on (services/ltm/extraction/dates.py) to the day that stands
+    for it, +-2 days: "last/this/next week" name the week's Monday (its middle: Thursday, covering Tuesday to
+    Friday), "last/this/next weekend" its Saturday (the middle of Saturday and Sunday: Sunday's midnight, covering
+    Friday to Monday), "a week ago" and "in two weeks" the day itself."""
+    if "weekend" in phrase.lower():
+        return 1
+    if _WHOLE_WEEK.search(phrase):
+        return 3
+    return 0
+
+
 def query_periods(query: str, now: float | None = None) -> list[Period]:
     """Dates the query names, as (year, month, day) with None for the parts it leaves open.
 
     With ``now``, relative phrases ("last month", "two weeks ago", "yesterday") are resolved against it
-    (the same rules that ground dates at ingest, services/ltm/extraction.py); a named week counts as its
-    middle day, +-2 days.
+    (the same rules that ground dates at ingest, services/ltm/extraction.py); a named week or weekend counts as
+    its middle day, "a week ago" as that day, +-2 days (:func:`_week_centre`).
     """
     found: list[Period] = []
     taken: list[tuple[int, int]] = []
@@ -54,7 +69,8 @@ def query_periods(query: str, now: float | None = None) -> list[Period]:
             if period is None:
                 continue
             if "week" in ref.text and period[2] is not None:
-                mid = datetime(period[0] or 1970, period[1] or 1, period[2], tzinfo=UTC).timestamp() + 3 * DAY
+                mid = datetime(period[0] or 1970, period[1] or 1, period[2], tzinfo=UTC).timestamp() \
+                    + _week_centre(ref.phrase) * DAY
                 when = datetime.fromtimestamp(mid, UTC)
                 period = (when.year, when.month, when.day)
             found.append(period)
