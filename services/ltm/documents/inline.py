@@ -52,46 +52,37 @@ def _is_word(ch: str) -> bool:
 
 def images(text: str) -> str:
     r"""``!\[([^\]]*)\]\([^)]*\)`` replaced by its text (group 1)."""
-    if "![" not in text:
-        return text
-    close, paren = _Positions.of_char(text, "]"), _Positions.of_char(text, ")")
-    out: list[str] = []
-    pos, i = 0, text.find("![")
-    while i >= 0:
-        k = close.next(i + 2)  # [^\]]* stops at the first ]
-        if k is not None and text.startswith("(", k + 1) and (e := paren.next(k + 2)) is not None:
-            out.append(text[pos:i])
-            out.append(text[i + 2:k])
-            pos = e + 1
-            i = text.find("![", pos)
-        else:
-            i = text.find("![", i + 1)
-    out.append(text[pos:])
-    return "".join(out)
+    return _strip_bracketed(text, "![", min_body=0, refs=False) if "![" in text else text
 
 
 def links(text: str) -> str:
     r"""``\[([^\]]+)\]\([^)]*\)|\[([^\]]+)\]\[[^\]]*\]`` replaced by its text (group 1 or 2)."""
-    if "[" not in text:
-        return text
+    return _strip_bracketed(text, "[", min_body=1, refs=True) if "[" in text else text
+
+
+def _strip_bracketed(text: str, opener: str, *, min_body: int, refs: bool) -> str:
+    """Each ``opener``body``](...)`` (with ``refs`` also ``opener``body``][...]``) replaced by its body, which
+    holds no ``]`` and at least ``min_body`` characters; leftmost first, scanning on past each replacement, each
+    closer found by bisection (linear in all)."""
     close, paren = _Positions.of_char(text, "]"), _Positions.of_char(text, ")")
     out: list[str] = []
-    pos, i = 0, text.find("[")
+    width = len(opener)
+    pos, i = 0, text.find(opener)
     while i >= 0:
-        k = close.next(i + 1)  # [^\]]+ stops at the first ], and holds a character at least
+        k = close.next(i + width)  # the body stops at the first ]
         e: int | None = None
-        if k is not None and k > i + 1:
+        if k is not None and k - (i + width) >= min_body:
             if text.startswith("(", k + 1):
                 e = paren.next(k + 2)
-            elif text.startswith("[", k + 1):
+            elif refs and text.startswith("[", k + 1):
                 e = close.next(k + 2)
         if e is not None:
             out.append(text[pos:i])
-            out.append(text[i + 1:k])
+            out.append(text[i + width:k])
             pos = e + 1
-            i = text.find("[", pos)
+            i = text.find(opener, pos)
         else:
-            i = text.find("[", i + 1)
+            i = text.find(opener, i + 1)
     out.append(text[pos:])
     return "".join(out)
 
