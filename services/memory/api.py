@@ -178,9 +178,9 @@ class MemoryApi:
         """Everything of the user here: conversation rows, STM, cache and dedup keys, stream entries."""
         deletion = await erase.delete_user(self.store.pool, self.stm.redis, self.stm.names, user_id)
         if self.salience is not None:
-            self.salience.forget()
+            self.salience.forget(user_id)
         if self.carrier is not None:
-            self.carrier.forget()
+            self.carrier.forget(user_id)
         self.metrics.incr("users_deleted")
         return deletion
 

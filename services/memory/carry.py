@@ -79,6 +79,7 @@ class Carrier:
         self.metrics.incr("carry.vectors")
         return carry(e.vector, e.model, score)
 
-    def forget(self) -> None:
-        """After a user's deletion: no state derived from their turns stays in the process."""
-        self.states.clear()
+    def forget(self, user_id: str) -> None:
+        """After a user's deletion: no state derived from their turns stays in the process (other users' sessions
+        keep theirs)."""
+        self.states.drop_users([user_id])

@@ -48,6 +48,7 @@ class MessageSalience:
             {m.content: embedded[m.message_id].vector for m in scored}, tokens)
         return {m.message_id: s for m, s in zip(scored, scores, strict=True)}
 
-    def forget(self) -> None:
-        """After a user's deletion: no state derived from their turns stays in the process."""
-        self.states.clear()
+    def forget(self, user_id: str) -> None:
+        """After a user's deletion: no state derived from their turns stays in the process (other users' sessions
+        keep theirs)."""
+        self.states.drop_users([user_id])

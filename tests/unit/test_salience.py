@@ -89,6 +89,20 @@ def test_forgetting_a_user_drops_that_users_session_states_only() -> None:
     assert len(states) == 9
 
 
+def test_memory_forgets_a_deleted_users_session_states_only() -> None:
+    """memory's message salience (MEMORY_SALIENCE, the STM summary's scores) cleared every session's state on any
+    user's deletion, as ltm did."""
+    from services.memory.salience import MessageSalience
+
+    salience = MessageSalience(model=SalienceModel.load())
+    zero = salience.model.zero()
+    keys = [session_key(u, s) for u in ("u1", "u10", "") for s in ("s1", None)]
+    for key in keys:
+        salience.states.put(key, zero)
+    salience.forget("u1")
+    assert {k for k in keys if salience.states.get(k) is not None} == {k for k in keys if not k.startswith("u1\x00")}
+
+
 def test_trained_model_ranks_evidence_above_chit_chat(sync_embedder: SyncEmbedder) -> None:
     if not sync_embedder.has_tokens:
         pytest.skip("needs the ONNX embedder")
