@@ -29,6 +29,7 @@ from services.ltm.search_index import SearchIndex
 from shared.contracts import Memory, MemorySource
 from shared.contracts.messages import SearchData
 from shared.runtime.erase import user_hash
+from shared.runtime.fence import lock_for_deletion, refuse_if_deleted
 
 _WS = re.compile(r"\s+")
 # every table with a user's rows, in deletion order (ltm_search_epochs last: deleting memories writes it; the
@@ -209,7 +210,8 @@ class LtmStore:
             return {(r[0], r[1]) for r in await cur.fetchall()}
 
     async def add(self, m: NewMemory) -> Memory:
-        async with self.pool.connection() as conn:
+        async with self.pool.connection() as conn, conn.transaction():
+            await refuse_if_deleted(conn, m.user_id, "ltm")  # a deletion that overtook this request (``add``)
             cur = conn.cursor(row_factory=dict_row)
             await cur.execute(INSERT_RETURNING, _params(m))
             row = await cur.fetchone()
@@ -256,7 +258,8 @@ class LtmStore:
     async def update_profile(self, user_id: str, fields: dict[str, Any]) -> dict[str, Any]:
         now = time.time()
         stamps = {k: now for k in fields}
-        async with self.pool.connection() as conn:
+        async with self.pool.connection() as conn, conn.transaction():
+            await refuse_if_deleted(conn, user_id, "ltm")  # a deletion that overtook this request
             await conn.execute(
                 "INSERT INTO ltm_profiles (user_id, explicit, updated) VALUES (%s, %s, %s)"
                 " ON CONFLICT (user_id) DO UPDATE SET explicit = ltm_profiles.explicit || EXCLUDED.explicit,"
@@ -289,6 +292,7 @@ class LtmStore:
         content; the process's index entry goes too (the other processes drop theirs on ``ltm_index_warm``)."""
         counts: dict[str, int] = {}
         async with self.pool.connection() as conn, conn.transaction():
+            await lock_for_deletion(conn, user_id)  # request-path writes of the user wait, then see the deletion
             for table in USER_TABLES:
                 cur = await conn.execute(f"DELETE FROM {table} WHERE user_id = %s", (user_id,))
                 counts[table] = cur.rowcount

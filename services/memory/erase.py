@@ -23,6 +23,7 @@ from psycopg_pool import AsyncConnectionPool
 from shared.contracts.messages import UserDeletion
 from shared.contracts.names import Names
 from shared.runtime.erase import delete_matching, erase_entries, glob_escape, mesh_streams, user_hash
+from shared.runtime.fence import lock_for_deletion
 from shared.runtime.logging import get_logger
 
 log = get_logger(__name__)
@@ -34,6 +35,7 @@ _COUNTS = ("conversation_messages", "conversation_context", "session_relationshi
 async def delete_user_rows(pool: AsyncConnectionPool, user_id: str) -> tuple[dict[str, int], list[str]]:
     """Delete the user's rows; (counts by table, every session id of the user)."""
     async with pool.connection() as conn, conn.transaction():
+        await lock_for_deletion(conn, user_id)  # request-path writes of the user wait, then see the deletion
         cur = await conn.execute("SELECT session_id FROM conversation_sessions WHERE user_id = %s FOR UPDATE",
                                  (user_id,))
         owned = [r[0] for r in await cur.fetchall()]

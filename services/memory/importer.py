@@ -40,6 +40,7 @@ from services.memory.tokens import TokenCounter
 from services.memory.updates import Publish, memory_update
 from shared.contracts.errors import BadRequest
 from shared.contracts.memory_api import ImportMessage, ImportResult, import_message_id
+from shared.runtime.fence import refuse_if_deleted
 from shared.runtime.logging import get_logger
 from shared.runtime.metrics import Metrics
 from shared.runtime.runner import batch
@@ -119,6 +120,7 @@ class HistoryImporter:
         for m in rows:
             firsts.setdefault(m.session_id, m.timestamp)
         async with self.store.pool.connection() as conn, conn.transaction():
+            await refuse_if_deleted(conn, user_id, "memory")  # a deletion that overtook this request
             try:
                 cur = await conn.execute(_UPSERT_SESSIONS, {"uid": user_id, "sids": sessions,
                                                             "firsts": [firsts[s] for s in sessions]})

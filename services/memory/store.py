@@ -14,13 +14,14 @@ triggers): :meth:`ConversationStore.session_owner` is the one lookup by a sessio
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 import numpy as np
-from psycopg import errors
+from psycopg import AsyncConnection, errors
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
@@ -28,6 +29,7 @@ from services.memory.crypto import Cipher
 from services.memory.summary import SummaryState
 from shared.contracts.errors import BadRequest, NotFound
 from shared.contracts.memory_api import ContextItem, MessageInfo, SessionInfo, SessionLink, SummaryInfo
+from shared.runtime.fence import RECEIVED_AT, refuse_if_deleted
 from shared.runtime.stm import Turn
 
 NOBODY = ""
@@ -232,7 +234,7 @@ class ConversationStore:
         """
         uid = m.user_id or NOBODY
         try:
-            async with self.pool.connection() as conn:
+            async with self.pool.connection() as conn, self._fenced(conn, uid):
                 cur = await conn.execute(
                     "WITH s AS ("
                     " INSERT INTO conversation_sessions AS cs (session_id, user_id, created_at, last_activity)"
@@ -259,6 +261,18 @@ class ConversationStore:
             raise
         assert row is not None
         return bool(row[0])
+
+    @contextlib.asynccontextmanager
+    async def _fenced(self, conn: AsyncConnection, user_id: str) -> AsyncIterator[None]:
+        """A request's write (store_message on memory_requests) in a transaction that a deletion of its user after
+        the request was taken refuses (shared/runtime/fence.py); a write from the streams as it was, one
+        autocommitted statement (the deletion's second pass covers those)."""
+        if RECEIVED_AT.get() is None:
+            yield
+            return
+        async with conn.transaction():
+            await refuse_if_deleted(conn, user_id, "memory")
+            yield
 
     async def get_message(self, user_id: str, message_id: str) -> MessageInfo:
         async with self.pool.connection() as conn:

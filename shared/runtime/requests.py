@@ -27,6 +27,7 @@ from shared.runtime.backoff import Backoff
 from shared.runtime.deadletter import dead_letter
 from shared.runtime.drain import drain_within
 from shared.runtime.errors import REDIS_ERRORS, is_transient, redis_failed
+from shared.runtime.fence import RECEIVED_AT
 from shared.runtime.logging import get_logger
 from shared.runtime.metrics import Metrics
 from shared.runtime.priority import Foreground
@@ -162,6 +163,7 @@ class RequestServer(Generic[Req]):
     async def _serve_one(self, raw: bytes | str) -> tuple[str, str]:
         """Serve one request; returns its type and outcome (``ok`` or the reply's error code) for the metrics."""
         started = time.perf_counter()
+        RECEIVED_AT.set(time.time())  # this request's task's own context (shared/runtime/fence.py)
         try:
             request = decode(self.adapter, raw, max_content_bytes=self.max_content_bytes,
                              max_payload_bytes=self.max_payload_bytes, context=self.context)

@@ -15,6 +15,7 @@ import asyncio
 import json
 from typing import Any
 
+import pytest
 from cryptography.fernet import Fernet
 
 from mesh.forget import forget_user
@@ -215,3 +216,54 @@ async def test_a_reply_chat_ai_is_still_writing_is_deleted_too(mesh: Mesh) -> No
             assert result["second_pass"]["memory"]["rows"].get("conversation_messages", 0) == 1  # the reply
             for table in ("conversation_messages", "conversation_sessions", "ltm_ingested", "ltm_memories"):
                 assert await mesh.count(f"SELECT count(*) FROM {table} WHERE user_id = %s", user) == 0, table
+
+
+async def test_a_request_write_its_users_deletion_overtook_is_refused(mesh: Mesh) -> None:
+    """A request ltm or memory took before the user's deletion and writes after it (a large doc_add still
+    embedding; an add, a profile_update, a store_message, an import) once re-created the user's rows after both
+    passes: such a write is refused (not_found); one the server took after the deletion (the user is back) is not."""
+    import time
+
+    from services.ltm.config import LtmSettings
+    from services.ltm.native import NativeBackend
+    from services.ltm.store import LtmStore
+    from shared.contracts.errors import MeshError
+    from shared.contracts.memory_api import ImportMessage, StoreMessageData
+    from shared.contracts.messages import AddData, DocAddData
+    from shared.runtime.embedding import Embedder
+    from shared.runtime.fence import RECEIVED_AT
+    from tests.helpers import common
+
+    user = f"u-fence-{new_id()[:8]}"
+    backend = NativeBackend(LtmStore(mesh.pool), Embedder(mesh.model), redis=mesh.redis, names=mesh.names,
+                            settings=LtmSettings(**common(mesh.redis_url, mesh.database_url)))
+    memory = mesh.memory()
+    writes = {
+        "add": lambda: backend.add(user, AddData(content="I keep bees.")),
+        "profile_update": lambda: backend.profile_update(user, {"city": "Porto"}),
+        "doc_add": lambda: backend.doc_add(user, DocAddData(source="bees.md", text="# Bees\n\nTwo hives.")),
+        "store_message": lambda: memory.api.store_message(user, StoreMessageData(session_id=f"{user}-s",
+                                                                                content="hello")),
+        "import_messages": lambda: memory.api.import_messages(user, [ImportMessage(
+            session_id=f"{user}-i", role="user", content="an old turn", timestamp=1_700_000_000)]),
+    }
+    taken = time.time()
+    await backend.delete_user(user)
+    await memory.api.delete_user(user)
+    token = RECEIVED_AT.set(taken)  # taken from its list before the deletion
+    try:
+        for kind, write in writes.items():
+            with pytest.raises(MeshError) as err:
+                await write()
+            assert err.value.code.value == "not_found", kind
+    finally:
+        RECEIVED_AT.reset(token)
+    for table in ("ltm_memories", "ltm_profiles", "ltm_documents", "conversation_messages", "conversation_sessions"):
+        assert await mesh.count(f"SELECT count(*) FROM {table} WHERE user_id = %s", user) == 0, table
+    token = RECEIVED_AT.set(time.time())  # a request taken after the deletion: the user is back
+    try:
+        for write in writes.values():
+            await write()
+    finally:
+        RECEIVED_AT.reset(token)
+    assert await mesh.count("SELECT count(*) FROM conversation_messages WHERE user_id = %s", user) == 2

@@ -16,6 +16,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from services.ltm.store import values
 from shared.contracts.messages import LABEL_SEP, DocAdded, DocDeleted, DocFormat
+from shared.runtime.fence import refuse_if_deleted
 
 DOC_TABLES = ("ltm_doc_chunks", "ltm_documents")
 """The tables of a user's documents, in deletion order (services/ltm/store.py USER_TABLES erases them too)."""
@@ -75,6 +76,7 @@ class DocumentStore:
         text and chunks in place of the old under the same source (``updated``, same doc_id), else a new document.
         Two concurrent adds of one document store it once (the unique keys; the later one finds the first)."""
         async with self.pool.connection() as conn, conn.transaction():
+            await refuse_if_deleted(conn, doc.user_id, "ltm")  # a deletion that overtook this request (doc_add)
             cur = conn.cursor(row_factory=dict_row)
             params = {"user_id": doc.user_id, "source": doc.source, "hash": doc.content_hash}
             for _ in range(RACE_RETRIES):
