@@ -36,6 +36,11 @@ class DeletionFailed(RuntimeError):
     pass
 
 
+LIVE_MS = 30_000
+"""A group's consumer that read within this long is a running copy of its service (an idle one reads every
+second); a group with none is not waited for."""
+
+
 def _id(entry_id: Any) -> tuple[int, int]:
     text = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
     ms, _, seq = text.partition("-")
@@ -43,8 +48,8 @@ def _id(entry_id: Any) -> tuple[int, int]:
 
 
 async def _handled_through(redis: aioredis.Redis, stream: str, group: str, top: tuple[int, int]) -> bool:
-    """Whether ``group`` has read and acknowledged every entry of ``stream`` up to ``top`` (no group: nothing to
-    wait for; no copy of its service reads it)."""
+    """Whether ``group`` has read and acknowledged every entry of ``stream`` up to ``top``; also when there is no
+    such group, or no running copy of its service reads it (:data:`LIVE_MS`)."""
     try:
         groups: Any = await redis.xinfo_groups(stream)
     except ResponseError:  # no stream
@@ -52,6 +57,9 @@ async def _handled_through(redis: aioredis.Redis, stream: str, group: str, top: 
     info = next((g for g in groups if (g.get("name") or b"").decode() == group), None)
     if info is None:
         return True
+    consumers: Any = await redis.xinfo_consumers(stream, group)
+    if not any(int(c.get("idle") or 0) < LIVE_MS for c in consumers):
+        return True  # no copy of the service reads it now (stopped, or never started): nothing would come of a wait
     if _id(info.get("last-delivered-id") or "0-0") < top:
         return False
     pending: Any = await redis.xpending(stream, group)
