@@ -88,14 +88,16 @@ async def test_memory_carries_each_new_messages_vector_and_ltm_stores_it_with_th
     for u in updates:
         assert await plain.ingest(u.model_copy(update={"user_id": "u-cv-plain", "embedding": None}))
     assert plain_counts.get("ingest.carried") == 0
-    await memory.api.delete_user("u-cv-gone")  # any deletion: no state derived from a user's turns stays
-    assert len(memory.api.carrier.states) == 0
+    await memory.api.delete_user("u-cv-gone")  # another user's deletion: this user's session state stays
+    assert len(memory.api.carrier.states) == 1
     got, expected = await episodic(mesh, "u-cv"), await episodic(mesh, "u-cv-plain")
     assert set(got) == set(expected) == set(TURNS)
     for text in TURNS:
         assert cos(got[text][0], expected[text][0]) > 0.9999
         assert got[text][1] is not None and expected[text][1] is not None
         assert abs(got[text][1] - expected[text][1]) < 1e-4, (text, got[text][1], expected[text][1])
+    await memory.api.delete_user("u-cv")  # the user's own deletion: no state derived from their turns stays
+    assert len(memory.api.carrier.states) == 0
 
 
 def update(user: str, text: str, embedding: CarriedEmbedding | None) -> MemoryUpdate:
