@@ -75,10 +75,14 @@ async def _settle(redis: aioredis.Redis, names: Names, seconds: float) -> bool:
               (names.ai_responses, names.memory_group), (names.memory_updates, names.ltm_group))
     deadline = time.monotonic() + seconds
     for stream, group in stages:
-        try:  # the stream's newest id (XINFO STREAM: the gateway's ACL user has it, and reads no entry)
-            top = _id((await redis.xinfo_stream(stream))["last-generated-id"])
+        try:  # the stream's newest entry (XINFO STREAM, which the gateway's ACL user has): not its last generated id,
+            # which may be an entry the first pass deleted, never to be delivered
+            last = (await redis.xinfo_stream(stream)).get("last-entry")
         except ResponseError:  # no stream
             continue
+        if not last:
+            continue
+        top = _id(last[0])
         while not await _handled_through(redis, stream, group, top):
             if time.monotonic() >= deadline:
                 return False
