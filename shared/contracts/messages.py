@@ -290,6 +290,9 @@ class RequestEnvelope(Message):
     request_id: Id
     reply_to: str | None = None
     deadline: float | None = None
+    # when the requester sent it (epoch seconds): a write the user's deletion overtook is refused by this time, not
+    # by when a worker took it (a congested list is served newest first; shared/runtime/fence.py)
+    sent_at: Timestamp | None = None
 
     def expired(self, now: float | None = None) -> bool:
         return self.deadline is not None and (time.time() if now is None else now) > self.deadline

@@ -5,13 +5,15 @@ time once the stream consumers have handled what they held (mesh/forget.py). A r
 its request list at that instant (a large ``doc_add`` still embedding, an ``add``, a ``profile_update``, a
 ``store_message``, an ``import_messages``) is not seen by that wait, and would commit the user's rows after both
 passes. So a request-path write, in its own transaction, takes the user's deletion lock shared and looks for a
-deletion of the user (``user_deletions``, by the user's hash) at or after the moment the request server took the
-request (:data:`RECEIVED_AT`); a deletion takes the same lock exclusively, so the two never interleave: either the
-write commits first and the deletion removes it, or the deletion commits first and the write is refused
-(``not_found``: the user was deleted while the request was served). A request sent after the deletion (the user
-came back) is taken after it and goes through. Writes from the streams (no request) are not checked here.
+deletion of the user (``user_deletions``, by the user's hash) at or after the moment the request was sent (its
+``sent_at``, never later than when the request server took it: :data:`RECEIVED_AT`; a congested list is served
+newest first, so a write sent before the deletion may well be taken after it); a deletion takes the same lock
+exclusively, so the two never interleave: either the write commits first and the deletion removes it, or the
+deletion commits first and the write is refused (``not_found``: the user was deleted while the request waited or
+was served). A request sent after the deletion (the user came back) goes through. Writes from the streams (no
+request) are not checked here.
 
-The two clocks compared are the service host's (when the request was taken) and PostgreSQL's (``now()`` of the
+The two clocks compared are the requester's or the service host's and PostgreSQL's (``now()`` of the
 deleting transaction); hosts whose clocks disagree by more than a request's serving time could let a write
 through or refuse one sent just after a deletion.
 """
@@ -26,7 +28,8 @@ from shared.contracts.errors import ErrorCode, MeshError
 from shared.runtime.erase import user_hash
 
 RECEIVED_AT: ContextVar[float | None] = ContextVar("request_received_at", default=None)
-"""When the request server took the request being served (epoch seconds); None outside a request."""
+"""When the request being served was made (epoch seconds: its ``sent_at``, at the latest when the request server
+took it); None outside a request."""
 
 # the user's deletion lock: an advisory lock on a hash of the user id (seeded apart from other advisory locks)
 _LOCK = "SELECT pg_advisory_xact_lock(hashtextextended(%s, 7193))"

@@ -163,7 +163,7 @@ class RequestServer(Generic[Req]):
     async def _serve_one(self, raw: bytes | str) -> tuple[str, str]:
         """Serve one request; returns its type and outcome (``ok`` or the reply's error code) for the metrics."""
         started = time.perf_counter()
-        RECEIVED_AT.set(time.time())  # this request's task's own context (shared/runtime/fence.py)
+        taken = time.time()
         try:
             request = decode(self.adapter, raw, max_content_bytes=self.max_content_bytes,
                              max_payload_bytes=self.max_payload_bytes, context=self.context)
@@ -177,6 +177,9 @@ class RequestServer(Generic[Req]):
             return "invalid", err.info().code.value
         envelope: RequestEnvelope = request  # type: ignore[assignment]  # every member of the union is one
         kind = str(getattr(envelope, "type", "unknown"))
+        # when the request was made, for a deletion fence (shared/runtime/fence.py): its send time, never later than
+        # when it was taken; this request's task's own context
+        RECEIVED_AT.set(taken if envelope.sent_at is None else min(envelope.sent_at, taken))
         if envelope.expired():
             self._congested = True  # the list is behind: newest first until it empties (_pop)
             self.metrics.incr("expired")
@@ -294,8 +297,9 @@ class RpcClient(Generic[Resp]):
             except TimeoutError:
                 raise NotSubscribed("reply subscription is not ready") from None
         request_id = request.request_id
-        request = request.model_copy(update={"reply_to": self.reply_channel,
-                                             "deadline": time.time() + timeout})
+        sent = time.time()
+        request = request.model_copy(update={"reply_to": self.reply_channel, "deadline": sent + timeout,
+                                             "sent_at": sent})
         fut: asyncio.Future[Resp] = loop.create_future()
         self._pending[request_id] = fut
         try:

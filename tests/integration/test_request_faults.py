@@ -122,3 +122,31 @@ async def test_a_reply_that_cannot_be_encoded_is_an_internal_error(redis: aiored
         await asyncio.wait_for(task, 10)
         await client.close()
 
+
+
+async def test_a_request_is_dated_by_when_it_was_sent_never_later_than_when_it_was_taken(
+        redis: aioredis.Redis, names: Names) -> None:
+    """What a deletion fence compares (shared/runtime/fence.py): a request sent before a deletion and taken after it
+    (a congested list serves the newest first) must count as made before it."""
+    from shared.runtime.fence import RECEIVED_AT
+
+    queue, channel = f"{names.prefix}dated:requests", f"{names.prefix}dated:replies"
+    seen: dict[str, float | None] = {}
+
+    async def handle(request: PingRequest) -> PingResponse:
+        seen[request.request_id] = RECEIVED_AT.get()
+        return PingResponse(request_id=request.request_id)
+
+    now = time.time()
+    await redis.rpush(queue, *(json.dumps({"request_id": rid, "type": "ping", "data": {}, "sent_at": sent})
+                               for rid, sent in (("old", now - 100), ("future", now + 100), ("unsent", None))))
+    server = _server(redis, queue, channel, Metrics(), handle)
+    task = asyncio.create_task(server.run())
+    try:
+        await wait_until(lambda: len(seen) == 3, message=lambda: f"three served (saw {seen})")
+    finally:
+        server.stop()
+        await asyncio.wait_for(task, 10)
+    assert seen["old"] == now - 100
+    assert seen["future"] is not None and now <= seen["future"] < now + 60  # when it was taken
+    assert seen["unsent"] is not None and now <= seen["unsent"] < now + 60
