@@ -398,6 +398,9 @@ LLM_INSTRUCTIONS = (
 MAX_LLM_INPUT_CHARS = 24_000  # the running summary and the turns of one call, together
 MIN_LLM_CHUNK_CHARS = 4_000  # the turns of one call however long the running summary is
 MIN_LLM_PART_CHARS = 500  # a turn too long for any call starts in the one before when that has this much room left
+# A larger backlog (a big import, a rebuild of a long session) is folded extractively at once: its calls, one after
+# another under the session's lock (120 s), could outlive the lock; the next folds are the model's again
+MAX_LLM_BACKLOG_CHARS = 100_000
 
 
 class LlmSummariser:
@@ -416,6 +419,9 @@ class LlmSummariser:
         if not new:
             return state
         pending = [("user" if t.role == "user" else "assistant", t.content) for t in new]
+        if sum(len(content) for _, content in pending) > MAX_LLM_BACKLOG_CHARS:
+            log.info("memory.summary_llm_backlog", turns=len(new), limit_chars=MAX_LLM_BACKLOG_CHARS)
+            return await self.fallback.fold(state, new, scores)
         text, tokens = state.text, state.tokens
         while pending:
             transcript = _take_chunk(pending, max(MAX_LLM_INPUT_CHARS - len(text), MIN_LLM_CHUNK_CHARS))

@@ -259,3 +259,16 @@ def test_a_sentence_said_again_is_counted_as_it_is_kept() -> None:
         state = ExtractiveSummariser(counter, budget).fold_sync(SummaryState(), said)
         assert counter.count(state.text) == state.tokens <= budget, budget
     assert padded in state.text
+
+
+async def test_a_backlog_too_large_for_the_lock_is_folded_extractively_at_once() -> None:
+    """Every turn reaches the summary, but a backlog of more than MAX_LLM_BACKLOG_CHARS would take one model call
+    after another under the session's lock (120 s): it is folded extractively, without the model."""
+    from services.memory.summary import MAX_LLM_BACKLOG_CHARS
+
+    n = MAX_LLM_BACKLOG_CHARS // 60 + 10
+    many = [Turn(f"m{i}", "user", f"Turn {i:05d}: I planted {i} tulips by the old stone wall in the garden.", 1.0 + i)
+            for i in range(n)]
+    model = RecordingModel()
+    state = await LlmSummariser(model, default_counter(), 200).fold(SummaryState(turns=3, text="Before."), many)
+    assert model.sent == [] and state.kind == "extractive" and state.turns == 3 + n
