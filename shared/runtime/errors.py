@@ -67,4 +67,4 @@ def is_transient(exc: BaseException) -> bool:
     every time: it is the message's own fault, not an outage."""
     if isinstance(exc, psycopg.Error) and (exc.sqlstate or "").startswith("54"):
         return False
-    return isinstance(exc, TransientError) or is_redis_down(exc) or isinstance(exc, TRANSIENT)
+    return isinstance(exc, TRANSIENT) or is_redis_down(exc)  # TRANSIENT holds TransientError and REDIS_DOWN

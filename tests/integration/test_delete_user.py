@@ -213,7 +213,10 @@ async def test_a_reply_chat_ai_is_still_writing_is_deleted_too(mesh: Mesh) -> No
                 release.set()
             result = await asyncio.wait_for(forgetting, 60)
             assert result["settled"]
-            assert result["second_pass"]["memory"]["rows"].get("conversation_messages", 0) == 1  # the reply
+            # the reply is usually the second pass's (1); when it reaches the bus while the first pass is still at
+            # work, that pass takes it (stored and deleted, or its stream entry removed before memory read it: 0).
+            # Either way nothing of the user may be left, which is what follows
+            assert result["second_pass"]["memory"]["rows"].get("conversation_messages", 0) in (0, 1)
             for table in ("conversation_messages", "conversation_sessions", "ltm_ingested", "ltm_memories"):
                 assert await mesh.count(f"SELECT count(*) FROM {table} WHERE user_id = %s", user) == 0, table
 
