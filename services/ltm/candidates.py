@@ -52,7 +52,7 @@ class Candidates:
     session (-1: none), ``ts[i]`` its source time (NaN: none), ``ai[i]``/``question[i]`` its flags; the first
     stage's statistics over every row it read (``n``, ``sim_mean``, ``sim_sd``, BM25's ``s1`` and ``s2``).
     ``entities[i]``: row i's entities when its row does not hold them (the search index's rows: ids as text, no
-    entities, search_index._User); :meth:`row` adds them."""
+    entities, held.HeldUser); :meth:`row` adds them."""
 
     rows: Sequence[dict[str, Any]]
     sim: np.ndarray

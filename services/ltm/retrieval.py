@@ -48,8 +48,9 @@ from psycopg_pool import AsyncConnectionPool
 
 from services.ltm.candidates import Candidates, fuse_columns, gate_columns, neighbour_best
 from services.ltm.config import LtmSettings
+from services.ltm.held import KEYS, ROW_COLUMNS
 from services.ltm.periods import in_periods, query_periods
-from services.ltm.search_index import KEYS, ROW_COLUMNS, SearchIndex
+from services.ltm.search_index import SearchIndex
 from shared.contracts import Memory, MemorySource
 from shared.contracts.messages import ContextTurn, SearchData
 from shared.runtime.tokens import wordpiece

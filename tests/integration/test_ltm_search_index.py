@@ -108,7 +108,7 @@ def assert_same_rows(ours: list[dict[str, Any]] | Candidates, theirs: list[dict[
     for a, b in zip(ours, theirs, strict=True):
         assert set(a) == set(b), what
         for key, value in b.items():
-            if key in ("memory_id", "superseded_by"):  # the index holds ids as text (search_index._User)
+            if key in ("memory_id", "superseded_by"):  # the index holds ids as text (held.HeldUser)
                 assert a[key] == (None if value is None else str(value)), (what, key)
             elif isinstance(value, float):
                 assert abs(a[key] - value) <= 1e-6 * max(1.0, abs(value)), (what, key, a[key], value)
