@@ -79,6 +79,29 @@ def test_html_drops_scripts_styles_navigation_and_keeps_headings() -> None:
     assert by_heading[("Guide", "Rivers")] == ["River | Length", "Rhine | 1,230 km", "First point", "Second point"]
 
 
+def test_html_markup_the_parser_cannot_close_is_text_and_declarations_carry_none() -> None:
+    parsed = parse_html('<!DOCTYPE html><!-- a note --><?xml-stylesheet x?><h1>Cats</h1>'
+                        '<p title="a > b">Tom &lt; Jerry <3 and 1 < 2<![CDATA[ <raw> ]]></p>'
+                        '<p>fine<![if gte mso 9]>word</p><p>last<!-- never closed <p>lost</p>')
+    by_heading = {tuple(s.heading): s.paragraphs for s in parsed.sections}
+    assert by_heading == {("Cats",): ["Tom < Jerry <3 and 1 < 2 <raw>", "fineword", "last"]}
+
+
+# Markup on which Python 3.11's html.parser rescanned the rest of the document from every "<" (quadratic: 51 s at
+# 80 KB, hours at LTM_DOC_MAX_BYTES) or raised AssertionError (an "internal" reply for the user's bad input).
+PATHOLOGICAL_HTML = ["<a ", "<a b=\"", "<a b='", "<a b=c ", "</", "<?", "<!x", "<![", "<!--", "<![CDATA[", "< a",
+                     "<script><a "]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("unit", PATHOLOGICAL_HTML)
+def test_pathological_html_parses_in_linear_time(unit: str) -> None:
+    text = unit * ((1 << 18) // len(unit))
+    started = time.perf_counter()
+    parse_html(text)
+    assert time.perf_counter() - started < 3.0, unit  # linear: about 0.3 s here; quadratic: minutes
+
+
 def test_chunks_are_whole_sentences_within_the_budget_with_overlap() -> None:
     sentence = "The lighthouse keeper wound the clockwork number {} before the evening tide came in."
     text = "# Log\n\n## Nights\n\n" + " ".join(sentence.format(i) for i in range(60)) + "\n\n## Days\n\nShort day."

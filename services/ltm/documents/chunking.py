@@ -26,6 +26,7 @@ from pathlib import PurePosixPath
 
 from services.ltm.documents.inline import atx_name
 from services.ltm.documents.inline import strip_inline as _inline
+from services.ltm.documents.markup import wellformed
 from shared.contracts.messages import DocFormat
 from shared.runtime.tokens import wordpiece
 
@@ -275,7 +276,7 @@ class _HtmlText(HTMLParser):
 
 def parse_html(text: str) -> Parsed:
     parser = _HtmlText()
-    parser.feed(text)
+    parser.feed(wellformed(text))  # what html.parser reads in one pass (markup.py)
     parser.close()
     return Parsed(parser.title or parser.first_h1, parser.sections)
 
