@@ -15,7 +15,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
@@ -121,6 +121,11 @@ class MemoryApi:
             else:
                 embedded, new = None, await self.store.store_message(m)
             self.metrics.incr("stored" if new else "duplicates")
+            if not new:
+                held = await self._as_stored(m)
+                if held is None:
+                    return False
+                m = held
             role = {"human": "user", "ai": "ai"}.get(m.role, "system")
             update = memory_update(m, self.metrics) if self._publish is not None else None
             if embedded is not None and new:
@@ -140,6 +145,22 @@ class MemoryApi:
             return new
         finally:
             structlog.contextvars.unbind_contextvars("user_id", "message_id", "session_id")
+
+    async def _as_stored(self, m: StoredMessage) -> StoredMessage | None:
+        """A duplicate as PostgreSQL holds it: its turn and update are written again (a redelivery after a crash
+        between the commit and them), but a message id used again with other text, role or session (a client bug)
+        must not put into the STM or long-term memory what the store does not hold. None: gone since (deleted)."""
+        try:
+            held = await self.store.get_message(m.user_id or NOBODY, m.message_id)
+        except NotFound:
+            return None
+        if (held.content, held.role, held.session_id) == (m.content, m.role, m.session_id):
+            return m
+        self.metrics.incr("duplicate_ids_changed")
+        log.warning("memory.duplicate_id_changed", held_session_id=held.session_id)
+        return replace(m, session_id=held.session_id, role=held.role, content=held.content, timestamp=held.timestamp,
+                       parent_message_id=held.parent_message_id, metadata=held.metadata or {},
+                       message_type=held.message_type, token_count=held.token_count or 0)
 
     # ------------------------------------------------------------------ sessions
     async def create_session(self, user_id: str, session_id: str | None = None, *, name: str | None = None,

@@ -125,6 +125,24 @@ async def test_a_rebuild_that_fails_is_made_again_by_the_retry(mesh: Mesh) -> No
     assert [t.message_id for t in stm.turns] == [f"s-{i}" for i in range(6, 11)]
 
 
+async def test_a_message_id_used_again_with_other_text_adds_only_what_is_stored(mesh: Mesh) -> None:
+    """A duplicate's turn and update are written again (a redelivery after a crash), but as PostgreSQL holds the
+    message: a client reusing an id with other text or another session once put text the store never held into
+    the STM and on memory_updates (for long-term memory)."""
+    from shared.contracts import MEMORY_UPDATE, decode
+
+    svc = mesh.memory()
+    first = StoredMessage(message_id="dup-1", session_id="s", user_id="u1", role="human", content="I drink tea.",
+                          timestamp=BASE)
+    assert await svc.api.record(first)
+    assert not await svc.api.record(replace(first, content="I drink coffee."))
+    assert not await svc.api.record(replace(first, session_id="s2", content="My PIN is 1234."))
+    assert [t.content for t in (await read_stm(mesh.redis, mesh.names, "s")).turns] == ["I drink tea."]
+    assert not (await read_stm(mesh.redis, mesh.names, "s2")).turns
+    sent = [decode(MEMORY_UPDATE, f[b"data"]).content for _, f in await mesh.redis.xrange(mesh.names.memory_updates)]
+    assert sent and set(sent) == {"I drink tea."}, sent
+
+
 async def test_rehydration_folds_turns_that_were_never_summarised(mesh: Mesh) -> None:
     """Messages written straight to PostgreSQL (an import, a lost fold): the rebuild summarises the backlog."""
     svc = mesh.memory(stm_max_messages=5)
