@@ -8,10 +8,11 @@ Rules (every statement scoped by ``user_id``):
   its id. The latest value stays current. Superseded memories stay in the table (history, searchable, ranked
   lower); the graph relation they state gets the same ``valid_to``.
 - **Consolidation** (optimize): current typed memories of one type, subject, slot value and predicate whose
-  embeddings are at least ``LTM_CONSOLIDATE_SIMILARITY`` alike are merged into the one with most mentions: it
-  takes the others' mentions, access counts, entities, links and provenance (``sources``); the merged ones move
-  to ``ltm_archive`` (reason ``merged``). Exact repeats never make a second row: the unique constraint on
-  (user, type, content hash) turns them into a mention.
+  embeddings are at least ``LTM_CONSOLIDATE_SIMILARITY`` alike, and that name the same numbers, dates, days and
+  times (:func:`particulars`: the embedding barely tells "on 8 May" from "on 15 May"), are merged into the one
+  with most mentions: it takes the others' mentions, access counts, entities, links and provenance
+  (``sources``); the merged ones move to ``ltm_archive`` (reason ``merged``). Exact repeats never make a second
+  row: the unique constraint on (user, type, content hash) turns them into a mention.
 - **Decay** (optimize): ``decay`` = (0.5 + 0.5 confidence) x 0.5^(days since last stated or used / half-life)
   + 0.1 ln(1 + access_count) + 0.05 ln(mentions), capped at 1, halved for superseded memories.
 - **Budgeted cleanup** (optimize): when a user holds more than ``LTM_MEMORY_BUDGET`` memories, the lowest-decay
@@ -26,6 +27,7 @@ Rules (every statement scoped by ``user_id``):
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -45,6 +47,26 @@ log = get_logger(__name__)
 
 KEEP_SOURCES = 50  # provenance entries kept per memory (mentions keeps the full count)
 TYPED = ["preference", "fact", "commitment", "instruction"]
+
+# What tells two statements apart that a sentence embedding barely sees: numbers, dates, days, times ("call mom on
+# 8 May" / "on 15 May": cosine 0.95, "a dentist appointment on Tuesday" / "on Thursday": 0.98, over the 0.92 that
+# merges). A relative one ("tomorrow", "next week") means another day each time it is said: the statement's day.
+_PARTICULAR = re.compile(
+    r"\d+|\b(?:january|february|march|april|may|june|july|august|september|october|november|december|jan|feb|mar"
+    r"|apr|jun|jul|aug|sep|sept|oct|nov|dec|(?:mon|tues|wednes|thurs|fri|satur|sun)day|noon|midnight|am|pm)\b",
+    re.IGNORECASE)
+_RELATIVE = re.compile(
+    r"\b(?:today|tonight|tomorrow|yesterday|(?:this|next|last)\s+(?:week|weekend|month|year|morning|afternoon"
+    r"|evening|night|\w+day))\b", re.IGNORECASE)
+
+
+def particulars(text: str, asserted_at: float | None) -> tuple[str, ...]:
+    """The numbers, dates, days and times a statement names (and its day, when it names a relative one): two
+    statements merge only when these are the same."""
+    found = sorted({m.group(0).lower() for m in _PARTICULAR.finditer(text)})
+    if asserted_at is not None and _RELATIVE.search(text):
+        found.append(f"@{int(asserted_at // 86_400)}")
+    return tuple(found)
 
 
 # --------------------------------------------------------------------------- supersession
@@ -222,7 +244,7 @@ class Lifecycle:
         async with self.pool.connection() as conn:
             cur = await conn.execute(
                 "SELECT memory_id, type, subject, lower(coalesce(slot_value, '')), meta ->> 'predicate', embedding,"
-                " mentions, confidence, asserted_at FROM ltm_memories"
+                " mentions, confidence, asserted_at, content FROM ltm_memories"
                 " WHERE user_id = %s AND type = ANY(%s) AND valid_to IS NULL"
                 " ORDER BY asserted_at DESC NULLS LAST LIMIT %s", (user_id, TYPED, self.config.consolidate_max))
             rows = await cur.fetchall()
@@ -230,7 +252,7 @@ class Lifecycle:
             return 0
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, r in enumerate(rows):
-            groups.setdefault((r[1], r[2], r[3], r[4]), []).append(i)
+            groups.setdefault((r[1], r[2], r[3], r[4], particulars(r[9], r[8])), []).append(i)
         vecs = np.stack([np.asarray(r[5].to_numpy(), dtype=np.float32) for r in rows])
         pairs: list[tuple[float, int, int]] = []
         for members in groups.values():

@@ -9,6 +9,8 @@ import time
 import uuid
 from typing import Any
 
+import numpy as np
+
 from services.ltm.config import LtmSettings
 from services.ltm.lifecycle import RedisLock
 from services.ltm.native import NativeBackend
@@ -144,6 +146,38 @@ async def test_consolidation_merges_near_duplicates_and_keeps_provenance(mesh: M
                             "u1", kept[0]) >= 2
     # a second run finds nothing more to merge
     assert (await backend.optimize("u1"))["consolidated"] == 0
+
+
+async def test_consolidation_keeps_statements_that_name_other_dates_or_days(mesh: Mesh) -> None:
+    """Two commitments a sentence embedding finds alike (cosine over LTM_CONSOLIDATE_SIMILARITY) but for other
+    dates, or "tomorrow" said on two days, are two things to remember: they once merged into one, and the user's
+    second appointment was archived. A near repeat with the same particulars still merges."""
+    backend = native(mesh)
+    ts = time.time() - 10 * DAY
+    said = [("I need to call my mom on 8 May.", ts), ("I need to call my mom on 15 May.", ts + 60),
+            ("I have to renew my passport tomorrow.", ts), ("I have to renew my passport tomorrow.", ts + 3 * DAY),
+            ("I need to water the garden every Sunday.", ts), ("I need to water my garden every Sunday.", ts + 60)]
+    for text, at in said:
+        assert await backend.ingest(update("u1", text, at))
+    held = await rows(mesh, "SELECT type, subject, coalesce(slot_value, ''), meta ->> 'predicate', embedding::text,"
+                            " content FROM ltm_memories WHERE user_id = %s AND type <> 'episodic' ORDER BY content",
+                      "u1")
+    assert len(held) == 6 and len({r[:4] for r in held}) == 1, held  # one group of commitments: type, subject...
+    vecs = {r[5]: np.array(json.loads(r[4])) for r in held}
+
+    def cosine(a: str, b: str) -> float:
+        [va], [vb] = [v for c, v in vecs.items() if a in c], [v for c, v in vecs.items() if b in c]
+        return float(va @ vb / np.linalg.norm(va) / np.linalg.norm(vb))
+
+    # alike enough to merge by the embedding alone ("tomorrow" is resolved to a date at extraction)
+    assert min(cosine("8 May", "15 May"), cosine("passport on 2", "passport on 1"), cosine("User's garden",
+                                                                                          "the garden")) >= 0.92
+    result = await backend.optimize("u1")
+    assert result["consolidated"] == 1, result  # the garden, said twice
+    contents = [r[0] for r in await rows(mesh, "SELECT content FROM ltm_memories WHERE user_id = %s"
+                                               " AND type = 'commitment'", "u1")]
+    assert sum("8 May" in c for c in contents) == 1 and sum("15 May" in c for c in contents) == 1, contents
+    assert sum("passport" in c for c in contents) == 2 and len(contents) == 5, contents
 
 
 async def test_deleting_a_memory_deletes_its_relations_and_the_duplicates_merged_into_it(mesh: Mesh) -> None:
