@@ -3,7 +3,8 @@
 Derived (from memories that are current, i.e. not superseded):
 
 - single-valued slots become fields: ``name``, ``preferred_name``, ``location``, ``employer``, ``occupation``,
-  ``origin``, ``birthplace``, ``age``, and any other slot under ``attributes`` ("my sister" → "a nurse");
+  ``origin``, ``birthplace``, ``age``, and any other slot under ``attributes`` ("my sister" → "nurse"; how it is
+  now, an adjective, under its own slot: "sister (state)" → "sick");
 - ``favourites`` ("favourite colour" → "teal"), ``likes`` and ``dislikes`` from preferences;
 - ``facts``, ``instructions`` and ``commitments`` (their sentences, most mentioned first);
 - ``entities``: the people, places and things the user mentions most.

@@ -120,6 +120,21 @@ async def test_concurrent_ingest_of_one_fact_never_duplicates_it(mesh: Mesh) -> 
     assert await mesh.count("SELECT count(*) FROM ltm_relations WHERE user_id = %s", "u1") == 2
 
 
+async def test_how_a_thing_is_now_never_supersedes_what_it_is(mesh: Mesh) -> None:
+    """"My sister is sick" once superseded "my sister is a nurse" (one slot, "my sister"): what she is and how she
+    is now are two slots; a state supersedes the state before it."""
+    backend = native(mesh)
+    t0 = time.time() - 30 * DAY
+    for i, text in enumerate(("My sister is a nurse.", "My sister is sick.", "My sister is better now.")):
+        assert await backend.ingest(update("u1", text, t0 + i * DAY))
+    held = dict(await rows(mesh, "SELECT content, valid_to IS NULL FROM ltm_memories WHERE user_id = %s"
+                                 " AND type = 'fact'", "u1"))
+    assert held == {"User's sister is a nurse": True, "User's sister is sick": False,
+                    "User's sister is better": True}, held
+    profile = await backend.profile_get("u1")
+    assert profile["attributes"] == {"sister": "nurse", "sister (state)": "better"}, profile
+
+
 async def test_consolidation_merges_near_duplicates_and_keeps_provenance(mesh: Mesh) -> None:
     backend = native(mesh)
     ts = time.time() - DAY

@@ -315,8 +315,10 @@ class Sentence:
                               slot=key)]
         if noun.lemma_.lower() in NOT_SLOTS or noun.tag_ == "NNS" or (value_tok.pos_ == "ADJ" and noun.pos_ != "NOUN"):
             return []
+        # what the thing is ("a nurse") and how it is now ("sick") are two slots: a state never supersedes an identity
+        state = value_tok.pos_ == "ADJ"
         return [self.make("fact", self.with_dates(f"{self.S}'s {key} is {value}"), 0.7, predicate=key, obj=value,
-                          slot=f"my {key}")]
+                          slot=f"my {key} (state)" if state else f"my {key}")]
 
     # "I adopted a puppy two weeks ago", "I went to the support group yesterday"
     def event(self) -> list[Extracted]:
