@@ -66,6 +66,22 @@ async def _handled_through(redis: aioredis.Redis, stream: str, group: str, top: 
     return not pending["pending"] or _id(pending["min"]) > top
 
 
+async def _stage_top(redis: aioredis.Redis, stream: str, group: str) -> tuple[int, int] | None:
+    """What ``group`` must have handled: the stream's newest entry (XINFO STREAM, which the gateway's ACL user has;
+    not its last generated id, which may be an entry the first pass deleted, never to be delivered), and every entry
+    the group was given already: one the first pass deleted after a consumer read it is still being handled (ltm
+    ingesting it once made the user's rows after both passes). None: nothing to wait for."""
+    try:
+        last = (await redis.xinfo_stream(stream)).get("last-entry")
+        groups: Any = await redis.xinfo_groups(stream)
+    except ResponseError:  # no stream
+        return None
+    info = next((g for g in groups if (g.get("name") or b"").decode() == group), None)
+    delivered = _id(info.get("last-delivered-id") or "0-0") if info is not None else (0, 0)
+    top = max(_id(last[0]) if last else (0, 0), delivered)
+    return None if top == (0, 0) else top
+
+
 async def _settle(redis: aioredis.Redis, names: Names, seconds: float) -> bool:
     """Until what chat_ai, memory and ltm had taken or were yet to take when this is called is handled, stage by
     stage: the turns chat_ai was answering (their replies are in ai_responses then), what memory had to store of
@@ -75,14 +91,9 @@ async def _settle(redis: aioredis.Redis, names: Names, seconds: float) -> bool:
               (names.ai_responses, names.memory_group), (names.memory_updates, names.ltm_group))
     deadline = time.monotonic() + seconds
     for stream, group in stages:
-        try:  # the stream's newest entry (XINFO STREAM, which the gateway's ACL user has): not its last generated id,
-            # which may be an entry the first pass deleted, never to be delivered
-            last = (await redis.xinfo_stream(stream)).get("last-entry")
-        except ResponseError:  # no stream
+        top = await _stage_top(redis, stream, group)
+        if top is None:
             continue
-        if not last:
-            continue
-        top = _id(last[0])
         while not await _handled_through(redis, stream, group, top):
             if time.monotonic() >= deadline:
                 return False

@@ -285,3 +285,20 @@ async def test_settling_does_not_wait_for_an_entry_the_first_pass_deleted(mesh: 
     unread = await redis.xadd(names.user_input, {"data": "{}"})  # the user's, deleted by the first pass
     await redis.xdel(names.user_input, unread)
     assert await _settle(redis, names, 5.0)
+
+
+async def test_settling_waits_for_an_entry_the_first_pass_deleted_after_a_consumer_read_it(mesh: Mesh) -> None:
+    """An entry a consumer had read (ltm ingesting the reply's update) when the first pass deleted it is still being
+    handled: the stage once looked only at the stream's newest entry (none left), went on, and the ingest committed
+    the user's rows after both passes."""
+    from mesh.forget import _settle
+
+    names, redis = mesh.names, mesh.redis
+    await redis.xgroup_create(names.memory_updates, names.ltm_group, id="0", mkstream=True)
+    await redis.xadd(names.memory_updates, {"data": "{}"})
+    read: Any = await redis.xreadgroup(names.ltm_group, "c1", {names.memory_updates: ">"}, count=10)
+    [taken] = [i for _s, entries in read for i, _f in entries]
+    await redis.xdel(names.memory_updates, taken)  # the first pass; the consumer is still at work on it
+    assert not await _settle(redis, names, 0.5)
+    await redis.xack(names.memory_updates, names.ltm_group, taken)
+    assert await _settle(redis, names, 5.0)
