@@ -23,7 +23,6 @@ whose summary is current that is two indexed queries, whatever the session's len
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -37,7 +36,7 @@ from services.memory.cache import SessionCache
 from services.memory.store import Backlog, ConversationStore
 from services.memory.summary import Summariser, SummaryState
 from shared.contracts import Names
-from shared.runtime.errors import REDIS_ERRORS, TransientError
+from shared.runtime.errors import TransientError
 from shared.runtime.logging import get_logger
 from shared.runtime.runner import batch, is_cluster
 from shared.runtime.stm import Stm, Turn, read_stm
@@ -86,13 +85,8 @@ class StmWriter:
             log.warning("memory.stm_foreign_dropped", session_id=session_id)
             await self.forget_session(session_id)
             owner = None
-        if owner is None:
-            try:
-                await self.rehydrate(session_id, user_id)
-            except BaseException:  # the write made the meta: without it again, the retry rebuilds (not a window
-                with contextlib.suppress(*REDIS_ERRORS):  # of this turn alone, taken for the session's STM)
-                    await self.redis.delete(self.names.stm_meta(session_id))
-                raise
+        if owner is None:  # the write made no meta: until the rebuild does, readers see no STM (and ask for it)
+            await self.rehydrate(session_id, user_id)
         elif evicted:
             self.schedule_catch_up(session_id, user_id)
         return evicted
@@ -101,7 +95,10 @@ class StmWriter:
                    rehydrated_at: float | None = None,
                    also: Callable[[Pipeline], None] | None = None) -> tuple[str | None, list[Turn]]:
         """ZADD the turns, trim the window; (the STM's owner before, None when it had no STM: its meta's
-        ``user_id``; turns that left the window)."""
+        ``user_id``; turns that left the window). Only a rebuild (``rehydrated_at``) writes the meta, which marks the
+        STM present: a write that found none once made it, and until the rebuild ended (or after it failed, or when
+        a failed one undid it after another's had succeeded) a reader took the new turn alone for the session's
+        window."""
         turns_key, meta_key = self.names.stm_turns(session_id), self.names.stm_meta(session_id)
         meta = {"user_id": user_id or ""}
         if rehydrated_at is not None:
@@ -113,7 +110,8 @@ class StmWriter:
                 pipe.zadd(turns_key, {t.member(): t.timestamp for t in turns})
             pipe.zrange(turns_key, 0, -(self.max_messages + 1))
             pipe.zremrangebyrank(turns_key, 0, -(self.max_messages + 1))
-            pipe.hset(meta_key, mapping=meta)  # type: ignore[arg-type]
+            if rehydrated_at is not None:
+                pipe.hset(meta_key, mapping=meta)  # type: ignore[arg-type]
             pipe.expire(turns_key, self.ttl_s)
             pipe.expire(meta_key, self.ttl_s)
             pipe.expire(self.names.stm_summary(session_id), self.ttl_s)

@@ -20,7 +20,7 @@ from shared.contracts.memory_api import ImportMessage
 from shared.runtime.llm import chat_model
 from shared.runtime.stm import Turn, read_stm
 from tests.fake_llm import fake_llm
-from tests.helpers import Mesh, common, running
+from tests.helpers import Mesh, common, running, wait_until
 
 FACT = "I live in Lisbon and I work as a marine biologist at the Oceanario."
 BASE = 1_750_000_000.0
@@ -141,6 +141,43 @@ async def test_a_message_id_used_again_with_other_text_adds_only_what_is_stored(
     assert not (await read_stm(mesh.redis, mesh.names, "s2")).turns
     sent = [decode(MEMORY_UPDATE, f[b"data"]).content for _, f in await mesh.redis.xrange(mesh.names.memory_updates)]
     assert sent and set(sent) == {"I drink tea."}, sent
+
+
+async def test_a_write_rebuilding_the_stm_shows_readers_no_window_of_its_turn_alone(mesh: Mesh) -> None:
+    """A write that finds the session's STM missing rebuilds it from PostgreSQL: it once marked the STM present
+    first, and a reader during the rebuild (or after it failed) took the new turn alone for the session's window."""
+    svc = mesh.memory(stm_max_messages=5)
+    await seed(svc, "s", "u1", 8)
+    await mesh.redis.flushall()
+    original, release = svc.stm.store.unfolded_turns, asyncio.Event()
+    fail = [psycopg.OperationalError("server closed the connection")]
+
+    async def slow(*args: Any, **kwargs: Any) -> Any:
+        await release.wait()
+        if fail:
+            raise fail.pop()
+        return await original(*args, **kwargs)
+
+    svc.stm.store.unfolded_turns = slow  # type: ignore[method-assign]
+    for attempt in range(2):  # the first rebuild fails, the retry (the redelivery) succeeds
+        release.clear()
+        writing = asyncio.create_task(seed(svc, "s", "u1", 1, start=8))
+
+        async def added() -> bool:
+            return any(b"s-8" in m for m in await mesh.redis.zrange(mesh.names.stm_turns("s"), 0, -1))
+
+        await wait_until(added, message="the write added its turn")
+        stm = await read_stm(mesh.redis, mesh.names, "s")
+        assert not stm.exists and not stm.turns, (attempt, stm)
+        release.set()
+        if attempt == 0:
+            with pytest.raises(psycopg.OperationalError):
+                await writing
+            assert not (await read_stm(mesh.redis, mesh.names, "s")).exists
+        else:
+            await writing
+    stm = await read_stm(mesh.redis, mesh.names, "s")
+    assert [t.message_id for t in stm.turns] == [f"s-{i}" for i in range(4, 9)]
 
 
 async def test_rehydration_folds_turns_that_were_never_summarised(mesh: Mesh) -> None:
