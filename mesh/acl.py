@@ -53,8 +53,8 @@ def rules(names: Names) -> dict[str, str]:
     dead = Names.dead
     stm = [n.stm_turns("*"), n.stm_summary("*"), n.stm_meta("*")]
     memory = " ".join([
-        "resetkeys resetchannels -@all", CONNECT, "+publish +scan",
-        _c(n.memory_updates_pubsub, f"{n.memory_responses}*"),
+        "resetkeys resetchannels -@all", CONNECT, "+publish +subscribe +unsubscribe +scan",
+        _c(n.memory_updates_pubsub, f"{n.memory_responses}*", n.memory_forget),
         # one selector: a command's keys must all be allowed by one (delete_user DELs STM, locks and cache at once)
         _sel([*stm, n.lock("stm", "*"), n.cache("*"), n.reply_dedup_all()],
              "+zadd +zrange +zremrangebyrank +zcard +expire +pexpire +get +set +del +unlink +exists +ttl +hset +hget "

@@ -82,7 +82,7 @@ async def _consumers(redis: aioredis.Redis, stream: str, group: str) -> list[dic
 async def bus_status(redis: aioredis.Redis, names: Names) -> dict[str, Any]:
     streams = [names.user_input, names.ai_responses, names.memory_updates]
     lists = [queue for queue, _ in request_lists(names).values()]
-    dead = sorted({Names.dead(name) for name in names.all_bus_names()})
+    dead = sorted({Names.dead(name) for name in (*names.all_bus_names(), names.ltm_warm, names.memory_forget)})
     return {
         "streams": [{"stream": s, "length": int(await redis.xlen(s)), "groups": await _groups(redis, s)}
                     for s in streams],

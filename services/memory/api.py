@@ -30,7 +30,7 @@ from services.memory.stm import StmWriter
 from services.memory.store import NOBODY, Conflict, ConversationStore, NotFound, StoredMessage
 from services.memory.tokens import TokenCounter
 from services.memory.updates import Publish, memory_update
-from shared.contracts import new_id
+from shared.contracts import encode, new_id
 from shared.contracts.memory_api import (
     CleanupExpiredRequest,
     CreateSessionRequest,
@@ -47,6 +47,7 @@ from shared.contracts.memory_api import (
     ImportResult,
     LinkSessionsRequest,
     MemoryDeleteUserRequest,
+    MemoryForget,
     MemoryPingRequest,
     MemoryRequest,
     MemoryResponse,
@@ -64,6 +65,7 @@ from shared.contracts.memory_api import (
 )
 from shared.contracts.messages import UserDeletion
 from shared.runtime.embedding import Embedder
+from shared.runtime.errors import REDIS_ERRORS
 from shared.runtime.logging import get_logger
 from shared.runtime.metrics import Metrics
 from shared.runtime.passes import embed_in_steps, steps, tokens
@@ -198,12 +200,22 @@ class MemoryApi:
     async def delete_user(self, user_id: str) -> UserDeletion:
         """Everything of the user here: conversation rows, STM, cache and dedup keys, stream entries."""
         deletion = await erase.delete_user(self.store.pool, self.stm.redis, self.stm.names, user_id)
-        if self.salience is not None:
-            self.salience.forget(user_id)
-        if self.carrier is not None:
-            self.carrier.forget(user_id)
+        self.forget([user_id])
+        try:  # the other copies hold states of the user's sessions too (services/memory/service.py _on_forget)
+            await self.stm.redis.publish(self.stm.names.memory_forget, encode(MemoryForget(forget=[user_id])))
+        except REDIS_ERRORS as exc:  # the deletion stands; those states go with their LRU
+            self.metrics.incr("forget_publish_failed")
+            log.warning("memory.forget_publish_failed", error=str(exc))
         self.metrics.incr("users_deleted")
         return deletion
+
+    def forget(self, user_ids: list[str]) -> None:
+        """After a deletion: no state derived from these users' turns stays in this process."""
+        for user_id in user_ids:
+            if self.salience is not None:
+                self.salience.forget(user_id)
+            if self.carrier is not None:
+                self.carrier.forget(user_id)
 
     async def get_session_summary(self, user_id: str, session_id: str) -> SummaryInfo:
         async def load() -> dict[str, Any]:

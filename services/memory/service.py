@@ -28,6 +28,7 @@ from shared.contracts import (
     AI_RESPONSE,
     MEMORY_REQUEST,
     USER_INPUT,
+    DecodeError,
     MemoryRequest,
     MemoryResponse,
     MemoryUpdate,
@@ -35,14 +36,17 @@ from shared.contracts import (
     decode,
     encode,
 )
+from shared.contracts.memory_api import MEMORY_FORGET
 from shared.contracts.ping import PingInfo
 from shared.runtime import heap, prom
+from shared.runtime.deadletter import dead_letter
 from shared.runtime.drain import run_service
 from shared.runtime.embedding import Embedder, shared_model
 from shared.runtime.llm import ChatModel, chat_model
 from shared.runtime.logging import get_logger
 from shared.runtime.metrics import Metrics
 from shared.runtime.priority import Foreground
+from shared.runtime.pubsub import listen
 from shared.runtime.requests import RequestServer
 from shared.runtime.streams import StreamConsumer
 
@@ -118,6 +122,10 @@ class MemoryService:
                                 name="memory.cleanup"),
             asyncio.create_task(self.stm.drain_forever(self._stop), name="memory.stm_catchups"),
         ]
+        if self.api.salience is not None or self.api.carrier is not None:  # in-process states of users' sessions
+            background.append(asyncio.create_task(
+                listen(self.redis, self.names.memory_forget, self._on_forget, self._stop, metrics=self.metrics),
+                name="memory.forget_listen"))
         if self.settings.memory_embed_messages:
             background.append(asyncio.create_task(self._every(self.settings.memory_embed_interval_s,
                                                               self._embed_pending), name="memory.embed"))
@@ -131,6 +139,17 @@ class MemoryService:
                               metrics=self.metrics, stop_core=self.stop)
         finally:
             await self.metrics.flush()
+
+    async def _on_forget(self, raw: bytes) -> None:
+        """Another copy deleted these users: drop what this one holds of their sessions."""
+        try:
+            msg = decode(MEMORY_FORGET, raw, max_content_bytes=self.settings.max_content_bytes)
+        except DecodeError as err:
+            self.metrics.incr(f"forget.rejected.{err.reason.value}")
+            await dead_letter(self.redis, self.names.memory_forget, raw, err.reason.value, err.message)
+            return
+        self.api.forget(msg.forget)
+        self.metrics.incr("forget_heard")
 
     def stop(self) -> None:
         self._stop.set()

@@ -380,5 +380,14 @@ class MemoryResponse(Message):
         return cls(request_id=request_id, user_id=user_id, success=False, error=error)
 
 
+class MemoryForget(Message):
+    """On ``memory_forget``: users just deleted. Every memory process drops what it holds in process of their
+    sessions (the salience and carried-vector states derived from their turns); the copy that served the deletion
+    dropped its own already."""
+
+    forget: list[Id] = Field(min_length=1, max_length=1000)
+
+
 MEMORY_REQUEST: TypeAdapter[MemoryRequest] = TypeAdapter(MemoryRequest)
 MEMORY_RESPONSE: TypeAdapter[MemoryResponse] = TypeAdapter(MemoryResponse)
+MEMORY_FORGET: TypeAdapter[MemoryForget] = TypeAdapter(MemoryForget)

@@ -70,6 +70,7 @@ class Names:
     chat_requests_queue: str = "chat_requests"
     chat_responses_channel: str = "chat_responses"
     ltm_warm_channel: str = "ltm_index_warm"
+    memory_forget_channel: str = "memory_forget"
     # consumer groups
     memory_group: str = "memory"
     chat_group: str = "chat-ai"
@@ -95,6 +96,7 @@ class Names:
         "CHAT_REQUESTS_QUEUE": "chat_requests_queue",
         "CHAT_RESPONSES_CHANNEL": "chat_responses_channel",
         "LTM_WARM_CHANNEL": "ltm_warm_channel",
+        "MEMORY_FORGET_CHANNEL": "memory_forget_channel",
         "MEMORY_GROUP": "memory_group",
         "CHAT_AI_GROUP": "chat_group",
         "LTM_GROUP": "ltm_group",
@@ -132,6 +134,10 @@ class Names:
     @property
     def ltm_warm(self) -> str:
         return self._p(self.ltm_warm_channel)
+
+    @property
+    def memory_forget(self) -> str:
+        return self._p(self.memory_forget_channel)
 
     @property
     def ltm_requests(self) -> str:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import TypeAdapter
 
 from shared.contracts.codec import AI_RESPONSE, LTM_REQUEST, LTM_RESPONSE, LTM_WARM, MEMORY_UPDATE, USER_INPUT
-from shared.contracts.memory_api import MEMORY_REQUEST, MEMORY_RESPONSE
+from shared.contracts.memory_api import MEMORY_FORGET, MEMORY_REQUEST, MEMORY_RESPONSE
 from shared.contracts.messages import DocAdded, DocDeleted, DocSearchResult
 from shared.contracts.ping import PingInfo
 
@@ -33,6 +33,8 @@ MESSAGES: dict[str, tuple[TypeAdapter[Any], Mode, str]] = {
     "memory_request": (MEMORY_REQUEST, "validation",
                        "list memory_requests (MEMORY_REQUESTS_QUEUE), RPUSH; union on type"),
     "memory_response": (MEMORY_RESPONSE, "serialization", "pub/sub channel reply_to, else memory_responses"),
+    "memory_forget": (MEMORY_FORGET, "validation",
+                      "pub/sub channel memory_forget (MEMORY_FORGET_CHANNEL), memory to memory"),
     "ping_info": (TypeAdapter(PingInfo), "serialization", "data of every service's reply to a ping"),
     "doc_added": (TypeAdapter(DocAdded), "serialization", "data of ltm's reply to doc_add"),
     "doc_search_result": (TypeAdapter(DocSearchResult), "serialization", "data of ltm's reply to doc_search"),

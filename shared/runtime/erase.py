@@ -43,7 +43,7 @@ def glob_escape(text: str) -> str:
 def mesh_streams(names: Names) -> list[str]:
     """Every stream the mesh writes that can carry a user's message: the three streams and every dead letter."""
     streams = [names.user_input, names.ai_responses, names.memory_updates]
-    return streams + [Names.dead(n) for n in (*names.all_bus_names(), names.ltm_warm)]
+    return streams + [Names.dead(n) for n in (*names.all_bus_names(), names.ltm_warm, names.memory_forget)]
 
 
 def ltm_streams(names: Names) -> list[str]:

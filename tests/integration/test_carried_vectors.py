@@ -23,7 +23,7 @@ from shared.contracts.messages import CarriedEmbedding
 from shared.runtime.carried import carry
 from shared.runtime.embedding import MODEL_NAME, Embedder
 from shared.runtime.metrics import Metrics
-from tests.helpers import Mesh, common
+from tests.helpers import Mesh, common, running, wait_until
 
 TURNS = ["Hi! How are you?", "Good, thanks. And you?",
          "My sister Anna moved to Lisbon last week, she works at a bakery.",
@@ -212,3 +212,27 @@ async def test_one_sessions_concurrent_writes_are_stored_in_the_order_they_came(
     await memory.stm.drain()
     assert (await memory.store.load_summary("u-ord", "ord")).turns == 35
     assert not memory.api._writing  # no lock left behind
+
+
+async def test_every_memory_copy_drops_a_deleted_users_session_states(mesh: Mesh) -> None:
+    """The copy that served a deletion dropped the states derived from the user's turns; another copy that had
+    stored some of them kept theirs (salience and carried-vector states, in process) until its LRU pushed them out.
+    Every copy hears the deletion on memory_forget now; a malformed message there is dead-lettered."""
+    serving, other = mesh.memory(), mesh.memory()
+    async with running(other):
+        assert other.api.carrier is not None
+        now = time.time()
+        for i, text in enumerate(TURNS[:2]):
+            for user in ("u-gone", "u-stays"):
+                await other.api.record(StoredMessage(message_id=f"{user}-{i}", session_id=f"{user}-s", user_id=user,
+                                                     role="human", content=text, timestamp=now + i))
+        assert len(other.api.carrier.states) == 2
+        await mesh.redis.publish(mesh.names.memory_forget, b'{"forget": "not a list"}')
+        await serving.api.delete_user("u-gone")
+
+        async def dropped() -> bool:
+            return len(other.api.carrier.states) == 1
+
+        await wait_until(dropped, message=f"the other copy's states: {list(other.api.carrier.states._states)}")
+        assert other.metrics.get("forget_heard") == 1
+        assert await mesh.redis.xlen(mesh.names.dead(mesh.names.memory_forget)) == 1
