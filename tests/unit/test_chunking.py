@@ -79,12 +79,17 @@ def test_html_drops_scripts_styles_navigation_and_keeps_headings() -> None:
     assert by_heading[("Guide", "Rivers")] == ["River | Length", "Rhine | 1,230 km", "First point", "Second point"]
 
 
-def test_html_markup_the_parser_cannot_close_is_text_and_declarations_carry_none() -> None:
+def test_html_is_read_as_a_browser_tokenizes_it() -> None:
+    """What the linear pass before html.parser keeps (markup.py): tags to the first '>' outside a quoted value,
+    script and style text to their end tag, no text from comments or declarations, any other '<' as text."""
     parsed = parse_html('<!DOCTYPE html><!-- a note --><?xml-stylesheet x?><h1>Cats</h1>'
                         '<p title="a > b">Tom &lt; Jerry <3 and 1 < 2<![CDATA[ <raw> ]]></p>'
-                        '<p>fine<![if gte mso 9]>word</p><p>last<!-- never closed <p>lost</p>')
+                        '<p>fine<![if gte mso 9]>word</p><script>var a = "<!--"; if (a<!b) f();</script>'
+                        '<div data-x="<b>Hi</b>" class=x>Shown</div><a href="x"">Link</a> <p title=don\'t>Dont</p>'
+                        '<!-->empty<!--->comments<STYLE>p { x: "</p>" }</style ><p>last<!-- never closed <p>lost</p>')
     by_heading = {tuple(s.heading): s.paragraphs for s in parsed.sections}
-    assert by_heading == {("Cats",): ["Tom < Jerry <3 and 1 < 2 <raw>", "fineword", "last"]}
+    assert by_heading == {("Cats",): ["Tom < Jerry <3 and 1 < 2 ]]>", "fineword", "Shown", "Link", "Dont",
+                                      "emptycomments", "last"]}, by_heading
 
 
 # Markup on which Python 3.11's html.parser rescanned the rest of the document from every "<" (quadratic: 51 s at
