@@ -51,22 +51,39 @@ TYPED = ["preference", "fact", "commitment", "instruction"]
 # What tells two statements apart that a sentence embedding barely sees: numbers, dates, days, times ("call mom on
 # 8 May" / "on 15 May": cosine 0.95, "a dentist appointment on Tuesday" / "on Thursday": 0.98, over the 0.92 that
 # merges). A relative one ("tomorrow", "next week") means another day each time it is said: the statement's day.
-_PARTICULAR = re.compile(
-    r"\d+|\b(?:january|february|march|april|may|june|july|august|september|october|november|december|jan|feb|mar"
-    r"|apr|jun|jul|aug|sep|sept|oct|nov|dec|(?:mon|tues|wednes|thurs|fri|satur|sun)day|noon|midnight|am|pm)\b",
-    re.IGNORECASE)
+_MONTHS = {"january": "jan", "february": "feb", "march": "mar", "april": "apr", "june": "jun", "july": "jul",
+           "august": "aug", "september": "sep", "sept": "sep", "october": "oct", "november": "nov",
+           "december": "dec", **{m: m for m in ("jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "oct", "nov",
+                                               "dec")}}
+_DAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+_NUMBERS = {w: str(i) for i, w in enumerate(("two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+                                             "eleven", "twelve"), start=2)}  # not "one": a pronoun too
+_WORDS = {**_MONTHS, **{d: d for d in _DAYS}, **_NUMBERS, "noon": "noon", "midnight": "midnight"}
+# a number, am/pm after one ("4pm" = "4 pm"), "may" beside one (else the verb), or any word (looked up in _WORDS)
+_PARTICULAR = re.compile(r"(?<=\d)\s*+(?P<ampm>[ap])\.?m\b|(?P<may>\d++\s*+may\b|\bmay\s*+\d++)|(?P<num>\d++)"
+                         r"|(?P<word>[a-z]++)", re.IGNORECASE)
 _RELATIVE = re.compile(
     r"\b(?:today|tonight|tomorrow|yesterday|(?:this|next|last)\s+(?:week|weekend|month|year|morning|afternoon"
-    r"|evening|night|\w+day))\b", re.IGNORECASE)
+    r"|evening|night|" + "|".join(_DAYS) + r"))\b", re.IGNORECASE)
 
 
 def particulars(text: str, asserted_at: float | None) -> tuple[str, ...]:
     """The numbers, dates, days and times a statement names (and its day, when it names a relative one): two
     statements merge only when these are the same."""
-    found = sorted({m.group(0).lower() for m in _PARTICULAR.finditer(text)})
+    found: set[str] = set()
+    for m in _PARTICULAR.finditer(text):
+        if m["ampm"]:
+            found.add(m["ampm"].lower() + "m")
+        elif m["may"]:
+            found.update(("may", *(d.lstrip("0") or "0" for d in re.findall(r"\d+", m["may"]))))
+        elif m["num"]:
+            found.add(m["num"].lstrip("0") or "0")
+        elif m["word"].lower() in _WORDS:
+            found.add(_WORDS[m["word"].lower()])
+    out = sorted(found)
     if asserted_at is not None and _RELATIVE.search(text):
-        found.append(f"@{int(asserted_at // 86_400)}")
-    return tuple(found)
+        out.append(f"@{int(asserted_at // 86_400)}")
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------- supersession
