@@ -79,9 +79,10 @@ class _Matcher:
         if isinstance(doc, dict):
             if doc.get("user_id") == self.user_id or (self.sessions and doc.get("session_id") in self.sessions):
                 return True
-            users = doc.get("users")  # ltm_index_warm
-            if isinstance(users, list) and self.user_id in users:
-                return True
+            for key in ("users", "forget"):  # ltm_index_warm's users and forget, memory_forget's forget
+                listed = doc.get(key)
+                if isinstance(listed, list) and self.user_id in listed:
+                    return True
         return bool(self._raw.search(text))
 
 

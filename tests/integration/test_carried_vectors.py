@@ -227,12 +227,19 @@ async def test_every_memory_copy_drops_a_deleted_users_session_states(mesh: Mesh
                 await other.api.record(StoredMessage(message_id=f"{user}-{i}", session_id=f"{user}-s", user_id=user,
                                                      role="human", content=text, timestamp=now + i))
         assert len(other.api.carrier.states) == 2
+        dead = mesh.names.dead(mesh.names.memory_forget)
         await mesh.redis.publish(mesh.names.memory_forget, b'{"forget": "not a list"}')
-        await serving.api.delete_user("u-gone")
+        await mesh.redis.publish(mesh.names.memory_forget, b'{"forget": ["u-gone", {"x": 1}]}')  # names the user
+
+        async def dead_lettered() -> bool:
+            return await mesh.redis.xlen(dead) == 2
+
+        await wait_until(dead_lettered, message="both malformed messages dead-lettered")
+        await serving.api.delete_user("u-gone")  # its sweep takes the dead letter that names the user
 
         async def dropped() -> bool:
             return len(other.api.carrier.states) == 1
 
         await wait_until(dropped, message=f"the other copy's states: {list(other.api.carrier.states._states)}")
         assert other.metrics.get("forget_heard") == 1
-        assert await mesh.redis.xlen(mesh.names.dead(mesh.names.memory_forget)) == 1
+        assert await mesh.redis.xlen(dead) == 1
