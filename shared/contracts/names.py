@@ -19,7 +19,9 @@ Short-term memory (STM) layout, written only by the memory service:
     hash with ``user_id`` and ``rehydrated_at``. Its absence means "rebuild
     from PostgreSQL" (services/memory/stm.py): turns or a summary found
     without it are never read (their owner is unknown), and a summary is
-    written only while it exists (or by the rebuild itself).
+    written only while it exists (or by the rebuild itself). Only a rebuild
+    writes it: a turn added to a session with no meta waits, unread, for the
+    rebuild that follows.
 ``lock:stm:{session_id}``
     the memory service's lock around summary folds and rebuilds of a session.
 
