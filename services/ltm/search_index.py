@@ -102,8 +102,6 @@ _UPDATED = f"SELECT {ROW_COLUMNS}, m.txid::text AS txid FROM ltm_memories m" \
            " WHERE m.user_id = %(user_id)s AND m.memory_id = ANY(%(ids)s)"
 
 
-
-
 class SearchIndex:
     """In-memory first stage of the native search for the users this process searched lately (module docstring)."""
 
