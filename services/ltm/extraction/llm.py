@@ -50,7 +50,9 @@ LLM_SYSTEM = (
     "Write each memory as one short third-person sentence that names the speaker instead of I/me/my. Resolve relative "
     "dates against the message date and write them as '7 May 2023' (event_date as YYYY-MM-DD). Use slot for "
     "single-valued attributes that a newer statement replaces (name, location, employer, occupation, age, "
-    "'favourite <thing>'). Questions and small talk yield no memories. Answer with JSON only, matching this schema: "
+    "'favourite <thing>', 'my <relation or thing>' for what it is, as 'my sister' for 'my sister is a nurse', and "
+    "'my <relation or thing> (state)' for how it is now, as 'my sister (state)' for 'my sister is sick'). "
+    "Questions and small talk yield no memories. Answer with JSON only, matching this schema: "
     + json.dumps(LLM_SCHEMA, separators=(",", ":"))
 )
 
