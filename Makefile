@@ -148,14 +148,16 @@ FUZZ_MESSAGES ?= 100000
 KILL9_UPDATES ?= 3000
 KILL9_INPUTS ?= 1000
 ISOLATION_READS ?= 10000
+SCHEMATHESIS_EXAMPLES ?= 300
 chaos: $(STAMP)
 	FUZZ_MESSAGES=$(FUZZ_MESSAGES) KILL9_UPDATES=$(KILL9_UPDATES) KILL9_INPUTS=$(KILL9_INPUTS) \
-		ISOLATION_READS=$(ISOLATION_READS) \
+		ISOLATION_READS=$(ISOLATION_READS) SCHEMATHESIS_EXAMPLES=$(SCHEMATHESIS_EXAMPLES) \
 		$(PYTHON) -m pytest -q -p no:cacheprovider --timeout 0 \
 		tests/integration/test_fuzz.py tests/integration/test_kill9.py tests/integration/test_store_restart.py \
 		tests/integration/test_restarts.py tests/integration/test_delete_user.py tests/integration/test_mesh_resilience.py \
 		tests/integration/test_isolation.py tests/integration/test_acl.py tests/integration/test_shutdown.py \
-		tests/integration/test_copies.py tests/integration/test_replay_dead.py $(PYTEST_ARGS)
+		tests/integration/test_copies.py tests/integration/test_replay_dead.py \
+		"tests/integration/test_gateway.py::test_schemathesis_finds_no_server_error_and_every_error_is_json" $(PYTEST_ARGS)
 	$(PYTHON) -m mesh chaos-report
 
 lint: $(STAMP)
