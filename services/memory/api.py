@@ -143,7 +143,10 @@ class MemoryApi:
                 if update is not None and self._publish is not None:
                     self._publish(pipe, update)
 
-            await self.stm.append(m.session_id, m.user_id, Turn(m.message_id, role, m.content, m.timestamp), also)
+            turn: Turn | None = Turn(m.message_id, role, m.content, m.timestamp)
+            if not new and await self.stm.holds(m.session_id, m.message_id):
+                turn = None  # a retry with another timestamp would add a second member for the one message
+            await self.stm.append(m.session_id, m.user_id, turn, also)
             return new
         finally:
             structlog.contextvars.unbind_contextvars("user_id", "message_id", "session_id")

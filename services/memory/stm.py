@@ -23,6 +23,7 @@ whose summary is current that is two indexed queries, whatever the session's len
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -70,15 +71,16 @@ class StmWriter:
         self.failures = 0
 
     # ------------------------------------------------------------------ writing
-    async def append(self, session_id: str, user_id: str | None, turn: Turn,
+    async def append(self, session_id: str, user_id: str | None, turn: Turn | None,
                      also: Callable[[Pipeline], None] | None = None) -> list[Turn]:
-        """Add a turn (stored in PostgreSQL already); returns the turns that left the window.
+        """Add a turn (stored in PostgreSQL already; None: none, the window is only kept alive and ``also`` run);
+        returns the turns that left the window.
 
         When Redis had no STM for the session it is rebuilt from PostgreSQL first (the rebuild includes
         this turn). Turns that left the window are folded into the summary in the background. ``also``
         queues the caller's own commands into the same MULTI (one round trip for the whole write).
         """
-        owner, evicted = await self._add(session_id, user_id, [turn], also=also)
+        owner, evicted = await self._add(session_id, user_id, [] if turn is None else [turn], also=also)
         if owner is not None and owner != (user_id or ""):
             # another user's STM under this session id (left by a deletion that raced its write): PostgreSQL gives
             # the session to this user now, so none of it is theirs; rebuilt from what is (this turn included)
@@ -243,6 +245,15 @@ class StmWriter:
         pairs = [x for k, v in mapping.items() for x in (k, v)]
         await self.redis.eval(_SUMMARY_IF_PRESENT, 2, key, self.names.stm_meta(session_id),  # type: ignore[misc]
                               self.ttl_s, *pairs)
+
+    async def holds(self, session_id: str, message_id: str) -> bool:
+        """Whether the session's window holds a turn of that message (under any spelling of its member)."""
+        members: Any = await self.redis.zrange(self.names.stm_turns(session_id), 0, -1)
+        for m in members:
+            with contextlib.suppress(ValueError, KeyError):
+                if Turn.parse(m).message_id == message_id:
+                    return True
+        return False
 
     # ------------------------------------------------------------------ rebuilding
     async def rehydrate(self, session_id: str, user_id: str | None) -> None:

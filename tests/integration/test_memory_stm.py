@@ -141,6 +141,10 @@ async def test_a_message_id_used_again_with_other_text_adds_only_what_is_stored(
     assert not (await read_stm(mesh.redis, mesh.names, "s2")).turns
     sent = [decode(MEMORY_UPDATE, f[b"data"]).content for _, f in await mesh.redis.xrange(mesh.names.memory_updates)]
     assert sent and set(sent) == {"I drink tea."}, sent
+    # a client's retry of the same message with another timestamp: still one member for it in the window
+    assert not await svc.api.record(replace(first, timestamp=BASE + 5))
+    members = await mesh.redis.zrange(mesh.names.stm_turns("s"), 0, -1)
+    assert len(members) == 1, members
 
 
 async def test_a_write_rebuilding_the_stm_shows_readers_no_window_of_its_turn_alone(mesh: Mesh) -> None:
