@@ -88,7 +88,7 @@ class StmWriter:
             await self.forget_session(session_id)
             owner = None
         if owner is None:  # the write made no meta: until the rebuild does, readers see no STM (and ask for it)
-            await self.rehydrate(session_id, user_id)
+            await self.rehydrate(session_id, user_id, unless_present=True)
         elif evicted:
             self.schedule_catch_up(session_id, user_id)
         return evicted
@@ -256,10 +256,15 @@ class StmWriter:
         return False
 
     # ------------------------------------------------------------------ rebuilding
-    async def rehydrate(self, session_id: str, user_id: str | None) -> None:
-        """Rebuild the session's STM from PostgreSQL."""
+    async def rehydrate(self, session_id: str, user_id: str | None, *, unless_present: bool = False) -> None:
+        """Rebuild the session's STM from PostgreSQL; ``unless_present``: not when, once this has the session's
+        lock, the STM is there for this user (another write or read rebuilt it meanwhile: this write's turn was in
+        the window before that rebuild wrote it, or in the rows it read)."""
         try:
             async with self._lock(session_id):
+                if unless_present and await self.redis.hget(self.names.stm_meta(session_id), "user_id") in (
+                        (user_id or "").encode(), user_id or ""):
+                    return
                 state = await self._with_fold_point(session_id, user_id,
                                                     await self.store.load_summary(user_id, session_id))
                 stored = await self.store.unfolded_turns(user_id, session_id, state)
@@ -293,7 +298,7 @@ class StmWriter:
         if stm.exists:  # another user's leftover (see append): the session is this user's in PostgreSQL now
             log.warning("memory.stm_foreign_dropped", session_id=session_id)
             await self.forget_session(session_id)
-        await self.rehydrate(session_id, user_id)
+        await self.rehydrate(session_id, user_id, unless_present=True)
         return await read_stm(self.redis, self.names, session_id), True
 
     async def forget_session(self, session_id: str) -> None:

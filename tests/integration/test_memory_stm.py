@@ -184,6 +184,43 @@ async def test_a_write_rebuilding_the_stm_shows_readers_no_window_of_its_turn_al
     assert [t.message_id for t in stm.turns] == [f"s-{i}" for i in range(4, 9)]
 
 
+async def test_writes_that_wait_for_one_rebuild_do_not_each_rebuild_again(mesh: Mesh) -> None:
+    """Writes to a session whose STM is being rebuilt wait for the session's lock: once they have it, the STM is
+    there (their turns were added before the rebuild wrote the window) and none of them rebuilds it again."""
+    svc = mesh.memory(stm_max_messages=5)
+    await seed(svc, "s", "u1", 8)
+    await mesh.redis.flushall()
+    original_rows, original_add, release = svc.stm.store.unfolded_turns, svc.stm._add, asyncio.Event()
+    rebuilds: list[str] = []
+
+    async def slow(*args: Any, **kwargs: Any) -> Any:
+        await release.wait()
+        return await original_rows(*args, **kwargs)
+
+    async def counting_add(session_id: str, user_id: str | None, turns: Any, rehydrated_at: float | None = None,
+                           also: Any = None) -> Any:
+        if rehydrated_at is not None:
+            rebuilds.append(session_id)
+        return await original_add(session_id, user_id, turns, rehydrated_at=rehydrated_at, also=also)
+
+    svc.stm.store.unfolded_turns = slow  # type: ignore[method-assign]
+    svc.stm._add = counting_add  # type: ignore[method-assign]
+    writes = [asyncio.create_task(svc.api.record(StoredMessage(
+        message_id=f"s-{i}", session_id="s", user_id="u1", role="human", content=turn_text(i), timestamp=BASE + i)))
+        for i in (8, 9)]
+
+    async def both_added() -> bool:
+        return await mesh.redis.zcard(mesh.names.stm_turns("s")) == 2
+
+    await wait_until(both_added, message="both writes added their turns")
+    release.set()
+    await asyncio.gather(*writes)
+    await svc.stm.drain()
+    assert rebuilds == ["s"], rebuilds
+    stm = await read_stm(mesh.redis, mesh.names, "s")
+    assert [t.message_id for t in stm.turns] == [f"s-{i}" for i in range(5, 10)]
+
+
 async def test_rehydration_folds_turns_that_were_never_summarised(mesh: Mesh) -> None:
     """Messages written straight to PostgreSQL (an import, a lost fold): the rebuild summarises the backlog."""
     svc = mesh.memory(stm_max_messages=5)
