@@ -18,7 +18,6 @@ from shared.contracts import (
     MEMORY_UPDATE,
     AddRequest,
     DeadLetterReason,
-    DecodeError,
     DeleteRequest,
     DeleteUserRequest,
     DocAddRequest,
@@ -52,7 +51,7 @@ from shared.runtime.errors import REDIS_ERRORS
 from shared.runtime.logging import get_logger
 from shared.runtime.metrics import Metrics
 from shared.runtime.priority import Foreground, SharedCount
-from shared.runtime.pubsub import listen
+from shared.runtime.pubsub import decoded, listen
 from shared.runtime.requests import RequestServer
 from shared.runtime.streams import StreamConsumer
 
@@ -187,11 +186,9 @@ class LtmService:
         await listen(self.redis, self.names.ltm_warm, self._on_warm, self._stop, metrics=self.metrics)
 
     async def _on_warm(self, raw: bytes) -> None:
-        try:
-            msg = decode(LTM_WARM, raw, max_content_bytes=self.settings.max_content_bytes)
-        except DecodeError as err:
-            self.metrics.incr(f"warm.rejected.{err.reason.value}")
-            await dead_letter(self.redis, self.names.ltm_warm, raw, err.reason.value, err.message)
+        msg = await decoded(self.redis, self.names.ltm_warm, LTM_WARM, raw, what="warm",
+                            max_content_bytes=self.settings.max_content_bytes, metrics=self.metrics)
+        if msg is None:
             return
         if msg.forget:
             self.backend.forget(msg.forget)
@@ -205,11 +202,9 @@ class LtmService:
 
     async def _on_pubsub_update(self, raw: bytes) -> None:
         channel = self.names.memory_updates_pubsub
-        try:
-            update = decode(MEMORY_UPDATE, raw, max_content_bytes=self.settings.max_content_bytes)
-        except DecodeError as err:
-            self.metrics.incr(f"pubsub.rejected.{err.reason.value}")
-            await dead_letter(self.redis, channel, raw, err.reason.value, err.message)
+        update = await decoded(self.redis, channel, MEMORY_UPDATE, raw, what="pubsub",
+                               max_content_bytes=self.settings.max_content_bytes, metrics=self.metrics)
+        if update is None:
             return
         try:
             await self.ingest_update(update)

@@ -144,7 +144,7 @@ class MemoryApi:
                     self._publish(pipe, update)
 
             turn: Turn | None = Turn(m.message_id, role, m.content, m.timestamp)
-            if not new and await self.stm.holds(m.session_id, m.message_id):
+            if not new and m.message_id in await self.stm.window_ids(m.session_id):
                 turn = None  # a retry with another timestamp would add a second member for the one message
             await self.stm.append(m.session_id, m.user_id, turn, also)
             return new

@@ -28,7 +28,6 @@ from shared.contracts import (
     AI_RESPONSE,
     MEMORY_REQUEST,
     USER_INPUT,
-    DecodeError,
     MemoryRequest,
     MemoryResponse,
     MemoryUpdate,
@@ -39,14 +38,13 @@ from shared.contracts import (
 from shared.contracts.memory_api import MEMORY_FORGET
 from shared.contracts.ping import PingInfo
 from shared.runtime import heap, prom
-from shared.runtime.deadletter import dead_letter
 from shared.runtime.drain import run_service
 from shared.runtime.embedding import Embedder, shared_model
 from shared.runtime.llm import ChatModel, chat_model
 from shared.runtime.logging import get_logger
 from shared.runtime.metrics import Metrics
 from shared.runtime.priority import Foreground
-from shared.runtime.pubsub import listen
+from shared.runtime.pubsub import decoded, listen
 from shared.runtime.requests import RequestServer
 from shared.runtime.streams import StreamConsumer
 
@@ -142,11 +140,9 @@ class MemoryService:
 
     async def _on_forget(self, raw: bytes) -> None:
         """Another copy deleted these users: drop what this one holds of their sessions."""
-        try:
-            msg = decode(MEMORY_FORGET, raw, max_content_bytes=self.settings.max_content_bytes)
-        except DecodeError as err:
-            self.metrics.incr(f"forget.rejected.{err.reason.value}")
-            await dead_letter(self.redis, self.names.memory_forget, raw, err.reason.value, err.message)
+        msg = await decoded(self.redis, self.names.memory_forget, MEMORY_FORGET, raw, what="forget",
+                            max_content_bytes=self.settings.max_content_bytes, metrics=self.metrics)
+        if msg is None:
             return
         self.api.forget(msg.forget)
         self.metrics.incr("forget_heard")

@@ -246,14 +246,14 @@ class StmWriter:
         await self.redis.eval(_SUMMARY_IF_PRESENT, 2, key, self.names.stm_meta(session_id),  # type: ignore[misc]
                               self.ttl_s, *pairs)
 
-    async def holds(self, session_id: str, message_id: str) -> bool:
-        """Whether the session's window holds a turn of that message (under any spelling of its member)."""
+    async def window_ids(self, session_id: str) -> set[str]:
+        """The message ids of the turns in the session's window (whatever the spelling of their members)."""
         members: Any = await self.redis.zrange(self.names.stm_turns(session_id), 0, -1)
+        ids = set()
         for m in members:
             with contextlib.suppress(ValueError, KeyError):
-                if Turn.parse(m).message_id == message_id:
-                    return True
-        return False
+                ids.add(Turn.parse(m).message_id)
+        return ids
 
     # ------------------------------------------------------------------ rebuilding
     async def rehydrate(self, session_id: str, user_id: str | None, *, unless_present: bool = False) -> None:
@@ -280,8 +280,7 @@ class StmWriter:
                 # A turn the write path added just before (the one that found the STM missing) is in the
                 # window too, but its timestamp from PostgreSQL is rounded to microseconds: a different
                 # member. Keep the one already there.
-                members: Any = await self.redis.zrange(self.names.stm_turns(session_id), 0, -1)
-                present = {Turn.parse(m).message_id for m in members}
+                present = await self.window_ids(session_id)
                 window = [t for t in window if t.message_id not in present]
                 _, evicted = await self._add(session_id, user_id, window, rehydrated_at=time.time())
         except LockError as exc:

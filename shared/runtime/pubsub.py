@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import redis.asyncio as aioredis
+from pydantic import TypeAdapter
 from redis.asyncio.client import PubSub
 
+from shared.contracts.codec import DecodeError, decode
 from shared.runtime.backoff import Backoff
+from shared.runtime.deadletter import dead_letter
 from shared.runtime.errors import REDIS_ERRORS, is_redis_down
 from shared.runtime.logging import get_logger
 from shared.runtime.metrics import Metrics
@@ -18,6 +22,19 @@ from shared.runtime.runner import pubsub_for
 log = get_logger(__name__)
 
 OnMessage = Callable[[bytes], Awaitable[None] | None]
+T = TypeVar("T")
+
+
+async def decoded(redis: aioredis.Redis, channel: str, adapter: TypeAdapter[T], raw: bytes, *,
+                  max_content_bytes: int, metrics: Metrics, what: str) -> T | None:
+    """A channel's message decoded, or None: a malformed one is counted (``<what>.rejected.<reason>``) and
+    dead-lettered (a channel redelivers nothing)."""
+    try:
+        return decode(adapter, raw, max_content_bytes=max_content_bytes)
+    except DecodeError as err:
+        metrics.incr(f"{what}.rejected.{err.reason.value}")
+        await dead_letter(redis, channel, raw, err.reason.value, err.message)
+        return None
 
 
 async def listen(client: aioredis.Redis, channel: str, on_message: OnMessage, stop: asyncio.Event, *,
