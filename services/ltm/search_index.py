@@ -266,6 +266,9 @@ class SearchIndex:
             log.warning("ltm.index_refresh_failed", exc_info=True)
             return
         if not usable and user_id not in self._users:  # rows were deleted: load it again (this task is ending)
+            # the catch-up's own drop marked the user stale (this refresh is the task in _loads): a mark for a load
+            # that read before the deletion, which the load started below cannot have (it reads after it)
+            self._stale.discard(user_id)
             self._loads.pop(user_id, None)
             self._load_later(user_id, evict=False)
 

@@ -398,6 +398,31 @@ async def test_warming_gets_a_user_ready_before_the_first_search_and_never_evict
     assert "warm_b" not in index and "warm_a" in index
 
 
+async def test_warming_after_a_deletion_reloads_the_user_before_its_next_search(mesh: Mesh) -> None:
+    """An optimize that merges duplicates deletes rows (a new epoch) and announces the user on ltm_index_warm: the
+    warm-up must leave the user loaded again. Its refresh dropped the entry and then threw away the reload it started
+    itself (taken for a load overtaken by a deletion), so every such user's next search was a cold one: on
+    LongMemEval dev those searches took 60-500 ms and one missed LTM_TIMEOUT_MS."""
+    await seed(mesh, "warm_del", 30)
+    index = SearchIndex(mesh.pool, 1000)
+    query = "What did Melanie say about the pottery class?"
+    vec = mesh.model.encode([query])[0]
+    index.warm("warm_del")
+    await index.settle()
+    assert "warm_del" in index
+    async with mesh.pool.connection() as conn:  # consolidation archives a duplicate: its row goes
+        await conn.execute("DELETE FROM ltm_memories WHERE memory_id = (SELECT memory_id FROM ltm_memories"
+                           " WHERE user_id = 'warm_del' ORDER BY created_at LIMIT 1) AND user_id = 'warm_del'")
+    index.warm("warm_del")
+    await index.settle()
+    assert "warm_del" in index and not index._stale, "the reload after the deletion was thrown away"
+    async with mesh.pool.connection() as conn:
+        rows = await index.candidates(conn, "warm_del", SearchData(query=query), vec, CFG)
+    assert rows is not None, "the first search after the warm-up was a cold one (SQL stage)"
+    assert_same_rows(rows, await sql_rows(mesh, "warm_del", SearchData(query=query), vec, CFG), "reloaded")
+    assert float(rows.as_rows()[0]["n"]) == 29
+
+
 async def test_warm_recent_loads_the_users_active_last_within_its_rows(mesh: Mesh) -> None:
     await seed(mesh, "old_user", 30)
     await seed(mesh, "new_user", 40, seed_=2)
