@@ -83,6 +83,7 @@ class ChatService:
             redis, queue=names.chat_requests, reply_channel=names.chat_responses, adapter=CHAT_REQUEST,
             handler=self._ping, error_reply=PingResponse.failure, metrics=self.metrics,
             max_content_bytes=settings.max_content_bytes, concurrency=2, drain_s=settings.shutdown_grace_s,
+            slow_ms=settings.request_slow_ms,
         )
         self.started_at = time.time()
         self._stop = asyncio.Event()

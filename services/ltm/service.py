@@ -85,7 +85,7 @@ class LtmService:
             handler=self.handle_request, error_reply=LTMResponse.failure, metrics=self.metrics,
             max_content_bytes=settings.max_content_bytes, concurrency=settings.ltm_request_concurrency,
             foreground=getattr(backend, "foreground", None),  # the native backend's ingest steps aside for requests
-            drain_s=settings.shutdown_grace_s,
+            drain_s=settings.shutdown_grace_s, slow_ms=settings.request_slow_ms,
             # doc_add carries a whole document (LTM_DOC_MAX_BYTES); every other text keeps MAX_CONTENT_BYTES
             max_payload_bytes=payload_limit(settings.ltm_doc_max_bytes),
             context={"max_document_bytes": settings.ltm_doc_max_bytes},

@@ -108,6 +108,7 @@ class MemoryService:
             handler=self.api.handle, error_reply=MemoryResponse.failure, metrics=self.metrics,
             max_content_bytes=settings.max_content_bytes, concurrency=settings.memory_request_concurrency,
             max_payload_bytes=settings.memory_import_max_bytes, drain_s=settings.shutdown_grace_s,
+            slow_ms=settings.request_slow_ms,
             foreground=self.foreground,
         )
 

@@ -70,6 +70,7 @@ class RequestServer(Generic[Req]):
         foreground: Foreground | None = None,  # marks each request served (background work steps aside)
         drain_s: float = 10.0,  # on stop, requests still running after this long get an `unavailable` reply
         context: dict[str, Any] | None = None,  # validation context of every request (decode's ``context``)
+        slow_ms: float = 0.0,  # REQUEST_SLOW_MS: a request this slow from its send to its reply is logged (0: none)
     ) -> None:
         self.redis, self.queue, self.reply_channel = redis, queue, reply_channel
         self.adapter, self.handler, self.error_reply = adapter, handler, error_reply
@@ -79,6 +80,7 @@ class RequestServer(Generic[Req]):
         self.foreground = foreground
         self.block_s = block_s
         self.drain_s = drain_s
+        self.slow_ms = slow_ms
         self._sem = asyncio.Semaphore(concurrency)
         self._inflight: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
@@ -216,8 +218,25 @@ class RequestServer(Generic[Req]):
             response = self.error_reply(envelope.request_id, ErrorInfo(code=code, message=message),
                                         getattr(envelope, "user_id", None))
         await self._reply(envelope.reply_to, response)
-        self.metrics.incr("latency_ms_total", int((time.perf_counter() - started) * 1000))
+        served_ms = (time.perf_counter() - started) * 1000
+        self.metrics.incr("latency_ms_total", int(served_ms))
+        self._note_slow(envelope, kind, outcome, taken, served_ms)
         return kind, outcome
+
+    def _note_slow(self, envelope: RequestEnvelope, kind: str, outcome: str, taken: float, served_ms: float) -> None:
+        """``requests.slow``: where a slow request's time went, as this process saw it. ``queued_ms``: from its
+        ``sent_at`` (the requester's clock) to when it was taken here (the list, or this process's concurrency
+        limit); ``served_ms``: from then to its reply (the handler's own work, and the CPU it shared);
+        ``in_flight``: the requests this process was serving meanwhile (this one included)."""
+        if self.slow_ms <= 0:
+            return
+        queued_ms = max(0.0, (taken - envelope.sent_at) * 1000) if envelope.sent_at is not None else 0.0
+        if queued_ms + served_ms < self.slow_ms:
+            return
+        self.metrics.incr("slow")
+        log.warning("requests.slow", queue=self.queue, type=kind, outcome=outcome, request_id=envelope.request_id,
+                    user_id=getattr(envelope, "user_id", None), queued_ms=round(queued_ms, 1),
+                    served_ms=round(served_ms, 1), in_flight=len(self._inflight))
 
     async def _reply(self, reply_to: str | None, response: BaseModel) -> None:
         try:

@@ -34,6 +34,10 @@ class MeshSettings(EmbeddingSettings, BaseSettings):
     shutdown_grace_s: float = Field(default=10.0, ge=0, description=(
         "on SIGTERM, in-flight work gets this long to finish; stream entries still being handled are then left "
         "pending for another consumer, requests still running get an `unavailable` reply"))
+    request_slow_ms: float = Field(default=250.0, ge=0, description=(
+        "a request on a service's request list (ltm_requests, memory_requests, chat_requests) that waited on the "
+        "list and was served in this long or longer in all is logged as `requests.slow` with its type, both "
+        "times and the requests in flight beside it, and counted (`slow`); 0 = never logged"))
     background_nice: int = Field(default=0, ge=0, le=19, description=(
         "OS priority (nice, per thread) of background work below the rest: ltm's ingest (extraction, embedding, "
         "salience) and memory's embedding of stored messages; 0 = the same priority (default: a low-priority thread "

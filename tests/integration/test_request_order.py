@@ -56,3 +56,55 @@ async def test_a_congested_list_is_served_newest_first_while_its_oldest_has_expi
         server.stop()
         await asyncio.wait_for(task, 10)
     assert await redis.llen(queue) == 0
+
+
+async def test_a_slow_request_is_logged_with_where_its_time_went(redis: aioredis.Redis, names: Names,
+                                                                  monkeypatch: Any) -> None:
+    """REQUEST_SLOW_MS: a request slow in all (waiting on the list, or served slowly) is logged as ``requests.slow``
+    with both times and counted; a fast one is not; 0 logs none."""
+    from shared.runtime import requests as module
+
+    queue, channel = f"{names.prefix}slow:requests", f"{names.prefix}slow:replies"
+    seen: list[dict[str, Any]] = []
+
+    class Recorder:
+        def __getattr__(self, level: str) -> Any:
+            return lambda event, **kw: seen.append({"event": event, "level": level, **kw})
+
+    monkeypatch.setattr(module, "log", Recorder())
+    served: list[str] = []
+
+    async def handle(request: PingRequest) -> PingResponse:
+        if request.request_id.startswith("slow"):
+            await asyncio.sleep(0.15)  # the handler's own work, as a slow search's
+        served.append(request.request_id)
+        return PingResponse(request_id=request.request_id)
+
+    def request(request_id: str, sent_at: float) -> str:
+        return json.dumps({"request_id": request_id, "type": "ping", "data": {}, "sent_at": sent_at})
+
+    for slow_ms, ids in ((100.0, ["fast", "slow", "queued"]), (0.0, ["slow-unlogged", "queued-unlogged"])):
+        seen.clear()
+        served.clear()
+        metrics = Metrics()
+        server: RequestServer[Any] = RequestServer(
+            redis, queue=queue, reply_channel=channel, adapter=CHAT_REQUEST, handler=handle,
+            error_reply=PingResponse.failure, metrics=metrics, max_content_bytes=1024, concurrency=1, block_s=0.1,
+            slow_ms=slow_ms)
+        now = time.time()
+        await redis.rpush(queue, *(request(i, now - 0.3 if i.startswith("queued") else now) for i in ids))
+        task = asyncio.create_task(server.run())
+        try:
+            await wait_until(lambda want=ids: len(served) == len(want),  # type: ignore[misc]
+                             message=lambda want=ids: f"{want} served (saw {served})")  # type: ignore[misc]
+        finally:
+            server.stop()
+            await asyncio.wait_for(task, 10)
+        slow = {e["request_id"]: e for e in seen if e["event"] == "requests.slow"}
+        if not slow_ms:
+            assert slow == {} and metrics.get("slow") == 0
+            continue
+        assert set(slow) == {"slow", "queued"} and metrics.get("slow") == 2, seen
+        assert slow["slow"]["served_ms"] >= 150 and slow["slow"]["type"] == "ping" and slow["slow"]["outcome"] == "ok"
+        assert slow["queued"]["queued_ms"] >= 300 and slow["queued"]["served_ms"] < 100
+        assert slow["slow"]["level"] == "warning" and slow["slow"]["in_flight"] >= 1
