@@ -52,6 +52,9 @@ def _expired(raw: bytes | str) -> bool:
         return False
 
 
+SLOW_LOG_EVERY_S = 1.0  # requests.slow: at most one line a second per server (the others counted, and said in it)
+
+
 class RequestServer(Generic[Req]):
     def __init__(
         self,
@@ -81,6 +84,8 @@ class RequestServer(Generic[Req]):
         self.block_s = block_s
         self.drain_s = drain_s
         self.slow_ms = slow_ms
+        self._slow_logged_at = -SLOW_LOG_EVERY_S  # see _note_slow
+        self._slow_unlogged = 0
         self._sem = asyncio.Semaphore(concurrency)
         self._inflight: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
@@ -234,9 +239,14 @@ class RequestServer(Generic[Req]):
         if queued_ms + served_ms < self.slow_ms:
             return
         self.metrics.incr("slow")
+        now = time.monotonic()
+        if now - self._slow_logged_at < SLOW_LOG_EVERY_S:  # an overloaded process: counted, logged once a second
+            self._slow_unlogged += 1
+            return
         log.warning("requests.slow", queue=self.queue, type=kind, outcome=outcome, request_id=envelope.request_id,
                     user_id=getattr(envelope, "user_id", None), queued_ms=round(queued_ms, 1),
-                    served_ms=round(served_ms, 1), in_flight=len(self._inflight))
+                    served_ms=round(served_ms, 1), in_flight=len(self._inflight), unlogged=self._slow_unlogged)
+        self._slow_logged_at, self._slow_unlogged = now, 0
 
     async def _reply(self, reply_to: str | None, response: BaseModel) -> None:
         try:

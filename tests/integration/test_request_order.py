@@ -61,7 +61,8 @@ async def test_a_congested_list_is_served_newest_first_while_its_oldest_has_expi
 async def test_a_slow_request_is_logged_with_where_its_time_went(redis: aioredis.Redis, names: Names,
                                                                   monkeypatch: Any) -> None:
     """REQUEST_SLOW_MS: a request slow in all (waiting on the list, or served slowly) is logged as ``requests.slow``
-    with both times and counted; a fast one is not; 0 logs none."""
+    with both times and counted; a fast one is not; 0 logs none. An overloaded server logs one a second and counts
+    every one."""
     from shared.runtime import requests as module
 
     queue, channel = f"{names.prefix}slow:requests", f"{names.prefix}slow:replies"
@@ -83,7 +84,10 @@ async def test_a_slow_request_is_logged_with_where_its_time_went(redis: aioredis
     def request(request_id: str, sent_at: float) -> str:
         return json.dumps({"request_id": request_id, "type": "ping", "data": {}, "sent_at": sent_at})
 
-    for slow_ms, ids in ((100.0, ["fast", "slow", "queued"]), (0.0, ["slow-unlogged", "queued-unlogged"])):
+    rounds = ((100.0, 0.0, ["fast", "slow", "queued"]), (0.0, 0.0, ["slow-unlogged", "queued-unlogged"]),
+              (100.0, 60.0, ["slow-a", "slow-b", "queued-c"]))
+    for slow_ms, every_s, ids in rounds:
+        monkeypatch.setattr(module, "SLOW_LOG_EVERY_S", every_s)
         seen.clear()
         served.clear()
         metrics = Metrics()
@@ -103,6 +107,9 @@ async def test_a_slow_request_is_logged_with_where_its_time_went(redis: aioredis
         slow = {e["request_id"]: e for e in seen if e["event"] == "requests.slow"}
         if not slow_ms:
             assert slow == {} and metrics.get("slow") == 0
+            continue
+        if every_s:  # the first logged, the next two counted only
+            assert list(slow) == ["slow-a"] and metrics.get("slow") == 3 and slow["slow-a"]["unlogged"] == 0
             continue
         assert set(slow) == {"slow", "queued"} and metrics.get("slow") == 2, seen
         assert slow["slow"]["served_ms"] >= 150 and slow["slow"]["type"] == "ping" and slow["slow"]["outcome"] == "ok"
