@@ -256,6 +256,16 @@ class SearchIndex:
         return loaded
 
     async def _refresh(self, user_id: str) -> None:
+        try:
+            await self._refresh_entry(user_id)
+        finally:
+            # A drop while this refresh was the user's task in _loads (its own catch-up's, on a new epoch, or a
+            # deletion's) marked the user stale: a mark for a load that read before a deletion. A refresh installs
+            # nothing, and a load started after it reads after the deletion, so the mark goes. Kept, it threw away
+            # the reload below (every user whose optimize merged duplicates was searched cold next) or the next one.
+            self._stale.discard(user_id)
+
+    async def _refresh_entry(self, user_id: str) -> None:
         u = self._users.get(user_id)
         if u is None:
             return
@@ -266,9 +276,6 @@ class SearchIndex:
             log.warning("ltm.index_refresh_failed", exc_info=True)
             return
         if not usable and user_id not in self._users:  # rows were deleted: load it again (this task is ending)
-            # the catch-up's own drop marked the user stale (this refresh is the task in _loads): a mark for a load
-            # that read before the deletion, which the load started below cannot have (it reads after it)
-            self._stale.discard(user_id)
             self._loads.pop(user_id, None)
             self._load_later(user_id, evict=False)
 

@@ -421,6 +421,15 @@ async def test_warming_after_a_deletion_reloads_the_user_before_its_next_search(
     assert rows is not None, "the first search after the warm-up was a cold one (SQL stage)"
     assert_same_rows(rows, await sql_rows(mesh, "warm_del", SearchData(query=query), vec, CFG), "reloaded")
     assert float(rows.as_rows()[0]["n"]) == 29
+    # a drop (a deletion's broadcast) while a warm-up refresh runs: the refresh keeps nothing, and the user's next
+    # load, which reads after the drop, is kept (the mark for loads that read before it did not outlive the refresh)
+    index.warm("warm_del")
+    index.drop("warm_del")
+    await index.settle()
+    assert "warm_del" not in index and not index._stale
+    index.warm("warm_del")
+    await index.settle()
+    assert "warm_del" in index, "the load after the refresh was thrown away"
 
 
 async def test_warm_recent_loads_the_users_active_last_within_its_rows(mesh: Mesh) -> None:

@@ -77,15 +77,20 @@ async def test_a_slow_request_is_logged_with_where_its_time_went(redis: aioredis
 
     async def handle(request: PingRequest) -> PingResponse:
         if request.request_id.startswith("slow"):
-            await asyncio.sleep(0.15)  # the handler's own work, as a slow search's
+            await asyncio.sleep(0.4)  # the handler's own work, as a slow search's
         served.append(request.request_id)
         return PingResponse(request_id=request.request_id)
 
-    def request(request_id: str, sent_at: float) -> str:
-        return json.dumps({"request_id": request_id, "type": "ping", "data": {}, "sent_at": sent_at})
+    def request(request_id: str, now: float) -> str:
+        sent_at = now - 1.0 if request_id.startswith("queued") else now + 60 if request_id == "fast" else now
+        body = {"request_id": request_id, "type": "ping", "data": {}, "sent_at": sent_at}
+        if request_id == "unsent":  # a requester that does not say when it sent: served time only
+            del body["sent_at"]
+        return json.dumps(body)
 
-    rounds = ((100.0, 0.0, ["fast", "slow", "queued"]), (0.0, 0.0, ["slow-unlogged", "queued-unlogged"]),
-              (100.0, 60.0, ["slow-a", "slow-b", "queued-c"]))
+    # "fast" says it was sent a minute from now (another host's clock): not queued for that; "queued" waited 1 s
+    rounds = ((300.0, 0.0, ["fast", "slow", "queued", "unsent"]), (0.0, 0.0, ["slow-unlogged", "queued-unlogged"]),
+              (300.0, 60.0, ["slow-a", "slow-b", "queued-c"]))
     for slow_ms, every_s, ids in rounds:
         monkeypatch.setattr(module, "SLOW_LOG_EVERY_S", every_s)
         seen.clear()
@@ -96,7 +101,7 @@ async def test_a_slow_request_is_logged_with_where_its_time_went(redis: aioredis
             error_reply=PingResponse.failure, metrics=metrics, max_content_bytes=1024, concurrency=1, block_s=0.1,
             slow_ms=slow_ms)
         now = time.time()
-        await redis.rpush(queue, *(request(i, now - 0.3 if i.startswith("queued") else now) for i in ids))
+        await redis.rpush(queue, *(request(i, now) for i in ids))
         task = asyncio.create_task(server.run())
         try:
             await wait_until(lambda want=ids: len(served) == len(want),  # type: ignore[misc]
@@ -112,6 +117,6 @@ async def test_a_slow_request_is_logged_with_where_its_time_went(redis: aioredis
             assert list(slow) == ["slow-a"] and metrics.get("slow") == 3 and slow["slow-a"]["unlogged"] == 0
             continue
         assert set(slow) == {"slow", "queued"} and metrics.get("slow") == 2, seen
-        assert slow["slow"]["served_ms"] >= 150 and slow["slow"]["type"] == "ping" and slow["slow"]["outcome"] == "ok"
-        assert slow["queued"]["queued_ms"] >= 300 and slow["queued"]["served_ms"] < 100
+        assert slow["slow"]["served_ms"] >= 400 and slow["slow"]["type"] == "ping" and slow["slow"]["outcome"] == "ok"
+        assert slow["queued"]["queued_ms"] >= 1000 and slow["queued"]["served_ms"] < 300
         assert slow["slow"]["level"] == "warning" and slow["slow"]["in_flight"] >= 1
