@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
@@ -72,6 +73,8 @@ class HeldUser:
     txids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # -1: written before migration 004
     id_hi: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))  # memory_id as two numbers: ties
     id_lo: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))  # sort by it, as in SQL
+    dead: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # deleted since held (remove)
+    n_dead: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -115,7 +118,7 @@ class HeldUser:
         vecs = vecs.astype(np.float32)
         if start == 0 and self.vecs.shape[1] != vecs.shape[1]:
             self.vecs = np.zeros((0, vecs.shape[1]), np.float32)
-        self.vecs = _grow(self.vecs, start + k)
+        self.vecs = _grow(self.vecs, padded(start + k))
         self.vecs[start:start + k] = vecs
         self.norms = _grow(self.norms, start + k)
         self.norms[start:start + k] = np.sqrt(np.einsum("ij,ij->i", vecs, vecs, dtype=np.float64))
@@ -127,6 +130,8 @@ class HeldUser:
         self.txids = _grow(self.txids, start + k)
         self.id_hi = _grow(self.id_hi, start + k)
         self.id_lo = _grow(self.id_lo, start + k)
+        self.dead = _grow(self.dead, start + k)
+        self.dead[start:start + k] = False
         for j, r in enumerate(fresh.values()):
             i = start + j
             self.rows.append(self._row(r))
@@ -161,22 +166,48 @@ class HeldUser:
                 row[key] = self.strings.setdefault(value, value)
         return row
 
+    def remove(self, memory_ids: Iterable[str]) -> int:
+        """Forget the memories (deleted in PostgreSQL); ids not held are skipped. Their rows stay in place, marked
+        dead (searches pass them over: :meth:`mask`), until they are a quarter of the rows: then every column is
+        rebuilt without them (new lists and arrays: the candidates of a search under way keep the old ones).
+        Returns how many were held."""
+        gone = [i for i in (self.pos.pop(m, None) for m in memory_ids) if i is not None]
+        if not gone:
+            return 0
+        self.dead[gone] = True
+        self.n_dead += len(gone)
+        if self.n_dead * 4 >= self.n:
+            self._drop_dead()
+        return len(gone)
+
+    def _drop_dead(self) -> None:
+        n = self.n
+        alive = ~self.dead[:n]
+        kept = np.flatnonzero(alive)
+        self.rows = [self.rows[i] for i in kept]
+        self.entities = [self.entities[i] for i in kept]
+        self.pos = {row["memory_id"]: j for j, row in enumerate(self.rows)}
+        for name in _ARRAYS:
+            setattr(self, name, getattr(self, name)[:n][kept])
+        self.vecs = _grow(self.vecs, padded(len(kept)))
+        self.n_dead = 0
+        self.postings.keep(alive)
+
     def compact(self) -> None:
         """Free the room kept for rows to come (after a load)."""
         n = self.n
-        self.vecs, self.norms, self.dl = self.vecs[:n].copy(), self.norms[:n].copy(), self.dl[:n].copy()
-        self.types, self.sessions, self.txids = self.types[:n].copy(), self.sessions[:n].copy(), self.txids[:n].copy()
-        self.ts, self.ai, self.question = self.ts[:n].copy(), self.ai[:n].copy(), self.question[:n].copy()
-        self.id_hi, self.id_lo = self.id_hi[:n].copy(), self.id_lo[:n].copy()
+        for name in _ARRAYS:
+            setattr(self, name, getattr(self, name)[:padded(n) if name == "vecs" else n].copy())
         self.postings.settle(force=True)
 
     def mask(self, types: list[str] | None, session: str | None, exclude_session: str | None) -> np.ndarray | None:
         """Rows that pass the search's filters (None: all of them)."""
         n = self.n
-        keep: np.ndarray | None = None
+        keep: np.ndarray | None = ~self.dead[:n] if self.n_dead else None
         if types:
             known = [self.codes[k] for k in ("t:" + t for t in types) if k in self.codes]
-            keep = np.isin(self.types[:n], known)
+            typed = np.isin(self.types[:n], known)
+            keep = typed if keep is None else keep & typed
         if session is not None:
             code = self.codes.get("s:" + session, -2)
             same = self.sessions[:n] == code
@@ -186,6 +217,18 @@ class HeldUser:
             other = self.sessions[:n] != code
             keep = other if keep is None else keep & other
         return keep
+
+
+# HeldUser's per-memory arrays (position i: memory i)
+_ARRAYS = ("vecs", "norms", "dl", "types", "sessions", "ts", "ai", "question", "txids", "id_hi", "id_lo", "dead")
+
+
+def padded(n: int) -> int:
+    """The rows of ``vecs`` a product with the query runs over: ``n`` rounded up to a multiple of 64 (zero rows after
+    the held ones). OpenBLAS's sgemv computes the last ``n`` mod 8 rows (Haswell kernels) with another kernel, whose
+    sums round differently: two memories with the same vector (the same text stored as two types) then got cosines a
+    float32 ulp apart, depending on where they sat, and no longer tied (ties are ordered by memory id, as in SQL)."""
+    return -(-n // 64) * 64
 
 
 def _grow(a: np.ndarray, size: int) -> np.ndarray:
@@ -212,7 +255,8 @@ def first_stage(u: HeldUser, lexemes: list[str], embedding: np.ndarray, keep: np
         return Candidates.of_rows([])
     q = np.asarray(embedding, dtype=np.float32)
     qnorm = math.sqrt(float(np.dot(q.astype(np.float64), q.astype(np.float64))))
-    dots = u.vecs[:n_all] @ q  # sgemv, on this thread (shared/runtime/runner.py one_blas_thread)
+    # sgemv, on this thread (shared/runtime/runner.py one_blas_thread), over whole blocks of rows (padded)
+    dots = (u.vecs[:padded(n_all)] @ q)[:n_all]
     with np.errstate(divide="ignore", invalid="ignore"):
         sim_all = np.clip(dots.astype(np.float64) / (u.norms[:n_all] * qnorm), -1.0, 1.0)
     sim = sim_all if rows is None else sim_all[rows]

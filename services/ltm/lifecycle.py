@@ -178,7 +178,19 @@ class LifecycleConfig:
     users_per_run: int = 20
     lock_ms: int = 120_000
     salience_first: bool = False  # LTM_SALIENCE_CLEANUP: the least salient first (NULL as 0.5), then by decay
+    deletions_keep_s: float = 86_400.0  # LTM_SEARCH_DELETIONS_KEEP_S
 
+
+# The user's rows of the search index's deletion log older than the time kept (migration 012), and the newest txid
+# pruned as the user's log_floor (an epoch row is made if the user has none: its new epoch reloads any entry held
+# without one)
+PRUNE_DELETIONS = (
+    "WITH pruned AS (DELETE FROM ltm_search_deletions WHERE user_id = %(u)s"
+    " AND deleted_at < now() - make_interval(secs => %(keep)s) RETURNING txid)"
+    " INSERT INTO ltm_search_epochs AS e (user_id, epoch, log_floor)"
+    " SELECT %(u)s, nextval('ltm_search_epoch_seq'), max(txid) FROM pruned HAVING count(*) > 0"
+    " ON CONFLICT (user_id) DO UPDATE SET log_floor = greatest(e.log_floor, EXCLUDED.log_floor)"
+)
 
 ARCHIVE = (
     "WITH moved AS (DELETE FROM ltm_memories WHERE user_id = %(u)s AND memory_id = ANY(%(ids)s) RETURNING *)"
@@ -248,6 +260,7 @@ class Lifecycle:
         decayed = await self.decay(user_id)
         archived = await self.cleanup(user_id)
         async with self.pool.connection() as conn:
+            await conn.execute(PRUNE_DELETIONS, {"u": user_id, "keep": self.config.deletions_keep_s})
             await conn.execute(
                 MARK_OPTIMIZED, {"user_id": user_id})
             cur = await conn.execute("SELECT count(*) FROM ltm_memories WHERE user_id = %s", (user_id,))

@@ -82,7 +82,7 @@ def lifecycle_config(settings: LtmSettings) -> LifecycleConfig:
         consolidate_max=settings.ltm_consolidate_max, memory_budget=settings.ltm_memory_budget,
         cleanup_batch=settings.ltm_cleanup_batch, optimize_interval_s=settings.ltm_optimize_interval_s,
         users_per_run=settings.ltm_optimize_users_per_run, lock_ms=settings.ltm_optimize_lock_ms,
-        salience_first=settings.ltm_salience_cleanup,
+        salience_first=settings.ltm_salience_cleanup, deletions_keep_s=settings.ltm_search_deletions_keep_s,
     )
 
 

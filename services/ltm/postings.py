@@ -96,3 +96,17 @@ class Postings:
         self._start = np.zeros(n_lex + 1, np.int64)
         np.cumsum(np.bincount(lex, minlength=n_lex), out=self._start[1:])
         self._tail_lex, self._tail_rows, self._tail_tfs = array("i"), array("i"), array("i")
+
+    def keep(self, alive: np.ndarray) -> None:
+        """Only the postings of the rows ``alive`` holds, the rows numbered again in order (row i becomes the
+        number of rows alive before it): what a held user's rows are once its deleted ones are dropped."""
+        self.settle(force=True)
+        n_lex = len(self._start) - 1
+        lex = np.repeat(np.arange(n_lex, dtype=np.int32), np.diff(self._start))
+        held = alive[self._rows]
+        renumber = np.cumsum(alive, dtype=np.int64) - 1
+        self._rows = renumber[self._rows[held]].astype(np.int32)
+        self._tfs = self._tfs[held]
+        start = np.zeros(n_lex + 1, np.int64)
+        np.cumsum(np.bincount(lex[held], minlength=n_lex), out=start[1:])
+        self._start = start

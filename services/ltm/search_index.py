@@ -18,8 +18,11 @@ Kept in step with PostgreSQL (migration 004):
   whose transaction commits late is therefore read on a later search, never missed; a row read twice counts
   once. Ingest, in any process, is seen by the next search.
 - A row updated in place (uses, confidence, supersession...) gets a new ``txid`` (trigger): it is read again
-  like a new one. A deletion, or a change of embedding, content, type or session, gives the user a new epoch
-  (trigger): the user is loaded again.
+  like a new one. A deleted row is logged in ``ltm_search_deletions`` with the deleting transaction's ``txid``
+  (migration 012), read by the same statement under the same rule, and dropped from the entry (HeldUser.remove):
+  a deletion costs what it deletes. A change of embedding, content, type or session, or the deletion of the
+  whole user, gives the user a new epoch (trigger): the user is loaded again; so does a log pruned past the
+  entry's last read (``log_floor``).
 - At most ``capacity`` rows over all users; the least recently searched users are dropped first. A user larger
   than the capacity (or ``capacity`` 0) is not indexed: :meth:`SearchIndex.candidates` returns None and the
   caller runs the SQL stage.
@@ -81,20 +84,24 @@ WHERE EXISTS (SELECT 1 FROM ltm_memories WHERE user_id = %(user_id)s)
 ON CONFLICT (user_id) DO NOTHING"""
 
 _STATE = """
-SELECT pg_snapshot_xmin(pg_current_snapshot())::text AS horizon,
-       (SELECT epoch FROM ltm_search_epochs WHERE user_id = %(user_id)s) AS epoch,
-       (SELECT coalesce(array_agg(lexeme), '{}') FROM unnest(to_tsvector('english', %(query)s))) AS qlx"""
+SELECT pg_snapshot_xmin(pg_current_snapshot())::text AS horizon, e.epoch,
+       (SELECT coalesce(array_agg(lexeme), '{}') FROM unnest(to_tsvector('english', %(query)s))) AS qlx,
+       e.log_floor::text AS floor
+FROM (SELECT 1) AS one LEFT JOIN ltm_search_epochs e ON e.user_id = %(user_id)s"""
 
 # Before each search, one statement (one snapshot): the state, then which rows were written since, and by which
-# transaction (LEFT JOIN: the state also when none was). Only the rows not held as they are now are then read
-# (_ROW ... AND memory_id = ANY): when a long transaction holds the horizon back, the same rows come back here
-# again, not their embeddings.
+# transaction, and which were deleted since (gone: the deletion log, migration 012) (LEFT JOIN: the state also when
+# nothing was). Only the rows not held as they are now are then read (_ROW ... AND memory_id = ANY): when a long
+# transaction holds the horizon back, the same rows come back here again, not their embeddings.
 _CHANGES = f"""
-SELECT s.horizon, s.epoch, s.qlx, r.memory_id, r.txid
+SELECT s.horizon, s.epoch, s.qlx, s.floor, r.memory_id, r.txid, r.gone
 FROM ({_STATE}) AS s
 LEFT JOIN LATERAL (
-    SELECT m.memory_id, m.txid::text AS txid FROM ltm_memories m
+    SELECT m.memory_id, m.txid::text AS txid, false AS gone FROM ltm_memories m
     WHERE m.user_id = %(user_id)s AND m.txid >= %(since)s::xid8
+    UNION ALL
+    SELECT d.memory_id, d.txid::text, true FROM ltm_search_deletions d
+    WHERE d.user_id = %(user_id)s AND d.txid >= %(since)s::xid8
 ) AS r ON true"""
 _NEW = _ROW + " AND m.memory_id = ANY(%(ids)s)"
 # a memory held already, changed in place (uses, supersession...): its row only (embedding and terms cannot change)
@@ -120,6 +127,7 @@ class SearchIndex:
         self._stale: set[str] = set()  # users dropped while a load of theirs was under way: not installed
         self.rows = 0  # rows held over all users (plus _ROW_COST per user)
         self.read = 0  # rows read again before searches since the start (new, or changed in place)
+        self.removed = 0  # rows dropped from entries since the start (deleted in PostgreSQL)
 
     def __len__(self) -> int:
         return len(self._users)
@@ -188,26 +196,32 @@ class SearchIndex:
             cur = conn.cursor()
             await cur.execute(_CHANGES, {"user_id": user_id, "query": query, "since": str(max(u.horizon, 0))})
             head = await cur.fetchall()
-            horizon, epoch, lexemes = head[0][:3]
-            # something was deleted (a new epoch); or memories came for a user held without any, and without an
-            # epoch (_EPOCH_ROW): load the user again, and with that its epoch row
-            if epoch != u.epoch or (epoch is None and head[0][3] is not None):
+            horizon, epoch, lexemes, floor = head[0][:4]
+            # a change the entry cannot follow row by row (a new epoch: a changed embedding or text, the user
+            # deleted); deletions pruned from the log that this entry may not have read (floor); or memories came
+            # for a user held without any, and without an epoch (_EPOCH_ROW): load the user again
+            if epoch != u.epoch or (floor is not None and xid(floor) >= max(u.horizon, 0)) \
+                    or (epoch is None and head[0][4] is not None):
                 if self._users.get(user_id) is u:
                     self.drop(user_id)
                 self._load_later(user_id)
                 return None
-            new, updated = u.changed([(r[3], r[4]) for r in head if r[3] is not None])
-            added = 0
+            written = [(r[4], r[5]) for r in head if r[4] is not None and not r[6]]
+            n_before = u.n
+            # a memory deleted and written again with the same id (not done today) is held as written
+            removed = u.remove({str(r[4]) for r in head if r[6]} - {str(m) for m, _ in written})
+            self.removed += removed
+            new, updated = u.changed(written)
             for sql, ids in ((_UPDATED, updated), (_NEW, new)):
                 if ids:
                     await cur.execute(sql, {"user_id": user_id, "ids": ids})
                     fetched = await cur.fetchall()
                     self.read += len(fetched)
-                    added += u.add(fetched)
+                    u.add(fetched)
             u.postings.settle()  # the rows added by catch-ups are merged once they are many
             u.horizon = max(u.horizon, xid(horizon))
             if self._users.get(user_id) is u:  # (not dropped meanwhile to make room for another user)
-                self.rows += added
+                self.rows += u.n - n_before  # (fewer once deleted rows are dropped: HeldUser.remove)
                 if u.n + _ROW_COST > self.capacity:
                     self.drop(user_id)
                     self._too_large[user_id] = time.monotonic()

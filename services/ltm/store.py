@@ -36,7 +36,10 @@ _WS = re.compile(r"\s+")
 # documents' tables: services/ltm/documents/store.py DOC_TABLES)
 USER_TABLES = ("ltm_memory_entities", "ltm_relations", "ltm_memories", "ltm_entities", "ltm_ingested",
                "ltm_profiles", "ltm_archive", "ltm_user_state", "ltm_doc_chunks", "ltm_documents",
-               "ltm_search_epochs")
+               "ltm_search_deletions", "ltm_search_epochs")
+# a whole user's deletion gives the user a new epoch instead of logging each row (migration 012): every index that
+# holds the user drops it, and the log's rows go with the rest
+_EPOCH_DELETION = "SET LOCAL mesh.search_deletions = 'epoch'"
 SEARCH_INDEX_ROWS = LtmSettings.model_fields["ltm_search_index_rows"].default
 # the archived rows merged into a memory, and those merged into them before (consolidation leaves an older merge's
 # merged_into pointing at the memory that was later archived in its turn)
@@ -293,6 +296,7 @@ class LtmStore:
         counts: dict[str, int] = {}
         async with self.pool.connection() as conn, conn.transaction():
             await lock_for_deletion(conn, user_id)  # request-path writes of the user wait, then see the deletion
+            await conn.execute(_EPOCH_DELETION)
             for table in USER_TABLES:
                 cur = await conn.execute(f"DELETE FROM {table} WHERE user_id = %s", (user_id,))
                 counts[table] = cur.rowcount

@@ -123,6 +123,10 @@ async def test_delete_user_leaves_nothing_of_the_user_in_any_table_or_key(mesh: 
                  "note": SECRET})})
             found = await ask_ltm(mesh, ltm_request("search", user, {"query": f"what is my locker code {SECRET}"}))
             assert found.success and found.memories, found.error
+            # a memory forgotten alone: its id goes into the search index's deletion log (ltm migration 012)
+            gone = await ask_ltm(mesh, ltm_request("delete", user, {"memory_id": found.memories[-1].memory_id}))
+            assert gone.success, gone.error
+            assert await mesh.count("SELECT count(*) FROM ltm_search_deletions WHERE user_id = %s", user) == 1
 
             async def stored_and_ingested() -> tuple[int, int] | None:
                 seen = (await mesh.count("SELECT count(*) FROM conversation_messages WHERE user_id = %s", user),
@@ -143,6 +147,7 @@ async def test_delete_user_leaves_nothing_of_the_user_in_any_table_or_key(mesh: 
             assert result["memory"]["rows"]["user_preferences"] == 2
             assert result["ltm"]["rows"]["ltm_memories"] >= turns
             assert result["ltm"]["rows"]["ltm_documents"] == 2 and result["ltm"]["rows"]["ltm_doc_chunks"] >= 2
+            assert result["ltm"]["rows"]["ltm_search_deletions"] == 1  # and its own deletion logged nothing
             assert sum(result["memory"]["stream_entries"].values()) >= turns, result
 
             db_hits = await scan_database(mesh, [user, SECRET])

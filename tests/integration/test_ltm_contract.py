@@ -450,24 +450,29 @@ async def test_every_ltm_process_indexes_a_user_as_soon_as_its_memories_are_stor
         try:
             found = (await client.ok("search", "u-warm", {"query": "What does Miso like?"})).memories
             assert any("Miso" in m.content for m in found)
-            # an optimize changes the user's rows (consolidation deletes a near duplicate: a new epoch): the
-            # processes are told again, and each holds the user again before its next search (not a cold one)
+            # an optimize changes the user's rows (consolidation deletes a near duplicate, logged for the indexes:
+            # migration 012): the processes are told again, and each drops the merged row from the user it holds
+            # before its next search, without loading the user again
             for text in ("I love hiking in the mountains.", "I love hiking in mountains."):
                 await publish(mesh, update("u-warm", text, f"m-warm-{text}"))
             await consumed(mesh, 5)
+            entries = [index._users.get("u-warm") for index in indexes]
             pubsub = mesh.redis.pubsub()
             await pubsub.subscribe(mesh.names.ltm_warm)
             try:
                 result = (await client.ok("optimize", "u-warm")).data or {}
                 assert result.get("consolidated", 0) >= 1, result
-                epoch = await mesh.count("SELECT epoch FROM ltm_search_epochs WHERE user_id = %s", "u-warm")
+                async with mesh.pool.connection() as conn:
+                    cur = await conn.execute("SELECT memory_id::text FROM ltm_memories WHERE user_id = 'u-warm'")
+                    ids = {r[0] for r in await cur.fetchall()}
 
-                def held() -> list[int | None]:  # each process's epoch of the user (None: not held)
-                    return [index._users["u-warm"].epoch if "u-warm" in index else None for index in indexes]
+                def held() -> list[set[str] | None]:  # the memories each process holds of the user
+                    return [set(index._users["u-warm"].pos) if "u-warm" in index else None for index in indexes]
 
-                await wait_until(lambda: held() == [epoch, epoch], timeout=20,
-                                 message=lambda: f"u-warm held at epoch {epoch} by both processes after its optimize"
-                                                 f" (held: {held()})")
+                await wait_until(lambda: held() == [ids, ids], timeout=20,
+                                 message=lambda: f"u-warm held as it is now ({len(ids)} memories) by both processes"
+                                                 f" after its optimize (held: {held()})")
+                assert [index._users.get("u-warm") for index in indexes] == entries, "loaded again"
 
                 async def told() -> bool:
                     msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2)
