@@ -49,8 +49,9 @@ class LtmSettings(MeshSettings):
     ltm_optimize_users_per_run: int = Field(default=20, ge=1)
     ltm_optimize_lock_ms: int = Field(default=120_000, ge=1000)
     ltm_search_deletions_keep_s: float = Field(default=86_400.0, gt=0, description=(
-        "deleted memories stay this long in the log the ltm processes' search indexes read them from (migration 012; "
-        "ids only), pruned by the user's optimize; an index that did not read the user since loads it again"))
+        "deleted memories stay at least this long in the log the ltm processes' search indexes read them from "
+        "(migration 012; memory ids only), then go at the user's next optimize (a user who never comes back keeps "
+        "them until deleted); an index that did not read the user since loads it again"))
     # retrieval (services/ltm/retrieval.py): hybrid = weights chosen on the LoCoMo dev split; seed = 0.4 semantic,
     # 0.3 recency, 0.2 access, 0.1 confidence after the relevance gate
     ltm_rank_profile: Literal["hybrid", "seed"] = "hybrid"

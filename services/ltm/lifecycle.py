@@ -41,6 +41,7 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from shared.runtime.errors import is_transient
+from shared.runtime.fence import after_deletion
 from shared.runtime.logging import get_logger
 
 log = get_logger(__name__)
@@ -183,10 +184,12 @@ class LifecycleConfig:
 
 # The user's rows of the search index's deletion log older than the time kept (migration 012), and the newest txid
 # pruned as the user's log_floor (an epoch row is made if the user has none: its new epoch reloads any entry held
-# without one)
+# without one). Only rows older than every transaction running: the floor is then below the horizon of any later
+# read, so an entry loaded after the prune is not loaded again for it (a reload loop while a long transaction ran).
 PRUNE_DELETIONS = (
     "WITH pruned AS (DELETE FROM ltm_search_deletions WHERE user_id = %(u)s"
-    " AND deleted_at < now() - make_interval(secs => %(keep)s) RETURNING txid)"
+    " AND deleted_at < now() - make_interval(secs => %(keep)s)"
+    " AND txid < pg_snapshot_xmin(pg_current_snapshot()) RETURNING txid)"
     " INSERT INTO ltm_search_epochs AS e (user_id, epoch, log_floor)"
     " SELECT %(u)s, nextval('ltm_search_epoch_seq'), max(txid) FROM pruned HAVING count(*) > 0"
     " ON CONFLICT (user_id) DO UPDATE SET log_floor = greatest(e.log_floor, EXCLUDED.log_floor)"
@@ -260,7 +263,11 @@ class Lifecycle:
         decayed = await self.decay(user_id)
         archived = await self.cleanup(user_id)
         async with self.pool.connection() as conn:
-            await conn.execute(PRUNE_DELETIONS, {"u": user_id, "keep": self.config.deletions_keep_s})
+            async with conn.transaction():
+                # after a deletion of the user under way (which takes the epoch row, then the log's rows: this
+                # statement takes them the other way round)
+                await after_deletion(conn, user_id)
+                await conn.execute(PRUNE_DELETIONS, {"u": user_id, "keep": self.config.deletions_keep_s})
             await conn.execute(
                 MARK_OPTIMIZED, {"user_id": user_id})
             cur = await conn.execute("SELECT count(*) FROM ltm_memories WHERE user_id = %s", (user_id,))

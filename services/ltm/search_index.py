@@ -211,6 +211,9 @@ class SearchIndex:
             # a memory deleted and written again with the same id (not done today) is held as written
             removed = u.remove({str(r[4]) for r in head if r[6]} - {str(m) for m, _ in written})
             self.removed += removed
+            if removed and self._users.get(user_id) is u:  # counted now: a drop during the reads below subtracts
+                self.rows += u.n - n_before              # what the entry holds then (fewer once compacted)
+                n_before = u.n
             new, updated = u.changed(written)
             for sql, ids in ((_UPDATED, updated), (_NEW, new)):
                 if ids:

@@ -41,6 +41,12 @@ async def lock_for_deletion(conn: AsyncConnection, user_id: str) -> None:
     await conn.execute(_LOCK, (user_id,))
 
 
+async def after_deletion(conn: AsyncConnection, user_id: str) -> None:
+    """In a transaction, first: wait for a deletion of the user under way (and keep the next from starting until
+    this transaction ends). For background work that must not take the deletion's locks in another order."""
+    await conn.execute(_LOCK_SHARED, (user_id,))
+
+
 async def refuse_if_deleted(conn: AsyncConnection, user_id: str, service: str) -> None:
     """In a request-path write's transaction, before it writes: raise ``not_found`` if ``service`` deleted the user
     after the request was taken. Nothing outside a request."""

@@ -18,7 +18,7 @@ import numpy as np
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from services.ltm import retrieval
+from services.ltm import retrieval, search_index
 from services.ltm.candidates import Candidates
 from services.ltm.lifecycle import PRUNE_DELETIONS
 from services.ltm.retrieval import RetrievalConfig, search, token_counts
@@ -297,14 +297,30 @@ async def test_deletions_are_dropped_from_the_held_user_without_loading_it_again
     assert index.rows == held.n + 16  # (_ROW_COST)
     await seed(mesh, "u-del", 30, seed_=7)  # and grows again
     await same(index, "grown after the compaction")
-    # the log pruned (the optimize: rows older than LTM_SEARCH_DELETIONS_KEEP_S): the entry that read every deletion
-    # keeps the user; the one that read none of them (it held the user since before) loads it again
-    async with mesh.pool.connection() as conn:
-        await conn.execute("UPDATE ltm_search_deletions SET deleted_at = now() - interval '2 days'"
-                           " WHERE user_id = 'u-del'")
-        await conn.execute(PRUNE_DELETIONS, {"u": "u-del", "keep": 86_400.0})
-        cur = await conn.execute("SELECT count(*) FROM ltm_search_deletions WHERE user_id = 'u-del'")
-        assert (await cur.fetchone() or [None])[0] == 0
+    # the log pruned (the optimize: rows older than LTM_SEARCH_DELETIONS_KEEP_S, and than every transaction still
+    # running): the entry that read every deletion keeps the user; the one that read none of them (it held the user
+    # since before) loads it again
+    async def logged() -> int:
+        return await mesh.count("SELECT count(*) FROM ltm_search_deletions WHERE user_id = %s", "u-del")
+
+    async def prune() -> None:
+        async with mesh.pool.connection() as conn:
+            await conn.execute("UPDATE ltm_search_deletions SET deleted_at = now() - interval '2 days'"
+                               " WHERE user_id = 'u-del'")
+            await conn.execute(PRUNE_DELETIONS, {"u": "u-del", "keep": 86_400.0})
+
+    logged_before = await logged()
+    async with mesh.pool.connection() as idle:  # a transaction older than the last deletion, still running
+        await idle.execute("BEGIN")
+        await idle.execute("SELECT pg_current_xact_id()")
+        assert await delete("memory_id = (SELECT memory_id FROM ltm_memories WHERE user_id = 'u-del'"
+                            " ORDER BY memory_id LIMIT 1)") == 1
+        await prune()
+        assert await logged() == 1  # newer than that transaction: kept (a load now would read an older horizon)
+        await idle.execute("ROLLBACK")
+    await same(index, "deleted while an older transaction ran")  # reads it, and its horizon moves past it
+    await prune()
+    assert logged_before > 0 and await logged() == 0
     stale = other._users["u-del"]
     await same(index, "pruned")
     await same(other, "pruned, not read before")
@@ -317,6 +333,47 @@ async def test_deletions_are_dropped_from_the_held_user_without_loading_it_again
         assert await cur.fetchone() == (0, 0)
     assert await index_rows(mesh, index, "u-del", SearchData(query=queries[0]), mesh.model.encode([queries[0]])[0],
                             CFG) == []
+
+
+async def test_rows_stay_counted_when_a_user_is_dropped_while_its_catch_up_reads(mesh: Mesh) -> None:
+    """A catch-up that compacts an entry (deleted rows dropped) and is then overtaken, while it reads the new rows, by
+    the user's drop (evicted for another user, forgotten): the index's count of rows held stays true (it kept the
+    compacted rows, and the index took ever fewer users)."""
+    await seed(mesh, "u-acc", 40)
+    await seed(mesh, "u-other", 20, seed_=2)
+    index = SearchIndex(mesh.pool, 10_000)
+    query = "What did Caroline say about the marathon?"
+    vec = mesh.model.encode([query])[0]
+    for user in ("u-acc", "u-other"):
+        assert await index_rows(mesh, index, user, SearchData(query=query), vec, CFG)
+    async with mesh.pool.connection() as conn:
+        await conn.execute("DELETE FROM ltm_memories WHERE user_id = 'u-acc' AND memory_id IN (SELECT memory_id"
+                           " FROM ltm_memories WHERE user_id = 'u-acc' ORDER BY memory_id LIMIT 15)")
+    await seed(mesh, "u-acc", 3, seed_=9)
+
+    class Dropping:  # the connection, but the user is dropped when the new rows are read
+        def __init__(self, conn: Any) -> None:
+            self.conn = conn
+
+        def cursor(self) -> Any:
+            return DroppingCursor(self.conn.cursor())
+
+    class DroppingCursor:
+        def __init__(self, cur: Any) -> None:
+            self.cur = cur
+
+        async def execute(self, sql: str, params: Any) -> None:
+            if sql == search_index._NEW:
+                index.drop("u-acc")
+            await self.cur.execute(sql, params)
+
+        async def fetchall(self) -> Any:
+            return await self.cur.fetchall()
+
+    async with mesh.pool.connection() as conn:
+        assert await index.candidates(Dropping(conn), "u-acc", SearchData(query=query), vec, CFG) is not None
+    assert "u-acc" not in index and index.removed == 15
+    assert index.rows == sum(u.n + search_index._ROW_COST for u in index._users.values())
 
 
 async def test_a_long_transaction_elsewhere_does_not_make_every_search_read_rows_again(mesh: Mesh) -> None:

@@ -10,9 +10,10 @@
 -- A deletion of a whole user still gives a new epoch and logs nothing (store.delete_user sets
 -- mesh.search_deletions = 'epoch' for its transaction): it removes the epoch row and this log's rows with the rest.
 --
--- The log is pruned per user by the optimize (rows older than LTM_SEARCH_DELETIONS_KEEP_S); ltm_search_epochs.log_floor
--- records the newest txid pruned, and an index whose last read is not newer than that loads the user again (it may
--- have missed a pruned deletion).
+-- The log is pruned per user by the optimize (rows older than LTM_SEARCH_DELETIONS_KEEP_S and than every transaction
+-- running); ltm_search_epochs.log_floor records the newest txid pruned, and an index whose last read is not newer than
+-- that loads the user again (it may have missed a pruned deletion). ltm copies of the code before this migration must
+-- not run beside those after it (docs/operations.md, "Shutting down and restarting").
 CREATE TABLE IF NOT EXISTS ltm_search_deletions (
     user_id     text NOT NULL,
     memory_id   uuid NOT NULL,
