@@ -95,7 +95,7 @@ def test_bench_runs_every_workload_as_processes_over_the_bus(tmp_path: Path, red
     paced = r["mesh"]["chat_paced"]
     assert paced["think_s"] == spec.chat_think_s > 0 and chat["think_s"] == 0
     assert paced["turn"]["n"] == spec.chat_sessions * spec.chat_paced_turns and paced["no_reply"] == 0
-    assert r["mesh"]["chat_paced_backlog_s"] >= 0
+    assert r["mesh"]["chat_paced_backlog_s"] >= 0 and r["mesh"]["memory_backlog_s"] >= 0
     assert report["summary"]["chat_p95_ms_50_paced"]["value"] == paced["turn"]["p95_ms"]
     assert {s: len(v["samples_s"]) for s, v in r["mesh"]["ready"].items()} == {"ltm": 1, "memory": 1, "chat_ai": 1}
     ops = {row["operation"]: row for row in r["mesh"]["memory"]}
