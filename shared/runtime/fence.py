@@ -53,7 +53,7 @@ async def refuse_if_deleted(conn: AsyncConnection, user_id: str, service: str) -
     received = RECEIVED_AT.get()
     if received is None:
         return
-    await conn.execute(_LOCK_SHARED, (user_id,))
+    await after_deletion(conn, user_id)
     cur = await conn.execute(
         "SELECT 1 FROM user_deletions WHERE user_hash = %s AND service = %s AND deleted_at >= to_timestamp(%s)"
         " LIMIT 1", (user_hash(user_id), service, received))
