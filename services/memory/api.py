@@ -29,7 +29,7 @@ from services.memory.salience import MessageSalience
 from services.memory.stm import StmWriter
 from services.memory.store import NOBODY, Conflict, ConversationStore, NotFound, StoredMessage
 from services.memory.tokens import TokenCounter
-from services.memory.updates import Publish, memory_update
+from services.memory.updates import Publish, memory_update, publishable
 from shared.contracts import encode, new_id
 from shared.contracts.memory_api import (
     CleanupExpiredRequest,
@@ -110,7 +110,8 @@ class MemoryApi:
         Idempotent by message_id: a redelivered message is not stored twice, and re-adding its turn
         to the window is a no-op. True when the message was new. Which messages are published:
         services/memory/updates.py (not the offline responder's replies). With a carrier (MEMORY_CARRY_VECTORS)
-        the message is embedded first: its vector is stored with it and sent on its update (services/memory/carry.py).
+        a message that will be published is embedded first: its vector is stored with it and sent on its update
+        (services/memory/carry.py); the others are embedded in the background (:meth:`_embeds_now`).
         """
         structlog.contextvars.bind_contextvars(user_id=m.user_id, message_id=m.message_id, session_id=m.session_id)
         try:
@@ -118,7 +119,7 @@ class MemoryApi:
                 m.token_count = self.counter.count(m.content)
             if self.carrier is not None:
                 async with self._in_order(m.session_id):
-                    embedded = await self.carrier.embed(m)
+                    embedded = await self.carrier.embed(m) if self._embeds_now(m) else None
                     new = await self.store.store_message(m, embedding=embedded.vector if embedded else None)
             else:
                 embedded, new = None, await self.store.store_message(m)
@@ -150,6 +151,15 @@ class MemoryApi:
             return new
         finally:
             structlog.contextvars.unbind_contextvars("user_id", "message_id", "session_id")
+
+    def _embeds_now(self, m: StoredMessage) -> bool:
+        """Whether the write path embeds the message (with a carrier): when its update will carry the vector, or when
+        the STM summary scores salience (its per-session state must see a session's turns in order, so all of them
+        here). Any other message (an offline reply, a system message, one without a user, all of them with
+        ENABLE_LTM_PUBLISH=false) is stored at once and embedded by the background job, in passes that step aside
+        for the stores and requests: nobody waits for its vector, and an offline reply, which quotes the memories it
+        was given, is often the longest text of its session (docs/operations.md, "How many memory copies")."""
+        return self.salience is not None or (self._publish is not None and publishable(m))
 
     async def _as_stored(self, m: StoredMessage) -> StoredMessage | None:
         """A duplicate as PostgreSQL holds it: its turn and update are written again (a redelivery after a crash

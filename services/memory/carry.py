@@ -2,9 +2,11 @@
 on its MemoryUpdate, with the turn's salience, so that ltm's ingest does not embed the same text again.
 
 memory embedded every stored message anyway (for ``search_messages``), in the background; ltm then embedded each
-published one again at ingest, its costliest step. Here the pass runs on the write path instead: one forward pass
-of the float model with the turn's token vectors (shared/runtime/embedding.py), whose sentence vector is stored in
-``conversation_messages.embedding`` by the same INSERT and carried on the update (shared/runtime/carried.py).
+published one again at ingest, its costliest step. Here the pass of a message that will be published runs on the
+write path instead: one forward pass of the float model with the turn's token vectors (shared/runtime/embedding.py),
+whose sentence vector is stored in ``conversation_messages.embedding`` by the same INSERT and carried on the update
+(shared/runtime/carried.py). A message that is not published (an offline reply) is left to the background job, as
+before (services/memory/api.py ``MemoryApi._embeds_now``).
 
 The salience carried is ltm's: the model of services/ltm/salience over the session's turns as ltm would see them,
 the published updates in the order they are published (new messages only: a redelivered message is published

@@ -32,8 +32,9 @@ class MemorySettings(MeshSettings):
         default=True, description="embed stored messages, for search_messages (as they are stored with "
                                   "MEMORY_CARRY_VECTORS, else in the background)")
     memory_carry_vectors: bool = Field(default=True, description=(
-        "embed each message as it is stored (one forward pass, on the write path) instead of in the background, and "
-        "send the vector with the turn's salience on its MemoryUpdate, so that ltm does not embed it again (one "
+        "embed each message it publishes as it is stored (one forward pass, on the write path) instead of in the "
+        "background, and send the vector with the turn's salience on its MemoryUpdate, so that ltm does not embed it "
+        "again (unpublished messages, such as offline replies, are still embedded in the background; one "
         "embedding per message in the mesh; services/memory/carry.py); needs MEMORY_EMBED_MESSAGES"))
     memory_embed_interval_s: float = Field(default=1.0, gt=0,
                                            description="how often the background embedder looks for new messages")

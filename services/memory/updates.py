@@ -29,12 +29,16 @@ def is_offline_reply(role: str, metadata: Mapping[str, Any]) -> bool:
     return role == "ai" and isinstance(model, str) and model.startswith(OFFLINE_MODEL)
 
 
+def publishable(m: StoredMessage) -> bool:
+    """Whether the message becomes a MemoryUpdate (the rule above)."""
+    return bool(m.user_id) and m.role in ("human", "ai") and not is_offline_reply(m.role, m.metadata)
+
+
 def memory_update(m: StoredMessage, metrics: Metrics) -> MemoryUpdate | None:
-    """The MemoryUpdate of a stored message, or None when it is not for long-term memory (counted)."""
-    if not m.user_id or m.role not in ("human", "ai"):
-        return None
-    if is_offline_reply(m.role, m.metadata):
-        metrics.incr("offline_replies_not_published")
+    """The MemoryUpdate of a stored message, or None when it is not for long-term memory (offline replies counted)."""
+    if not publishable(m):
+        if m.user_id and is_offline_reply(m.role, m.metadata):
+            metrics.incr("offline_replies_not_published")
         return None
     return MemoryUpdate(
         user_id=m.user_id, content=m.content, source="user" if m.role == "human" else "ai", timestamp=m.timestamp,

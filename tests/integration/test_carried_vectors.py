@@ -19,7 +19,7 @@ from services.ltm.store import LtmStore
 from services.memory.store import StoredMessage
 from shared.contracts import MEMORY_UPDATE, DecodeError, MemoryUpdate, decode
 from shared.contracts.memory_api import ImportMessage
-from shared.contracts.messages import CarriedEmbedding
+from shared.contracts.messages import OFFLINE_MODEL, CarriedEmbedding
 from shared.runtime.carried import carry
 from shared.runtime.embedding import MODEL_NAME, Embedder
 from shared.runtime.metrics import Metrics
@@ -212,6 +212,45 @@ async def test_one_sessions_concurrent_writes_are_stored_in_the_order_they_came(
     await memory.stm.drain()
     assert (await memory.store.load_summary("u-ord", "ord")).turns == 35
     assert not memory.api._writing  # no lock left behind
+
+
+async def test_a_message_that_is_not_published_is_embedded_in_the_background_not_on_the_write_path(
+        mesh: Mesh) -> None:
+    """An offline reply carries no vector anywhere (it is not published): the write path stores it at once, without
+    the forward pass its user's turn had, and the background job gives it its vector later; the carried salience of
+    the session's next published turn is the one ltm computes over the published turns alone."""
+    memory = mesh.memory()
+    assert memory.api.carrier is not None and memory.api.salience is None  # the defaults
+    now = time.time()
+    turns = [StoredMessage(message_id="bg-0", session_id="bg", user_id="u-bg", role="human", content=TURNS[2],
+                           timestamp=now),
+             StoredMessage(message_id="bg-1", session_id="bg", user_id="u-bg", role="ai", timestamp=now + 1,
+                           content="[offline] I can only repeat what I remember: " + TURNS[2],
+                           metadata={"model": OFFLINE_MODEL}),
+             StoredMessage(message_id="bg-2", session_id="bg", user_id="u-bg", role="human", content=TURNS[4],
+                           timestamp=now + 2)]
+    for m in turns:
+        await memory.api.record(m)
+    vectors = "SELECT count(*) FROM conversation_messages WHERE user_id = 'u-bg' AND embedding IS NOT NULL"
+    assert await mesh.count(vectors) == 2  # the two published turns, on the write path
+    assert memory.metrics.get("carry.vectors") == 2
+    updates = [u for u in await published(mesh) if u.user_id == "u-bg"]
+    assert [u.content for u in updates] == [TURNS[2], TURNS[4]]
+    assert await memory.api.embed_pending("u-bg") == 1  # the reply, by the background job
+    assert await mesh.count(vectors) == 3
+    async with mesh.pool.connection() as conn:
+        cur = await conn.execute("SELECT embedding::text FROM conversation_messages WHERE user_id = 'u-bg'"
+                                 " AND message_id = 'bg-1'")
+        row = await cur.fetchone()
+    assert row is not None
+    assert cos(np.array(json.loads(row[0]), dtype=np.float32), mesh.model.encode([turns[1].content])[0]) > 0.9999
+    plain, _ = backend(mesh)  # ltm's own scores of the published turns: the same as the carried ones
+    for u in updates:
+        assert await plain.ingest(u.model_copy(update={"user_id": "u-bg-plain", "embedding": None}))
+    expected = await episodic(mesh, "u-bg-plain")
+    for u in updates:
+        assert u.embedding is not None and u.embedding.salience is not None
+        assert abs(u.embedding.salience - (expected[u.content][1] or 0.0)) < 1e-4
 
 
 async def test_every_memory_copy_drops_a_deleted_users_session_states(mesh: Mesh) -> None:
