@@ -25,6 +25,7 @@ import asyncio
 import time
 from typing import Any
 
+from mesh.bench_cpu import CpuMeter
 from mesh.bench_procs import ServiceProcess, say, wait_consumed
 from mesh.bench_search import start_ltm
 from mesh.bench_seed import IngestTurn, delete_users
@@ -90,20 +91,25 @@ async def ingest_workload(ctx: Ctx) -> dict[str, Any]:
                     used.append(names)
                     procs = [(await start_ltm(ctx, f"ingest{n}", names))[0] for _ in range(max(1, n))]
                 batch = updates(turns, f"bench-ingest-{ctx.run_id}-{n}-{kind}", vectors[kind] if n else None)
+                meter = await CpuMeter.of(procs, ctx.redis, ctx.database_url)
+                meter.start()
+                wall = time.perf_counter()
                 async with ctx.redis.pipeline(transaction=False) as pipe:
                     for u in batch:
                         pipe.xadd(names.memory_updates, {"data": encode(u)})
                     ids = await pipe.execute()
                 done, seconds = await wait_consumed(ctx.redis, names.memory_updates, names.ltm_group, ids, procs,
                                                     timeout=spec.ingest_timebox_s, label=f"{kind} x{n}")
+                cpu = meter.stop(time.perf_counter() - wall, done, "update")
                 rate = done / seconds if seconds else 0.0
                 out[kind][str(n) if n else "uncarried"] = {
                     "processes": max(1, n), "ingested": done, "of": len(ids), "seconds": round(seconds, 2),
                     "per_s": round(rate, 2), "per_s_per_process": round(rate / max(1, n), 2),
-                    "timeboxed": done < len(ids), "vectors_carried": bool(n)}
+                    "timeboxed": done < len(ids), "vectors_carried": bool(n), "cpu": cpu}
                 say(f"  {kind} turns, {max(1, n)} ltm process(es){'' if n else ', no vectors carried'}: "
                     f"{done}/{len(ids)} in {seconds:.1f}s = {rate:.1f}/s"
-                    + (" (time box reached)" if done < len(ids) else ""))
+                    + (" (time box reached)" if done < len(ids) else "")
+                    + "; cores used: " + ", ".join(f"{k} {v:.2f}" for k, v in cpu["cores"].items()))
                 if done < len(ids):  # a backlog is left: the next measurement gets fresh processes
                     ctx.procs.stop(procs)
                     procs = []

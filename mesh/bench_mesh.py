@@ -31,6 +31,7 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
+from mesh.bench_cpu import CpuMeter
 from mesh.bench_procs import REPLY, ServiceProcess, latency, ping_ready, rpc, say
 from mesh.bench_seed import SeedPlan, delete_sessions, delete_users
 from mesh.bench_spec import Ctx
@@ -221,9 +222,12 @@ async def chat_turns(ctx: Ctx, names: Names, procs: list[ServiceProcess], think_
             await warm_users(ctx, names, sorted({_chat_user(ctx, s) for s in range(spec.chat_sessions)}))
         say(f"chat: {spec.chat_sessions} sessions at once, {turns} turns each"
             + (f", pausing 0.5-1.5 x {think_s:g}s between turns" if think_s else ", no pause"))
+        meter = await CpuMeter.of(procs, ctx.redis, ctx.database_url)
+        meter.start()
         started = time.perf_counter()
         await asyncio.gather(*(session(s) for s in range(spec.chat_sessions)))
         wall = time.perf_counter() - started
+        cpu = meter.stop(wall, len(samples))
     finally:
         stop.set()
         await reader
@@ -233,7 +237,11 @@ async def chat_turns(ctx: Ctx, names: Names, procs: list[ServiceProcess], think_
     r: dict[str, Any] = {"sessions": spec.chat_sessions, "turns_per_session": turns, "think_s": think_s,
          "turn": latency(samples),
          "chat_ai_latency": latency(server_ms), "by_ltm_status": dict(status), "no_reply": lost,
-         "without_memory": without, "turns_per_s": round(len(samples) / wall, 2), "seconds": round(wall, 2)}
+         "without_memory": without, "turns_per_s": round(len(samples) / wall, 2), "seconds": round(wall, 2),
+         "cpu": cpu}
     say(f"  turn p50 {r['turn']['p50_ms']} ms, p95 {r['turn']['p95_ms']} ms; without memory {without} of "
         f"{spec.chat_sessions * turns} ({dict(status)}, no reply {lost})")
+    say("  cores used: " + ", ".join(f"{k} {v:.2f}" for k, v in cpu["cores"].items())
+        + f" (total {cpu['cores_total']}); CPU ms a turn: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in cpu.get("cpu_ms_per_turn", {}).items()))
     return r

@@ -92,6 +92,9 @@ def test_bench_runs_every_workload_as_processes_over_the_bus(tmp_path: Path, red
     assert r["mem0"]["ratios"]["30"]["p95"] > 0
     chat = r["mesh"]["chat"]
     assert chat["turn"]["n"] == spec.chat_sessions * spec.chat_turns and chat["no_reply"] == 0
+    # where the burst's CPU went: each service's process tree, PostgreSQL (the bench's own), Redis, the bench
+    assert set(chat["cpu"]["cores"]) == {"chat_ai", "ltm", "memory", "postgres", "redis", "bench"}, chat["cpu"]
+    assert chat["cpu"]["cpu_ms_per_turn"]["chat_ai"] > 0 and chat["cpu"]["cores_total"] > 0
     paced = r["mesh"]["chat_paced"]
     assert paced["think_s"] == spec.chat_think_s > 0 and chat["think_s"] == 0
     assert paced["turn"]["n"] == spec.chat_sessions * spec.chat_paced_turns and paced["no_reply"] == 0
@@ -104,6 +107,7 @@ def test_bench_runs_every_workload_as_processes_over_the_bus(tmp_path: Path, red
         assert r["ingest"][kind]["1"]["ingested"] == r["ingest"][kind]["2"]["ingested"] == n
         assert r["ingest"][kind]["uncarried"]["ingested"] == n and r["ingest"][kind]["1"]["vectors_carried"]
         assert not r["ingest"][kind]["uncarried"]["vectors_carried"]
+        assert r["ingest"][kind]["1"]["cpu"]["cpu_ms_per_update"]["ltm"] > 0  # the ltm process and its ingest child
     both = spec.ingest_short + spec.ingest_long  # ltm stored the carried vectors, embedded none of those turns
     assert r["ingest"]["vectors_used"] == {"1": both, "2": both, "uncarried": 0}
     assert len(report["plots"]) == 2 and all((out.parent / p).stat().st_size > 0 for p in report["plots"])

@@ -1,0 +1,104 @@
+"""Where a workload's CPU went: the CPU time (user + system, from ``/proc``) of each service's processes with their
+children (ltm's ingest child), of PostgreSQL (the postmaster and its backends), of Redis and of the bench's own
+process, over the workload. A target out of reach on 2 cores shows here which process holds the cores.
+
+The servers are found through their own connections (``pg_backend_pid()``'s parent, Redis's ``INFO server``
+``process_id``), so this works for the servers the bench starts and for any on this machine; for a server
+elsewhere (or without ``/proc``) its row is missing. Linux only; elsewhere every figure is empty.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from mesh.bench_procs import ServiceProcess
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _processes() -> dict[int, tuple[int, float]]:
+    """pid -> (parent pid, CPU seconds so far) of every process visible in /proc."""
+    out: dict[int, tuple[int, float]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return out
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):  # gone meanwhile
+            continue
+        # after the command: state, ppid, ... utime (14th field of the line) and stime (15th)
+        out[int(name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICK)
+    return out
+
+
+def _tree(table: dict[int, tuple[int, float]], roots: Iterable[int]) -> float:
+    """CPU seconds of ``roots`` and all their descendants."""
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo, seen = 0.0, [r for r in roots if r in table], set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        total += table[pid][1]
+        todo.extend(children.get(pid, []))
+    return total
+
+
+@dataclass
+class CpuMeter:
+    """Label -> root pids (a tree each, or the process alone for ``bench``): ``start()`` then ``stop()``."""
+
+    trees: dict[str, list[int]] = field(default_factory=dict)
+    alone: dict[str, int] = field(default_factory=dict)
+    _before: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    async def of(cls, services: list[ServiceProcess], redis: Any, database_url: str) -> CpuMeter:
+        meter = cls(alone={"bench": os.getpid()})
+        for p in services:
+            meter.trees.setdefault(p.service, []).append(p.pid)
+        try:
+            info = await redis.info("server")
+            meter.alone["redis"] = int(info["process_id"])
+        except Exception:  # noqa: BLE001 - a cluster client or a server that does not say: no Redis row
+            pass
+        try:
+            async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+                row = await (await conn.execute("SELECT pg_backend_pid()")).fetchone()
+                backend = _processes().get(int(row[0])) if row else None  # read while it lives: it exits with us
+            if backend is not None:
+                meter.trees["postgres"] = [backend[0]]  # its parent, the postmaster
+        except psycopg.Error:  # no PostgreSQL row
+            pass
+        return meter
+
+    def _now(self) -> dict[str, float]:
+        table = _processes()
+        now = {label: _tree(table, roots) for label, roots in self.trees.items()}
+        now.update({label: table[pid][1] for label, pid in self.alone.items() if pid in table})
+        return now
+
+    def start(self) -> None:
+        self._before = self._now()
+
+    def stop(self, seconds: float, units: int = 0, unit: str = "turn") -> dict[str, Any]:
+        """Cores each label used over the ``seconds`` since :meth:`start` and, with ``units``, CPU ms per unit."""
+        used = {k: v - self._before[k] for k, v in self._now().items() if k in self._before}
+        out: dict[str, Any] = {"cores": {k: round(v / seconds, 3) for k, v in sorted(used.items())} if seconds else {},
+                               "cores_total": round(sum(used.values()) / seconds, 3) if seconds else None}
+        if units:
+            out[f"cpu_ms_per_{unit}"] = {k: round(v * 1000 / units, 2) for k, v in sorted(used.items())}
+        return out
