@@ -59,7 +59,8 @@ def _tree(table: dict[int, tuple[int, float]], roots: Iterable[int]) -> float:
 
 @dataclass
 class CpuMeter:
-    """Label -> root pids (a tree each, or the process alone for ``bench``): ``start()`` then ``stop()``."""
+    """Label -> root pids (a tree each, or the process alone for ``bench``): ``start()`` then ``stop()``. A
+    service's row counts its children; ``of_which_children`` says how much of it they took."""
 
     trees: dict[str, list[int]] = field(default_factory=dict)
     alone: dict[str, int] = field(default_factory=dict)
@@ -88,6 +89,9 @@ class CpuMeter:
     def _now(self) -> dict[str, float]:
         table = _processes()
         now = {label: _tree(table, roots) for label, roots in self.trees.items()}
+        for label, roots in self.trees.items():  # a service's children apart too (ltm's ingest child)
+            if label != "postgres":
+                now[f"{label}.children"] = now[label] - sum(table[r][1] for r in roots if r in table)
         now.update({label: table[pid][1] for label, pid in self.alone.items() if pid in table})
         return now
 
@@ -97,8 +101,12 @@ class CpuMeter:
     def stop(self, seconds: float, units: int = 0, unit: str = "turn") -> dict[str, Any]:
         """Cores each label used over the ``seconds`` since :meth:`start` and, with ``units``, CPU ms per unit."""
         used = {k: v - self._before[k] for k, v in self._now().items() if k in self._before}
-        out: dict[str, Any] = {"cores": {k: round(v / seconds, 3) for k, v in sorted(used.items())} if seconds else {},
-                               "cores_total": round(sum(used.values()) / seconds, 3) if seconds else None}
+        trees = {k: v for k, v in used.items() if not k.endswith(".children")}  # each CPU second counted once
+        children = {k: v for k, v in used.items() if k.endswith(".children") and v > 0}
+        out: dict[str, Any] = {"cores": {k: round(v / seconds, 3) for k, v in sorted(trees.items())} if seconds else {},
+                               "cores_total": round(sum(trees.values()) / seconds, 3) if seconds else None,
+                               "of_which_children": ({k: round(v / seconds, 3) for k, v in sorted(children.items())}
+                                                     if seconds else {})}
         if units:
-            out[f"cpu_ms_per_{unit}"] = {k: round(v * 1000 / units, 2) for k, v in sorted(used.items())}
+            out[f"cpu_ms_per_{unit}"] = {k: round(v * 1000 / units, 2) for k, v in sorted(trees.items())}
         return out

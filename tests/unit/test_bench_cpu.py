@@ -46,3 +46,5 @@ def test_a_running_tree_is_measured_while_it_burns() -> None:
     assert out["cores"]["svc"] > 0.5, out  # the grandchild's burn, through its parent's tree
     assert out["cores"]["bench"] < 0.3, out  # this process slept
     assert out["cpu_ms_per_turn"]["svc"] == pytest.approx(out["cores"]["svc"] * 50, rel=0.05)
+    assert out["of_which_children"]["svc.children"] > 0.5, out  # the parent itself only waits
+    assert out["cores_total"] == pytest.approx(sum(out["cores"].values()), abs=0.01)  # children counted once
