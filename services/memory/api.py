@@ -31,6 +31,7 @@ from services.memory.store import NOBODY, Conflict, ConversationStore, NotFound,
 from services.memory.tokens import TokenCounter
 from services.memory.updates import Publish, memory_update, publishable
 from shared.contracts import encode, new_id
+from shared.contracts.errors import MeshError
 from shared.contracts.memory_api import (
     CleanupExpiredRequest,
     CreateSessionRequest,
@@ -66,6 +67,7 @@ from shared.contracts.memory_api import (
 from shared.contracts.messages import UserDeletion
 from shared.runtime.embedding import Embedder
 from shared.runtime.errors import REDIS_ERRORS
+from shared.runtime.fence import RECEIVED_AT, refuse_if_deleted
 from shared.runtime.logging import get_logger
 from shared.runtime.metrics import Metrics
 from shared.runtime.passes import embed_in_steps, steps, tokens
@@ -247,7 +249,25 @@ class MemoryApi:
                           parent_message_id=d.parent_message_id, metadata=d.metadata, message_type=d.message_type,
                           is_context_message=d.is_context_message)
         await self.record(m)
+        await self._unless_overtaken(user_id, m.session_id)
         return await self.store.get_message(user_id, m.message_id)
+
+    async def _unless_overtaken(self, user_id: str, session_id: str) -> None:
+        """After a request's write: if the user's deletion came after its commit but before its STM turn was written
+        (the deletion removes the row, then the session's STM keys, and a second pass finds no session left to clear),
+        the STM turn is removed again and the request fails as a write the deletion overtook (``not_found``,
+        shared/runtime/fence.py). Its memory_updates entry is the second pass's (mesh/forget.py sweeps the streams
+        and deletes in ltm again once ltm has read them). Writes from the streams have no request: nothing here."""
+        if RECEIVED_AT.get() is None:
+            return
+        try:
+            async with self.store.pool.connection() as conn, conn.transaction():
+                await refuse_if_deleted(conn, user_id, "memory")  # waits for a deletion under way
+        except MeshError:
+            await erase.delete_user_keys(self.stm.redis, self.stm.names, user_id, [session_id])
+            self.forget([user_id])  # the write's salience states too
+            self.metrics.incr("writes_overtaken")
+            raise
 
     async def get_messages(self, user_id: str, session_id: str, limit: int = 50, offset: int = 0,
                            newest_first: bool = False) -> list[MessageInfo]:

@@ -277,6 +277,43 @@ async def test_a_request_write_its_users_deletion_overtook_is_refused(mesh: Mesh
     assert await mesh.count("SELECT count(*) FROM conversation_messages WHERE user_id = %s", user) == 2
 
 
+async def test_a_store_message_whose_stm_turn_comes_after_the_deletion_leaves_no_turn(mesh: Mesh) -> None:
+    """A store_message committed just before its user's deletion, whose STM turn was written just after it: the
+    deletion removed the row and the session's keys, and its second pass finds no session to clear, so that turn
+    (the user's words) stayed for the STM's TTL. The request now looks for the deletion after writing the turn,
+    removes it again and fails as overtaken."""
+    import time
+
+    from shared.contracts.errors import MeshError
+    from shared.contracts.memory_api import StoreMessageData
+    from shared.runtime.fence import RECEIVED_AT
+
+    user = f"u-late-{new_id()[:8]}"
+    session = f"{user}-s"
+    memory = mesh.memory()
+    append = memory.api.stm.append
+
+    async def deleted_first(*args: Any, **kwargs: Any) -> Any:  # the deletion lands between commit and STM write
+        await memory.api.delete_user(user)
+        return await append(*args, **kwargs)
+
+    memory.api.stm.append = deleted_first  # type: ignore[method-assign]
+    token = RECEIVED_AT.set(time.time())
+    try:
+        with pytest.raises(MeshError) as err:
+            await memory.api.store_message(user, StoreMessageData(session_id=session, content="my PIN is 4321"))
+    finally:
+        RECEIVED_AT.reset(token)
+        memory.api.stm.append = append  # type: ignore[method-assign]
+    assert err.value.code.value == "not_found"
+    names = mesh.names
+    left = [k for k in (names.stm_turns(session), names.stm_summary(session), names.stm_meta(session))
+            if await mesh.redis.exists(k)]
+    assert left == [], left
+    assert await mesh.count("SELECT count(*) FROM conversation_messages WHERE user_id = %s", user) == 0
+    assert memory.metrics.get("writes_overtaken") == 1
+
+
 async def test_settling_does_not_wait_for_an_entry_the_first_pass_deleted(mesh: Mesh) -> None:
     """The first pass deletes the user's entries a group had yet to read: the stream's last generated id may be one
     of them, never to be delivered, so a stage waiting for it once waited out the whole settle time."""
