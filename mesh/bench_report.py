@@ -186,8 +186,39 @@ def readme_block(report: dict[str, Any], source: str) -> str:
         lines.append(f"| {t.what} | {_fmt(row['value'])} {t.unit if row['value'] is not None else ''} | "
                      f"{row['target'] or '-'} | {met} |")
     lines.append("")
+    lines += _cpu_lines(report.get("results", {}))
     lines += [f"![{Path(p).stem}]({Path(source).parent / p})" for p in report.get("plots", [])]
     return "\n".join(lines)
+
+
+def _cores(cpu: dict[str, Any]) -> str:
+    """"memory 0.57, ltm 0.62 (its children 0.21), ..." from a CPU meter's figures (mesh/bench_cpu.py)."""
+    children = cpu.get("of_which_children", {})
+    parts = []
+    for label, cores in sorted(cpu["cores"].items(), key=lambda kv: -kv[1]):
+        inner = children.get(f"{label}.children")
+        parts.append(f"{label} {cores:.2f}" + (f" (its children {inner:.2f})" if inner else ""))
+    return ", ".join(parts) + f"; {cpu['cores_total']:.2f} in all"
+
+
+def _cpu_lines(results: dict[str, Any]) -> list[str]:
+    """Where the CPU went in the runs whose targets two cores bound: the chat burst and the ingest runs."""
+    items = []
+    chat = results.get("mesh", {}).get("chat", {})
+    if chat.get("cpu"):
+        items.append(f"- chat burst ({chat['turns_per_s']:g} turns/s): {_cores(chat['cpu'])}")
+    for kind, runs in results.get("ingest", {}).items():
+        if not isinstance(runs, dict):
+            continue
+        for n in ("1", "2"):
+            run = runs.get(n)
+            if isinstance(run, dict) and run.get("cpu"):
+                items.append(f"- ingest, {kind} turns, {n} ltm process{'es' if n != '1' else ''} "
+                             f"({run['per_s']:g} updates/s): {_cores(run['cpu'])}")
+    if not items:
+        return []
+    return ["Cores each process used over the runs two cores bound (user + system time from `/proc`; a service "
+            "with its children, such as ltm's ingest child; PostgreSQL with its backends):", "", *items, ""]
 
 
 def write_readme(source: Path, readme: Path = README) -> None:
