@@ -65,7 +65,7 @@ from shared.contracts.memory_api import (
     UpdateSessionActivityRequest,
 )
 from shared.contracts.messages import UserDeletion
-from shared.runtime.embedding import Embedder
+from shared.runtime.embedding import Embedder, EmbeddingSettings, SyncEmbedder, dedicated_model
 from shared.runtime.errors import REDIS_ERRORS
 from shared.runtime.fence import RECEIVED_AT, refuse_if_deleted
 from shared.runtime.logging import get_logger
@@ -99,6 +99,7 @@ class MemoryApi:
         self._embed_lock = asyncio.Lock()
         self._background_nice = background_nice  # BACKGROUND_NICE of the background embedding's passes
         self._background: Embedder | None = None
+        self._background_model: SyncEmbedder | None = None  # MEMORY_BACKGROUND_MODEL=own: the background's copy
         self.salience = salience  # STM_SALIENCE_WEIGHT > 0: score messages as they are embedded
         self.carrier = carrier  # MEMORY_CARRY_VECTORS: embed on the write path, the vector on the MemoryUpdate
         self._writing: dict[str, _Ordered] = {}  # session -> its writes in order (carrier only, _in_order)
@@ -340,14 +341,22 @@ class MemoryApi:
             if not entry.users:
                 del self._writing[session_id]
 
+    async def load_background_model(self, settings: EmbeddingSettings) -> None:
+        """A copy of the model for the background job (MEMORY_BACKGROUND_MODEL=own), with a lock of its own: a
+        message stored on the write path then never waits for the model behind a background pass (a long offline
+        reply's pass takes ~50 ms here). Loaded at start (in a thread), like the write path's model."""
+        self._background_model = await asyncio.to_thread(dedicated_model, "background", settings)
+
     def _background_embedder(self, embedder: Embedder) -> Embedder:
-        """The same model, its passes in the background threads (one front per model); the embedder itself when
-        background work has no threads of its own (BACKGROUND_NICE=0)."""
+        """The background job's front: its own copy of the model when loaded (:meth:`load_background_model`), else
+        the same model; its passes in the background threads (BACKGROUND_NICE) when they have threads of their own.
+        The embedder itself when neither applies."""
         executor = background_executor(self._background_nice)
-        if executor is None:
+        model = self._background_model or embedder.model
+        if executor is None and model is embedder.model:
             return embedder
-        if self._background is None or self._background.model is not embedder.model:
-            self._background = Embedder(embedder.model, executor=executor)
+        if self._background is None or self._background.model is not model:
+            self._background = Embedder(model, executor=executor)
         return self._background
 
     async def import_messages(self, user_id: str, messages: list[ImportMessage]) -> ImportResult:

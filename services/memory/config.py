@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from shared.runtime.settings import MeshSettings
@@ -36,6 +38,10 @@ class MemorySettings(MeshSettings):
         "background, and send the vector with the turn's salience on its MemoryUpdate, so that ltm does not embed it "
         "again (unpublished messages, such as offline replies, are still embedded in the background; one "
         "embedding per message in the mesh; services/memory/carry.py); needs MEMORY_EMBED_MESSAGES"))
+    memory_background_model: Literal["own", "shared"] = Field(default="own", description=(
+        "`own`: with MEMORY_CARRY_VECTORS, the background embedding of stored messages (offline replies, anything "
+        "not published) has a copy of the model of its own (about 90 MB), so a message being stored never waits "
+        "behind one of its passes for the model; `shared`: one model for both"))
     memory_embed_interval_s: float = Field(default=1.0, gt=0,
                                            description="how often the background embedder looks for new messages")
     memory_embed_yield_ms: int = Field(

@@ -259,12 +259,13 @@ def shared_model(threads: int | None = None, settings: EmbeddingSettings | None 
         return _shared[key]
 
 
-def dedicated_model(role: Literal["ingest", "query"], settings: EmbeddingSettings | None = None, *,
+def dedicated_model(role: Literal["ingest", "query", "background"], settings: EmbeddingSettings | None = None, *,
                     int8: bool = False) -> SyncEmbedder:
     """The process's one copy of the model for ``role`` (float, or with ``int8`` its int8 copy), loaded on first
     use, whose passes hold a lock of their own (SyncEmbedder's is one per class), so they run beside the other
     models' instead of after them: ``query`` embeds search queries (LTM_QUERY_INT8), ``ingest`` what ingest stores
-    (LTM_INGEST_MODEL=own, LTM_INGEST_INT8)."""
+    (LTM_INGEST_MODEL=own, LTM_INGEST_INT8), ``background`` memory's background embedding of stored messages
+    (MEMORY_BACKGROUND_MODEL=own)."""
     settings = settings or EmbeddingSettings()
     key = (role, "int8" if int8 else "float", *_settings_key(settings))
     with _shared_lock:

@@ -253,6 +253,22 @@ async def test_a_message_that_is_not_published_is_embedded_in_the_background_not
         assert abs(u.embedding.salience - (expected[u.content][1] or 0.0)) < 1e-4
 
 
+async def test_a_store_does_not_wait_for_the_model_behind_a_background_pass(mesh: Mesh) -> None:
+    """MEMORY_BACKGROUND_MODEL=own: the background job's passes (offline replies, ~50 ms each for a long one) hold
+    a copy of the model of their own, so a message stored meanwhile is embedded beside them, not after them."""
+    memory = mesh.memory()
+    write_model = (await memory._get_embedder()).model
+    await memory.api.load_background_model(memory.settings)
+    background = memory.api._background_embedder(await memory._get_embedder())
+    assert background.model is not write_model and background.model._lock is not write_model._lock
+    with background.model._lock:  # a background pass under way
+        await asyncio.wait_for(memory.api.record(StoredMessage(
+            message_id="bgm-0", session_id="bgm", user_id="u-bgm", role="human", content=TURNS[2],
+            timestamp=time.time())), 20)
+    assert await mesh.count("SELECT count(*) FROM conversation_messages WHERE user_id = 'u-bgm'"
+                            " AND embedding IS NOT NULL") == 1
+
+
 async def test_every_memory_copy_drops_a_deleted_users_session_states(mesh: Mesh) -> None:
     """The copy that served a deletion dropped the states derived from the user's turns; another copy that had
     stored some of them kept theirs (salience and carried-vector states, in process) until its LRU pushed them out.
