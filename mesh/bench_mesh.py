@@ -29,6 +29,7 @@ import time
 from collections import Counter
 from typing import Any
 
+import psycopg
 from redis.exceptions import ResponseError
 
 from mesh.bench_cpu import CpuMeter
@@ -136,17 +137,20 @@ async def warm_users(ctx: Ctx, names: Names, users: list[str]) -> None:
 
 
 async def backlog_drained(ctx: Ctx, names: Names, timeout: float = 300.0) -> float:
-    """Seconds until the services' stream groups have nothing unread and nothing pending: ltm's on memory_updates,
-    memory's on user_input_queue and ai_responses. A saturated chat run leaves memory storing (and embedding) its
-    messages for a while after the last reply (chat_ai answers without waiting for them): a workload started
-    before that measured the leftover, not itself (message_store_first_turns, p95 0.4-0.9 s behind the burst's
-    backlog, 25 ms alone)."""
+    """Seconds until the services' stream groups have nothing unread and nothing pending (ltm's on memory_updates,
+    memory's on user_input_queue and ai_responses) and memory has embedded every message it stored. A saturated
+    chat run leaves memory storing its messages for a while after the last reply (chat_ai answers without waiting
+    for them), and its background job embedding the offline replies (not embedded as they are stored: nothing
+    carries their vectors): a workload started before that measured the leftover, not itself
+    (message_store_first_turns, p95 0.4-0.9 s behind the burst's stream backlog, 78 ms beside the background
+    job's, 25-30 ms alone)."""
     watched = ((names.memory_updates, names.ltm_group), (names.user_input, names.memory_group),
                (names.ai_responses, names.memory_group))
     started = time.monotonic()
     last: Any = None
     while time.monotonic() - started < timeout:
-        last = {}
+        # memory's background job still embedding what it stored without a vector (the burst's offline replies)
+        last = {"messages without a vector": await _unembedded(ctx.database_url)}
         for stream, group in watched:
             try:
                 groups: Any = await ctx.redis.xinfo_groups(stream)
@@ -154,10 +158,18 @@ async def backlog_drained(ctx: Ctx, names: Names, timeout: float = 300.0) -> flo
                 continue
             mine = [g for g in groups if g.get("name") in (group, group.encode())]
             last[stream] = [{k: g.get(k) for k in ("lag", "pending")} for g in mine]
-        if all(g["lag"] == 0 and g["pending"] == 0 for seen in last.values() for g in seen):
+        groups = [g for stream, seen in last.items() if stream != "messages without a vector" for g in seen]
+        if not last["messages without a vector"] and all(g["lag"] == 0 and g["pending"] == 0 for g in groups):
             return round(time.monotonic() - started, 2)
         await asyncio.sleep(0.5)
     raise TimeoutError(f"the services did not catch up with their streams in {timeout:.0f}s; last seen {last}")
+
+
+async def _unembedded(database_url: str) -> int:
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        cur = await conn.execute("SELECT count(*) FROM conversation_messages WHERE embedding IS NULL")
+        row = await cur.fetchone()
+    return int(row[0]) if row else 0
 
 
 async def chat_turns(ctx: Ctx, names: Names, procs: list[ServiceProcess], think_s: float = 0.0) -> dict[str, Any]:
