@@ -66,6 +66,7 @@ from shared.contracts.memory_api import (
 )
 from shared.contracts.messages import UserDeletion
 from shared.runtime.embedding import Embedder, EmbeddingSettings, SyncEmbedder, dedicated_model
+from shared.runtime.erase import erase_entries
 from shared.runtime.errors import REDIS_ERRORS
 from shared.runtime.fence import RECEIVED_AT, refuse_if_deleted
 from shared.runtime.logging import get_logger
@@ -100,6 +101,7 @@ class MemoryApi:
         self._background_nice = background_nice  # BACKGROUND_NICE of the background embedding's passes
         self._background: Embedder | None = None
         self._background_model: SyncEmbedder | None = None  # MEMORY_BACKGROUND_MODEL=own: the background's copy
+        self._catch_up: Embedder | None = None  # that copy at normal priority (search_messages' catch-up)
         self.salience = salience  # STM_SALIENCE_WEIGHT > 0: score messages as they are embedded
         self.carrier = carrier  # MEMORY_CARRY_VECTORS: embed on the write path, the vector on the MemoryUpdate
         self._writing: dict[str, _Ordered] = {}  # session -> its writes in order (carrier only, _in_order)
@@ -256,9 +258,9 @@ class MemoryApi:
     async def _unless_overtaken(self, user_id: str, session_id: str) -> None:
         """After a request's write: if the user's deletion came after its commit but before its STM turn was written
         (the deletion removes the row, then the session's STM keys, and a second pass finds no session left to clear),
-        the STM turn is removed again and the request fails as a write the deletion overtook (``not_found``,
-        shared/runtime/fence.py). Its memory_updates entry is the second pass's (mesh/forget.py sweeps the streams
-        and deletes in ltm again once ltm has read them). Writes from the streams have no request: nothing here."""
+        the STM turn and its memory_updates entry (if ltm has not read it yet: else the deletion's second pass in
+        ltm, mesh/forget.py) are removed again and the request fails as a write the deletion overtook
+        (``not_found``, shared/runtime/fence.py). Writes from the streams have no request: nothing here."""
         if RECEIVED_AT.get() is None:
             return
         try:
@@ -266,6 +268,8 @@ class MemoryApi:
                 await refuse_if_deleted(conn, user_id, "memory")  # waits for a deletion under way
         except MeshError:
             await erase.delete_user_keys(self.stm.redis, self.stm.names, user_id, [session_id])
+            # its update too (a deletion by a single delete_user request has no second pass to sweep it)
+            await erase_entries(self.stm.redis, [self.stm.names.memory_updates], user_id, [session_id])
             self.forget([user_id])  # the write's salience states too
             self.metrics.incr("writes_overtaken")
             raise
@@ -299,10 +303,12 @@ class MemoryApi:
         while True:
             if turn is not None:
                 await turn()
-            async with self._embed_lock:  # one pass at a time per process: the model is the bottleneck anyway
+            # one pass at a time per process (the model is the bottleneck anyway), its rows claimed until it is
+            # stored: other memory copies' passes take the next ones instead of embedding these again
+            async with self._embed_lock, self.store.pool.connection() as conn, conn.transaction():
                 # a background step embeds one pass: read only what fits one (a message is at least ~8 tokens)
                 limit = EMBED_BATCH if turn is None else EMBED_STEP_TOKENS // 8
-                pending = await self.store.unembedded(user_id=user_id, limit=limit)
+                pending = await self.store.unembedded(user_id=user_id, limit=limit, conn=conn)
                 if not pending:
                     return done
                 embedder = await self._embedder()  # loaded only once there is work for it
@@ -311,6 +317,8 @@ class MemoryApi:
                 if turn is not None:  # this step: the oldest messages that fit one pass, at background priority
                     pending = next(iter(steps(pending, lambda m: tokens(m.content), EMBED_STEP_TOKENS)))
                     embedder = self._background_embedder(embedder)
+                elif self._background_model is not None:  # a search's catch-up: beside the stores, not before them
+                    embedder = self._catch_up_embedder()
                 scored = self.salience is not None and getattr(embedder.model, "has_tokens", False)
                 token_vectors: dict[str, Any] = {}
                 vectors = await embed_in_steps(embedder, [m.content for m in pending], EMBED_STEP_TOKENS,
@@ -322,7 +330,7 @@ class MemoryApi:
                         background_executor(self._background_nice), self.salience.score, pending, vectors,
                         token_vectors))
                 await self.store.set_embeddings([(m.user_id, m.message_id, vectors[m.content], sal)
-                                                 for m, sal in zip(pending, scores, strict=True)])
+                                                 for m, sal in zip(pending, scores, strict=True)], conn)
                 done += len(pending)
                 self.metrics.incr("embedded", len(pending))
 
@@ -346,6 +354,14 @@ class MemoryApi:
         message stored on the write path then never waits for the model behind a background pass (a long offline
         reply's pass takes ~50 ms here). Loaded at start (in a thread), like the write path's model."""
         self._background_model = await asyncio.to_thread(dedicated_model, "background", settings)
+
+    def _catch_up_embedder(self) -> Embedder:
+        """The background copy of the model at normal priority: ``search_messages`` embeds the user's pending messages
+        with it (a user waits), and the write path's model stays free for the stores."""
+        assert self._background_model is not None
+        if self._catch_up is None or self._catch_up.model is not self._background_model:
+            self._catch_up = Embedder(self._background_model)
+        return self._catch_up
 
     def _background_embedder(self, embedder: Embedder) -> Embedder:
         """The background job's front: its own copy of the model when loaded (:meth:`load_background_model`), else

@@ -131,8 +131,8 @@ class MemoryService:
             # load the model now: an ONNX session holds the GIL while it is built (onnxruntime #27063), which on
             # first need would stall every store and request of the process for about half a second
             await self._get_embedder()
-            if (self.api.carrier is not None and self.settings.memory_background_model == "own"
-                    and not self.settings.embedding_remote):
+            if (self.api.carrier is not None and self.api.salience is None  # (with it the write path embeds all)
+                    and self.settings.memory_background_model == "own" and not self.settings.embedding_remote):
                 await self.api.load_background_model(self.settings)  # the background's passes beside the stores'
         heap.freeze_startup()  # what start-up loaded stays out of every garbage collection
         log.info("memory.ready")

@@ -303,27 +303,36 @@ class ConversationStore(ContextStore):
         out = [_message(r[:-1], float(r[-1])) for r in rows]
         return [m for m in out if threshold is None or (m.similarity or 0.0) >= threshold]
 
-    async def unembedded(self, *, user_id: str | None = None, limit: int = 256) -> list[Unembedded]:
+    async def unembedded(self, *, user_id: str | None = None, limit: int = 256,
+                         conn: AsyncConnection | None = None) -> list[Unembedded]:
         """Messages still without an embedding (of one user, or of anyone), oldest first (so each session's turns
-        come in order, as the salience model reads them)."""
+        come in order, as the salience model reads them). With ``conn`` (in a transaction) the rows are claimed
+        (``FOR UPDATE SKIP LOCKED``) until it ends: another memory copy's pass takes the next ones, not these."""
         cols = "SELECT user_id, message_id, content, session_id, role FROM conversation_messages"
-        async with self.pool.connection() as conn:
-            if user_id is not None:
-                cur = await conn.execute(f"{cols} WHERE user_id = %s AND embedding IS NULL"
-                                         " ORDER BY timestamp, message_index LIMIT %s", (user_id, limit))
-            else:  # the background backfill, oldest first across users: every partition (its partial index each)
-                cur = await conn.execute(f"{cols} WHERE embedding IS NULL ORDER BY timestamp, message_index LIMIT %s",
-                                         (limit,))
+        claim = " FOR UPDATE SKIP LOCKED" if conn is not None else ""
+        if user_id is not None:
+            sql: str = f"{cols} WHERE user_id = %s AND embedding IS NULL ORDER BY timestamp, message_index LIMIT %s"
+            params: tuple[Any, ...] = (user_id, limit)
+        else:  # the background backfill, oldest first across users: every partition (its partial index each)
+            sql, params = f"{cols} WHERE embedding IS NULL ORDER BY timestamp, message_index LIMIT %s", (limit,)
+        async with contextlib.AsyncExitStack() as stack:
+            if conn is None:
+                conn = await stack.enter_async_context(self.pool.connection())
+            cur = await conn.execute(sql + claim, params)
             return [Unembedded(r[0], r[1], r[2], r[3], r[4] == "ai") for r in await cur.fetchall()]
 
-    async def set_embeddings(self, rows: Sequence[tuple[str, str, np.ndarray, float | None]]) -> None:
-        """(user_id, message_id, embedding, salience or None) of each message."""
+    async def set_embeddings(self, rows: Sequence[tuple[str, str, np.ndarray, float | None]],
+                             conn: AsyncConnection | None = None) -> None:
+        """(user_id, message_id, embedding, salience or None) of each message (in ``conn``'s transaction if given)."""
         if not rows:
             return
-        async with self.pool.connection() as conn, conn.cursor() as cur:
-            await cur.executemany(
-                "UPDATE conversation_messages SET embedding = %s, salience = %s WHERE user_id = %s AND message_id = %s",
-                [(vec, sal, uid, mid) for uid, mid, vec, sal in rows])
+        async with contextlib.AsyncExitStack() as stack:
+            if conn is None:
+                conn = await stack.enter_async_context(self.pool.connection())
+            async with conn.cursor() as cur:
+                await cur.executemany(
+                    "UPDATE conversation_messages SET embedding = %s, salience = %s WHERE user_id = %s"
+                    " AND message_id = %s", [(vec, sal, uid, mid) for uid, mid, vec, sal in rows])
 
     # ------------------------------------------------------------------ STM support
     async def load_summary(self, user_id: str | None, session_id: str) -> SummaryState:

@@ -236,7 +236,13 @@ async def test_a_message_that_is_not_published_is_embedded_in_the_background_not
     assert memory.metrics.get("carry.vectors") == 2
     updates = [u for u in await published(mesh) if u.user_id == "u-bg"]
     assert [u.content for u in updates] == [TURNS[2], TURNS[4]]
-    assert await memory.api.embed_pending("u-bg") == 1  # the reply, by the background job
+    await memory.api.load_background_model(memory.settings)  # MEMORY_BACKGROUND_MODEL=own, as service.run loads it
+
+    async def no_wait() -> None:
+        return None
+
+    assert await memory.api.embed_pending(turn=no_wait) == 1  # the reply, by the background job, on its own copy
+    assert memory.api._background is not None and memory.api._background.model is memory.api._background_model
     assert await mesh.count(vectors) == 3
     async with mesh.pool.connection() as conn:
         cur = await conn.execute("SELECT embedding::text FROM conversation_messages WHERE user_id = 'u-bg'"
@@ -267,6 +273,26 @@ async def test_a_store_does_not_wait_for_the_model_behind_a_background_pass(mesh
             timestamp=time.time())), 20)
     assert await mesh.count("SELECT count(*) FROM conversation_messages WHERE user_id = 'u-bgm'"
                             " AND embedding IS NOT NULL") == 1
+
+
+async def test_two_copies_background_jobs_embed_each_message_once(mesh: Mesh) -> None:
+    """Every memory copy's background job looks for messages without a vector, oldest first: each pass claims its
+    rows until it has stored their vectors, so two copies at once embed different messages, never the same ones."""
+    one, two = mesh.memory(), mesh.memory()
+    now = time.time()
+    for i in range(24):  # offline replies: stored without a vector, as the write path leaves them
+        await one.api.record(StoredMessage(message_id=f"two-{i}", session_id=f"two-{i % 3}", user_id="u-two",
+                                           role="ai", content=f"[offline] reply {i}: " + TURNS[i % len(TURNS)],
+                                           timestamp=now + i, metadata={"model": OFFLINE_MODEL}))
+
+    async def no_wait() -> None:
+        return None
+
+    done = await asyncio.gather(*(m.api.embed_pending(turn=no_wait) for m in (one, two, one, two)))
+    assert sum(done) == 24, done  # each message once, whichever copy took it
+    assert one.metrics.get("embedded") + two.metrics.get("embedded") == 24
+    assert await mesh.count("SELECT count(*) FROM conversation_messages WHERE user_id = 'u-two'"
+                            " AND embedding IS NULL") == 0
 
 
 async def test_every_memory_copy_drops_a_deleted_users_session_states(mesh: Mesh) -> None:

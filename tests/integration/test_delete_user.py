@@ -19,7 +19,7 @@ import pytest
 from cryptography.fernet import Fernet
 
 from mesh.forget import forget_user
-from shared.contracts import MEMORY_RESPONSE, MemoryResponse, decode, new_id
+from shared.contracts import MEMORY_RESPONSE, MEMORY_UPDATE, MemoryResponse, decode, new_id
 from shared.contracts.memory_api import MEMORY_REQUEST
 from shared.runtime.erase import user_hash
 from shared.runtime.metrics import Metrics
@@ -312,6 +312,8 @@ async def test_a_store_message_whose_stm_turn_comes_after_the_deletion_leaves_no
     assert left == [], left
     assert await mesh.count("SELECT count(*) FROM conversation_messages WHERE user_id = %s", user) == 0
     assert memory.metrics.get("writes_overtaken") == 1
+    updates = [decode(MEMORY_UPDATE, f[b"data"]) for _, f in await mesh.redis.xrange(names.memory_updates)]
+    assert [u for u in updates if u.user_id == user] == []  # its update, which ltm had not read, went too
 
 
 async def test_settling_does_not_wait_for_an_entry_the_first_pass_deleted(mesh: Mesh) -> None:
