@@ -4,7 +4,8 @@ process, over the workload. A target out of reach on 2 cores shows here which pr
 
 The servers are found through their own connections (``pg_backend_pid()``'s parent, Redis's ``INFO server``
 ``process_id``), so this works for the servers the bench starts and for any on this machine; for a server
-elsewhere (or without ``/proc``) its row is missing. Linux only; elsewhere every figure is empty.
+elsewhere (another host, a container: its pid names no process of that name here) its row is missing. Linux only;
+elsewhere every figure is empty.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from mesh.bench_procs import ServiceProcess
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def _processes() -> dict[int, tuple[int, float]]:
-    """pid -> (parent pid, CPU seconds so far) of every process visible in /proc."""
-    out: dict[int, tuple[int, float]] = {}
+def _processes() -> dict[int, tuple[int, float, float, str]]:
+    """pid -> (parent pid, its own CPU seconds so far, those of its children it has reaped, command name) of every
+    process visible in /proc."""
+    out: dict[int, tuple[int, float, float, str]] = {}
     try:
         entries = os.listdir("/proc")
     except OSError:
@@ -33,28 +35,40 @@ def _processes() -> dict[int, tuple[int, float]]:
             continue
         try:
             with open(f"/proc/{name}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):  # gone meanwhile
+                head, _, tail = f.read().rpartition(b")")
+            fields = tail.split()
+        except OSError:  # gone meanwhile
             continue
-        # after the command: state, ppid, ... utime (14th field of the line) and stime (15th)
-        out[int(name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICK)
+        if len(fields) < 15:
+            continue
+        comm = head.partition(b"(")[2].decode(errors="replace")
+        # after the command: state, ppid, ... utime, stime, cutime, cstime (the 14th-17th fields of the line)
+        out[int(name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICK,
+                          (int(fields[13]) + int(fields[14])) / _TICK, comm)
     return out
 
 
-def _tree(table: dict[int, tuple[int, float]], roots: Iterable[int]) -> float:
-    """CPU seconds of ``roots`` and all their descendants."""
+def _tree(table: dict[int, tuple[int, float, float, str]], roots: Iterable[int]) -> float:
+    """CPU seconds of ``roots`` and all their descendants, with the children each has reaped (a backend or a
+    worker that ended during the measurement is counted through its parent, not lost)."""
     children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
+    for pid, row in table.items():
+        children.setdefault(row[0], []).append(pid)
     total, todo, seen = 0.0, [r for r in roots if r in table], set()
     while todo:
         pid = todo.pop()
         if pid in seen:
             continue
         seen.add(pid)
-        total += table[pid][1]
+        total += table[pid][1] + table[pid][2]
         todo.extend(children.get(pid, []))
     return total
+
+
+def _named(table: dict[int, tuple[int, float, float, str]], pid: int, command: str) -> bool:
+    """Whether ``pid`` is a process of ``command`` here: a server in a container reports a pid of its own
+    namespace, which names another process (or none) on this machine."""
+    return pid in table and table[pid][3].startswith(command)
 
 
 @dataclass
@@ -73,15 +87,16 @@ class CpuMeter:
             meter.trees.setdefault(p.service, []).append(p.pid)
         try:
             info = await redis.info("server")
-            meter.alone["redis"] = int(info["process_id"])
+            if _named(_processes(), int(info["process_id"]), "redis-server"):
+                meter.alone["redis"] = int(info["process_id"])
         except Exception:  # noqa: BLE001 - a cluster client or a server that does not say: no Redis row
             pass
         try:
             async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
                 row = await (await conn.execute("SELECT pg_backend_pid()")).fetchone()
-                backend = _processes().get(int(row[0])) if row else None  # read while it lives: it exits with us
-            if backend is not None:
-                meter.trees["postgres"] = [backend[0]]  # its parent, the postmaster
+                table = _processes()  # read while the backend lives: it exits with this connection
+            if row and _named(table, int(row[0]), "postgres") and _named(table, table[int(row[0])][0], "postgres"):
+                meter.trees["postgres"] = [table[int(row[0])][0]]  # its parent, the postmaster
         except psycopg.Error:  # no PostgreSQL row
             pass
         return meter
@@ -92,6 +107,7 @@ class CpuMeter:
         for label, roots in self.trees.items():  # a service's children apart too (ltm's ingest child)
             if label != "postgres":
                 now[f"{label}.children"] = now[label] - sum(table[r][1] for r in roots if r in table)
+        # a process alone (the bench, Redis): its own time only (the bench reaps the services it stopped)
         now.update({label: table[pid][1] for label, pid in self.alone.items() if pid in table})
         return now
 

@@ -198,7 +198,7 @@ def _cores(cpu: dict[str, Any]) -> str:
     for label, cores in sorted(cpu["cores"].items(), key=lambda kv: -kv[1]):
         inner = children.get(f"{label}.children")
         parts.append(f"{label} {cores:.2f}" + (f" (its children {inner:.2f})" if inner else ""))
-    return ", ".join(parts) + f"; {cpu['cores_total']:.2f} in all"
+    return ", ".join(parts) + (f"; {cpu['cores_total']:.2f} in all" if cpu.get("cores_total") is not None else "")
 
 
 def _cpu_lines(results: dict[str, Any]) -> list[str]:
