@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
+from psycopg import AsyncConnection
 from redis.asyncio.client import Pipeline
 
 from services.memory import erase
@@ -27,7 +28,15 @@ from services.memory.carry import Carrier
 from services.memory.importer import HistoryImporter
 from services.memory.salience import MessageSalience
 from services.memory.stm import StmWriter
-from services.memory.store import NOBODY, Conflict, ConversationStore, NotFound, StoredMessage
+from services.memory.store import (
+    MAX_EMBED_FAILURES,
+    NOBODY,
+    Conflict,
+    ConversationStore,
+    NotFound,
+    StoredMessage,
+    Unembedded,
+)
 from services.memory.tokens import TokenCounter
 from services.memory.updates import Publish, memory_update, publishable
 from shared.contracts import encode, new_id
@@ -67,7 +76,7 @@ from shared.contracts.memory_api import (
 from shared.contracts.messages import UserDeletion
 from shared.runtime.embedding import Embedder, EmbeddingSettings, SyncEmbedder, dedicated_model
 from shared.runtime.erase import erase_entries
-from shared.runtime.errors import REDIS_ERRORS
+from shared.runtime.errors import REDIS_ERRORS, is_transient
 from shared.runtime.fence import RECEIVED_AT, refuse_if_deleted
 from shared.runtime.logging import get_logger
 from shared.runtime.metrics import Metrics
@@ -321,9 +330,17 @@ class MemoryApi:
                     embedder = self._catch_up_embedder()
                 scored = self.salience is not None and getattr(embedder.model, "has_tokens", False)
                 token_vectors: dict[str, Any] = {}
-                vectors = await embed_in_steps(embedder, [m.content for m in pending], EMBED_STEP_TOKENS,
-                                               with_tokens={m.content for m in pending} if scored else None,
-                                               tokens_out=token_vectors)
+                try:
+                    vectors = await embed_in_steps(embedder, [m.content for m in pending], EMBED_STEP_TOKENS,
+                                                   with_tokens={m.content for m in pending} if scored else None,
+                                                   tokens_out=token_vectors)
+                except Exception as exc:
+                    if is_transient(exc):  # an outage: every message's, retried by the next pass
+                        raise
+                    vectors = await self._one_at_a_time(embedder, pending, scored, token_vectors, conn)
+                    pending = [m for m in pending if m.content in vectors]
+                    if not pending:
+                        continue
                 scores: list[float | None] = [None] * len(pending)
                 if scored and self.salience is not None:
                     scores = list(await asyncio.get_running_loop().run_in_executor(  # numpy, off the event loop
@@ -333,6 +350,30 @@ class MemoryApi:
                                                  for m, sal in zip(pending, scores, strict=True)], conn)
                 done += len(pending)
                 self.metrics.incr("embedded", len(pending))
+
+    async def _one_at_a_time(self, embedder: Embedder, pending: list[Unembedded], scored: bool,
+                             token_vectors: dict[str, Any], conn: AsyncConnection) -> dict[str, Any]:
+        """A pass failed for a reason that will not pass (a text the model refuses): each message alone, so only
+        the one at fault fails; its failure is counted on its row, and after MAX_EMBED_FAILURES the background job
+        no longer picks it up (never retried forever, and the messages stored after it are not held up)."""
+        vectors: dict[str, Any] = {}
+        failed: list[Unembedded] = []
+        for m in pending:
+            try:
+                vectors.update(await embed_in_steps(embedder, [m.content], EMBED_STEP_TOKENS,
+                                                    with_tokens={m.content} if scored else None,
+                                                    tokens_out=token_vectors))
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                failed.append(m)
+                log.warning("memory.embed_failed", message_id=m.message_id, error=type(exc).__name__)
+        if failed:
+            self.metrics.incr("embed_failed", len(failed))
+            for m in await self.store.embed_failed(failed, conn):
+                self.metrics.incr("embed_given_up")
+                log.error("memory.embed_given_up", message_id=m.message_id, failures=MAX_EMBED_FAILURES)
+        return vectors
 
     @asynccontextmanager
     async def _in_order(self, session_id: str) -> AsyncIterator[None]:

@@ -31,6 +31,7 @@ from shared.runtime.fence import RECEIVED_AT, refuse_if_deleted
 from shared.runtime.stm import Turn
 
 NOBODY = ""
+MAX_EMBED_FAILURES = 3  # a message's own failed embeddings before the background job gives it up (migration 007)
 """The user_id of sessions (and their messages) stored without one: never a user id (ids have a character at least)."""
 
 
@@ -310,16 +311,28 @@ class ConversationStore(ContextStore):
         (``FOR UPDATE SKIP LOCKED``) until it ends: another memory copy's pass takes the next ones, not these."""
         cols = "SELECT user_id, message_id, content, session_id, role FROM conversation_messages"
         claim = " FOR UPDATE SKIP LOCKED" if conn is not None else ""
+        pending = f"embedding IS NULL AND embed_failures < {MAX_EMBED_FAILURES:d}"
         if user_id is not None:
-            sql: str = f"{cols} WHERE user_id = %s AND embedding IS NULL ORDER BY timestamp, message_index LIMIT %s"
+            sql: str = f"{cols} WHERE user_id = %s AND {pending} ORDER BY timestamp, message_index LIMIT %s"
             params: tuple[Any, ...] = (user_id, limit)
         else:  # the background backfill, oldest first across users: every partition (its partial index each)
-            sql, params = f"{cols} WHERE embedding IS NULL ORDER BY timestamp, message_index LIMIT %s", (limit,)
+            sql, params = f"{cols} WHERE {pending} ORDER BY timestamp, message_index LIMIT %s", (limit,)
         async with contextlib.AsyncExitStack() as stack:
             if conn is None:
                 conn = await stack.enter_async_context(self.pool.connection())
             cur = await conn.execute(sql + claim, params)
             return [Unembedded(r[0], r[1], r[2], r[3], r[4] == "ai") for r in await cur.fetchall()]
+
+    async def embed_failed(self, messages: Sequence[Unembedded], conn: AsyncConnection) -> list[Unembedded]:
+        """Count a failed embedding of each message (its own fault, not an outage); those that reached
+        MAX_EMBED_FAILURES, which the background job no longer picks up."""
+        cur = await conn.execute(
+            "UPDATE conversation_messages m SET embed_failures = m.embed_failures + 1"
+            " FROM unnest(%s::text[], %s::text[]) AS f(uid, mid) WHERE m.user_id = f.uid AND m.message_id = f.mid"
+            " RETURNING m.message_id, m.embed_failures",
+            ([m.user_id for m in messages], [m.message_id for m in messages]))
+        spent = {r[0] for r in await cur.fetchall() if r[1] >= MAX_EMBED_FAILURES}
+        return [m for m in messages if m.message_id in spent]
 
     async def set_embeddings(self, rows: Sequence[tuple[str, str, np.ndarray, float | None]],
                              conn: AsyncConnection | None = None) -> None:

@@ -295,6 +295,48 @@ async def test_two_copies_background_jobs_embed_each_message_once(mesh: Mesh) ->
                             " AND embedding IS NULL") == 0
 
 
+async def test_a_message_the_model_refuses_is_given_up_after_three_tries_and_holds_nothing_up(mesh: Mesh) -> None:
+    """A text the embedding model refuses for its own sake (an embedding server's 400, not an outage) once failed
+    the background job's whole pass, every pass: the oldest rows came back each time, so no message stored after it
+    was ever embedded, and it was retried forever. Now each message of a failed pass is tried alone; the refused one
+    is counted on its row and given up after MAX_EMBED_FAILURES passes; the others are embedded at once."""
+    from services.memory.store import MAX_EMBED_FAILURES
+
+    memory = mesh.memory()
+    real = mesh.model
+
+    class Refusing:  # the model as an embedding server that refuses one text
+        has_tokens = False
+        dim, name = real.dim, real.name
+
+        def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+            if any("POISON" in t for t in texts):
+                raise ValueError("embedding server refused (400): content rejected")
+            return real.encode(texts, batch_size)
+
+    memory.api._background_model = Refusing()  # type: ignore[assignment]
+    now = time.time()
+    texts = ["[offline] first reply", "[offline] POISON reply", "[offline] third reply"]
+    for i, text in enumerate(texts):
+        await memory.api.record(StoredMessage(message_id=f"rf-{i}", session_id="rf", user_id="u-rf", role="ai",
+                                              content=text, timestamp=now + i, metadata={"model": OFFLINE_MODEL}))
+
+    async def no_wait() -> None:
+        return None
+
+    failures = "SELECT embed_failures FROM conversation_messages WHERE user_id = 'u-rf' AND message_id = 'rf-1'"
+    assert await memory.api.embed_pending(turn=no_wait) == 2  # the other two, in the same call
+    assert await mesh.count(failures) == MAX_EMBED_FAILURES  # tried alone once a pass, until given up
+    assert memory.metrics.get("embed_failed") == MAX_EMBED_FAILURES and memory.metrics.get("embed_given_up") == 1
+    await memory.api.record(StoredMessage(message_id="rf-3", session_id="rf", user_id="u-rf", role="ai",
+                                          content="[offline] a later reply", timestamp=now + 3,
+                                          metadata={"model": OFFLINE_MODEL}))
+    assert await memory.api.embed_pending(turn=no_wait) == 1  # the later one; the refused one is not tried again
+    assert await mesh.count(failures) == MAX_EMBED_FAILURES
+    assert await mesh.count("SELECT count(*) FROM conversation_messages WHERE user_id = 'u-rf'"
+                            " AND embedding IS NULL") == 1  # stored and readable, without a vector
+
+
 async def test_every_memory_copy_drops_a_deleted_users_session_states(mesh: Mesh) -> None:
     """The copy that served a deletion dropped the states derived from the user's turns; another copy that had
     stored some of them kept theirs (salience and carried-vector states, in process) until its LRU pushed them out.

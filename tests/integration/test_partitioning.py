@@ -223,7 +223,8 @@ def expected_after(before: dict[str, list[dict[str, Any]]]) -> dict[str, list[di
     out["conversation_sessions"] = [{**s, "user_id": owner[s["session_id"]]} for s in before["conversation_sessions"]]
     for table in ("conversation_messages", "conversation_context", "session_summary"):
         out[table] = [{**r, "user_id": owner[r["session_id"]]} for r in before[table]]
-    out["conversation_messages"] = [{"salience": None, **r} for r in out["conversation_messages"]]  # 006: NULL
+    out["conversation_messages"] = [{"salience": None, "embed_failures": 0, **r}  # 006: NULL; 007: 0
+                                    for r in out["conversation_messages"]]
     out["session_relationships"] = [{**r, "user_id": owner[r["source_session_id"]]}
                                     for r in before["session_relationships"]]
     out["conversation_session_ids"] = [{"session_id": s, "user_id": u} for s, u in owner.items()]
