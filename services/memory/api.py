@@ -19,23 +19,21 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
-from psycopg import AsyncConnection
 from redis.asyncio.client import Pipeline
 
 from services.memory import erase
+from services.memory.backfill import Backfill
 from services.memory.cache import SessionCache
 from services.memory.carry import Carrier
 from services.memory.importer import HistoryImporter
 from services.memory.salience import MessageSalience
 from services.memory.stm import StmWriter
 from services.memory.store import (
-    MAX_EMBED_FAILURES,
     NOBODY,
     Conflict,
     ConversationStore,
     NotFound,
     StoredMessage,
-    Unembedded,
 )
 from services.memory.tokens import TokenCounter
 from services.memory.updates import Publish, memory_update, publishable
@@ -74,20 +72,16 @@ from shared.contracts.memory_api import (
     UpdateSessionActivityRequest,
 )
 from shared.contracts.messages import UserDeletion
-from shared.runtime.embedding import Embedder, EmbeddingSettings, SyncEmbedder, dedicated_model
+from shared.runtime.embedding import Embedder, EmbeddingSettings
 from shared.runtime.erase import erase_entries
-from shared.runtime.errors import REDIS_ERRORS, is_transient
+from shared.runtime.errors import REDIS_ERRORS
 from shared.runtime.fence import RECEIVED_AT, refuse_if_deleted
 from shared.runtime.logging import get_logger
 from shared.runtime.metrics import Metrics
-from shared.runtime.passes import embed_in_steps, steps, tokens
-from shared.runtime.priority import background_executor
 from shared.runtime.stm import Turn
 
 log = get_logger(__name__)
 
-EMBED_BATCH = 128
-EMBED_STEP_TOKENS = 256  # one background forward pass (shared/runtime/passes.py)
 
 
 @dataclass(slots=True)
@@ -106,14 +100,11 @@ class MemoryApi:
         self._ping = ping  # the service's PingInfo (shared/contracts/ping.py)
         self._embedder = embedder
         self._publish = publish
-        self._embed_lock = asyncio.Lock()
-        self._background_nice = background_nice  # BACKGROUND_NICE of the background embedding's passes
-        self._background: Embedder | None = None
-        self._background_model: SyncEmbedder | None = None  # MEMORY_BACKGROUND_MODEL=own: the background's copy
-        self._catch_up: Embedder | None = None  # that copy at normal priority (search_messages' catch-up)
         self.salience = salience  # STM_SALIENCE_WEIGHT > 0: score messages as they are embedded
         self.carrier = carrier  # MEMORY_CARRY_VECTORS: embed on the write path, the vector on the MemoryUpdate
         self._writing: dict[str, _Ordered] = {}  # session -> its writes in order (carrier only, _in_order)
+        # messages stored without a vector: the background job and search_messages' catch-up
+        self.backfill = Backfill(store, metrics, embedder, salience, background_nice)
         self.importer = HistoryImporter(store, stm, cache, counter, metrics, publish, import_max_batch,
                                         carrier=carrier, salience=salience)
 
@@ -293,87 +284,18 @@ class MemoryApi:
         embedder = await self._embedder() if self._embedder else None
         if embedder is None:
             raise Conflict("semantic search is not enabled on this memory service (MEMORY_EMBED_MESSAGES=false)")
-        await self.embed_pending(user_id)
+        await self.backfill.run(user_id)
         vector = await embedder.embed(query)
         return await self.store.search_messages(user_id, vector, session_id=session_id, limit=limit,
                                                 threshold=threshold)
 
     async def embed_pending(self, user_id: str | None = None,
                             turn: Callable[[], Awaitable[None]] | None = None) -> int:
-        """Embed stored messages that have no embedding yet (one user's, or anyone's); returns how many.
+        """Embed stored messages that have no vector yet (services/memory/backfill.py); returns how many."""
+        return await self.backfill.run(user_id, turn)
 
-        With ``turn`` (the background job) it works in steps of one small forward pass (EMBED_STEP_TOKENS), run in
-        threads of background priority (BACKGROUND_NICE: ltm's searches on the same cores go first), and awaits
-        ``turn`` before each, outside the lock: storing messages and serving requests go first, and a
-        ``search_messages`` never waits behind more than one pass."""
-        if self._embedder is None:
-            return 0
-        done = 0
-        while True:
-            if turn is not None:
-                await turn()
-            # one pass at a time per process (the model is the bottleneck anyway), its rows claimed until it is
-            # stored: other memory copies' passes take the next ones instead of embedding these again
-            async with self._embed_lock, self.store.pool.connection() as conn, conn.transaction():
-                # a background step embeds one pass: read only what fits one (a message is at least ~8 tokens)
-                limit = EMBED_BATCH if turn is None else EMBED_STEP_TOKENS // 8
-                pending = await self.store.unembedded(user_id=user_id, limit=limit, conn=conn)
-                if not pending:
-                    return done
-                embedder = await self._embedder()  # loaded only once there is work for it
-                if embedder is None:
-                    return done
-                if turn is not None:  # this step: the oldest messages that fit one pass, at background priority
-                    pending = next(iter(steps(pending, lambda m: tokens(m.content), EMBED_STEP_TOKENS)))
-                    embedder = self._background_embedder(embedder)
-                elif self._background_model is not None:  # a search's catch-up: beside the stores, not before them
-                    embedder = self._catch_up_embedder()
-                scored = self.salience is not None and getattr(embedder.model, "has_tokens", False)
-                token_vectors: dict[str, Any] = {}
-                try:
-                    vectors = await embed_in_steps(embedder, [m.content for m in pending], EMBED_STEP_TOKENS,
-                                                   with_tokens={m.content for m in pending} if scored else None,
-                                                   tokens_out=token_vectors)
-                except Exception as exc:
-                    if is_transient(exc):  # an outage: every message's, retried by the next pass
-                        raise
-                    vectors = await self._one_at_a_time(embedder, pending, scored, token_vectors, conn)
-                    pending = [m for m in pending if m.content in vectors]
-                    if not pending:
-                        continue
-                scores: list[float | None] = [None] * len(pending)
-                if scored and self.salience is not None:
-                    scores = list(await asyncio.get_running_loop().run_in_executor(  # numpy, off the event loop
-                        background_executor(self._background_nice), self.salience.score, pending, vectors,
-                        token_vectors))
-                await self.store.set_embeddings([(m.user_id, m.message_id, vectors[m.content], sal)
-                                                 for m, sal in zip(pending, scores, strict=True)], conn)
-                done += len(pending)
-                self.metrics.incr("embedded", len(pending))
-
-    async def _one_at_a_time(self, embedder: Embedder, pending: list[Unembedded], scored: bool,
-                             token_vectors: dict[str, Any], conn: AsyncConnection) -> dict[str, Any]:
-        """A pass failed for a reason that will not pass (a text the model refuses): each message alone, so only
-        the one at fault fails; its failure is counted on its row, and after MAX_EMBED_FAILURES the background job
-        no longer picks it up (never retried forever, and the messages stored after it are not held up)."""
-        vectors: dict[str, Any] = {}
-        failed: list[Unembedded] = []
-        for m in pending:
-            try:
-                vectors.update(await embed_in_steps(embedder, [m.content], EMBED_STEP_TOKENS,
-                                                    with_tokens={m.content} if scored else None,
-                                                    tokens_out=token_vectors))
-            except Exception as exc:
-                if is_transient(exc):
-                    raise
-                failed.append(m)
-                log.warning("memory.embed_failed", message_id=m.message_id, error=type(exc).__name__)
-        if failed:
-            self.metrics.incr("embed_failed", len(failed))
-            for m in await self.store.embed_failed(failed, conn):
-                self.metrics.incr("embed_given_up")
-                log.error("memory.embed_given_up", message_id=m.message_id, failures=MAX_EMBED_FAILURES)
-        return vectors
+    async def load_background_model(self, settings: EmbeddingSettings) -> None:
+        await self.backfill.load_background_model(settings)
 
     @asynccontextmanager
     async def _in_order(self, session_id: str) -> AsyncIterator[None]:
@@ -389,32 +311,6 @@ class MemoryApi:
             entry.users -= 1
             if not entry.users:
                 del self._writing[session_id]
-
-    async def load_background_model(self, settings: EmbeddingSettings) -> None:
-        """A copy of the model for the background job (MEMORY_BACKGROUND_MODEL=own), with a lock of its own: a
-        message stored on the write path then never waits for the model behind a background pass (a long offline
-        reply's pass takes ~50 ms here). Loaded at start (in a thread), like the write path's model."""
-        self._background_model = await asyncio.to_thread(dedicated_model, "background", settings)
-
-    def _catch_up_embedder(self) -> Embedder:
-        """The background copy of the model at normal priority: ``search_messages`` embeds the user's pending messages
-        with it (a user waits), and the write path's model stays free for the stores."""
-        assert self._background_model is not None
-        if self._catch_up is None or self._catch_up.model is not self._background_model:
-            self._catch_up = Embedder(self._background_model)
-        return self._catch_up
-
-    def _background_embedder(self, embedder: Embedder) -> Embedder:
-        """The background job's front: its own copy of the model when loaded (:meth:`load_background_model`), else
-        the same model; its passes in the background threads (BACKGROUND_NICE) when they have threads of their own.
-        The embedder itself when neither applies."""
-        executor = background_executor(self._background_nice)
-        model = self._background_model or embedder.model
-        if executor is None and model is embedder.model:
-            return embedder
-        if self._background is None or self._background.model is not model:
-            self._background = Embedder(model, executor=executor)
-        return self._background
 
     async def import_messages(self, user_id: str, messages: list[ImportMessage]) -> ImportResult:
         """A batch of the user's past turns (services/memory/importer.py)."""

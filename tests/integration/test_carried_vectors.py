@@ -242,7 +242,8 @@ async def test_a_message_that_is_not_published_is_embedded_in_the_background_not
         return None
 
     assert await memory.api.embed_pending(turn=no_wait) == 1  # the reply, by the background job, on its own copy
-    assert memory.api._background is not None and memory.api._background.model is memory.api._background_model
+    assert memory.api.backfill._background is not None
+    assert memory.api.backfill._background.model is memory.api.backfill.background_model
     assert await mesh.count(vectors) == 3
     async with mesh.pool.connection() as conn:
         cur = await conn.execute("SELECT embedding::text FROM conversation_messages WHERE user_id = 'u-bg'"
@@ -265,7 +266,7 @@ async def test_a_store_does_not_wait_for_the_model_behind_a_background_pass(mesh
     memory = mesh.memory()
     write_model = (await memory._get_embedder()).model
     await memory.api.load_background_model(memory.settings)
-    background = memory.api._background_embedder(await memory._get_embedder())
+    background = memory.api.backfill.background_embedder(await memory._get_embedder())
     assert background.model is not write_model and background.model._lock is not write_model._lock
     with background.model._lock:  # a background pass under way
         await asyncio.wait_for(memory.api.record(StoredMessage(
@@ -314,7 +315,7 @@ async def test_a_message_the_model_refuses_is_given_up_after_three_tries_and_hol
                 raise ValueError("embedding server refused (400): content rejected")
             return real.encode(texts, batch_size)
 
-    memory.api._background_model = Refusing()  # type: ignore[assignment]
+    memory.api.backfill.background_model = Refusing()  # type: ignore[assignment]
     now = time.time()
     texts = ["[offline] first reply", "[offline] POISON reply", "[offline] third reply"]
     for i, text in enumerate(texts):
