@@ -252,24 +252,24 @@ class MemoryApi:
                           parent_message_id=d.parent_message_id, metadata=d.metadata, message_type=d.message_type,
                           is_context_message=d.is_context_message)
         await self.record(m)
-        await self._unless_overtaken(user_id, m.session_id)
+        await self._unless_overtaken(user_id, [m.session_id])
         return await self.store.get_message(user_id, m.message_id)
 
-    async def _unless_overtaken(self, user_id: str, session_id: str) -> None:
-        """After a request's write: if the user's deletion came after its commit but before its STM turn was written
-        (the deletion removes the row, then the session's STM keys, and a second pass finds no session left to clear),
-        the STM turn and its memory_updates entry (if ltm has not read it yet: else the deletion's second pass in
-        ltm, mesh/forget.py) are removed again and the request fails as a write the deletion overtook
-        (``not_found``, shared/runtime/fence.py). Writes from the streams have no request: nothing here."""
+    async def _unless_overtaken(self, user_id: str, sessions: list[str]) -> None:
+        """After a request's write (store_message, import_messages): if the user's deletion came after its commit but
+        before its STM was written (the deletion removes the rows, then the sessions' STM keys, and a second pass finds
+        no session left to clear), the sessions' STM and their memory_updates entries (if ltm has not read them yet:
+        else the deletion's second pass in ltm, mesh/forget.py) are removed again and the request fails as a write
+        the deletion overtook (``not_found``, shared/runtime/fence.py). Writes from the streams have no request."""
         if RECEIVED_AT.get() is None:
             return
         try:
             async with self.store.pool.connection() as conn, conn.transaction():
                 await refuse_if_deleted(conn, user_id, "memory")  # waits for a deletion under way
         except MeshError:
-            await erase.delete_user_keys(self.stm.redis, self.stm.names, user_id, [session_id])
-            # its update too (a deletion by a single delete_user request has no second pass to sweep it)
-            await erase_entries(self.stm.redis, [self.stm.names.memory_updates], user_id, [session_id])
+            await erase.delete_user_keys(self.stm.redis, self.stm.names, user_id, sessions)
+            # its updates too (a deletion by a single delete_user request has no second pass to sweep them)
+            await erase_entries(self.stm.redis, [self.stm.names.memory_updates], user_id, sessions)
             self.forget([user_id])  # the write's salience states too
             self.metrics.incr("writes_overtaken")
             raise
@@ -314,7 +314,9 @@ class MemoryApi:
 
     async def import_messages(self, user_id: str, messages: list[ImportMessage]) -> ImportResult:
         """A batch of the user's past turns (services/memory/importer.py)."""
-        return await self.importer.import_messages(user_id, messages)
+        result = await self.importer.import_messages(user_id, messages)
+        await self._unless_overtaken(user_id, sorted({m.session_id for m in messages}))
+        return result
 
     # ------------------------------------------------------------------ STM
     async def get_stm(self, user_id: str, session_id: str) -> StmInfo:

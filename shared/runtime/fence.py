@@ -11,8 +11,9 @@ newest first, so a write sent before the deletion may well be taken after it); a
 exclusively, so the two never interleave: either the write commits first and the deletion removes it, or the
 deletion commits first and the write is refused (``not_found``: the user was deleted while the request waited or
 was served). A request sent after the deletion (the user came back) goes through. Writes from the streams (no
-request) are not checked here. A write that goes on after its commit (memory's ``store_message`` writes the STM turn
-then) looks again once it is done and undoes what came after (services/memory/api.py ``_unless_overtaken``).
+request) are not checked here. A write that goes on after its commit (memory's ``store_message`` and
+``import_messages`` write the STM then) looks again once it is done and undoes what came after
+(services/memory/api.py ``_unless_overtaken``).
 
 The two clocks compared are the requester's or the service host's and PostgreSQL's (``now()`` of the
 deleting transaction); hosts whose clocks disagree by more than a request's serving time could let a write

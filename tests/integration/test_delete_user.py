@@ -316,6 +316,44 @@ async def test_a_store_message_whose_stm_turn_comes_after_the_deletion_leaves_no
     assert [u for u in updates if u.user_id == user] == []  # its update, which ltm had not read, went too
 
 
+async def test_an_import_whose_stm_comes_after_the_deletion_leaves_no_stm_and_no_update(mesh: Mesh) -> None:
+    """The same for import_messages: committed just before the user's deletion, its sessions' STM rebuilt and its
+    updates published after it; the request removes both again and fails as overtaken."""
+    import time
+
+    from shared.contracts.errors import MeshError
+    from shared.contracts.memory_api import ImportMessage
+    from shared.runtime.fence import RECEIVED_AT
+
+    user = f"u-late-i-{new_id()[:8]}"
+    memory = mesh.memory()
+    rebuild = memory.api.importer._rebuild_stm
+
+    async def deleted_first(*args: Any, **kwargs: Any) -> Any:  # the deletion lands between commit and STM
+        await memory.api.delete_user(user)
+        return await rebuild(*args, **kwargs)
+
+    memory.api.importer._rebuild_stm = deleted_first  # type: ignore[method-assign]
+    sessions = [f"{user}-a", f"{user}-b"]
+    token = RECEIVED_AT.set(time.time())
+    try:
+        with pytest.raises(MeshError) as err:
+            await memory.api.import_messages(user, [
+                ImportMessage(session_id=s, role="user", content=f"an old turn of {s}: my PIN is 4321",
+                              timestamp=1_700_000_000 + i) for i, s in enumerate(sessions)])
+    finally:
+        RECEIVED_AT.reset(token)
+        memory.api.importer._rebuild_stm = rebuild  # type: ignore[method-assign]
+    assert err.value.code.value == "not_found"
+    names = mesh.names
+    left = [k for s in sessions for k in (names.stm_turns(s), names.stm_summary(s), names.stm_meta(s))
+            if await mesh.redis.exists(k)]
+    assert left == [], left
+    updates = [decode(MEMORY_UPDATE, f[b"data"]) for _, f in await mesh.redis.xrange(names.memory_updates)]
+    assert [u for u in updates if u.user_id == user] == []
+    assert await mesh.count("SELECT count(*) FROM conversation_messages WHERE user_id = %s", user) == 0
+
+
 async def test_settling_does_not_wait_for_an_entry_the_first_pass_deleted(mesh: Mesh) -> None:
     """The first pass deletes the user's entries a group had yet to read: the stream's last generated id may be one
     of them, never to be delivered, so a stage waiting for it once waited out the whole settle time."""
