@@ -149,17 +149,18 @@ async def backlog_drained(ctx: Ctx, names: Names, timeout: float = 300.0) -> flo
     started = time.monotonic()
     last: Any = None
     while time.monotonic() - started < timeout:
-        # memory's background job still embedding what it stored without a vector (the burst's offline replies)
-        last = {"messages without a vector": await _unembedded(ctx.database_url)}
+        behind: list[Any] = []  # (stream, its group's lag and pending) of every group not caught up
         for stream, group in watched:
             try:
                 groups: Any = await ctx.redis.xinfo_groups(stream)
             except ResponseError:  # no such stream: nothing was sent there
                 continue
-            mine = [g for g in groups if g.get("name") in (group, group.encode())]
-            last[stream] = [{k: g.get(k) for k in ("lag", "pending")} for g in mine]
-        groups = [g for stream, seen in last.items() if stream != "messages without a vector" for g in seen]
-        if not last["messages without a vector"] and all(g["lag"] == 0 and g["pending"] == 0 for g in groups):
+            behind += [(stream, g.get("lag"), g.get("pending")) for g in groups
+                       if g.get("name") in (group, group.encode()) and (g.get("lag"), g.get("pending")) != (0, 0)]
+        # memory's background job still embedding what it stored without a vector (the burst's offline replies)
+        unembedded = await _unembedded(ctx.database_url)
+        last = {"groups behind (stream, lag, pending)": behind, "messages without a vector": unembedded}
+        if not behind and not unembedded:
             return round(time.monotonic() - started, 2)
         await asyncio.sleep(0.5)
     raise TimeoutError(f"the services did not catch up with their streams in {timeout:.0f}s; last seen {last}")

@@ -28,13 +28,7 @@ from services.memory.carry import Carrier
 from services.memory.importer import HistoryImporter
 from services.memory.salience import MessageSalience
 from services.memory.stm import StmWriter
-from services.memory.store import (
-    NOBODY,
-    Conflict,
-    ConversationStore,
-    NotFound,
-    StoredMessage,
-)
+from services.memory.store import NOBODY, Conflict, ConversationStore, NotFound, StoredMessage
 from services.memory.tokens import TokenCounter
 from services.memory.updates import Publish, memory_update, publishable
 from shared.contracts import encode, new_id
@@ -72,7 +66,7 @@ from shared.contracts.memory_api import (
     UpdateSessionActivityRequest,
 )
 from shared.contracts.messages import UserDeletion
-from shared.runtime.embedding import Embedder, EmbeddingSettings
+from shared.runtime.embedding import Embedder
 from shared.runtime.erase import erase_entries
 from shared.runtime.errors import REDIS_ERRORS
 from shared.runtime.fence import RECEIVED_AT, refuse_if_deleted
@@ -81,7 +75,6 @@ from shared.runtime.metrics import Metrics
 from shared.runtime.stm import Turn
 
 log = get_logger(__name__)
-
 
 
 @dataclass(slots=True)
@@ -293,9 +286,6 @@ class MemoryApi:
                             turn: Callable[[], Awaitable[None]] | None = None) -> int:
         """Embed stored messages that have no vector yet (services/memory/backfill.py); returns how many."""
         return await self.backfill.run(user_id, turn)
-
-    async def load_background_model(self, settings: EmbeddingSettings) -> None:
-        await self.backfill.load_background_model(settings)
 
     @asynccontextmanager
     async def _in_order(self, session_id: str) -> AsyncIterator[None]:

@@ -20,7 +20,6 @@ from psycopg import AsyncConnection
 from services.memory.salience import MessageSalience
 from services.memory.store import MAX_EMBED_FAILURES, ConversationStore, Unembedded
 from shared.runtime.embedding import Embedder, EmbeddingSettings, SyncEmbedder, dedicated_model
-from shared.runtime.errors import is_transient
 from shared.runtime.logging import get_logger
 from shared.runtime.metrics import Metrics
 from shared.runtime.passes import embed_in_steps, steps, tokens
@@ -75,14 +74,12 @@ class Backfill:
                     embedder = self._catch_up_embedder()
                 scored = self.salience is not None and getattr(embedder.model, "has_tokens", False)
                 token_vectors: dict[str, Any] = {}
-                try:
-                    vectors = await embed_in_steps(embedder, [m.content for m in pending], EMBED_STEP_TOKENS,
-                                                   with_tokens={m.content for m in pending} if scored else None,
-                                                   tokens_out=token_vectors)
-                except Exception as exc:
-                    if is_transient(exc):  # an outage: every message's, retried by the next pass
-                        raise
-                    vectors = await self._one_at_a_time(embedder, pending, scored, token_vectors, conn)
+                failed: dict[str, Exception] = {}  # texts the model refuses for their own sake (not an outage)
+                vectors = await embed_in_steps(embedder, [m.content for m in pending], EMBED_STEP_TOKENS,
+                                               with_tokens={m.content for m in pending} if scored else None,
+                                               tokens_out=token_vectors, failed=failed)
+                if failed:
+                    await self._count_failures([m for m in pending if m.content in failed], failed, conn)
                     pending = [m for m in pending if m.content in vectors]
                     if not pending:
                         continue
@@ -96,29 +93,16 @@ class Backfill:
                 done += len(pending)
                 self.metrics.incr("embedded", len(pending))
 
-    async def _one_at_a_time(self, embedder: Embedder, pending: list[Unembedded], scored: bool,
-                             token_vectors: dict[str, Any], conn: AsyncConnection) -> dict[str, Any]:
-        """A pass failed for a reason that will not pass (a text the model refuses): each message alone, so only
-        the one at fault fails; its failure is counted on its row, and after MAX_EMBED_FAILURES the background job
-        no longer picks it up (never retried forever, and the messages stored after it are not held up)."""
-        vectors: dict[str, Any] = {}
-        failed: list[Unembedded] = []
-        for m in pending:
-            try:
-                vectors.update(await embed_in_steps(embedder, [m.content], EMBED_STEP_TOKENS,
-                                                    with_tokens={m.content} if scored else None,
-                                                    tokens_out=token_vectors))
-            except Exception as exc:
-                if is_transient(exc):
-                    raise
-                failed.append(m)
-                log.warning("memory.embed_failed", message_id=m.message_id, error=type(exc).__name__)
-        if failed:
-            self.metrics.incr("embed_failed", len(failed))
-            for m in await self.store.embed_failed(failed, conn):
-                self.metrics.incr("embed_given_up")
-                log.error("memory.embed_given_up", message_id=m.message_id, failures=MAX_EMBED_FAILURES)
-        return vectors
+    async def _count_failures(self, refused: list[Unembedded], errors: dict[str, Exception],
+                              conn: AsyncConnection) -> None:
+        """Each refused message's failure counted on its row: after MAX_EMBED_FAILURES the background job no longer
+        picks it up (never retried forever, and the messages stored after it are not held up)."""
+        for m in refused:
+            log.warning("memory.embed_failed", message_id=m.message_id, error=type(errors[m.content]).__name__)
+        self.metrics.incr("embed_failed", len(refused))
+        for m in await self.store.embed_failed(refused, conn):
+            self.metrics.incr("embed_given_up")
+            log.error("memory.embed_given_up", message_id=m.message_id, failures=MAX_EMBED_FAILURES)
 
     async def load_background_model(self, settings: EmbeddingSettings) -> None:
         """A copy of the model for the background job (MEMORY_BACKGROUND_MODEL=own), with a lock of its own: a

@@ -133,7 +133,7 @@ class MemoryService:
             await self._get_embedder()
             if (self.api.carrier is not None and self.api.salience is None  # (with it the write path embeds all)
                     and self.settings.memory_background_model == "own" and not self.settings.embedding_remote):
-                await self.api.load_background_model(self.settings)  # the background's passes beside the stores'
+                await self.api.backfill.load_background_model(self.settings)  # its passes beside the stores'
         heap.freeze_startup()  # what start-up loaded stays out of every garbage collection
         log.info("memory.ready")
         try:

@@ -31,8 +31,8 @@ from shared.runtime.fence import RECEIVED_AT, refuse_if_deleted
 from shared.runtime.stm import Turn
 
 NOBODY = ""
-MAX_EMBED_FAILURES = 3  # a message's own failed embeddings before the background job gives it up (migration 007)
 """The user_id of sessions (and their messages) stored without one: never a user id (ids have a character at least)."""
+MAX_EMBED_FAILURES = 3  # a message's own failed embeddings before the background job gives it up (migration 007)
 
 
 class Unembedded(NamedTuple):
@@ -260,6 +260,15 @@ class ConversationStore(ContextStore):
             await refuse_if_deleted(conn, user_id, "memory")
             yield
 
+    @contextlib.asynccontextmanager
+    async def _given_or_own(self, conn: AsyncConnection | None) -> AsyncIterator[AsyncConnection]:
+        """``conn`` (a caller's transaction), or a connection of the pool for this statement alone."""
+        if conn is not None:
+            yield conn
+            return
+        async with self.pool.connection() as own:
+            yield own
+
     async def get_message(self, user_id: str, message_id: str) -> MessageInfo:
         async with self.pool.connection() as conn:
             cur = await conn.execute(
@@ -317,10 +326,8 @@ class ConversationStore(ContextStore):
             params: tuple[Any, ...] = (user_id, limit)
         else:  # the background backfill, oldest first across users: every partition (its partial index each)
             sql, params = f"{cols} WHERE {pending} ORDER BY timestamp, message_index LIMIT %s", (limit,)
-        async with contextlib.AsyncExitStack() as stack:
-            if conn is None:
-                conn = await stack.enter_async_context(self.pool.connection())
-            cur = await conn.execute(sql + claim, params)
+        async with self._given_or_own(conn) as c:
+            cur = await c.execute(sql + claim, params)
             return [Unembedded(r[0], r[1], r[2], r[3], r[4] == "ai") for r in await cur.fetchall()]
 
     async def embed_failed(self, messages: Sequence[Unembedded], conn: AsyncConnection) -> list[Unembedded]:
@@ -339,13 +346,10 @@ class ConversationStore(ContextStore):
         """(user_id, message_id, embedding, salience or None) of each message (in ``conn``'s transaction if given)."""
         if not rows:
             return
-        async with contextlib.AsyncExitStack() as stack:
-            if conn is None:
-                conn = await stack.enter_async_context(self.pool.connection())
-            async with conn.cursor() as cur:
-                await cur.executemany(
-                    "UPDATE conversation_messages SET embedding = %s, salience = %s WHERE user_id = %s"
-                    " AND message_id = %s", [(vec, sal, uid, mid) for uid, mid, vec, sal in rows])
+        async with self._given_or_own(conn) as c, c.cursor() as cur:
+            await cur.executemany(
+                "UPDATE conversation_messages SET embedding = %s, salience = %s WHERE user_id = %s AND message_id = %s",
+                [(vec, sal, uid, mid) for uid, mid, vec, sal in rows])
 
     # ------------------------------------------------------------------ STM support
     async def load_summary(self, user_id: str | None, session_id: str) -> SummaryState:

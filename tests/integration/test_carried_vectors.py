@@ -236,7 +236,7 @@ async def test_a_message_that_is_not_published_is_embedded_in_the_background_not
     assert memory.metrics.get("carry.vectors") == 2
     updates = [u for u in await published(mesh) if u.user_id == "u-bg"]
     assert [u.content for u in updates] == [TURNS[2], TURNS[4]]
-    await memory.api.load_background_model(memory.settings)  # MEMORY_BACKGROUND_MODEL=own, as service.run loads it
+    await memory.api.backfill.load_background_model(memory.settings)  # MEMORY_BACKGROUND_MODEL=own, as run() does
 
     async def no_wait() -> None:
         return None
@@ -265,7 +265,7 @@ async def test_a_store_does_not_wait_for_the_model_behind_a_background_pass(mesh
     a copy of the model of their own, so a message stored meanwhile is embedded beside them, not after them."""
     memory = mesh.memory()
     write_model = (await memory._get_embedder()).model
-    await memory.api.load_background_model(memory.settings)
+    await memory.api.backfill.load_background_model(memory.settings)
     background = memory.api.backfill.background_embedder(await memory._get_embedder())
     assert background.model is not write_model and background.model._lock is not write_model._lock
     with background.model._lock:  # a background pass under way
